@@ -1,0 +1,7 @@
+//! The overlay protocol as pure, deterministic state machines: the topology
+//! file, the STATUS route table, per-stream distribution trees, POP
+//! sessions and the RTP packet view. No sockets, no clocks, no tasks: the
+//! drivers in `onode` and `relay` feed inputs (with the time) and carry out
+//! the outputs.
+
+pub mod rtp;
