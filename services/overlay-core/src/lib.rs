@@ -4,4 +4,8 @@
 //! drivers in `onode` and `relay` feed inputs (with the time) and carry out
 //! the outputs.
 
+pub mod routing;
 pub mod rtp;
+pub mod session;
+pub mod topology;
+pub mod tree;

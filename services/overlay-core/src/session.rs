@@ -1,0 +1,178 @@
+//! Client sessions at a POP: CONNECT_POP opens one, SETUP binds it to a
+//! stream and an RTP destination, PLAY and PAUSE switch the unicast copy on
+//! and off, TEARDOWN ends it. Session ids come from the driver (random) so
+//! this state stays deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use thiserror::Error;
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connected, no stream yet.
+    Connected,
+    /// Set up: the POP carries the stream, nothing is sent yet.
+    Ready,
+    Playing,
+    Paused,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Connected => "connected",
+            Phase::Ready => "ready",
+            Phase::Playing => "playing",
+            Phase::Paused => "paused",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SessionError {
+    #[error("session {0}: no such session")]
+    Unknown(String),
+    #[error("session {id}: cannot {op} while {phase}")]
+    BadPhase {
+        id: String,
+        op: &'static str,
+        phase: Phase,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub client: String,
+    pub phase: Phase,
+    pub stream: Option<String>,
+    pub rtp_dest: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Sessions {
+    sessions: BTreeMap<String, Session>,
+}
+
+impl Sessions {
+    pub fn connect(&mut self, id: String, client: String) {
+        self.sessions.insert(
+            id,
+            Session {
+                client,
+                phase: Phase::Connected,
+                stream: None,
+                rtp_dest: None,
+            },
+        );
+    }
+
+    fn get_mut(&mut self, id: &str) -> Result<&mut Session, SessionError> {
+        self.sessions
+            .get_mut(id)
+            .ok_or_else(|| SessionError::Unknown(id.to_string()))
+    }
+
+    fn expect(
+        &mut self,
+        id: &str,
+        op: &'static str,
+        allowed: &[Phase],
+    ) -> Result<&mut Session, SessionError> {
+        let s = self.get_mut(id)?;
+        if !allowed.contains(&s.phase) {
+            return Err(SessionError::BadPhase {
+                id: id.to_string(),
+                op,
+                phase: s.phase,
+            });
+        }
+        Ok(s)
+    }
+
+    /// Checks that SETUP may proceed (the tree join happens in between).
+    pub fn check_setup(&mut self, id: &str) -> Result<(), SessionError> {
+        self.expect(id, "SETUP", &[Phase::Connected]).map(|_| ())
+    }
+
+    /// SETUP succeeded: the POP carries `stream`.
+    pub fn set_up(
+        &mut self,
+        id: &str,
+        stream: String,
+        dest: SocketAddr,
+    ) -> Result<(), SessionError> {
+        let s = self.expect(id, "SETUP", &[Phase::Connected])?;
+        s.phase = Phase::Ready;
+        s.stream = Some(stream);
+        s.rtp_dest = Some(dest);
+        Ok(())
+    }
+
+    pub fn play(&mut self, id: &str) -> Result<Phase, SessionError> {
+        let s = self.expect(id, "PLAY", &[Phase::Ready, Phase::Paused, Phase::Playing])?;
+        s.phase = Phase::Playing;
+        Ok(s.phase)
+    }
+
+    pub fn pause(&mut self, id: &str) -> Result<Phase, SessionError> {
+        let s = self.expect(id, "PAUSE", &[Phase::Playing, Phase::Paused])?;
+        s.phase = Phase::Paused;
+        Ok(s.phase)
+    }
+
+    /// Ends the session; returns it so the driver can leave its stream.
+    pub fn teardown(&mut self, id: &str) -> Result<Session, SessionError> {
+        self.sessions
+            .remove(id)
+            .ok_or_else(|| SessionError::Unknown(id.to_string()))
+    }
+
+    /// RTP destinations of the sessions playing `stream`.
+    pub fn playing(&self, stream: &str) -> impl Iterator<Item = SocketAddr> + '_ {
+        let stream = stream.to_string();
+        self.sessions
+            .values()
+            .filter(move |s| {
+                s.phase == Phase::Playing && s.stream.as_deref() == Some(stream.as_str())
+            })
+            .filter_map(|s| s.rtp_dest)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Session)> {
+        self.sessions.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn life_of_a_session() {
+        let mut s = Sessions::default();
+        let dest: SocketAddr = "10.0.6.20:5000".parse().unwrap();
+        s.connect("a".into(), "c1".into());
+        assert_eq!(
+            s.play("a").unwrap_err().to_string(),
+            "session a: cannot PLAY while connected"
+        );
+        s.check_setup("a").unwrap();
+        s.set_up("a", "test".into(), dest).unwrap();
+        assert_eq!(s.playing("test").count(), 0);
+        s.play("a").unwrap();
+        assert_eq!(s.playing("test").collect::<Vec<_>>(), [dest]);
+        s.pause("a").unwrap();
+        assert_eq!(s.playing("test").count(), 0);
+        s.play("a").unwrap();
+        assert!(s.check_setup("a").is_err());
+        let gone = s.teardown("a").unwrap();
+        assert_eq!(gone.stream.as_deref(), Some("test"));
+        assert_eq!(
+            s.teardown("a").unwrap_err(),
+            SessionError::Unknown("a".into())
+        );
+    }
+}

@@ -1,0 +1,484 @@
+//! Per-stream distribution trees, as seen from one node.
+//!
+//! A stream is either being joined (a request went upstream, and other
+//! requests for the same stream wait on it) or active (an upstream, a set of
+//! downstream neighbours, and a count of local viewers at a POP). The
+//! decision for an incoming stream request is a pure function of this state
+//! and the route table; the driver carries it out (sends the request on,
+//! starts the server's pipeline) and reports back with [`Trees::joined`] or
+//! [`Trees::failed`]. The last viewer leaving prunes the branch upward.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Instant;
+
+use crate::routing::{NoUpstream, RouteTable};
+
+/// Who asked for a stream.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Requester {
+    /// A downstream neighbour, by name.
+    Neighbour(String),
+    /// A viewer of this POP.
+    Local,
+}
+
+/// Where a node receives a stream from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// This server's own pipeline.
+    Local,
+    /// An upstream neighbour.
+    Neighbour(String),
+}
+
+/// Description of a stream as the tree carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDesc {
+    pub stream: String,
+    /// Server at the root.
+    pub server: String,
+    /// RTP SSRCs: video first, then audio.
+    pub ssrcs: Vec<u32>,
+    /// Overlay hops from the root to this node.
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NakReason {
+    UnknownStream,
+    NoRoute,
+    Loop,
+    Timeout,
+}
+
+/// A stream request's failure, with a detail that names node and stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nak {
+    pub reason: NakReason,
+    pub detail: String,
+}
+
+impl fmt::Display for Nak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// What the driver must do with a stream request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinDecision {
+    /// The requester is attached now; answer with this description.
+    Attached(StreamDesc),
+    /// Send the request to `to` with this path; report the outcome.
+    Forward { to: String, path: Vec<String> },
+    /// Start this server's pipeline for the stream; report the outcome.
+    ServeLocal,
+    /// A join for this stream is under way; the outcome answers this one too.
+    Wait,
+    /// Refuse the request.
+    Nak(Nak),
+}
+
+/// A request waiting for a join under way; `ticket` is the driver's handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiter {
+    pub requester: Requester,
+    pub ticket: u64,
+}
+
+/// What leaving a stream requires of the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prune {
+    /// Others still watch; nothing to do.
+    Nothing,
+    /// The branch is empty: send a prune to this upstream neighbour.
+    Upstream(String),
+    /// The branch is empty and rooted here: stop the server's pipeline.
+    StopLocal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Joining {
+        via: Option<String>,
+        waiters: Vec<Waiter>,
+    },
+    Active(Branch),
+}
+
+/// An active stream at this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub source: Source,
+    pub desc: StreamDesc,
+    pub downstream: BTreeSet<String>,
+    pub local_viewers: usize,
+}
+
+impl Branch {
+    fn is_empty(&self) -> bool {
+        self.downstream.is_empty() && self.local_viewers == 0
+    }
+
+    fn attach(&mut self, requester: &Requester) {
+        match requester {
+            Requester::Neighbour(n) => {
+                self.downstream.insert(n.clone());
+            }
+            Requester::Local => self.local_viewers += 1,
+        }
+    }
+}
+
+/// Every stream this node is joining or carrying.
+#[derive(Debug, Clone)]
+pub struct Trees {
+    me: String,
+    offered: BTreeSet<String>,
+    streams: BTreeMap<String, State>,
+}
+
+impl Trees {
+    /// `offered` are the streams this node serves itself (servers only).
+    pub fn new(me: impl Into<String>, offered: impl IntoIterator<Item = String>) -> Self {
+        Trees {
+            me: me.into(),
+            offered: offered.into_iter().collect(),
+            streams: BTreeMap::new(),
+        }
+    }
+
+    fn nak(&self, reason: NakReason, stream: &str, why: &str) -> JoinDecision {
+        JoinDecision::Nak(Nak {
+            reason,
+            detail: format!("node {}: stream {stream:?}: {why}", self.me),
+        })
+    }
+
+    /// Decides what to do with a request for `stream` from `requester`,
+    /// which has been through `path` (first requester first).
+    pub fn request(
+        &mut self,
+        stream: &str,
+        requester: Requester,
+        path: &[String],
+        ticket: u64,
+        routes: &RouteTable,
+        now: Instant,
+    ) -> JoinDecision {
+        if path.iter().any(|p| *p == self.me) {
+            return self.nak(NakReason::Loop, stream, "request came back to this node");
+        }
+        match self.streams.get_mut(stream) {
+            Some(State::Active(branch)) => {
+                if matches!((&branch.source, &requester), (Source::Neighbour(up), Requester::Neighbour(r)) if up == r)
+                {
+                    return self.nak(NakReason::Loop, stream, "requester is this node's upstream");
+                }
+                branch.attach(&requester);
+                JoinDecision::Attached(branch.desc.clone())
+            }
+            Some(State::Joining { via, waiters }) => {
+                if matches!((via.as_ref(), &requester), (Some(up), Requester::Neighbour(r)) if up == r)
+                {
+                    return self.nak(
+                        NakReason::Loop,
+                        stream,
+                        "requester is where this node's own request went",
+                    );
+                }
+                waiters.push(Waiter { requester, ticket });
+                JoinDecision::Wait
+            }
+            None if self.offered.contains(stream) => {
+                let waiters = vec![Waiter { requester, ticket }];
+                self.streams
+                    .insert(stream.to_string(), State::Joining { via: None, waiters });
+                JoinDecision::ServeLocal
+            }
+            None => {
+                let exclude: Vec<&str> = path.iter().map(String::as_str).collect();
+                match routes.upstream_for(stream, now, &exclude) {
+                    Ok(up) => {
+                        let to = up.via().to_string();
+                        let waiters = vec![Waiter { requester, ticket }];
+                        self.streams.insert(
+                            stream.to_string(),
+                            State::Joining {
+                                via: Some(to.clone()),
+                                waiters,
+                            },
+                        );
+                        let mut path = path.to_vec();
+                        path.push(self.me.clone());
+                        JoinDecision::Forward { to, path }
+                    }
+                    Err(NoUpstream::UnknownStream) => {
+                        self.nak(NakReason::UnknownStream, stream, "no server offers it")
+                    }
+                    Err(NoUpstream::NoRoute) => self.nak(
+                        NakReason::NoRoute,
+                        stream,
+                        "servers offer it but no neighbour off the request's path leads to one",
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The join under way succeeded: `desc` is the upstream's description
+    /// (its depth is the upstream's). Every waiter is now attached.
+    pub fn joined(&mut self, source: Source, mut desc: StreamDesc) -> Vec<Waiter> {
+        let Some(State::Joining { waiters, .. }) = self.streams.remove(&desc.stream) else {
+            return Vec::new();
+        };
+        if matches!(source, Source::Neighbour(_)) {
+            desc.depth += 1;
+        }
+        let mut branch = Branch {
+            source,
+            desc: desc.clone(),
+            downstream: BTreeSet::new(),
+            local_viewers: 0,
+        };
+        for w in &waiters {
+            branch.attach(&w.requester);
+        }
+        self.streams
+            .insert(desc.stream.clone(), State::Active(branch));
+        waiters
+    }
+
+    /// The join under way failed; every waiter gets the NAK.
+    pub fn failed(&mut self, stream: &str) -> Vec<Waiter> {
+        match self.streams.get(stream) {
+            Some(State::Joining { .. }) => match self.streams.remove(stream) {
+                Some(State::Joining { waiters, .. }) => waiters,
+                _ => unreachable!(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// `requester` no longer needs `stream`.
+    pub fn leave(&mut self, stream: &str, requester: &Requester) -> Prune {
+        let Some(State::Active(branch)) = self.streams.get_mut(stream) else {
+            return Prune::Nothing;
+        };
+        match requester {
+            Requester::Neighbour(n) => {
+                branch.downstream.remove(n);
+            }
+            Requester::Local => branch.local_viewers = branch.local_viewers.saturating_sub(1),
+        }
+        if !branch.is_empty() {
+            return Prune::Nothing;
+        }
+        let source = branch.source.clone();
+        self.streams.remove(stream);
+        match source {
+            Source::Local => Prune::StopLocal,
+            Source::Neighbour(up) => Prune::Upstream(up),
+        }
+    }
+
+    /// Active branches, by stream.
+    pub fn active(&self) -> impl Iterator<Item = &Branch> {
+        self.streams.values().filter_map(|s| match s {
+            State::Active(b) => Some(b),
+            State::Joining { .. } => None,
+        })
+    }
+
+    pub fn branch(&self, stream: &str) -> Option<&Branch> {
+        match self.streams.get(stream) {
+            Some(State::Active(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Streams this node carries (has an active upstream for).
+    pub fn carrying(&self) -> Vec<String> {
+        self.active().map(|b| b.desc.stream.clone()).collect()
+    }
+
+    /// Streams being joined, with the neighbour the request went to.
+    pub fn joining(&self) -> Vec<(String, Option<String>)> {
+        self.streams
+            .iter()
+            .filter_map(|(s, st)| match st {
+                State::Joining { via, .. } => Some((s.clone(), via.clone())),
+                State::Active(_) => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{Probe, RoutingConfig};
+
+    fn routes(me: &str, neighbours: &[&str]) -> RouteTable {
+        RouteTable::new(
+            me,
+            neighbours.iter().map(|s| s.to_string()).collect(),
+            RoutingConfig::default(),
+        )
+    }
+
+    fn heard(t: &mut RouteTable, server: &str, via: &str, hops: u32, now: Instant) {
+        let p = Probe {
+            server: server.into(),
+            seq: 1,
+            send_time_unix_us: 0,
+            hops,
+            visited: vec![server.into(), via.into()],
+            path_delay_us: 0,
+            streams: vec!["test".into()],
+            sender: via.into(),
+        };
+        t.on_probe(&p, now, 0);
+    }
+
+    fn desc(server: &str, depth: u32) -> StreamDesc {
+        StreamDesc {
+            stream: "test".into(),
+            server: server.into(),
+            ssrcs: vec![1, 2],
+            depth,
+        }
+    }
+
+    fn n(s: &str) -> Requester {
+        Requester::Neighbour(s.into())
+    }
+
+    #[test]
+    fn first_request_goes_upstream_later_ones_wait_then_attach() {
+        let now = Instant::now();
+        let mut r = routes("o4", &["o3", "o5", "o6", "o8"]);
+        heard(&mut r, "s2", "o8", 2, now);
+        let mut t = Trees::new("o4", []);
+        let d = t.request("test", n("o5"), &["o5".into()], 1, &r, now);
+        assert_eq!(
+            d,
+            JoinDecision::Forward {
+                to: "o8".into(),
+                path: vec!["o5".into(), "o4".into()]
+            }
+        );
+        assert_eq!(
+            t.request("test", n("o6"), &["o6".into()], 2, &r, now),
+            JoinDecision::Wait
+        );
+        let waiters = t.joined(Source::Neighbour("o8".into()), desc("s2", 1));
+        assert_eq!(waiters.iter().map(|w| w.ticket).collect::<Vec<_>>(), [1, 2]);
+        let b = t.branch("test").unwrap();
+        assert_eq!(b.desc.depth, 2);
+        assert_eq!(b.downstream.iter().collect::<Vec<_>>(), ["o5", "o6"]);
+        assert_eq!(t.carrying(), ["test"]);
+        // Grafting: a third requester attaches at once.
+        assert!(matches!(
+            t.request("test", n("o3"), &["o7".into(), "o3".into()], 3, &r, now),
+            JoinDecision::Attached(_)
+        ));
+    }
+
+    #[test]
+    fn server_serves_its_own_streams() {
+        let now = Instant::now();
+        let r = routes("s1", &["o2"]);
+        let mut t = Trees::new("s1", ["test".to_string()]);
+        assert_eq!(
+            t.request("test", n("o2"), &["o2".into()], 7, &r, now),
+            JoinDecision::ServeLocal
+        );
+        t.joined(Source::Local, desc("s1", 0));
+        assert_eq!(t.branch("test").unwrap().desc.depth, 0);
+        assert_eq!(t.leave("test", &n("o2")), Prune::StopLocal);
+        assert!(t.branch("test").is_none());
+    }
+
+    #[test]
+    fn naks_name_the_reason() {
+        let now = Instant::now();
+        let mut r = routes("o5", &["o4"]);
+        let mut t = Trees::new("o5", []);
+        let JoinDecision::Nak(nak) = t.request("test", Requester::Local, &[], 1, &r, now) else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::UnknownStream);
+        assert_eq!(nak.detail, "node o5: stream \"test\": no server offers it");
+        heard(&mut r, "s1", "o4", 4, now);
+        let JoinDecision::Nak(nak) = t.request("nope", Requester::Local, &[], 1, &r, now) else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::UnknownStream);
+        // The only route goes through the requester: no route.
+        let JoinDecision::Nak(nak) = t.request("test", n("o4"), &["o4".into()], 1, &r, now) else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::NoRoute);
+        assert!(t.joining().is_empty(), "a NAK records nothing");
+    }
+
+    #[test]
+    fn loops_are_refused() {
+        let now = Instant::now();
+        let mut r = routes("o3", &["o2", "o9"]);
+        heard(&mut r, "s1", "o2", 2, now);
+        let mut t = Trees::new("o3", []);
+        let JoinDecision::Nak(nak) =
+            t.request("test", n("o9"), &["o3".into(), "o9".into()], 1, &r, now)
+        else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::Loop);
+        // While joining via o2, a request from o2 would deadlock: refused.
+        assert!(matches!(
+            t.request("test", n("o9"), &["o9".into()], 1, &r, now),
+            JoinDecision::Forward { .. }
+        ));
+        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 2, &r, now) else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::Loop);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 3, &r, now) else {
+            panic!()
+        };
+        assert_eq!(nak.reason, NakReason::Loop);
+    }
+
+    #[test]
+    fn failed_join_answers_every_waiter_and_forgets() {
+        let now = Instant::now();
+        let mut r = routes("o4", &["o3", "o5"]);
+        heard(&mut r, "s1", "o3", 3, now);
+        let mut t = Trees::new("o4", []);
+        t.request("test", n("o5"), &["o5".into()], 1, &r, now);
+        t.request("test", Requester::Local, &[], 2, &r, now);
+        assert_eq!(t.failed("test").len(), 2);
+        assert!(t.joining().is_empty() && t.branch("test").is_none());
+    }
+
+    #[test]
+    fn last_viewer_prunes_upward() {
+        let now = Instant::now();
+        let mut r = routes("o5", &["o4"]);
+        heard(&mut r, "s1", "o4", 4, now);
+        let mut t = Trees::new("o5", []);
+        t.request("test", Requester::Local, &[], 1, &r, now);
+        t.joined(Source::Neighbour("o4".into()), desc("s1", 3));
+        t.request("test", Requester::Local, &[], 2, &r, now);
+        assert_eq!(t.branch("test").unwrap().local_viewers, 2);
+        assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
+        assert_eq!(
+            t.leave("test", &Requester::Local),
+            Prune::Upstream("o4".into())
+        );
+        assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
+    }
+}
