@@ -1,0 +1,411 @@
+//! The relay's socket loop: one UDP socket, batched receive (recvmmsg) and
+//! batched send (sendmmsg), no allocation per packet, no lock: the table is
+//! read through an `ArcSwap` once per batch.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::table::{decide, DropReason, ForwardTable, Verdict};
+
+const BATCH: usize = 32;
+const MAX_OUT: usize = 512;
+const BUF: usize = 2048;
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// Packet counters of one relay, updated once per batch.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub received_bytes: AtomicU64,
+    pub sent: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub injected: AtomicU64,
+    pub dropped_not_rtp: AtomicU64,
+    pub dropped_unknown_ssrc: AtomicU64,
+    pub dropped_wrong_source: AtomicU64,
+    pub send_errors: AtomicU64,
+}
+
+/// A point-in-time copy of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub received: u64,
+    pub received_bytes: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub injected: u64,
+    pub dropped_not_rtp: u64,
+    pub dropped_unknown_ssrc: u64,
+    pub dropped_wrong_source: u64,
+    pub send_errors: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            received: g(&self.received),
+            received_bytes: g(&self.received_bytes),
+            sent: g(&self.sent),
+            sent_bytes: g(&self.sent_bytes),
+            injected: g(&self.injected),
+            dropped_not_rtp: g(&self.dropped_not_rtp),
+            dropped_unknown_ssrc: g(&self.dropped_unknown_ssrc),
+            dropped_wrong_source: g(&self.dropped_wrong_source),
+            send_errors: g(&self.send_errors),
+        }
+    }
+
+    fn drop_reason(&self, reason: DropReason) -> &AtomicU64 {
+        match reason {
+            DropReason::NotRtp => &self.dropped_not_rtp,
+            DropReason::UnknownSsrc => &self.dropped_unknown_ssrc,
+            DropReason::WrongSource => &self.dropped_wrong_source,
+        }
+    }
+}
+
+/// One node's data plane.
+pub struct Relay {
+    socket: UdpSocket,
+    table: ArcSwap<ForwardTable>,
+    counters: Counters,
+}
+
+impl Relay {
+    /// Binds the data socket.
+    pub fn bind(addr: SocketAddr) -> io::Result<Arc<Relay>> {
+        let socket = UdpSocket::bind(addr)?;
+        let fd = socket.as_raw_fd();
+        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+            // Best effort: the kernel caps it at rmem_max/wmem_max.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &SOCKET_BUFFER as *const _ as *const libc::c_void,
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(Arc::new(Relay {
+            socket,
+            table: ArcSwap::from_pointee(ForwardTable::default()),
+            counters: Counters::default(),
+        }))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Replaces the forwarding table; the loop picks it up at its next batch.
+    pub fn publish(&self, table: ForwardTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn table(&self) -> Arc<ForwardTable> {
+        self.table.load_full()
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Forwards a packet made by this node's own pipeline.
+    pub fn inject(&self, bytes: &[u8]) {
+        let table = self.table.load();
+        self.counters.injected.fetch_add(1, Ordering::Relaxed);
+        match decide(&table, bytes, None) {
+            Verdict::Forward(dests) => {
+                for d in dests {
+                    match self.socket.send_to(bytes, d) {
+                        Ok(n) => {
+                            self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                            self.counters
+                                .sent_bytes
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Verdict::Drop(reason) => {
+                self.counters
+                    .drop_reason(reason)
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Receives and forwards until `stop` is set (checked at least every
+    /// 100 ms). Runs on a thread of its own.
+    pub fn run(&self, stop: &AtomicBool) {
+        let fd = self.socket.as_raw_fd();
+        let mut bufs = vec![[0u8; BUF]; BATCH];
+        let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
+        let mut iovs: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
+        let mut out = Outbox::new();
+
+        while !stop.load(Ordering::Relaxed) {
+            for i in 0..BATCH {
+                iovs[i] = libc::iovec {
+                    iov_base: bufs[i].as_mut_ptr().cast(),
+                    iov_len: BUF,
+                };
+                msgs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+                msgs[i].msg_hdr.msg_namelen =
+                    size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+                msgs[i].msg_hdr.msg_iovlen = 1;
+                msgs[i].msg_len = 0;
+            }
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    msgs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n <= 0 {
+                continue; // timeout, EINTR, or a transient error (ICMP report)
+            }
+            let n = n as usize;
+            let table = self.table.load();
+            let mut in_bytes = 0u64;
+            for i in 0..n {
+                let len = msgs[i].msg_len as usize;
+                in_bytes += len as u64;
+                let src = from_storage(&names[i]);
+                match decide(&table, &bufs[i][..len], src) {
+                    Verdict::Forward(dests) => {
+                        for d in dests {
+                            if out.is_full() {
+                                out.flush(fd, &self.counters);
+                            }
+                            out.push(&bufs[i][..len], d);
+                        }
+                    }
+                    Verdict::Drop(reason) => {
+                        self.counters
+                            .drop_reason(reason)
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            out.flush(fd, &self.counters);
+            self.counters
+                .received
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.counters
+                .received_bytes
+                .fetch_add(in_bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends queued for one sendmmsg call; the iovecs point into the receive
+/// buffers, which stay untouched until the flush.
+struct Outbox {
+    names: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    len: usize,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            names: vec![unsafe { zeroed() }; MAX_OUT],
+            iovs: vec![unsafe { zeroed() }; MAX_OUT],
+            msgs: vec![unsafe { zeroed() }; MAX_OUT],
+            len: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == MAX_OUT
+    }
+
+    fn push(&mut self, bytes: &[u8], dest: &SocketAddr) {
+        let i = self.len;
+        let namelen = to_storage(dest, &mut self.names[i]);
+        self.iovs[i] = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let hdr = &mut self.msgs[i].msg_hdr;
+        hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = namelen;
+        hdr.msg_iov = &mut self.iovs[i];
+        hdr.msg_iovlen = 1;
+        self.len += 1;
+    }
+
+    fn flush(&mut self, fd: libc::c_int, counters: &Counters) {
+        let mut done = 0;
+        let mut bytes = 0u64;
+        let mut sent = 0u64;
+        while done < self.len {
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.msgs[done..].as_mut_ptr(),
+                    (self.len - done) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                // The message at `done` failed (unreachable port, full
+                // queue): count it and go on with the rest.
+                counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                done += 1;
+                continue;
+            }
+            for m in &self.msgs[done..done + r as usize] {
+                bytes += u64::from(m.msg_len);
+            }
+            sent += r as u64;
+            done += r as usize;
+        }
+        counters.sent.fetch_add(sent, Ordering::Relaxed);
+        counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.len = 0;
+    }
+}
+
+fn to_storage(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match s.ss_family as libc::c_int {
+        libc::AF_INET => {
+            let sin: &libc::sockaddr_in = unsafe { &*(s as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(s as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Accept, Route};
+    use overlay_core::rtp::write_header;
+
+    #[test]
+    fn sockaddr_round_trip() {
+        for a in ["10.1.2.3:7071", "[::1]:5000"] {
+            let addr: SocketAddr = a.parse().unwrap();
+            let mut s: libc::sockaddr_storage = unsafe { zeroed() };
+            to_storage(&addr, &mut s);
+            assert_eq!(from_storage(&s), Some(addr));
+        }
+    }
+
+    #[test]
+    fn forwards_real_datagrams_and_counts_garbage() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sinks: Vec<UdpSocket> = (0..3)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for s in &sinks {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let mut t = ForwardTable::default();
+        t.insert(
+            9,
+            Route {
+                accept: Accept::From(sender.local_addr().unwrap()),
+                downstream: sinks.iter().map(|s| s.local_addr().unwrap()).collect(),
+            },
+        );
+        relay.publish(t);
+        let stop = Arc::new(AtomicBool::new(false));
+        let r = relay.clone();
+        let s2 = stop.clone();
+        let th = std::thread::spawn(move || r.run(&s2));
+        let dest = relay.local_addr().unwrap();
+        sender.send_to(b"not rtp at all", dest).unwrap();
+        let mut pkt = [0u8; 300];
+        for seq in 0..10u16 {
+            write_header(&mut pkt, 96, seq, 0, 9);
+            sender.send_to(&pkt, dest).unwrap();
+        }
+        write_header(&mut pkt, 96, 0, 0, 10);
+        sender.send_to(&pkt, dest).unwrap();
+        let mut buf = [0u8; 2048];
+        for s in &sinks {
+            for seq in 0..10u16 {
+                let n = s.recv(&mut buf).unwrap();
+                assert_eq!(n, 300);
+                assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), seq);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
+        let c = relay.counters();
+        assert_eq!(c.received, 12);
+        assert_eq!(c.sent, 30);
+        assert_eq!(c.dropped_not_rtp, 1);
+        assert_eq!(c.dropped_unknown_ssrc, 1);
+    }
+}

@@ -1,0 +1,149 @@
+//! The forwarding table and the per-packet decision.
+//!
+//! The table maps an SSRC to the one source it may come from and the
+//! addresses it goes to. [`decide`] is a pure function of (packet, source,
+//! table): the socket loop only carries the verdict out and counts it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use overlay_core::rtp::Packet;
+
+/// Where packets of an SSRC may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// Only from this node's own pipeline (a server's stream).
+    Local,
+    /// Only from the upstream neighbour's data address.
+    From(SocketAddr),
+    /// From anywhere (benchmarks and tools).
+    Any,
+}
+
+/// One SSRC's forwarding entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub accept: Accept,
+    pub downstream: Vec<SocketAddr>,
+}
+
+/// SSRC → route. Built by the control plane, published whole, read by the
+/// data plane without locks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardTable {
+    routes: HashMap<u32, Route>,
+}
+
+impl ForwardTable {
+    pub fn insert(&mut self, ssrc: u32, route: Route) {
+        self.routes.insert(ssrc, route);
+    }
+
+    pub fn get(&self, ssrc: u32) -> Option<&Route> {
+        self.routes.get(&ssrc)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// Why a datagram was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    NotRtp,
+    UnknownSsrc,
+    WrongSource,
+}
+
+/// What to do with one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    Forward(&'a [SocketAddr]),
+    Drop(DropReason),
+}
+
+/// Decides the fate of a datagram received from `src` (None: this node's
+/// own pipeline).
+pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>) -> Verdict<'a> {
+    let Ok(packet) = Packet::parse(bytes) else {
+        return Verdict::Drop(DropReason::NotRtp);
+    };
+    let Some(route) = table.get(packet.ssrc()) else {
+        return Verdict::Drop(DropReason::UnknownSsrc);
+    };
+    let allowed = match (route.accept, src) {
+        (Accept::Any, _) => true,
+        (Accept::Local, None) => true,
+        (Accept::From(up), Some(src)) => up == src,
+        _ => false,
+    };
+    if allowed {
+        Verdict::Forward(&route.downstream)
+    } else {
+        Verdict::Drop(DropReason::WrongSource)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlay_core::rtp::write_header;
+
+    fn packet(ssrc: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 100];
+        write_header(&mut b, 96, 1, 1, ssrc);
+        b
+    }
+
+    #[test]
+    fn forwards_by_ssrc_only_from_the_upstream() {
+        let up: SocketAddr = "10.0.0.1:7071".parse().unwrap();
+        let other: SocketAddr = "10.0.0.9:7071".parse().unwrap();
+        let down: Vec<SocketAddr> = vec![
+            "10.0.1.2:7071".parse().unwrap(),
+            "10.0.2.2:5000".parse().unwrap(),
+        ];
+        let mut t = ForwardTable::default();
+        t.insert(
+            42,
+            Route {
+                accept: Accept::From(up),
+                downstream: down.clone(),
+            },
+        );
+        t.insert(
+            43,
+            Route {
+                accept: Accept::Local,
+                downstream: down.clone(),
+            },
+        );
+        assert_eq!(decide(&t, &packet(42), Some(up)), Verdict::Forward(&down));
+        assert_eq!(
+            decide(&t, &packet(42), Some(other)),
+            Verdict::Drop(DropReason::WrongSource)
+        );
+        assert_eq!(
+            decide(&t, &packet(42), None),
+            Verdict::Drop(DropReason::WrongSource)
+        );
+        assert_eq!(decide(&t, &packet(43), None), Verdict::Forward(&down));
+        assert_eq!(
+            decide(&t, &packet(43), Some(up)),
+            Verdict::Drop(DropReason::WrongSource)
+        );
+        assert_eq!(
+            decide(&t, &packet(44), Some(up)),
+            Verdict::Drop(DropReason::UnknownSsrc)
+        );
+        assert_eq!(
+            decide(&t, b"hello", Some(up)),
+            Verdict::Drop(DropReason::NotRtp)
+        );
+    }
+}
