@@ -1,0 +1,520 @@
+//! `onode`: one overlay node. `server` streams media (and, given the
+//! topology file, is the bootstrapper); `node` relays; `pop` relays and
+//! serves clients. Tool subcommands check a topology file and inspect
+//! running nodes.
+
+mod bootstrap;
+mod convert;
+mod net;
+mod node;
+mod services;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use media::SourceSpec;
+use overlay_core::topology::Topology;
+use overlay_proto as pb;
+use overlay_proto::bootstrap_client::BootstrapClient;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bootstrap::{BootstrapService, Bootstrapper};
+use crate::node::{Identity, Neighbour, Node, Role, Settings};
+use crate::services::{OverlayService, SessionService};
+
+#[derive(Parser)]
+#[command(
+    name = "onode",
+    version,
+    about = "A node of the streaming overlay: bootstrapper, streaming server, relay or POP",
+    long_about = "A node of the streaming overlay.\n\nThe bootstrapper is the server started with the topology file; every other node is given only the bootstrapper's address, registers with it and learns its neighbours. Servers flood STATUS probes; every node keeps routes toward the servers and joins stream trees on demand; POPs serve clients."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Streaming server; with --topology it is also the bootstrapper.
+    Server(ServerArgs),
+    /// Relay node: forwards STATUS and media, joins trees for its neighbours.
+    Node(NodeArgs),
+    /// Point of presence: a relay that also serves client sessions.
+    Pop(NodeArgs),
+    /// Topology file tools.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Print a running node's state (routes, trees, sessions, counters) as JSON.
+    Inspect {
+        /// The node's control address, IP or IP:PORT.
+        addr: String,
+    },
+    /// Print the bootstrapper's view of the overlay as JSON.
+    Overview {
+        /// The bootstrapper's address, IP or IP:PORT.
+        addr: String,
+    },
+    /// Print the two RTP SSRCs (video, audio) a stream is sent with.
+    StreamSsrcs { stream: String },
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Validate a topology file and print a summary; exit 1 naming the fault.
+    Check { file: PathBuf },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// This node's name in the topology (default: found from the address it registers from).
+    #[arg(long)]
+    name: Option<String>,
+    /// Local address to bind the control (TCP) and data (UDP) sockets to.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// gRPC control port, the same on every node.
+    #[arg(long, default_value_t = 7070)]
+    control_port: u16,
+    /// UDP port for RTP.
+    #[arg(long, default_value_t = 7071)]
+    data_port: u16,
+    /// Route delays closer than this (µs) count as a tie, decided by hops.
+    #[arg(long, default_value_t = 500)]
+    tie_floor_us: u64,
+    /// How long a stream request may take before it is NAKed (ms).
+    #[arg(long, default_value_t = 3000)]
+    join_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Overlay topology file (original JSON format): makes this server the bootstrapper.
+    #[arg(
+        long,
+        conflicts_with = "bootstrap",
+        required_unless_present = "bootstrap"
+    )]
+    topology: Option<PathBuf>,
+    /// The bootstrapper's address (IP or IP:PORT), for servers that are not the bootstrapper.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    /// Folder of media files; each is a stream named after the file. The stream `test` is always offered.
+    #[arg(long)]
+    media: Option<PathBuf>,
+    /// STATUS probe period in ms (bootstrapper only; the overlay takes it from there).
+    #[arg(long, default_value_t = 500)]
+    probe_interval_ms: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// The bootstrapper's address, IP or IP:PORT.
+    #[arg(long)]
+    bootstrap: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("onode: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("onode: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Topology {
+            command: TopologyCommand::Check { file },
+        } => {
+            let topology = load_topology(&file)?;
+            println!("{}: ok\n{}", file.display(), topology.summary());
+            Ok(())
+        }
+        Command::StreamSsrcs { stream } => {
+            let [v, a] = media::stream_ssrcs(&stream);
+            println!("{v} {a}");
+            Ok(())
+        }
+        Command::Inspect { addr } => {
+            let addr = net::parse_addr(&addr, 7070)?;
+            let mut client = overlay_proto::overlay_client::OverlayClient::new(net::channel(
+                addr,
+                None,
+                Duration::from_secs(3),
+            )?);
+            let reply = client
+                .inspect(pb::InspectRequest {})
+                .await
+                .with_context(|| format!("inspect {addr}"))?;
+            let value: serde_json::Value = serde_json::from_str(&reply.into_inner().json)?;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Command::Overview { addr } => {
+            let addr = net::parse_addr(&addr, 7070)?;
+            let mut client =
+                BootstrapClient::new(net::channel(addr, None, Duration::from_secs(3))?);
+            let o = client
+                .overview(pb::OverviewRequest {})
+                .await
+                .with_context(|| format!("overview {addr}"))?
+                .into_inner();
+            let value = serde_json::json!({"ready": o.ready, "registered": o.registered, "failed": o.failed, "missing": o.missing});
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Command::Server(args) => {
+            let catalogue = {
+                media::init().context("GStreamer")?;
+                media::catalogue(args.media.as_deref())?
+            };
+            match (args.topology, args.bootstrap) {
+                (Some(file), _) => {
+                    let topology = load_topology(&file)?;
+                    let interval = Duration::from_millis(args.probe_interval_ms.max(50));
+                    run_bootstrapper(topology, interval, args.common, catalogue).await
+                }
+                (None, Some(addr)) => run_member(Role::Server, &addr, args.common, catalogue).await,
+                (None, None) => bail!("give --topology FILE (bootstrapper) or --bootstrap ADDR"),
+            }
+        }
+        Command::Node(args) => {
+            run_member(Role::Node, &args.bootstrap, args.common, BTreeMap::new()).await
+        }
+        Command::Pop(args) => {
+            run_member(Role::Pop, &args.bootstrap, args.common, BTreeMap::new()).await
+        }
+    }
+}
+
+fn load_topology(file: &std::path::Path) -> anyhow::Result<Topology> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read topology file {}", file.display()))?;
+    Topology::parse(&text).with_context(|| format!("topology file {}", file.display()))
+}
+
+fn settings(role: Role, c: &Common) -> Settings {
+    Settings {
+        role,
+        bind: c.bind,
+        control_port: c.control_port,
+        data_port: c.data_port,
+        tie_floor_us: c.tie_floor_us,
+        join_timeout: Duration::from_millis(c.join_timeout_ms),
+    }
+}
+
+async fn bind_control(c: &Common) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(c.bind, c.control_port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (control port)"))
+}
+
+/// Trips the token on SIGINT or SIGTERM.
+fn on_signal(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("signal received: shutting down");
+        cancel.cancel();
+    });
+}
+
+async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    bootstrapper: Option<Arc<Bootstrapper>>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let pop = node.settings.role == Role::Pop;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+        .add_service(pb::overlay_server::OverlayServer::new(OverlayService(
+            node.clone(),
+        )))
+        .add_optional_service(
+            pop.then(|| pb::session_server::SessionServer::new(SessionService(node.clone()))),
+        )
+        .add_optional_service(
+            bootstrapper.map(|b| pb::bootstrap_server::BootstrapServer::new(BootstrapService(b))),
+        );
+    let shutdown = cancel.clone();
+    let server = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await
+        }),
+    );
+    node.start();
+    cancel.cancelled().await;
+    node.shutdown().await;
+    node.tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), node.tasks.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    info!(node = %node.id.name, "stopped");
+    Ok(())
+}
+
+async fn run_bootstrapper(
+    topology: Topology,
+    probe_interval: Duration,
+    common: Common,
+    catalogue: BTreeMap<String, SourceSpec>,
+) -> anyhow::Result<()> {
+    let name = match &common.name {
+        Some(n) => n.clone(),
+        None => {
+            let mine = net::local_addresses();
+            let candidates: Vec<IpAddr> = if common.bind.is_unspecified() {
+                mine
+            } else {
+                vec![common.bind]
+            };
+            candidates
+                .iter()
+                .find_map(|a| topology.owner_of(*a).filter(|n| n.server).map(|n| n.name.clone()))
+                .context("none of this host's addresses is among a server's names in the topology; pass --name")?
+        }
+    };
+    let spec = topology
+        .node(&name)
+        .with_context(|| format!("node {name:?} is not in the topology"))?;
+    bootstrap::check_role(spec, "server").map_err(anyhow::Error::msg)?;
+    let telemetry = telemetry::init(&format!("onode-bootstrapper-{name}"));
+    let identity = bootstrap::identity(spec, probe_interval);
+    let listener = bind_control(&common).await?;
+    let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port);
+    let cancel = CancellationToken::new();
+    on_signal(cancel.clone());
+    let node = Node::new(
+        identity,
+        settings(Role::Server, &common),
+        catalogue,
+        cancel.clone(),
+    )?;
+    let mut events = bootstrapper.subscribe();
+    bootstrapper.register(&name);
+    info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
+    let watcher = node.clone();
+    node.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = watcher.cancel.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Ok(ev) => on_event(&watcher, ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    let result = serve(node, listener, Some(bootstrapper), cancel).await;
+    telemetry.shutdown().await;
+    result
+}
+
+fn on_event(node: &Arc<Node>, ev: pb::OverlayEvent) {
+    use pb::overlay_event::Event;
+    match ev.event {
+        Some(Event::NodeFailed(f)) if f.name != node.id.name => {
+            warn!(node = %node.id.name, failed = %f.name, "bootstrapper reports a failed node");
+            node.node_failed(&f.name);
+        }
+        Some(Event::Ready(_)) => info!(node = %node.id.name, "overlay ready"),
+        _ => {}
+    }
+}
+
+async fn register(
+    bootstrap: SocketAddr,
+    role: Role,
+    common: &Common,
+    streams: &[String],
+    cancel: &CancellationToken,
+) -> anyhow::Result<(
+    BootstrapClient<tonic::transport::Channel>,
+    pb::RegisterReply,
+)> {
+    let mut client = BootstrapClient::new(net::channel(
+        bootstrap,
+        Some(common.bind),
+        Duration::from_secs(3),
+    )?);
+    let request = pb::RegisterRequest {
+        name: common.name.clone().unwrap_or_default(),
+        role: role.as_str().into(),
+        streams: streams.to_vec(),
+    };
+    let mut warned = false;
+    loop {
+        match client.register(request.clone()).await {
+            Ok(reply) => return Ok((client, reply.into_inner())),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::NotFound
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                bail!(
+                    "the bootstrapper at {bootstrap} refused the registration: {}",
+                    s.message()
+                )
+            }
+            Err(s) => {
+                if !warned {
+                    eprintln!(
+                        "onode: bootstrapper {bootstrap} not reachable yet ({}); retrying",
+                        s.message()
+                    );
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => bail!("stopped before registering"),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+}
+
+fn identity_from(reply: &pb::RegisterReply) -> anyhow::Result<Identity> {
+    let ip = |s: &String| {
+        s.parse::<IpAddr>()
+            .with_context(|| format!("bootstrapper sent a bad address {s:?}"))
+    };
+    Ok(Identity {
+        name: reply.name.clone(),
+        names: reply.names.iter().map(ip).collect::<anyhow::Result<_>>()?,
+        pop_addresses: reply
+            .pop_addresses
+            .iter()
+            .map(ip)
+            .collect::<anyhow::Result<_>>()?,
+        server: reply.server,
+        neighbours: reply
+            .neighbours
+            .iter()
+            .map(|n| {
+                Ok(Neighbour {
+                    name: n.name.clone(),
+                    address: ip(&n.address)?,
+                    server: n.server,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        probe_interval: Duration::from_millis(u64::from(reply.probe_interval_ms.max(50))),
+    })
+}
+
+async fn run_member(
+    role: Role,
+    bootstrap: &str,
+    common: Common,
+    catalogue: BTreeMap<String, SourceSpec>,
+) -> anyhow::Result<()> {
+    let bootstrap = net::parse_addr(bootstrap, common.control_port).context("--bootstrap")?;
+    let cancel = CancellationToken::new();
+    on_signal(cancel.clone());
+    let listener = bind_control(&common).await?;
+    let streams: Vec<String> = catalogue.keys().cloned().collect();
+    let (client, reply) = register(bootstrap, role, &common, &streams, &cancel).await?;
+    let identity = identity_from(&reply)?;
+    let telemetry = telemetry::init(&format!("onode-{}-{}", role.as_str(), identity.name));
+    info!(node = %identity.name, %bootstrap, ready = reply.ready, "registered with the bootstrapper");
+    let node = Node::new(identity, settings(role, &common), catalogue, cancel.clone())?;
+    let watcher = node.clone();
+    let common2 = common.clone();
+    node.tasks
+        .spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });
+    let result = serve(node, listener, None, cancel).await;
+    telemetry.shutdown().await;
+    result
+}
+
+/// Holds the watch stream to the bootstrapper; when it breaks (the
+/// bootstrapper restarted or is unreachable), registers again.
+async fn watch(
+    node: Arc<Node>,
+    mut client: BootstrapClient<tonic::transport::Channel>,
+    bootstrap: SocketAddr,
+    role: Role,
+    common: Common,
+    streams: Vec<String>,
+) {
+    let mut common = common;
+    common.name = Some(node.id.name.clone());
+    loop {
+        let request = pb::WatchRequest {
+            name: node.id.name.clone(),
+        };
+        match client.watch(request).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    tokio::select! {
+                        _ = node.cancel.cancelled() => return,
+                        ev = stream.next() => match ev {
+                            Some(Ok(ev)) => on_event(&node, ev),
+                            _ => break,
+                        },
+                    }
+                }
+                warn!(node = %node.id.name, "lost the bootstrapper's watch stream; registering again");
+            }
+            Err(s) => warn!(node = %node.id.name, "watch refused: {}", s.message()),
+        }
+        tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match register(bootstrap, role, &common, &streams, &node.cancel).await {
+            Ok((c, _)) => client = c,
+            Err(e) => {
+                warn!(node = %node.id.name, "re-registration failed: {e:#}");
+                return;
+            }
+        }
+    }
+}

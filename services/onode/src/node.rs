@@ -1,0 +1,703 @@
+//! The node driver: owns the protocol core's state behind one mutex (never
+//! held across an await), the data-plane relay, the gRPC clients to the
+//! neighbours and the periodic tasks (pings, STATUS probes). It carries out
+//! what the core decides.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use media::{SourceSpec, StreamSource};
+use overlay_core::routing::{RouteTable, RoutingConfig};
+use overlay_core::session::Sessions;
+use overlay_core::tree::{
+    JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees,
+};
+use overlay_proto as pb;
+use overlay_proto::overlay_client::OverlayClient;
+use relay::{Accept, ForwardTable, Relay, Route};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::convert;
+use crate::net;
+
+/// The role a node was started as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Node,
+    Pop,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Node => "node",
+            Role::Pop => "pop",
+        }
+    }
+}
+
+/// Settings of one node process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub role: Role,
+    pub bind: IpAddr,
+    pub control_port: u16,
+    pub data_port: u16,
+    pub tie_floor_us: u64,
+    pub join_timeout: Duration,
+}
+
+/// A neighbour as the node reaches it.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    pub name: String,
+    pub address: IpAddr,
+    pub server: bool,
+}
+
+/// What the bootstrapper told the node about itself.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub names: Vec<IpAddr>,
+    pub pop_addresses: Vec<IpAddr>,
+    pub server: bool,
+    pub neighbours: Vec<Neighbour>,
+    pub probe_interval: Duration,
+}
+
+type JoinResult = Result<StreamDesc, Nak>;
+
+struct State {
+    routes: RouteTable,
+    trees: Trees,
+    sessions: Sessions,
+    waiters: HashMap<u64, oneshot::Sender<JoinResult>>,
+    /// Data port of each downstream neighbour (from its join request).
+    data_ports: HashMap<String, u16>,
+    /// Data address of each stream's upstream.
+    upstream_data: HashMap<String, SocketAddr>,
+    pipelines: HashMap<String, StreamSource>,
+    ping_misses: HashMap<String, u32>,
+}
+
+/// A running overlay node.
+pub struct Node {
+    pub id: Identity,
+    pub settings: Settings,
+    pub relay: Arc<Relay>,
+    pub catalogue: BTreeMap<String, SourceSpec>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    state: Mutex<State>,
+    clients: HashMap<String, OverlayClient<Channel>>,
+    tickets: AtomicU64,
+    relay_stop: Arc<AtomicBool>,
+}
+
+impl Node {
+    pub fn new(
+        id: Identity,
+        settings: Settings,
+        catalogue: BTreeMap<String, SourceSpec>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Node>> {
+        let data_addr = SocketAddr::new(settings.bind, settings.data_port);
+        let relay = Relay::bind(data_addr).map_err(|e| {
+            anyhow::anyhow!(
+                "node {}: cannot bind the data socket {data_addr}: {e}",
+                id.name
+            )
+        })?;
+        let config = RoutingConfig {
+            tie_floor_us: settings.tie_floor_us,
+            stale_after: id.probe_interval * 3 + Duration::from_millis(200),
+            ..RoutingConfig::default()
+        };
+        let names: Vec<String> = id.neighbours.iter().map(|n| n.name.clone()).collect();
+        let offered: Vec<String> = if id.server {
+            catalogue.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let mut clients = HashMap::new();
+        let local = Some(settings.bind);
+        for n in &id.neighbours {
+            let addr = SocketAddr::new(n.address, settings.control_port);
+            let timeout = settings.join_timeout.max(Duration::from_secs(2));
+            clients.insert(
+                n.name.clone(),
+                OverlayClient::new(net::channel(addr, local, timeout)?),
+            );
+        }
+        let state = State {
+            routes: RouteTable::new(id.name.clone(), names, config),
+            trees: Trees::new(id.name.clone(), offered),
+            sessions: Sessions::default(),
+            waiters: HashMap::new(),
+            data_ports: HashMap::new(),
+            upstream_data: HashMap::new(),
+            pipelines: HashMap::new(),
+            ping_misses: HashMap::new(),
+        };
+        Ok(Arc::new(Node {
+            id,
+            settings,
+            relay,
+            catalogue,
+            cancel,
+            tasks: TaskTracker::new(),
+            state: Mutex::new(state),
+            clients,
+            tickets: AtomicU64::new(1),
+            relay_stop: Arc::new(AtomicBool::new(false)),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn neighbour(&self, name: &str) -> Option<&Neighbour> {
+        self.id.neighbours.iter().find(|n| n.name == name)
+    }
+
+    /// Starts the relay thread and the periodic tasks.
+    pub fn start(self: &Arc<Self>) {
+        let relay = self.relay.clone();
+        let stop = self.relay_stop.clone();
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || relay.run(&stop))
+            .expect("spawn the relay thread");
+        let me = self.clone();
+        self.tasks.spawn(async move { me.ping_loop().await });
+        if self.id.server {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.probe_loop().await });
+        }
+        info!(
+            node = %self.id.name,
+            role = self.settings.role.as_str(),
+            data = %self.relay.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            neighbours = ?self.id.neighbours.iter().map(|n| &n.name).collect::<Vec<_>>(),
+            "node started"
+        );
+    }
+
+    /// Ends the node's work: prunes every stream upstream, stops pipelines
+    /// and the relay.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let (upstreams, pipelines) = {
+            let mut st = self.lock();
+            let ups: Vec<(String, String)> = st
+                .trees
+                .active()
+                .filter_map(|b| match &b.source {
+                    Source::Neighbour(up) => Some((b.desc.stream.clone(), up.clone())),
+                    Source::Local => None,
+                })
+                .collect();
+            let pipes: Vec<StreamSource> = st.pipelines.drain().map(|(_, p)| p).collect();
+            (ups, pipes)
+        };
+        let mut leaves = tokio::task::JoinSet::new();
+        for (stream, up) in upstreams {
+            let me = self.clone();
+            leaves.spawn(async move { me.send_leave(stream, up).await });
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), leaves.join_all()).await;
+        for p in pipelines {
+            tokio::task::spawn_blocking(move || p.stop()).await.ok();
+        }
+        self.relay_stop.store(true, Ordering::Relaxed);
+    }
+
+    async fn ping_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.id.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for n in &self.id.neighbours {
+                let me = self.clone();
+                let name = n.name.clone();
+                self.tasks.spawn(async move { me.ping(name).await });
+            }
+        }
+    }
+
+    async fn ping(self: Arc<Self>, neighbour: String) {
+        let Some(mut client) = self.clients.get(&neighbour).cloned() else {
+            return;
+        };
+        let started = Instant::now();
+        let limit = self.id.probe_interval.max(Duration::from_millis(500));
+        let request = pb::PingRequest {
+            sender: self.id.name.clone(),
+        };
+        let result = tokio::time::timeout(limit, client.ping(request)).await;
+        let rtt = started.elapsed();
+        let mut st = self.lock();
+        match result {
+            Ok(Ok(reply)) => {
+                st.routes.on_link_rtt(&neighbour, rtt.as_micros() as u64);
+                st.routes
+                    .set_carrying(&neighbour, reply.into_inner().carrying);
+                st.ping_misses.insert(neighbour.clone(), 0);
+                if st.routes.is_down(&neighbour) {
+                    st.routes.neighbour_up(&neighbour);
+                    info!(node = %self.id.name, %neighbour, "neighbour answers again");
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                let misses = st.ping_misses.entry(neighbour.clone()).or_insert(0);
+                *misses += 1;
+                if *misses == 3 {
+                    st.routes.neighbour_down(&neighbour);
+                    warn!(node = %self.id.name, %neighbour, "neighbour missed 3 pings: routes through it dropped");
+                }
+            }
+        }
+    }
+
+    async fn probe_loop(self: Arc<Self>) {
+        let mut seq = net::unix_us();
+        let streams: Vec<String> = self.catalogue.keys().cloned().collect();
+        let mut tick = tokio::time::interval(self.id.probe_interval);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            seq += 1;
+            let out = self
+                .lock()
+                .routes
+                .originate(seq, net::unix_us(), streams.clone());
+            self.send_probes(out);
+        }
+    }
+
+    fn send_probes(self: &Arc<Self>, out: Vec<(String, overlay_core::routing::Probe)>) {
+        for (to, probe) in out {
+            let Some(mut client) = self.clients.get(&to).cloned() else {
+                continue;
+            };
+            let wire = convert::probe_to_wire(probe);
+            let limit = self.id.probe_interval;
+            self.tasks.spawn(async move {
+                let _ = tokio::time::timeout(limit, client.status(wire)).await;
+            });
+        }
+    }
+
+    /// A STATUS probe from a neighbour.
+    pub fn on_probe(self: &Arc<Self>, probe: pb::Probe) {
+        let probe = convert::probe_from_wire(probe);
+        let out = self
+            .lock()
+            .routes
+            .on_probe(&probe, Instant::now(), net::unix_us());
+        self.send_probes(out);
+    }
+
+    /// Streams this node carries, for ping replies.
+    pub fn carrying(&self) -> Vec<String> {
+        self.lock().trees.carrying()
+    }
+
+    /// Joins `stream` on behalf of `requester` (a neighbour or a local
+    /// viewer); resolves when the requester is attached or refused.
+    pub async fn join(
+        self: &Arc<Self>,
+        stream: &str,
+        requester: Requester,
+        path: Vec<String>,
+        data_port: u16,
+    ) -> JoinResult {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let decision = {
+            let mut st = self.lock();
+            if let Requester::Neighbour(n) = &requester {
+                st.data_ports.insert(n.clone(), data_port);
+            }
+            let st = &mut *st;
+            let d = st.trees.request(
+                stream,
+                requester.clone(),
+                &path,
+                ticket,
+                &st.routes,
+                Instant::now(),
+            );
+            match &d {
+                JoinDecision::Attached(_) => self.republish(st),
+                JoinDecision::Nak(_) => {}
+                _ => {
+                    st.waiters.insert(ticket, tx);
+                }
+            }
+            d
+        };
+        match decision {
+            JoinDecision::Attached(desc) => {
+                info!(node = %self.id.name, stream, ?requester, "attached to the existing tree");
+                return Ok(desc);
+            }
+            JoinDecision::Nak(nak) => {
+                info!(node = %self.id.name, stream, ?requester, reason = ?nak.reason, "stream request refused: {}", nak.detail);
+                return Err(nak);
+            }
+            JoinDecision::Wait => {
+                debug!(node = %self.id.name, stream, "waiting for the join under way")
+            }
+            JoinDecision::Forward { to, path } => {
+                info!(node = %self.id.name, stream, upstream = %to, ?path, "stream request sent upstream");
+                let me = self.clone();
+                let stream = stream.to_string();
+                let span = tracing::Span::current();
+                self.tasks
+                    .spawn(async move { me.forward_join(stream, to, path).await }.instrument(span));
+            }
+            JoinDecision::ServeLocal => {
+                self.serve_local(stream);
+            }
+        }
+        let timeout = self.settings.join_timeout + Duration::from_millis(500);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            _ => Err(Nak {
+                reason: NakReason::Timeout,
+                detail: format!(
+                    "node {}: stream {stream:?}: join did not complete in {timeout:?}",
+                    self.id.name
+                ),
+            }),
+        }
+    }
+
+    async fn forward_join(self: Arc<Self>, stream: String, to: String, path: Vec<String>) {
+        let result = self.request_upstream(&stream, &to, path).await;
+        let mut st = self.lock();
+        let st = &mut *st;
+        let (waiters, answer) = match result {
+            Ok((desc, data_addr)) => {
+                st.upstream_data.insert(stream.clone(), data_addr);
+                let waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
+                let answer = Ok(st
+                    .trees
+                    .branch(&stream)
+                    .map(|b| b.desc.clone())
+                    .expect("just joined"));
+                info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
+                (waiters, answer)
+            }
+            Err(nak) => {
+                warn!(node = %self.id.name, %stream, upstream = %to, "join failed: {}", nak.detail);
+                (st.trees.failed(&stream), Err(nak))
+            }
+        };
+        for w in waiters {
+            if let Some(tx) = st.waiters.remove(&w.ticket) {
+                let _ = tx.send(answer.clone());
+            }
+        }
+        self.republish(st);
+    }
+
+    async fn request_upstream(
+        &self,
+        stream: &str,
+        to: &str,
+        path: Vec<String>,
+    ) -> Result<(StreamDesc, SocketAddr), Nak> {
+        let nak = |reason, why: String| Nak {
+            reason,
+            detail: format!("node {}: stream {stream:?}: {why}", self.id.name),
+        };
+        let (Some(mut client), Some(neighbour)) =
+            (self.clients.get(to).cloned(), self.neighbour(to))
+        else {
+            return Err(nak(NakReason::NoRoute, format!("{to} is not a neighbour")));
+        };
+        let mut request = tonic::Request::new(pb::JoinRequest {
+            stream: stream.to_string(),
+            sender: self.id.name.clone(),
+            path,
+            data_port: u32::from(self.settings.data_port),
+        });
+        telemetry::inject(request.metadata_mut());
+        request.set_timeout(self.settings.join_timeout);
+        match client.join(request).await {
+            Ok(reply) => match reply.into_inner().result {
+                Some(pb::join_reply::Result::Joined(info)) => {
+                    let addr = SocketAddr::new(neighbour.address, info.data_port as u16);
+                    Ok((convert::desc_from_wire(&info), addr))
+                }
+                Some(pb::join_reply::Result::Nak(n)) => Err(convert::nak_from_wire(&n)),
+                None => Err(nak(NakReason::NoRoute, format!("{to} sent an empty reply"))),
+            },
+            Err(status)
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || status.code() == tonic::Code::Cancelled =>
+            {
+                Err(nak(
+                    NakReason::Timeout,
+                    format!("{to} did not answer the stream request"),
+                ))
+            }
+            Err(status) => Err(nak(
+                NakReason::NoRoute,
+                format!("{to} failed the stream request: {}", status.message()),
+            )),
+        }
+    }
+
+    fn serve_local(self: &Arc<Self>, stream: &str) {
+        let spec = self.catalogue.get(stream).cloned();
+        let relay = self.relay.clone();
+        let started = spec
+            .ok_or_else(|| format!("stream {stream:?} vanished from the catalogue"))
+            .and_then(|spec| {
+                StreamSource::start(stream, &spec, move |pkt| relay.inject(pkt))
+                    .map_err(|e| e.to_string())
+            });
+        let mut st = self.lock();
+        let st = &mut *st;
+        let (waiters, answer) = match started {
+            Ok(source) => {
+                st.pipelines.insert(stream.to_string(), source);
+                let desc = StreamDesc {
+                    stream: stream.to_string(),
+                    server: self.id.name.clone(),
+                    ssrcs: media::stream_ssrcs(stream).to_vec(),
+                    depth: 0,
+                };
+                info!(node = %self.id.name, stream, "pipeline started: this server roots the tree");
+                (st.trees.joined(Source::Local, desc.clone()), Ok(desc))
+            }
+            Err(e) => {
+                warn!(node = %self.id.name, stream, "pipeline failed to start: {e}");
+                let nak = Nak {
+                    reason: NakReason::NoRoute,
+                    detail: format!(
+                        "server {}: stream {stream:?}: pipeline failed: {e}",
+                        self.id.name
+                    ),
+                };
+                (st.trees.failed(stream), Err(nak))
+            }
+        };
+        for w in waiters {
+            if let Some(tx) = st.waiters.remove(&w.ticket) {
+                let _ = tx.send(answer.clone());
+            }
+        }
+        self.republish(st);
+    }
+
+    /// `requester` leaves `stream`; prunes upstream or stops the pipeline
+    /// when it was the last.
+    pub fn leave(self: &Arc<Self>, stream: &str, requester: Requester) {
+        let (prune, pipeline) = {
+            let mut st = self.lock();
+            let prune = st.trees.leave(stream, &requester);
+            let pipeline = if prune == Prune::StopLocal {
+                st.pipelines.remove(stream)
+            } else {
+                None
+            };
+            if !matches!(prune, Prune::Nothing) {
+                st.upstream_data.remove(stream);
+            }
+            self.republish(&mut st);
+            (prune, pipeline)
+        };
+        match prune {
+            Prune::Nothing => {
+                debug!(node = %self.id.name, stream, ?requester, "left; others still watch")
+            }
+            Prune::Upstream(up) => {
+                info!(node = %self.id.name, stream, upstream = %up, "last viewer left: pruning upstream");
+                let me = self.clone();
+                let stream = stream.to_string();
+                self.tasks
+                    .spawn(async move { me.send_leave(stream, up).await });
+            }
+            Prune::StopLocal => {
+                info!(node = %self.id.name, stream, "last branch pruned: pipeline stopped");
+                if let Some(p) = pipeline {
+                    self.tasks.spawn_blocking(move || p.stop());
+                }
+            }
+        }
+    }
+
+    async fn send_leave(self: &Arc<Self>, stream: String, up: String) {
+        let Some(mut client) = self.clients.get(&up).cloned() else {
+            return;
+        };
+        let request = pb::LeaveRequest {
+            stream: stream.clone(),
+            sender: self.id.name.clone(),
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await {
+            warn!(node = %self.id.name, %stream, upstream = %up, "prune not acknowledged: {e}");
+        }
+    }
+
+    /// The bootstrapper says `node` failed.
+    pub fn node_failed(self: &Arc<Self>, node: &str) {
+        let orphaned: Vec<String> = {
+            let mut st = self.lock();
+            st.routes.node_failed(node);
+            st.trees
+                .active()
+                .filter(|b| b.downstream.contains(node))
+                .map(|b| b.desc.stream.clone())
+                .collect()
+        };
+        for stream in orphaned {
+            self.leave(&stream, Requester::Neighbour(node.to_string()));
+        }
+    }
+
+    /// Rebuilds the forwarding table from the trees and sessions and
+    /// publishes it to the relay.
+    fn republish(&self, st: &mut State) {
+        let mut table = ForwardTable::default();
+        for branch in st.trees.active() {
+            let stream = &branch.desc.stream;
+            let accept = match &branch.source {
+                Source::Local => Accept::Local,
+                Source::Neighbour(_) => match st.upstream_data.get(stream) {
+                    Some(a) => Accept::From(*a),
+                    None => continue,
+                },
+            };
+            let mut downstream: Vec<SocketAddr> = branch
+                .downstream
+                .iter()
+                .filter_map(|n| {
+                    let addr = self.neighbour(n)?.address;
+                    Some(SocketAddr::new(
+                        addr,
+                        *st.data_ports.get(n).unwrap_or(&self.settings.data_port),
+                    ))
+                })
+                .collect();
+            downstream.extend(st.sessions.playing(stream));
+            for ssrc in &branch.desc.ssrcs {
+                table.insert(
+                    *ssrc,
+                    Route {
+                        accept,
+                        downstream: downstream.clone(),
+                    },
+                );
+            }
+        }
+        self.relay.publish(table);
+    }
+
+    /// Runs `f` on the session table and republishes the forwarding table.
+    pub fn with_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
+        let mut st = self.lock();
+        let out = f(&mut st.sessions);
+        self.republish(&mut st);
+        out
+    }
+
+    /// The node's state as JSON, for `onode inspect` and tests.
+    pub fn inspect(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let st = self.lock();
+        let neighbours: Vec<_> = self
+            .id
+            .neighbours
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.name,
+                    "address": n.address.to_string(),
+                    "server": n.server,
+                    "link_delay_us": st.routes.link_delay_us(&n.name),
+                    "down": st.routes.is_down(&n.name),
+                })
+            })
+            .collect();
+        let mut routes = serde_json::Map::new();
+        for (server, entries) in st.routes.entries(now) {
+            let best = st.routes.best_next_hop(&server, now, &[]);
+            let entries: Vec<_> = entries
+                .iter()
+                .map(|(via, e)| {
+                    json!({
+                        "via": via, "delay_us": e.delay_us, "hops": e.hops, "seq": e.seq,
+                        "age_ms": now.saturating_duration_since(e.received).as_millis() as u64,
+                        "clock_delay_us": e.clock_delay_us,
+                    })
+                })
+                .collect();
+            routes.insert(
+                server,
+                json!({
+                    "best": best.as_ref().map(|r| r.via.clone()),
+                    "delay_us": best.as_ref().map(|r| r.delay_us),
+                    "hops": best.as_ref().map(|r| r.hops),
+                    "entries": entries,
+                }),
+            );
+        }
+        let streams: Vec<_> = st
+            .trees
+            .active()
+            .map(|b| {
+                json!({
+                    "stream": b.desc.stream,
+                    "server": b.desc.server,
+                    "depth": b.desc.depth,
+                    "ssrcs": b.desc.ssrcs,
+                    "upstream": match &b.source { Source::Local => None, Source::Neighbour(n) => Some(n.clone()) },
+                    "downstream": b.downstream,
+                    "local_viewers": b.local_viewers,
+                    "playing_clients": st.sessions.playing(&b.desc.stream).count(),
+                })
+            })
+            .collect();
+        let sessions: Vec<_> = st
+            .sessions
+            .iter()
+            .map(|(id, s)| json!({"id": &id[..8.min(id.len())], "client": s.client, "phase": s.phase.to_string(), "stream": s.stream}))
+            .collect();
+        let mut pipelines: Vec<&String> = st.pipelines.keys().collect();
+        pipelines.sort();
+        json!({
+            "name": self.id.name,
+            "role": self.settings.role.as_str(),
+            "server": self.id.server,
+            "neighbours": neighbours,
+            "routes": routes,
+            "streams": streams,
+            "joining": st.trees.joining(),
+            "sessions": sessions,
+            "pipelines": pipelines,
+            "catalogue": self.catalogue.keys().collect::<Vec<_>>(),
+            "relay": self.relay.counters(),
+        })
+    }
+}
