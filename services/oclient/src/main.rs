@@ -58,6 +58,9 @@ struct Cli {
     /// Round-trip probes per POP.
     #[arg(long, default_value_t = 3)]
     probes: u32,
+    /// Use this POP (IP or IP:PORT) instead of probing the ones the bootstrapper lists.
+    #[arg(long)]
+    pop: Option<String>,
     /// Print a stats line every second.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     stats_line: bool,
@@ -80,6 +83,8 @@ struct Report {
     first_frame_ms: Option<f64>,
     setup_ms: f64,
     pauses: u32,
+    /// Longest time between two received packets after the first, in ms.
+    longest_gap_ms: f64,
 }
 
 fn main() -> ExitCode {
@@ -215,11 +220,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
             .into_inner();
         let port = login.control_port as u16;
-        let addrs: Vec<(String, SocketAddr)> = login
+        let mut addrs: Vec<(String, SocketAddr)> = login
             .pops
             .iter()
             .flat_map(|p| p.addresses.iter().filter_map(|a| Some((p.name.clone(), SocketAddr::new(a.parse().ok()?, port)))))
             .collect();
+        if let Some(forced) = &cli.pop {
+            let forced = parse_addr(forced, port).context("--pop")?;
+            let name = addrs.iter().find(|(_, a)| *a == forced).map(|(n, _)| n.clone()).unwrap_or_else(|| forced.to_string());
+            addrs = vec![(name, forced)];
+        }
         if addrs.is_empty() {
             bail!("the bootstrapper {bootstrap} knows no live POP");
         }
@@ -303,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = (0u64, 0u64);
     let mut buf = vec![0u8; 2048];
+    let mut last_packet: Option<Instant> = None;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let until_end = async {
@@ -315,7 +326,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, _)) = r else { continue };
                 if let Ok(packet) = Packet::parse(&buf[..n]) {
-                    stats.on_packet(&packet, Instant::now());
+                    let now = Instant::now();
+                    if let Some(prev) = last_packet {
+                        report.longest_gap_ms = report.longest_gap_ms.max((now - prev).as_secs_f64() * 1000.0);
+                    }
+                    last_packet = Some(now);
+                    stats.on_packet(&packet, now);
                     player.push_rtp(&buf[..n]);
                 }
             }
