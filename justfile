@@ -1,0 +1,58 @@
+# Recipes for building, testing, benchmarking and running the overlay.
+# `just --list` shows them all.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Build every crate and binary (debug).
+build:
+    cargo build --workspace --all-targets
+
+# Build release binaries.
+release:
+    cargo build --workspace --release
+
+# Run the whole test suite (unit, loopback integration, netns lab tests; lab tests need root).
+test: build
+    cargo test --workspace -- --test-threads=2
+
+# Validate an overlay topology file (default: the original example).
+topology-check FILE="netns/labs/seed-overlay.json": build
+    target/debug/onode topology check {{FILE}}
+
+# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor, same run.
+bench ROUNDS="3":
+    cargo build --release -p relay --bin relay-bench
+    python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
+
+# Bring a netns lab up (default: the original topology).
+lab-up LAB="netns/labs/seed.json": build
+    netns/lab.sh up {{LAB}}
+
+# Tear a lab down (safe to run twice).
+lab-down:
+    netns/lab.sh down
+
+# Show the running lab: namespaces, processes, overlay state.
+lab-status:
+    netns/lab.sh status
+
+# Run a command inside a lab host's namespace.
+lab-exec HOST +CMD:
+    netns/lab.sh exec {{HOST}} -- {{CMD}}
+
+# Start a client on a lab host (a window when a display is available).
+client HOST STREAM="test":
+    netns/lab.sh client {{HOST}} {{STREAM}}
+
+# The demo: default lab, five headless clients on two streams, a report, teardown.
+demo LAB="netns/labs/seed.json": build
+    netns/lab.sh demo {{LAB}}
+
+# Format and lint.
+fmt:
+    cargo fmt --all
+    cargo clippy --workspace --all-targets
