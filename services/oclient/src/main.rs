@@ -89,11 +89,7 @@ struct Report {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("oclient: cannot start the runtime: {e}");
@@ -126,9 +122,7 @@ fn parse_addr(text: &str, port: u16) -> anyhow::Result<SocketAddr> {
     if let Ok(sa) = text.parse::<SocketAddr>() {
         return Ok(sa);
     }
-    let ip: IpAddr = text
-        .parse()
-        .with_context(|| format!("{text:?} is not an address (IP or IP:PORT)"))?;
+    let ip: IpAddr = text.parse().with_context(|| format!("{text:?} is not an address (IP or IP:PORT)"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -138,11 +132,8 @@ async fn probe_rtt(addr: SocketAddr, probes: u32) -> Option<f64> {
     let mut best: Option<f64> = None;
     for _ in 0..probes.max(1) {
         let t = Instant::now();
-        let ok = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.probe(pb::ClientProbe { client_time_us: 0 }),
-        )
-        .await;
+        let ok =
+            tokio::time::timeout(Duration::from_secs(1), client.probe(pb::ClientProbe { client_time_us: 0 })).await;
         if let Ok(Ok(_)) = ok {
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             best = Some(best.map_or(ms, |b: f64| b.min(ms)));
@@ -291,14 +282,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .instrument(span)
     .await?;
 
-    let player = media::Player::start(media::PlayerConfig {
-        headless: cli.headless,
-        record: cli.record.clone(),
-    })?;
+    let player = media::Player::start(media::PlayerConfig { headless: cli.headless, record: cli.record.clone() })?;
     session
-        .play(pb::SessionRequest {
-            session_id: session_id.clone(),
-        })
+        .play(pb::SessionRequest { session_id: session_id.clone() })
         .await
         .with_context(|| format!("PLAY at {pop_addr}"))?;
     info!(stream = %cli.stream, pop = %report_base.pop_name, server = %report_base.server, "playing");
@@ -307,9 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut stats = media::RtpStats::new();
     let mut keys = spawn_keys();
     let mut paused = false;
-    let deadline = cli
-        .duration
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+    let deadline = cli.duration.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = (0u64, 0u64);
     let mut buf = vec![0u8; 2048];
@@ -370,9 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
-    let teardown = session.teardown(pb::SessionRequest {
-        session_id: session_id.clone(),
-    });
+    let teardown = session.teardown(pb::SessionRequest { session_id: session_id.clone() });
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), teardown)
         .await
         .map_err(|e| e.to_string())
@@ -388,22 +370,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.packets_lost = s.packets_lost;
     report.bytes_received = s.bytes;
     report.jitter_ms = s.jitter_ms;
-    report.first_frame_ms = decoded
-        .first_frame
-        .map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
+    report.first_frame_ms = decoded.first_frame.map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
     let json = serde_json::to_string_pretty(&report)?;
     match &cli.stats_json {
-        Some(path) => {
-            std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?
-        }
+        Some(path) => std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?,
         None => println!("{json}"),
     }
     info!(frames = report.frames_decoded, audio = report.audio_buffers, lost = report.packets_lost, first_frame_ms = ?report.first_frame_ms, "session ended");
     if report.frames_decoded == 0 {
-        bail!(
-            "no video frame was decoded from {} packets",
-            report.packets_received
-        );
+        bail!("no video frame was decoded from {} packets", report.packets_received);
     }
     Ok(())
 }

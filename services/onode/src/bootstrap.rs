@@ -44,11 +44,7 @@ pub fn identity(spec: &NodeSpec, probe_interval: Duration) -> Identity {
         neighbours: spec
             .neighbours
             .iter()
-            .map(|n| Neighbour {
-                name: n.name.clone(),
-                address: n.address,
-                server: n.server,
-            })
+            .map(|n| Neighbour { name: n.name.clone(), address: n.address, server: n.server })
             .collect(),
         probe_interval,
     }
@@ -66,10 +62,7 @@ pub fn check_role(spec: &NodeSpec, role: &str) -> Result<(), String> {
     if role == expected {
         Ok(())
     } else {
-        Err(format!(
-            "node {} is declared a {expected} in the topology but was started as {role:?}",
-            spec.name
-        ))
+        Err(format!("node {} is declared a {expected} in the topology but was started as {role:?}", spec.name))
     }
 }
 
@@ -125,13 +118,9 @@ impl Bootstrapper {
                 .node(name)
                 .ok_or_else(|| Status::not_found(format!("node {name:?} is not in the topology")));
         }
-        let peer = peer.ok_or_else(|| {
-            Status::invalid_argument("no name given and the peer address is unknown")
-        })?;
+        let peer = peer.ok_or_else(|| Status::invalid_argument("no name given and the peer address is unknown"))?;
         self.topology.owner_of(peer).ok_or_else(|| {
-            Status::not_found(format!(
-                "address {peer} is not among any node's names; start the node with --name"
-            ))
+            Status::not_found(format!("address {peer} is not among any node's names; start the node with --name"))
         })
     }
 }
@@ -140,10 +129,7 @@ pub struct BootstrapService(pub Arc<Bootstrapper>);
 
 #[tonic::async_trait]
 impl pb::bootstrap_server::Bootstrap for BootstrapService {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterReply>, Status> {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterReply>, Status> {
         let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         let b = &self.0;
@@ -160,11 +146,7 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
             neighbours: id
                 .neighbours
                 .iter()
-                .map(|n| pb::Neighbour {
-                    name: n.name.clone(),
-                    address: n.address.to_string(),
-                    server: n.server,
-                })
+                .map(|n| pb::Neighbour { name: n.name.clone(), address: n.address.to_string(), server: n.server })
                 .collect(),
             probe_interval_ms: b.probe_interval.as_millis() as u32,
             ready,
@@ -173,14 +155,13 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
 
     type WatchStream = ReceiverStream<Result<pb::OverlayEvent, Status>>;
 
-    async fn watch(
-        &self,
-        request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let name = request.into_inner().name;
-        let generation = self.0.lock().generation(&name).ok_or_else(|| {
-            Status::failed_precondition(format!("node {name:?} has not registered"))
-        })?;
+        let generation = self
+            .0
+            .lock()
+            .generation(&name)
+            .ok_or_else(|| Status::failed_precondition(format!("node {name:?} has not registered")))?;
         let (tx, rx) = mpsc::channel(64);
         let mut events = self.0.subscribe();
         let b = self.0.clone();
@@ -200,10 +181,7 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn login(
-        &self,
-        request: Request<pb::LoginRequest>,
-    ) -> Result<Response<pb::LoginReply>, Status> {
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
         let req = request.into_inner();
         let m = self.0.lock();
         let pops: Vec<pb::Pop> = self
@@ -211,22 +189,13 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
             .topology
             .nodes()
             .filter(|n| n.is_pop() && m.is_alive(&n.name))
-            .map(|n| pb::Pop {
-                name: n.name.clone(),
-                addresses: n.pop.iter().map(|a| a.to_string()).collect(),
-            })
+            .map(|n| pb::Pop { name: n.name.clone(), addresses: n.pop.iter().map(|a| a.to_string()).collect() })
             .collect();
         info!(client = %req.client, stream = %req.stream, pops = pops.len(), "client login");
-        Ok(Response::new(pb::LoginReply {
-            pops,
-            control_port: u32::from(self.0.control_port),
-        }))
+        Ok(Response::new(pb::LoginReply { pops, control_port: u32::from(self.0.control_port) }))
     }
 
-    async fn overview(
-        &self,
-        _request: Request<pb::OverviewRequest>,
-    ) -> Result<Response<pb::OverviewReply>, Status> {
+    async fn overview(&self, _request: Request<pb::OverviewRequest>) -> Result<Response<pb::OverviewReply>, Status> {
         let m = self.0.lock();
         Ok(Response::new(pb::OverviewReply {
             ready: m.is_ready(),

@@ -41,12 +41,7 @@ pub fn desc_to_wire(d: &StreamDesc, data_port: u16) -> pb::StreamInfo {
 }
 
 pub fn desc_from_wire(i: &pb::StreamInfo) -> StreamDesc {
-    StreamDesc {
-        stream: i.stream.clone(),
-        server: i.server.clone(),
-        ssrcs: i.ssrcs.clone(),
-        depth: i.depth,
-    }
+    StreamDesc { stream: i.stream.clone(), server: i.server.clone(), ssrcs: i.ssrcs.clone(), depth: i.depth }
 }
 
 pub fn nak_to_wire(n: &Nak) -> pb::Nak {
@@ -56,10 +51,7 @@ pub fn nak_to_wire(n: &Nak) -> pb::Nak {
         NakReason::Loop => pb::NakReason::Loop,
         NakReason::Timeout => pb::NakReason::Timeout,
     };
-    pb::Nak {
-        reason: reason as i32,
-        detail: n.detail.clone(),
-    }
+    pb::Nak { reason: reason as i32, detail: n.detail.clone() }
 }
 
 pub fn nak_from_wire(n: &pb::Nak) -> Nak {
@@ -69,10 +61,7 @@ pub fn nak_from_wire(n: &pb::Nak) -> Nak {
         Ok(pb::NakReason::Timeout) => NakReason::Timeout,
         _ => NakReason::NoRoute,
     };
-    Nak {
-        reason,
-        detail: n.detail.clone(),
-    }
+    Nak { reason, detail: n.detail.clone() }
 }
 
 /// The gRPC status a client sees for a NAK.

@@ -102,11 +102,7 @@ struct Common {
 #[derive(Args)]
 struct ServerArgs {
     /// Overlay topology file (original JSON format): makes this server the bootstrapper.
-    #[arg(
-        long,
-        conflicts_with = "bootstrap",
-        required_unless_present = "bootstrap"
-    )]
+    #[arg(long, conflicts_with = "bootstrap", required_unless_present = "bootstrap")]
     topology: Option<PathBuf>,
     /// The bootstrapper's address (IP or IP:PORT), for servers that are not the bootstrapper.
     #[arg(long)]
@@ -132,11 +128,7 @@ struct NodeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("onode: cannot start the runtime: {e}");
@@ -154,9 +146,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Topology {
-            command: TopologyCommand::Check { file },
-        } => {
+        Command::Topology { command: TopologyCommand::Check { file } } => {
             let topology = load_topology(&file)?;
             println!("{}: ok\n{}", file.display(), topology.summary());
             Ok(())
@@ -168,28 +158,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Inspect { addr } => {
             let addr = net::parse_addr(&addr, 7070)?;
-            let mut client = overlay_proto::overlay_client::OverlayClient::new(net::channel(
-                addr,
-                None,
-                Duration::from_secs(3),
-            )?);
-            let reply = client
-                .inspect(pb::InspectRequest {})
-                .await
-                .with_context(|| format!("inspect {addr}"))?;
+            let mut client =
+                overlay_proto::overlay_client::OverlayClient::new(net::channel(addr, None, Duration::from_secs(3))?);
+            let reply = client.inspect(pb::InspectRequest {}).await.with_context(|| format!("inspect {addr}"))?;
             let value: serde_json::Value = serde_json::from_str(&reply.into_inner().json)?;
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())
         }
         Command::Overview { addr } => {
             let addr = net::parse_addr(&addr, 7070)?;
-            let mut client =
-                BootstrapClient::new(net::channel(addr, None, Duration::from_secs(3))?);
-            let o = client
-                .overview(pb::OverviewRequest {})
-                .await
-                .with_context(|| format!("overview {addr}"))?
-                .into_inner();
+            let mut client = BootstrapClient::new(net::channel(addr, None, Duration::from_secs(3))?);
+            let o =
+                client.overview(pb::OverviewRequest {}).await.with_context(|| format!("overview {addr}"))?.into_inner();
             let value = serde_json::json!({"ready": o.ready, "registered": o.registered, "failed": o.failed, "missing": o.missing});
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())
@@ -209,18 +189,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => bail!("give --topology FILE (bootstrapper) or --bootstrap ADDR"),
             }
         }
-        Command::Node(args) => {
-            run_member(Role::Node, &args.bootstrap, args.common, BTreeMap::new()).await
-        }
-        Command::Pop(args) => {
-            run_member(Role::Pop, &args.bootstrap, args.common, BTreeMap::new()).await
-        }
+        Command::Node(args) => run_member(Role::Node, &args.bootstrap, args.common, BTreeMap::new()).await,
+        Command::Pop(args) => run_member(Role::Pop, &args.bootstrap, args.common, BTreeMap::new()).await,
     }
 }
 
 fn load_topology(file: &std::path::Path) -> anyhow::Result<Topology> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read topology file {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read topology file {}", file.display()))?;
     Topology::parse(&text).with_context(|| format!("topology file {}", file.display()))
 }
 
@@ -237,19 +213,16 @@ fn settings(role: Role, c: &Common) -> Settings {
 
 async fn bind_control(c: &Common) -> anyhow::Result<TcpListener> {
     let addr = SocketAddr::new(c.bind, c.control_port);
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (control port)"))
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (control port)"))
 }
 
 /// Trips the token on SIGINT or SIGTERM.
 fn on_signal(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -270,20 +243,13 @@ async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)))
-        .add_service(pb::overlay_server::OverlayServer::new(OverlayService(
-            node.clone(),
-        )))
-        .add_optional_service(
-            pop.then(|| pb::session_server::SessionServer::new(SessionService(node.clone()))),
-        )
-        .add_optional_service(
-            bootstrapper.map(|b| pb::bootstrap_server::BootstrapServer::new(BootstrapService(b))),
-        );
+        .add_service(pb::overlay_server::OverlayServer::new(OverlayService(node.clone())))
+        .add_optional_service(pop.then(|| pb::session_server::SessionServer::new(SessionService(node.clone()))))
+        .add_optional_service(bootstrapper.map(|b| pb::bootstrap_server::BootstrapServer::new(BootstrapService(b))));
     let shutdown = cancel.clone();
     let server = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.cancelled().await
-        }),
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.cancelled().await }),
     );
     node.start();
     cancel.cancelled().await;
@@ -305,20 +271,14 @@ async fn run_bootstrapper(
         Some(n) => n.clone(),
         None => {
             let mine = net::local_addresses();
-            let candidates: Vec<IpAddr> = if common.bind.is_unspecified() {
-                mine
-            } else {
-                vec![common.bind]
-            };
+            let candidates: Vec<IpAddr> = if common.bind.is_unspecified() { mine } else { vec![common.bind] };
             candidates
                 .iter()
                 .find_map(|a| topology.owner_of(*a).filter(|n| n.server).map(|n| n.name.clone()))
                 .context("none of this host's addresses is among a server's names in the topology; pass --name")?
         }
     };
-    let spec = topology
-        .node(&name)
-        .with_context(|| format!("node {name:?} is not in the topology"))?;
+    let spec = topology.node(&name).with_context(|| format!("node {name:?} is not in the topology"))?;
     bootstrap::check_role(spec, "server").map_err(anyhow::Error::msg)?;
     let telemetry = telemetry::init(&format!("onode-bootstrapper-{name}"));
     let identity = bootstrap::identity(spec, probe_interval);
@@ -326,12 +286,7 @@ async fn run_bootstrapper(
     let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port);
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
-    let node = Node::new(
-        identity,
-        settings(Role::Server, &common),
-        catalogue,
-        cancel.clone(),
-    )?;
+    let node = Node::new(identity, settings(Role::Server, &common), catalogue, cancel.clone())?;
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -371,15 +326,8 @@ async fn register(
     common: &Common,
     streams: &[String],
     cancel: &CancellationToken,
-) -> anyhow::Result<(
-    BootstrapClient<tonic::transport::Channel>,
-    pb::RegisterReply,
-)> {
-    let mut client = BootstrapClient::new(net::channel(
-        bootstrap,
-        Some(common.bind),
-        Duration::from_secs(3),
-    )?);
+) -> anyhow::Result<(BootstrapClient<tonic::transport::Channel>, pb::RegisterReply)> {
+    let mut client = BootstrapClient::new(net::channel(bootstrap, Some(common.bind), Duration::from_secs(3))?);
     let request = pb::RegisterRequest {
         name: common.name.clone().unwrap_or_default(),
         role: role.as_str().into(),
@@ -392,22 +340,14 @@ async fn register(
             Err(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::NotFound
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::InvalidArgument
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
                 ) =>
             {
-                bail!(
-                    "the bootstrapper at {bootstrap} refused the registration: {}",
-                    s.message()
-                )
+                bail!("the bootstrapper at {bootstrap} refused the registration: {}", s.message())
             }
             Err(s) => {
                 if !warned {
-                    eprintln!(
-                        "onode: bootstrapper {bootstrap} not reachable yet ({}); retrying",
-                        s.message()
-                    );
+                    eprintln!("onode: bootstrapper {bootstrap} not reachable yet ({}); retrying", s.message());
                     warned = true;
                 }
             }
@@ -420,29 +360,16 @@ async fn register(
 }
 
 fn identity_from(reply: &pb::RegisterReply) -> anyhow::Result<Identity> {
-    let ip = |s: &String| {
-        s.parse::<IpAddr>()
-            .with_context(|| format!("bootstrapper sent a bad address {s:?}"))
-    };
+    let ip = |s: &String| s.parse::<IpAddr>().with_context(|| format!("bootstrapper sent a bad address {s:?}"));
     Ok(Identity {
         name: reply.name.clone(),
         names: reply.names.iter().map(ip).collect::<anyhow::Result<_>>()?,
-        pop_addresses: reply
-            .pop_addresses
-            .iter()
-            .map(ip)
-            .collect::<anyhow::Result<_>>()?,
+        pop_addresses: reply.pop_addresses.iter().map(ip).collect::<anyhow::Result<_>>()?,
         server: reply.server,
         neighbours: reply
             .neighbours
             .iter()
-            .map(|n| {
-                Ok(Neighbour {
-                    name: n.name.clone(),
-                    address: ip(&n.address)?,
-                    server: n.server,
-                })
-            })
+            .map(|n| Ok(Neighbour { name: n.name.clone(), address: ip(&n.address)?, server: n.server }))
             .collect::<anyhow::Result<_>>()?,
         probe_interval: Duration::from_millis(u64::from(reply.probe_interval_ms.max(50))),
     })
@@ -466,8 +393,7 @@ async fn run_member(
     let node = Node::new(identity, settings(role, &common), catalogue, cancel.clone())?;
     let watcher = node.clone();
     let common2 = common.clone();
-    node.tasks
-        .spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });
+    node.tasks.spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });
     let result = serve(node, listener, None, cancel).await;
     telemetry.shutdown().await;
     result
@@ -486,9 +412,7 @@ async fn watch(
     let mut common = common;
     common.name = Some(node.id.name.clone());
     loop {
-        let request = pb::WatchRequest {
-            name: node.id.name.clone(),
-        };
+        let request = pb::WatchRequest { name: node.id.name.clone() };
         match client.watch(request).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();

@@ -19,11 +19,7 @@ pub fn parse_addr(text: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
 
 /// A lazily connected gRPC channel to `addr`, sending from `local` when it
 /// is a specific address (so the peer sees which of our names we use).
-pub fn channel(
-    addr: SocketAddr,
-    local: Option<IpAddr>,
-    timeout: Duration,
-) -> anyhow::Result<Channel> {
+pub fn channel(addr: SocketAddr, local: Option<IpAddr>, timeout: Duration) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("bad endpoint {addr}"))?
         .connect_timeout(Duration::from_millis(800))
@@ -64,10 +60,7 @@ pub fn local_addresses() -> Vec<IpAddr> {
 
 /// Microseconds since the Unix epoch, by this host's clock.
 pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -76,18 +69,9 @@ mod tests {
 
     #[test]
     fn parses_with_and_without_port() {
-        assert_eq!(
-            parse_addr("10.0.0.1", 7070).unwrap(),
-            "10.0.0.1:7070".parse().unwrap()
-        );
-        assert_eq!(
-            parse_addr("10.0.0.1:9", 7070).unwrap(),
-            "10.0.0.1:9".parse().unwrap()
-        );
-        assert!(parse_addr("nowhere", 7070)
-            .unwrap_err()
-            .to_string()
-            .contains("\"nowhere\""));
+        assert_eq!(parse_addr("10.0.0.1", 7070).unwrap(), "10.0.0.1:7070".parse().unwrap());
+        assert_eq!(parse_addr("10.0.0.1:9", 7070).unwrap(), "10.0.0.1:9".parse().unwrap());
+        assert!(parse_addr("nowhere", 7070).unwrap_err().to_string().contains("\"nowhere\""));
     }
 
     #[test]

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use media::{SourceSpec, StreamSource};
 use overlay_core::routing::{RouteTable, RoutingConfig};
 use overlay_core::session::Sessions;
-use overlay_core::tree::{
-    JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees,
-};
+use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
 use relay::{Accept, ForwardTable, Relay, Route};
@@ -113,32 +111,21 @@ impl Node {
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Node>> {
         let data_addr = SocketAddr::new(settings.bind, settings.data_port);
-        let relay = Relay::bind(data_addr).map_err(|e| {
-            anyhow::anyhow!(
-                "node {}: cannot bind the data socket {data_addr}: {e}",
-                id.name
-            )
-        })?;
+        let relay = Relay::bind(data_addr)
+            .map_err(|e| anyhow::anyhow!("node {}: cannot bind the data socket {data_addr}: {e}", id.name))?;
         let config = RoutingConfig {
             tie_floor_us: settings.tie_floor_us,
             stale_after: id.probe_interval * 3 + Duration::from_millis(200),
             ..RoutingConfig::default()
         };
         let names: Vec<String> = id.neighbours.iter().map(|n| n.name.clone()).collect();
-        let offered: Vec<String> = if id.server {
-            catalogue.keys().cloned().collect()
-        } else {
-            Vec::new()
-        };
+        let offered: Vec<String> = if id.server { catalogue.keys().cloned().collect() } else { Vec::new() };
         let mut clients = HashMap::new();
         let local = Some(settings.bind);
         for n in &id.neighbours {
             let addr = SocketAddr::new(n.address, settings.control_port);
             let timeout = settings.join_timeout.max(Duration::from_secs(2));
-            clients.insert(
-                n.name.clone(),
-                OverlayClient::new(net::channel(addr, local, timeout)?),
-            );
+            clients.insert(n.name.clone(), OverlayClient::new(net::channel(addr, local, timeout)?));
         }
         let state = State {
             routes: RouteTable::new(id.name.clone(), names, config),
@@ -245,17 +232,14 @@ impl Node {
         };
         let started = Instant::now();
         let limit = self.id.probe_interval.max(Duration::from_millis(500));
-        let request = pb::PingRequest {
-            sender: self.id.name.clone(),
-        };
+        let request = pb::PingRequest { sender: self.id.name.clone() };
         let result = tokio::time::timeout(limit, client.ping(request)).await;
         let rtt = started.elapsed();
         let mut st = self.lock();
         match result {
             Ok(Ok(reply)) => {
                 st.routes.on_link_rtt(&neighbour, rtt.as_micros() as u64);
-                st.routes
-                    .set_carrying(&neighbour, reply.into_inner().carrying);
+                st.routes.set_carrying(&neighbour, reply.into_inner().carrying);
                 st.ping_misses.insert(neighbour.clone(), 0);
                 if st.routes.is_down(&neighbour) {
                     st.routes.neighbour_up(&neighbour);
@@ -283,10 +267,7 @@ impl Node {
                 _ = tick.tick() => {}
             }
             seq += 1;
-            let out = self
-                .lock()
-                .routes
-                .originate(seq, net::unix_us(), streams.clone());
+            let out = self.lock().routes.originate(seq, net::unix_us(), streams.clone());
             self.send_probes(out);
         }
     }
@@ -307,10 +288,7 @@ impl Node {
     /// A STATUS probe from a neighbour.
     pub fn on_probe(self: &Arc<Self>, probe: pb::Probe) {
         let probe = convert::probe_from_wire(probe);
-        let out = self
-            .lock()
-            .routes
-            .on_probe(&probe, Instant::now(), net::unix_us());
+        let out = self.lock().routes.on_probe(&probe, Instant::now(), net::unix_us());
         self.send_probes(out);
     }
 
@@ -336,14 +314,7 @@ impl Node {
                 st.data_ports.insert(n.clone(), data_port);
             }
             let st = &mut *st;
-            let d = st.trees.request(
-                stream,
-                requester.clone(),
-                &path,
-                ticket,
-                &st.routes,
-                Instant::now(),
-            );
+            let d = st.trees.request(stream, requester.clone(), &path, ticket, &st.routes, Instant::now());
             match &d {
                 JoinDecision::Attached(_) => self.republish(st),
                 JoinDecision::Nak(_) => {}
@@ -370,8 +341,7 @@ impl Node {
                 let me = self.clone();
                 let stream = stream.to_string();
                 let span = tracing::Span::current();
-                self.tasks
-                    .spawn(async move { me.forward_join(stream, to, path).await }.instrument(span));
+                self.tasks.spawn(async move { me.forward_join(stream, to, path).await }.instrument(span));
             }
             JoinDecision::ServeLocal => {
                 self.serve_local(stream);
@@ -382,10 +352,7 @@ impl Node {
             Ok(Ok(result)) => result,
             _ => Err(Nak {
                 reason: NakReason::Timeout,
-                detail: format!(
-                    "node {}: stream {stream:?}: join did not complete in {timeout:?}",
-                    self.id.name
-                ),
+                detail: format!("node {}: stream {stream:?}: join did not complete in {timeout:?}", self.id.name),
             }),
         }
     }
@@ -398,11 +365,7 @@ impl Node {
             Ok((desc, data_addr)) => {
                 st.upstream_data.insert(stream.clone(), data_addr);
                 let waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
-                let answer = Ok(st
-                    .trees
-                    .branch(&stream)
-                    .map(|b| b.desc.clone())
-                    .expect("just joined"));
+                let answer = Ok(st.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined"));
                 info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
                 (waiters, answer)
             }
@@ -425,13 +388,9 @@ impl Node {
         to: &str,
         path: Vec<String>,
     ) -> Result<(StreamDesc, SocketAddr), Nak> {
-        let nak = |reason, why: String| Nak {
-            reason,
-            detail: format!("node {}: stream {stream:?}: {why}", self.id.name),
-        };
-        let (Some(mut client), Some(neighbour)) =
-            (self.clients.get(to).cloned(), self.neighbour(to))
-        else {
+        let nak =
+            |reason, why: String| Nak { reason, detail: format!("node {}: stream {stream:?}: {why}", self.id.name) };
+        let (Some(mut client), Some(neighbour)) = (self.clients.get(to).cloned(), self.neighbour(to)) else {
             return Err(nak(NakReason::NoRoute, format!("{to} is not a neighbour")));
         };
         let mut request = tonic::Request::new(pb::JoinRequest {
@@ -452,30 +411,22 @@ impl Node {
                 None => Err(nak(NakReason::NoRoute, format!("{to} sent an empty reply"))),
             },
             Err(status)
-                if status.code() == tonic::Code::DeadlineExceeded
-                    || status.code() == tonic::Code::Cancelled =>
+                if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled =>
             {
-                Err(nak(
-                    NakReason::Timeout,
-                    format!("{to} did not answer the stream request"),
-                ))
+                Err(nak(NakReason::Timeout, format!("{to} did not answer the stream request")))
             }
-            Err(status) => Err(nak(
-                NakReason::NoRoute,
-                format!("{to} failed the stream request: {}", status.message()),
-            )),
+            Err(status) => {
+                Err(nak(NakReason::NoRoute, format!("{to} failed the stream request: {}", status.message())))
+            }
         }
     }
 
     fn serve_local(self: &Arc<Self>, stream: &str) {
         let spec = self.catalogue.get(stream).cloned();
         let relay = self.relay.clone();
-        let started = spec
-            .ok_or_else(|| format!("stream {stream:?} vanished from the catalogue"))
-            .and_then(|spec| {
-                StreamSource::start(stream, &spec, move |pkt| relay.inject(pkt))
-                    .map_err(|e| e.to_string())
-            });
+        let started = spec.ok_or_else(|| format!("stream {stream:?} vanished from the catalogue")).and_then(|spec| {
+            StreamSource::start(stream, &spec, move |pkt| relay.inject(pkt)).map_err(|e| e.to_string())
+        });
         let mut st = self.lock();
         let st = &mut *st;
         let (waiters, answer) = match started {
@@ -494,10 +445,7 @@ impl Node {
                 warn!(node = %self.id.name, stream, "pipeline failed to start: {e}");
                 let nak = Nak {
                     reason: NakReason::NoRoute,
-                    detail: format!(
-                        "server {}: stream {stream:?}: pipeline failed: {e}",
-                        self.id.name
-                    ),
+                    detail: format!("server {}: stream {stream:?}: pipeline failed: {e}", self.id.name),
                 };
                 (st.trees.failed(stream), Err(nak))
             }
@@ -516,11 +464,7 @@ impl Node {
         let (prune, pipeline) = {
             let mut st = self.lock();
             let prune = st.trees.leave(stream, &requester);
-            let pipeline = if prune == Prune::StopLocal {
-                st.pipelines.remove(stream)
-            } else {
-                None
-            };
+            let pipeline = if prune == Prune::StopLocal { st.pipelines.remove(stream) } else { None };
             if !matches!(prune, Prune::Nothing) {
                 st.upstream_data.remove(stream);
             }
@@ -535,8 +479,7 @@ impl Node {
                 info!(node = %self.id.name, stream, upstream = %up, "last viewer left: pruning upstream");
                 let me = self.clone();
                 let stream = stream.to_string();
-                self.tasks
-                    .spawn(async move { me.send_leave(stream, up).await });
+                self.tasks.spawn(async move { me.send_leave(stream, up).await });
             }
             Prune::StopLocal => {
                 info!(node = %self.id.name, stream, "last branch pruned: pipeline stopped");
@@ -551,10 +494,7 @@ impl Node {
         let Some(mut client) = self.clients.get(&up).cloned() else {
             return;
         };
-        let request = pb::LeaveRequest {
-            stream: stream.clone(),
-            sender: self.id.name.clone(),
-        };
+        let request = pb::LeaveRequest { stream: stream.clone(), sender: self.id.name.clone() };
         if let Err(e) = tokio::time::timeout(Duration::from_secs(2), client.leave(request)).await {
             warn!(node = %self.id.name, %stream, upstream = %up, "prune not acknowledged: {e}");
         }
@@ -565,11 +505,7 @@ impl Node {
         let orphaned: Vec<String> = {
             let mut st = self.lock();
             st.routes.node_failed(node);
-            st.trees
-                .active()
-                .filter(|b| b.downstream.contains(node))
-                .map(|b| b.desc.stream.clone())
-                .collect()
+            st.trees.active().filter(|b| b.downstream.contains(node)).map(|b| b.desc.stream.clone()).collect()
         };
         for stream in orphaned {
             self.leave(&stream, Requester::Neighbour(node.to_string()));
@@ -594,24 +530,39 @@ impl Node {
                 .iter()
                 .filter_map(|n| {
                     let addr = self.neighbour(n)?.address;
-                    Some(SocketAddr::new(
-                        addr,
-                        *st.data_ports.get(n).unwrap_or(&self.settings.data_port),
-                    ))
+                    Some(SocketAddr::new(addr, *st.data_ports.get(n).unwrap_or(&self.settings.data_port)))
                 })
                 .collect();
             downstream.extend(st.sessions.playing(stream));
-            for ssrc in &branch.desc.ssrcs {
-                table.insert(
-                    *ssrc,
-                    Route {
-                        accept,
-                        downstream: downstream.clone(),
-                    },
-                );
+            for (i, ssrc) in branch.desc.ssrcs.iter().enumerate() {
+                // A POP keeps the video's last GOP for viewers who start now.
+                let cache_gop = i == 0 && branch.local_viewers > 0;
+                table.insert(*ssrc, Route { accept, downstream: downstream.clone(), cache_gop });
             }
         }
         self.relay.publish(table);
+    }
+
+    /// PLAY: the session's client first gets the cached GOP of the video
+    /// (so it decodes at once), then the live packets.
+    pub fn play(&self, id: &str) -> Result<overlay_core::session::Phase, overlay_core::session::SessionError> {
+        let (phase, burst) = {
+            let mut st = self.lock();
+            let phase = st.sessions.play(id)?;
+            let session = st.sessions.iter().find(|(sid, _)| *sid == id).map(|(_, s)| s.clone());
+            let burst = session.and_then(|s| {
+                let branch = st.trees.branch(s.stream.as_deref()?)?;
+                Some((*branch.desc.ssrcs.first()?, s.rtp_dest?))
+            });
+            (phase, burst)
+        };
+        if let Some((ssrc, dest)) = burst {
+            let n = self.relay.send_gop(ssrc, dest);
+            debug!(node = %self.id.name, %dest, packets = n, "sent the cached GOP");
+        }
+        let mut st = self.lock();
+        self.republish(&mut st);
+        Ok(phase)
     }
 
     /// Runs `f` on the session table and republishes the forwarding table.

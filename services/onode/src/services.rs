@@ -23,20 +23,11 @@ impl pb::overlay_server::Overlay for OverlayService {
         Ok(Response::new(pb::ProbeAck {}))
     }
 
-    async fn ping(
-        &self,
-        _request: Request<pb::PingRequest>,
-    ) -> Result<Response<pb::PingReply>, Status> {
-        Ok(Response::new(pb::PingReply {
-            name: self.0.id.name.clone(),
-            carrying: self.0.carrying(),
-        }))
+    async fn ping(&self, _request: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
+        Ok(Response::new(pb::PingReply { name: self.0.id.name.clone(), carrying: self.0.carrying() }))
     }
 
-    async fn join(
-        &self,
-        request: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let span = telemetry::server_span("Join", request.metadata());
         let req = request.into_inner();
         let node = self.0.clone();
@@ -50,51 +41,26 @@ impl pb::overlay_server::Overlay for OverlayService {
             let port = u16::try_from(req.data_port)
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "data_port {} is not a UDP port",
-                        req.data_port
-                    ))
-                })?;
-            let result = node
-                .join(
-                    &req.stream,
-                    Requester::Neighbour(req.sender.clone()),
-                    req.path,
-                    port,
-                )
-                .await;
+                .ok_or_else(|| Status::invalid_argument(format!("data_port {} is not a UDP port", req.data_port)))?;
+            let result = node.join(&req.stream, Requester::Neighbour(req.sender.clone()), req.path, port).await;
             let result = match result {
-                Ok(desc) => pb::join_reply::Result::Joined(convert::desc_to_wire(
-                    &desc,
-                    node.settings.data_port,
-                )),
+                Ok(desc) => pb::join_reply::Result::Joined(convert::desc_to_wire(&desc, node.settings.data_port)),
                 Err(nak) => pb::join_reply::Result::Nak(convert::nak_to_wire(&nak)),
             };
-            Ok(Response::new(pb::JoinReply {
-                result: Some(result),
-            }))
+            Ok(Response::new(pb::JoinReply { result: Some(result) }))
         }
         .instrument(span)
         .await
     }
 
-    async fn leave(
-        &self,
-        request: Request<pb::LeaveRequest>,
-    ) -> Result<Response<pb::LeaveReply>, Status> {
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveReply>, Status> {
         let req = request.into_inner();
         self.0.leave(&req.stream, Requester::Neighbour(req.sender));
         Ok(Response::new(pb::LeaveReply {}))
     }
 
-    async fn inspect(
-        &self,
-        _request: Request<pb::InspectRequest>,
-    ) -> Result<Response<pb::InspectReply>, Status> {
-        Ok(Response::new(pb::InspectReply {
-            json: self.0.inspect().to_string(),
-        }))
+    async fn inspect(&self, _request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectReply>, Status> {
+        Ok(Response::new(pb::InspectReply { json: self.0.inspect().to_string() }))
     }
 }
 
@@ -103,45 +69,30 @@ pub struct SessionService(pub Arc<Node>);
 fn session_status(e: overlay_core::session::SessionError) -> Status {
     match e {
         overlay_core::session::SessionError::Unknown(_) => Status::not_found(e.to_string()),
-        overlay_core::session::SessionError::BadPhase { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        overlay_core::session::SessionError::BadPhase { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
 #[tonic::async_trait]
 impl pb::session_server::Session for SessionService {
-    async fn probe(
-        &self,
-        request: Request<pb::ClientProbe>,
-    ) -> Result<Response<pb::ClientProbeReply>, Status> {
+    async fn probe(&self, request: Request<pb::ClientProbe>) -> Result<Response<pb::ClientProbeReply>, Status> {
         Ok(Response::new(pb::ClientProbeReply {
             client_time_us: request.into_inner().client_time_us,
             pop: self.0.id.name.clone(),
         }))
     }
 
-    async fn connect_pop(
-        &self,
-        request: Request<pb::ConnectRequest>,
-    ) -> Result<Response<pb::ConnectReply>, Status> {
+    async fn connect_pop(&self, request: Request<pb::ConnectRequest>) -> Result<Response<pb::ConnectReply>, Status> {
         let client = request.into_inner().client;
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.0
-            .with_sessions(|s| s.connect(id.clone(), client.clone()));
+        self.0.with_sessions(|s| s.connect(id.clone(), client.clone()));
         info!(pop = %self.0.id.name, %client, session = &id[..8], "client connected");
-        Ok(Response::new(pb::ConnectReply {
-            session_id: id,
-            pop: self.0.id.name.clone(),
-        }))
+        Ok(Response::new(pb::ConnectReply { session_id: id, pop: self.0.id.name.clone() }))
     }
 
-    async fn setup(
-        &self,
-        request: Request<pb::SetupRequest>,
-    ) -> Result<Response<pb::SetupReply>, Status> {
+    async fn setup(&self, request: Request<pb::SetupRequest>) -> Result<Response<pb::SetupReply>, Status> {
         let span = telemetry::server_span("Setup", request.metadata());
         let peer = request.remote_addr();
         let req = request.into_inner();
@@ -180,51 +131,27 @@ impl pb::session_server::Session for SessionService {
         .await
     }
 
-    async fn play(
-        &self,
-        request: Request<pb::SessionRequest>,
-    ) -> Result<Response<pb::SessionReply>, Status> {
+    async fn play(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
-        let phase = self
-            .0
-            .with_sessions(|s| s.play(&id))
-            .map_err(session_status)?;
+        let phase = self.0.play(&id).map_err(session_status)?;
         info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "PLAY");
-        Ok(Response::new(pb::SessionReply {
-            state: phase.to_string(),
-        }))
+        Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
     }
 
-    async fn pause(
-        &self,
-        request: Request<pb::SessionRequest>,
-    ) -> Result<Response<pb::SessionReply>, Status> {
+    async fn pause(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
-        let phase = self
-            .0
-            .with_sessions(|s| s.pause(&id))
-            .map_err(session_status)?;
+        let phase = self.0.with_sessions(|s| s.pause(&id)).map_err(session_status)?;
         info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "PAUSE");
-        Ok(Response::new(pb::SessionReply {
-            state: phase.to_string(),
-        }))
+        Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
     }
 
-    async fn teardown(
-        &self,
-        request: Request<pb::SessionRequest>,
-    ) -> Result<Response<pb::SessionReply>, Status> {
+    async fn teardown(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
-        let session = self
-            .0
-            .with_sessions(|s| s.teardown(&id))
-            .map_err(session_status)?;
+        let session = self.0.with_sessions(|s| s.teardown(&id)).map_err(session_status)?;
         info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "TEARDOWN");
         if let Some(stream) = session.stream {
             self.0.leave(&stream, Requester::Local);
         }
-        Ok(Response::new(pb::SessionReply {
-            state: "closed".into(),
-        }))
+        Ok(Response::new(pb::SessionReply { state: "closed".into() }))
     }
 }

@@ -11,47 +11,27 @@ use common::{bin, hops_to, neighbours_of, seed_topology, wait_output, Overlay};
 
 #[test]
 fn topology_check_accepts_the_original_and_names_faults() {
-    let seed = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../netns/labs/seed-overlay.json"
-    );
-    let out = Command::new(bin("onode"))
-        .args(["topology", "check", seed])
-        .output()
-        .unwrap();
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../../netns/labs/seed-overlay.json");
+    let out = Command::new(bin("onode")).args(["topology", "check", seed]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("nodes: 10") && text.contains("overlay edges (12)"),
-        "{text}"
-    );
+    assert!(text.contains("nodes: 10") && text.contains("overlay edges (12)"), "{text}");
     assert!(text.contains("pops (3): o5 o6 o7"), "{text}");
 
     let dir = common::tempdir::Dir::new("topo");
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"s1":{"neighbours":["10.0.0.2"],"names":["10.0.0.1"]},"o1":{"neighbours":[],"names":["10.0.0.2"],"pop":[]}}"#).unwrap();
-    let out = Command::new(bin("onode"))
-        .args(["topology", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(bin("onode")).args(["topology", "check"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("node s1") && err.contains("neighbours") && err.contains("o1"),
-        "{err}"
-    );
+    assert!(err.contains("node s1") && err.contains("neighbours") && err.contains("o1"), "{err}");
 }
 
 #[test]
 fn overlay_registers_routes_builds_grafts_and_prunes_trees() {
     let mut o = Overlay::start("cp", &seed_topology(), None);
     let overview = o.overview().unwrap();
-    assert_eq!(
-        overview["registered"].as_array().unwrap().len(),
-        10,
-        "{overview}"
-    );
+    assert_eq!(overview["registered"].as_array().unwrap().len(), 10, "{overview}");
     assert!(overview["missing"].as_array().unwrap().is_empty());
 
     // Every node converges to a next hop on a shortest path to each server
@@ -59,20 +39,12 @@ fn overlay_registers_routes_builds_grafts_and_prunes_trees() {
     for server in ["s1", "s2"] {
         let dist = hops_to(&o.topology, server);
         let nodes: Vec<String> = o.addr.keys().filter(|n| *n != server).cloned().collect();
-        o.wait_for(
-            &format!("routes toward {server}"),
-            Duration::from_secs(10),
-            |o| {
-                nodes.iter().all(|n| {
-                    let best = o.inspect(n)["routes"][server]["best"]
-                        .as_str()
-                        .map(str::to_string);
-                    best.is_some_and(|b| {
-                        dist[&b] + 1 == dist[n] && neighbours_of(&o.topology, n).contains(&b)
-                    })
-                })
-            },
-        );
+        o.wait_for(&format!("routes toward {server}"), Duration::from_secs(10), |o| {
+            nodes.iter().all(|n| {
+                let best = o.inspect(n)["routes"][server]["best"].as_str().map(str::to_string);
+                best.is_some_and(|b| dist[&b] + 1 == dist[n] && neighbours_of(&o.topology, n).contains(&b))
+            })
+        });
         for n in &nodes {
             let hops = o.inspect(n)["routes"][server]["hops"].as_u64().unwrap();
             assert_eq!(hops as u32, dist[n], "{n} toward {server}");
@@ -81,13 +53,8 @@ fn overlay_registers_routes_builds_grafts_and_prunes_trees() {
 
     // A viewer at o5: the nearest server is s2 (o5-o4-o8-s2, 3 hops).
     let c1 = o.client("c1", "test", Some("o5"), 8.0).spawn().unwrap();
-    o.wait_for("tree o5-o4-o8-s2", Duration::from_secs(10), |o| {
-        o.branch("o5", "test").is_some()
-    });
-    let b = |n: &str| {
-        o.branch(n, "test")
-            .unwrap_or_else(|| panic!("{n} carries no test stream"))
-    };
+    o.wait_for("tree o5-o4-o8-s2", Duration::from_secs(10), |o| o.branch("o5", "test").is_some());
+    let b = |n: &str| o.branch(n, "test").unwrap_or_else(|| panic!("{n} carries no test stream"));
     assert_eq!(b("o5")["upstream"], "o4");
     assert_eq!(b("o5")["local_viewers"], 1);
     assert_eq!(b("o4")["upstream"], "o8");
@@ -102,70 +69,42 @@ fn overlay_registers_routes_builds_grafts_and_prunes_trees() {
 
     // A second POP grafts at o4 instead of reaching a server.
     let c2 = o.client("c2", "test", Some("o6"), 3.0).spawn().unwrap();
-    o.wait_for("o6 grafted", Duration::from_secs(10), |o| {
-        o.branch("o6", "test").is_some()
-    });
+    o.wait_for("o6 grafted", Duration::from_secs(10), |o| o.branch("o6", "test").is_some());
     assert_eq!(b("o6")["upstream"], "o4");
     assert_eq!(b("o4")["downstream"], serde_json::json!(["o5", "o6"]));
-    assert_eq!(
-        b("s2")["downstream"],
-        serde_json::json!(["o8"]),
-        "the server still sends one copy"
-    );
+    assert_eq!(b("s2")["downstream"], serde_json::json!(["o8"]), "the server still sends one copy");
     assert!(o.branch("s1", "test").is_none());
 
     // c2 leaves first: o6 is pruned, o4 keeps o5.
     let out = wait_output(c2, Duration::from_secs(20));
     assert!(out.status.success(), "c2: {}", o.client_log("c2"));
-    o.wait_for("o6 pruned", Duration::from_secs(5), |o| {
-        o.branch("o6", "test").is_none()
-    });
+    o.wait_for("o6 pruned", Duration::from_secs(5), |o| o.branch("o6", "test").is_none());
     assert_eq!(b("o4")["downstream"], serde_json::json!(["o5"]));
 
     // The last viewer leaves: the whole branch is pruned, the pipeline stops.
     let out = wait_output(c1, Duration::from_secs(20));
     assert!(out.status.success(), "c1: {}", o.client_log("c1"));
     o.wait_for("tree pruned", Duration::from_secs(5), |o| {
-        ["o5", "o4", "o8", "s2"]
-            .iter()
-            .all(|n| o.branch(n, "test").is_none())
+        ["o5", "o4", "o8", "s2"].iter().all(|n| o.branch(n, "test").is_none())
     });
-    o.wait_for("pipeline stopped", Duration::from_secs(5), |o| {
-        o.inspect("s2")["pipelines"] == serde_json::json!([])
-    });
+    o.wait_for("pipeline stopped", Duration::from_secs(5), |o| o.inspect("s2")["pipelines"] == serde_json::json!([]));
 
     // Unknown stream: NAK, the client exits non-zero naming the reason.
-    let out = wait_output(
-        o.client("c3", "no-such-stream", Some("o7"), 2.0)
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(20),
-    );
+    let out = wait_output(o.client("c3", "no-such-stream", Some("o7"), 2.0).spawn().unwrap(), Duration::from_secs(20));
     assert!(!out.status.success());
     let log = o.client_log("c3");
-    assert!(
-        log.contains("unknown") && log.contains("no-such-stream"),
-        "{log}"
-    );
+    assert!(log.contains("unknown") && log.contains("no-such-stream"), "{log}");
     assert!(o.branch("o7", "no-such-stream").is_none());
 
     // A killed node is reported by the bootstrapper, and nodes drop it.
     o.kill("o9");
     o.wait_for("o9 reported failed", Duration::from_secs(5), |o| {
-        o.overview()
-            .is_some_and(|v| v["failed"].as_array().unwrap().iter().any(|f| f == "o9"))
+        o.overview().is_some_and(|v| v["failed"].as_array().unwrap().iter().any(|f| f == "o9"))
     });
     o.wait_for("o8 stops routing through o9", Duration::from_secs(5), |o| {
-        o.inspect("o8")["routes"]["s1"]["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["via"] != "o9")
+        o.inspect("o8")["routes"]["s1"]["entries"].as_array().unwrap().iter().all(|e| e["via"] != "o9")
     });
-    assert!(
-        o.log("o8").contains("bootstrapper reports a failed node"),
-        "o8 heard the notice"
-    );
+    assert!(o.log("o8").contains("bootstrapper reports a failed node"), "o8 heard the notice");
 
     // Clean shutdown on SIGTERM.
     let status = o.stop("o7");

@@ -11,33 +11,23 @@ use std::time::Duration;
 use common::{seed_topology, wait_output, Overlay};
 
 fn f(v: &serde_json::Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 #[test]
 fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
     let o = Overlay::start("media", &seed_topology(), None);
-    let mut a = o
-        .client("a", "test", Some("o5"), 7.0)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut a = o.client("a", "test", Some("o5"), 7.0).stdin(Stdio::piped()).spawn().unwrap();
     let b = o.client("b", "test", Some("o5"), 7.0).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     let mut keys = a.stdin.take().unwrap();
     keys.write_all(b"p").unwrap();
     keys.flush().unwrap();
     o.wait_for("a paused at the POP", Duration::from_secs(3), |o| {
-        o.branch("o5", "test")
-            .is_some_and(|br| br["playing_clients"] == 1 && br["local_viewers"] == 2)
+        o.branch("o5", "test").is_some_and(|br| br["playing_clients"] == 1 && br["local_viewers"] == 2)
     });
     // One upstream copy serves both viewers of o5.
-    assert_eq!(
-        o.branch("o4", "test").unwrap()["downstream"],
-        serde_json::json!(["o5"])
-    );
+    assert_eq!(o.branch("o4", "test").unwrap()["downstream"], serde_json::json!(["o5"]));
     std::thread::sleep(Duration::from_millis(2000));
     keys.write_all(b"p").unwrap();
     keys.flush().unwrap();
@@ -52,28 +42,15 @@ fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
         assert_eq!(s["pop_name"], "o5");
         assert!(s["first_frame_ms"].is_number());
     }
-    assert!(
-        f(&sa, "longest_gap_ms") >= 1500.0,
-        "a's pause stopped its packets: {sa}"
-    );
-    assert!(
-        f(&sb, "longest_gap_ms") < 1000.0,
-        "b kept receiving during a's pause: {sb}"
-    );
+    assert!(f(&sa, "longest_gap_ms") >= 1500.0, "a's pause stopped its packets: {sa}");
+    assert!(f(&sb, "longest_gap_ms") < 1000.0, "b kept receiving during a's pause: {sb}");
     assert_eq!(sa["pauses"], 1);
-    assert!(
-        f(&sa, "packets_received") < f(&sb, "packets_received") * 0.85,
-        "a missed its pause: {sa} {sb}"
-    );
+    assert!(f(&sa, "packets_received") < f(&sb, "packets_received") * 0.85, "a missed its pause: {sa} {sb}");
     // Both gone: tree pruned to the root, pipeline stopped.
     o.wait_for("pruned", Duration::from_secs(5), |o| {
-        ["o5", "o4", "o8", "s2"]
-            .iter()
-            .all(|n| o.branch(n, "test").is_none())
+        ["o5", "o4", "o8", "s2"].iter().all(|n| o.branch(n, "test").is_none())
     });
-    o.wait_for("pipeline stopped", Duration::from_secs(5), |o| {
-        o.inspect("s2")["pipelines"] == serde_json::json!([])
-    });
+    o.wait_for("pipeline stopped", Duration::from_secs(5), |o| o.inspect("s2")["pipelines"] == serde_json::json!([]));
 }
 
 #[test]
@@ -102,34 +79,16 @@ fn a_file_stream_plays_and_garbage_is_counted_not_fatal() {
         ])
         .args(["!", "filesink"])
         .arg(format!("location={}", clip.display()))
-        .args([
-            "audiotestsrc",
-            "num-buffers=150",
-            "!",
-            "audioconvert",
-            "!",
-            "opusenc",
-            "!",
-            "m.",
-        ])
+        .args(["audiotestsrc", "num-buffers=150", "!", "audioconvert", "!", "opusenc", "!", "m."])
         .status()
         .unwrap();
     assert!(status.success(), "make the clip with gst-launch-1.0");
     let o = Overlay::start("file", &seed_topology(), Some(media.path()));
-    assert!(o.inspect("s1")["catalogue"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s == "clip"));
+    assert!(o.inspect("s1")["catalogue"].as_array().unwrap().iter().any(|s| s == "clip"));
 
     let c = o.client("c", "clip", Some("o7"), 6.0).spawn().unwrap();
-    o.wait_for("o7 carries clip", Duration::from_secs(10), |o| {
-        o.branch("o7", "clip").is_some()
-    });
-    let relay = o.branch("o7", "clip").unwrap()["upstream"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    o.wait_for("o7 carries clip", Duration::from_secs(10), |o| o.branch("o7", "clip").is_some());
+    let relay = o.branch("o7", "clip").unwrap()["upstream"].as_str().unwrap().to_string();
     let target = std::net::SocketAddr::new(o.addr[&relay], 7071);
     let junk = UdpSocket::bind((o.addr["o5"], 0)).unwrap();
     for i in 0..50u8 {
@@ -146,13 +105,7 @@ fn a_file_stream_plays_and_garbage_is_counted_not_fatal() {
     assert!(f(&s, "frames_decoded") > 60.0, "file video decoded: {s}");
     assert!(f(&s, "audio_buffers") > 20.0, "file audio decoded: {s}");
     let counters = &o.inspect(&relay)["relay"];
-    assert!(
-        counters["dropped_not_rtp"].as_u64().unwrap() >= 50,
-        "{counters}"
-    );
-    assert!(
-        counters["dropped_unknown_ssrc"].as_u64().unwrap() >= 1,
-        "{counters}"
-    );
+    assert!(counters["dropped_not_rtp"].as_u64().unwrap() >= 50, "{counters}");
+    assert!(counters["dropped_unknown_ssrc"].as_u64().unwrap() >= 1, "{counters}");
     assert!(counters["sent"].as_u64().unwrap() > 100, "{counters}");
 }

@@ -48,11 +48,7 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        RoutingConfig {
-            tie_ratio: 0.10,
-            tie_floor_us: 500,
-            stale_after: Duration::from_millis(1500),
-        }
+        RoutingConfig { tie_ratio: 0.10, tie_floor_us: 500, stale_after: Duration::from_millis(1500) }
     }
 }
 
@@ -144,12 +140,7 @@ impl RouteTable {
 
     /// The probe a server sends to each neighbour (the same copy for all;
     /// the driver sets `sender`).
-    pub fn originate(
-        &self,
-        seq: u64,
-        send_time_unix_us: u64,
-        streams: Vec<String>,
-    ) -> Vec<(String, Probe)> {
+    pub fn originate(&self, seq: u64, send_time_unix_us: u64, streams: Vec<String>) -> Vec<(String, Probe)> {
         self.live_neighbours()
             .map(|n| {
                 let probe = Probe {
@@ -173,12 +164,7 @@ impl RouteTable {
 
     /// Records a probe copy and returns the copies to forward (at most one
     /// per neighbour, and only for the first copy of each sequence number).
-    pub fn on_probe(
-        &mut self,
-        probe: &Probe,
-        now: Instant,
-        now_unix_us: u64,
-    ) -> Vec<(String, Probe)> {
+    pub fn on_probe(&mut self, probe: &Probe, now: Instant, now_unix_us: u64) -> Vec<(String, Probe)> {
         if probe.server == self.me || !self.neighbours.contains(&probe.sender) {
             return Vec::new();
         }
@@ -197,10 +183,7 @@ impl RouteTable {
                 per_server.insert(probe.sender.clone(), entry);
             }
         }
-        self.offers.insert(
-            probe.server.clone(),
-            probe.streams.iter().cloned().collect(),
-        );
+        self.offers.insert(probe.server.clone(), probe.streams.iter().cloned().collect());
 
         let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
         if probe.seq <= *last || probe.visited.contains(&self.me) {
@@ -247,17 +230,12 @@ impl RouteTable {
     /// One-way link delay: half the lowest recent round trip (queueing
     /// only ever adds to a sample, so the minimum is the link).
     pub fn link_delay_us(&self, neighbour: &str) -> Option<u64> {
-        self.link_rtt
-            .get(neighbour)?
-            .iter()
-            .min()
-            .map(|rtt| rtt / 2)
+        self.link_rtt.get(neighbour)?.iter().min().map(|rtt| rtt / 2)
     }
 
     /// Records which streams a neighbour says it carries.
     pub fn set_carrying(&mut self, neighbour: &str, streams: impl IntoIterator<Item = String>) {
-        self.carrying
-            .insert(neighbour.to_string(), streams.into_iter().collect());
+        self.carrying.insert(neighbour.to_string(), streams.into_iter().collect());
     }
 
     /// A neighbour (or the link to it) is dead: forget every route through it.
@@ -289,20 +267,11 @@ impl RouteTable {
         }
     }
 
-    fn fresh<'a>(
-        &'a self,
-        server: &str,
-        now: Instant,
-    ) -> impl Iterator<Item = (&'a String, &'a RouteEntry)> {
+    fn fresh<'a>(&'a self, server: &str, now: Instant) -> impl Iterator<Item = (&'a String, &'a RouteEntry)> {
         let stale_after = self.config.stale_after;
-        self.entries
-            .get(server)
-            .into_iter()
-            .flat_map(|m| m.iter())
-            .filter(move |(via, e)| {
-                now.saturating_duration_since(e.received) <= stale_after
-                    && !self.down.contains(*via)
-            })
+        self.entries.get(server).into_iter().flat_map(|m| m.iter()).filter(move |(via, e)| {
+            now.saturating_duration_since(e.received) <= stale_after && !self.down.contains(*via)
+        })
     }
 
     /// The best neighbour toward `server`, never one of `exclude`.
@@ -310,22 +279,14 @@ impl RouteTable {
         let candidates: Vec<Route> = self
             .fresh(server, now)
             .filter(|(via, _)| !exclude.contains(&via.as_str()))
-            .map(|(via, e)| Route {
-                via: via.clone(),
-                delay_us: e.delay_us,
-                hops: e.hops,
-            })
+            .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
             .collect();
         pick(&candidates, &self.config)
     }
 
     /// Servers with a fresh route, and what each offers.
     pub fn servers(&self, now: Instant) -> Vec<String> {
-        self.entries
-            .keys()
-            .filter(|s| self.fresh(s, now).next().is_some())
-            .cloned()
-            .collect()
+        self.entries.keys().filter(|s| self.fresh(s, now).next().is_some()).cloned().collect()
     }
 
     /// Whether any known server offers `stream`.
@@ -336,35 +297,17 @@ impl RouteTable {
     /// Where to send a request for `stream`: the cheapest of a neighbour
     /// already carrying it and the best route toward a server offering it,
     /// never through a node in `exclude` (the request's path).
-    pub fn upstream_for(
-        &self,
-        stream: &str,
-        now: Instant,
-        exclude: &[&str],
-    ) -> Result<Upstream, NoUpstream> {
+    pub fn upstream_for(&self, stream: &str, now: Instant, exclude: &[&str]) -> Result<Upstream, NoUpstream> {
         let mut best: Option<(u64, u32, Upstream)> = None;
         let mut consider = |cost: u64, hops: u32, up: Upstream| {
-            if best
-                .as_ref()
-                .is_none_or(|(c, h, _)| (cost, hops) < (*c, *h))
-            {
+            if best.as_ref().is_none_or(|(c, h, _)| (cost, hops) < (*c, *h)) {
                 best = Some((cost, hops, up));
             }
         };
         for (via, streams) in &self.carrying {
-            if streams.contains(stream)
-                && !exclude.contains(&via.as_str())
-                && !self.down.contains(via)
-            {
+            if streams.contains(stream) && !exclude.contains(&via.as_str()) && !self.down.contains(via) {
                 let delay_us = self.link_delay_us(via).unwrap_or(0);
-                consider(
-                    delay_us,
-                    1,
-                    Upstream::Carrier {
-                        via: via.clone(),
-                        delay_us,
-                    },
-                );
+                consider(delay_us, 1, Upstream::Carrier { via: via.clone(), delay_us });
             }
         }
         for (server, streams) in &self.offers {
@@ -372,14 +315,7 @@ impl RouteTable {
                 continue;
             }
             if let Some(route) = self.best_next_hop(server, now, exclude) {
-                consider(
-                    route.delay_us,
-                    route.hops,
-                    Upstream::Server {
-                        server: server.clone(),
-                        route,
-                    },
-                );
+                consider(route.delay_us, route.hops, Upstream::Server { server: server.clone(), route });
             }
         }
         match best {
@@ -395,14 +331,7 @@ impl RouteTable {
     pub fn entries(&self, now: Instant) -> BTreeMap<String, Vec<(String, RouteEntry)>> {
         self.entries
             .keys()
-            .map(|s| {
-                (
-                    s.clone(),
-                    self.fresh(s, now)
-                        .map(|(v, e)| (v.clone(), e.clone()))
-                        .collect(),
-                )
-            })
+            .map(|s| (s.clone(), self.fresh(s, now).map(|(v, e)| (v.clone(), e.clone())).collect()))
             .collect()
     }
 }
@@ -425,18 +354,11 @@ mod tests {
     use super::*;
 
     fn route(via: &str, delay_us: u64, hops: u32) -> Route {
-        Route {
-            via: via.into(),
-            delay_us,
-            hops,
-        }
+        Route { via: via.into(), delay_us, hops }
     }
 
     fn cfg() -> RoutingConfig {
-        RoutingConfig {
-            tie_floor_us: 0,
-            ..RoutingConfig::default()
-        }
+        RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() }
     }
 
     #[test]
@@ -457,22 +379,12 @@ mod tests {
 
     #[test]
     fn tie_floor_absorbs_measurement_noise() {
-        let c = RoutingConfig {
-            tie_floor_us: 500,
-            ..RoutingConfig::default()
-        };
+        let c = RoutingConfig { tie_floor_us: 500, ..RoutingConfig::default() };
         let r = pick(&[route("a", 400, 3), route("b", 100, 4)], &c).unwrap();
         assert_eq!(r.via, "a");
     }
 
-    fn probe(
-        server: &str,
-        seq: u64,
-        sender: &str,
-        visited: &[&str],
-        hops: u32,
-        delay: u64,
-    ) -> Probe {
+    fn probe(server: &str, seq: u64, sender: &str, visited: &[&str], hops: u32, delay: u64) -> Probe {
         Probe {
             server: server.into(),
             seq,
@@ -486,11 +398,7 @@ mod tests {
     }
 
     fn table(me: &str, neighbours: &[&str]) -> RouteTable {
-        RouteTable::new(
-            me,
-            neighbours.iter().map(|s| s.to_string()).collect(),
-            cfg(),
-        )
+        RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), cfg())
     }
 
     #[test]
@@ -500,23 +408,15 @@ mod tests {
         let out = t.on_probe(&probe("s1", 1, "s1", &["s1"], 1, 0), now, 2_000);
         let to: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(to, ["o3", "o9"]);
-        assert!(out
-            .iter()
-            .all(|(_, p)| p.visited == ["s1", "o2"] && p.hops == 2 && p.sender == "o2"));
+        assert!(out.iter().all(|(_, p)| p.visited == ["s1", "o2"] && p.hops == 2 && p.sender == "o2"));
         // The same sequence number via another neighbour: recorded, not forwarded.
         let again = t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 0), now, 2_000);
         assert!(again.is_empty());
         assert_eq!(t.entries(now)["s1"].len(), 2);
         // A newer one is forwarded again.
-        assert_eq!(
-            t.on_probe(&probe("s1", 2, "s1", &["s1"], 1, 0), now, 2_000)
-                .len(),
-            2
-        );
+        assert_eq!(t.on_probe(&probe("s1", 2, "s1", &["s1"], 1, 0), now, 2_000).len(), 2);
         // An old one is not.
-        assert!(t
-            .on_probe(&probe("s1", 1, "s1", &["s1"], 1, 0), now, 2_000)
-            .is_empty());
+        assert!(t.on_probe(&probe("s1", 1, "s1", &["s1"], 1, 0), now, 2_000).is_empty());
     }
 
     #[test]
@@ -534,10 +434,7 @@ mod tests {
         let e = t.entries(now);
         let via_o2 = &e["s1"].iter().find(|(v, _)| v == "o2").unwrap().1;
         assert_eq!(via_o2.delay_us, 7_000);
-        assert_eq!(
-            t.best_next_hop("s1", now, &[]).unwrap(),
-            route("o2", 7_000, 2)
-        );
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap(), route("o2", 7_000, 2));
     }
 
     #[test]
@@ -548,15 +445,9 @@ mod tests {
         t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
         let out = t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 50_000), now, 0);
         let to_o4 = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
-        assert_eq!(
-            to_o4.path_delay_us, 1_000,
-            "o4 hears o3's best route, via o2"
-        );
+        assert_eq!(to_o4.path_delay_us, 1_000, "o4 hears o3's best route, via o2");
         let to_o2 = &out.iter().find(|(n, _)| n == "o2").unwrap().1;
-        assert_eq!(
-            to_o2.path_delay_us, 50_000,
-            "o2 never hears its own route back"
-        );
+        assert_eq!(to_o2.path_delay_us, 50_000, "o2 never hears its own route back");
     }
 
     #[test]
@@ -576,23 +467,10 @@ mod tests {
     fn upstream_prefers_a_near_carrier_and_names_why_none() {
         let now = Instant::now();
         let mut t = table("o5", &["o4", "o6"]);
-        assert_eq!(
-            t.upstream_for("test", now, &[]),
-            Err(NoUpstream::UnknownStream)
-        );
-        t.on_probe(
-            &probe("s1", 1, "o4", &["s1", "o2", "o3", "o4"], 4, 0),
-            now,
-            0,
-        );
-        assert_eq!(
-            t.upstream_for("nope", now, &[]),
-            Err(NoUpstream::UnknownStream)
-        );
-        assert_eq!(
-            t.upstream_for("test", now, &["o4"]),
-            Err(NoUpstream::NoRoute)
-        );
+        assert_eq!(t.upstream_for("test", now, &[]), Err(NoUpstream::UnknownStream));
+        t.on_probe(&probe("s1", 1, "o4", &["s1", "o2", "o3", "o4"], 4, 0), now, 0);
+        assert_eq!(t.upstream_for("nope", now, &[]), Err(NoUpstream::UnknownStream));
+        assert_eq!(t.upstream_for("test", now, &["o4"]), Err(NoUpstream::NoRoute));
         let up = t.upstream_for("test", now, &[]).unwrap();
         assert!(matches!(up, Upstream::Server { ref server, .. } if server == "s1"));
         t.set_carrying("o6", ["test".to_string()]);

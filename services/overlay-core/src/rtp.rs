@@ -47,10 +47,7 @@ impl<'a> Packet<'a> {
         }
         let second = bytes[1];
         if (200..=206).contains(&second) {
-            return Ok(Packet {
-                bytes,
-                kind: Kind::Rtcp,
-            });
+            return Ok(Packet { bytes, kind: Kind::Rtcp });
         }
         if bytes.len() < FIXED_HEADER {
             return Err(RtpError::TooShort(bytes.len()));
@@ -59,24 +56,15 @@ impl<'a> Packet<'a> {
         let mut needed = FIXED_HEADER + 4 * csrc_count;
         if bytes[0] & 0x10 != 0 {
             if bytes.len() < needed + 4 {
-                return Err(RtpError::Truncated {
-                    needed: needed + 4,
-                    len: bytes.len(),
-                });
+                return Err(RtpError::Truncated { needed: needed + 4, len: bytes.len() });
             }
             let words = u16::from_be_bytes([bytes[needed + 2], bytes[needed + 3]]);
             needed += 4 + 4 * usize::from(words);
         }
         if bytes.len() < needed {
-            return Err(RtpError::Truncated {
-                needed,
-                len: bytes.len(),
-            });
+            return Err(RtpError::Truncated { needed, len: bytes.len() });
         }
-        Ok(Packet {
-            bytes,
-            kind: Kind::Rtp,
-        })
+        Ok(Packet { bytes, kind: Kind::Rtp })
     }
 
     pub fn kind(&self) -> Kind {
@@ -170,28 +158,13 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        assert_eq!(
-            Packet::parse(&[0x80, 96, 0]).unwrap_err(),
-            RtpError::TooShort(3)
-        );
-        assert_eq!(
-            Packet::parse(&[0u8; 20]).unwrap_err(),
-            RtpError::BadVersion(0)
-        );
+        assert_eq!(Packet::parse(&[0x80, 96, 0]).unwrap_err(), RtpError::TooShort(3));
+        assert_eq!(Packet::parse(&[0u8; 20]).unwrap_err(), RtpError::BadVersion(0));
         let mut buf = [0u8; 12];
         write_header(&mut buf, 96, 1, 1, 1);
         buf[0] |= 0x03; // three CSRCs that are not there
-        assert_eq!(
-            Packet::parse(&buf).unwrap_err(),
-            RtpError::Truncated {
-                needed: 24,
-                len: 12
-            }
-        );
+        assert_eq!(Packet::parse(&buf).unwrap_err(), RtpError::Truncated { needed: 24, len: 12 });
         buf[0] = 0x90; // extension header missing
-        assert!(matches!(
-            Packet::parse(&buf),
-            Err(RtpError::Truncated { .. })
-        ));
+        assert!(matches!(Packet::parse(&buf), Err(RtpError::Truncated { .. })));
     }
 }

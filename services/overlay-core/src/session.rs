@@ -36,11 +36,7 @@ pub enum SessionError {
     #[error("session {0}: no such session")]
     Unknown(String),
     #[error("session {id}: cannot {op} while {phase}")]
-    BadPhase {
-        id: String,
-        op: &'static str,
-        phase: Phase,
-    },
+    BadPhase { id: String, op: &'static str, phase: Phase },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,36 +54,17 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn connect(&mut self, id: String, client: String) {
-        self.sessions.insert(
-            id,
-            Session {
-                client,
-                phase: Phase::Connected,
-                stream: None,
-                rtp_dest: None,
-            },
-        );
+        self.sessions.insert(id, Session { client, phase: Phase::Connected, stream: None, rtp_dest: None });
     }
 
     fn get_mut(&mut self, id: &str) -> Result<&mut Session, SessionError> {
-        self.sessions
-            .get_mut(id)
-            .ok_or_else(|| SessionError::Unknown(id.to_string()))
+        self.sessions.get_mut(id).ok_or_else(|| SessionError::Unknown(id.to_string()))
     }
 
-    fn expect(
-        &mut self,
-        id: &str,
-        op: &'static str,
-        allowed: &[Phase],
-    ) -> Result<&mut Session, SessionError> {
+    fn expect(&mut self, id: &str, op: &'static str, allowed: &[Phase]) -> Result<&mut Session, SessionError> {
         let s = self.get_mut(id)?;
         if !allowed.contains(&s.phase) {
-            return Err(SessionError::BadPhase {
-                id: id.to_string(),
-                op,
-                phase: s.phase,
-            });
+            return Err(SessionError::BadPhase { id: id.to_string(), op, phase: s.phase });
         }
         Ok(s)
     }
@@ -98,12 +75,7 @@ impl Sessions {
     }
 
     /// SETUP succeeded: the POP carries `stream`.
-    pub fn set_up(
-        &mut self,
-        id: &str,
-        stream: String,
-        dest: SocketAddr,
-    ) -> Result<(), SessionError> {
+    pub fn set_up(&mut self, id: &str, stream: String, dest: SocketAddr) -> Result<(), SessionError> {
         let s = self.expect(id, "SETUP", &[Phase::Connected])?;
         s.phase = Phase::Ready;
         s.stream = Some(stream);
@@ -125,9 +97,7 @@ impl Sessions {
 
     /// Ends the session; returns it so the driver can leave its stream.
     pub fn teardown(&mut self, id: &str) -> Result<Session, SessionError> {
-        self.sessions
-            .remove(id)
-            .ok_or_else(|| SessionError::Unknown(id.to_string()))
+        self.sessions.remove(id).ok_or_else(|| SessionError::Unknown(id.to_string()))
     }
 
     /// RTP destinations of the sessions playing `stream`.
@@ -135,9 +105,7 @@ impl Sessions {
         let stream = stream.to_string();
         self.sessions
             .values()
-            .filter(move |s| {
-                s.phase == Phase::Playing && s.stream.as_deref() == Some(stream.as_str())
-            })
+            .filter(move |s| s.phase == Phase::Playing && s.stream.as_deref() == Some(stream.as_str()))
             .filter_map(|s| s.rtp_dest)
     }
 
@@ -155,10 +123,7 @@ mod tests {
         let mut s = Sessions::default();
         let dest: SocketAddr = "10.0.6.20:5000".parse().unwrap();
         s.connect("a".into(), "c1".into());
-        assert_eq!(
-            s.play("a").unwrap_err().to_string(),
-            "session a: cannot PLAY while connected"
-        );
+        assert_eq!(s.play("a").unwrap_err().to_string(), "session a: cannot PLAY while connected");
         s.check_setup("a").unwrap();
         s.set_up("a", "test".into(), dest).unwrap();
         assert_eq!(s.playing("test").count(), 0);
@@ -170,9 +135,6 @@ mod tests {
         assert!(s.check_setup("a").is_err());
         let gone = s.teardown("a").unwrap();
         assert_eq!(gone.stream.as_deref(), Some("test"));
-        assert_eq!(
-            s.teardown("a").unwrap_err(),
-            SessionError::Unknown("a".into())
-        );
+        assert_eq!(s.teardown("a").unwrap_err(), SessionError::Unknown("a".into()));
     }
 }

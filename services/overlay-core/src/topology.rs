@@ -19,35 +19,19 @@ pub enum TopologyError {
     #[error("invalid JSON: {0}")]
     InvalidJson(String),
     #[error("node {node}: field `{field}`: {value:?} is not an IP address")]
-    BadAddress {
-        node: String,
-        field: &'static str,
-        value: String,
-    },
+    BadAddress { node: String, field: &'static str, value: String },
     #[error("node {node}: field `names` is empty")]
     NoNames { node: String },
     #[error("address {address} is in the `names` of both {first} and {second}")]
-    DuplicateAddress {
-        address: IpAddr,
-        first: String,
-        second: String,
-    },
+    DuplicateAddress { address: IpAddr, first: String, second: String },
     #[error("node {node}: field `neighbours`: {address} is not owned by any node")]
     UnknownNeighbour { node: String, address: IpAddr },
     #[error("node {node}: field `neighbours`: {address} is one of its own names")]
     SelfNeighbour { node: String, address: IpAddr },
     #[error("node {node}: field `neighbours`: {address} is marked as a server (trailing `s`) but belongs to {owner}, which is not a server")]
-    ServerMark {
-        node: String,
-        address: IpAddr,
-        owner: String,
-    },
+    ServerMark { node: String, address: IpAddr, owner: String },
     #[error("node {node}: field `neighbours`: lists {neighbour} ({address}), but {neighbour}'s `neighbours` has no address of {node}")]
-    OneSided {
-        node: String,
-        neighbour: String,
-        address: IpAddr,
-    },
+    OneSided { node: String, neighbour: String, address: IpAddr },
     #[error("node {node}: field `pop`: {address} is not among the node's `names`")]
     PopNotOwned { node: String, address: IpAddr },
     #[error("node {node}: field `pop`: a server cannot be a POP")]
@@ -100,11 +84,7 @@ pub struct Topology {
 }
 
 fn parse_addr(node: &str, field: &'static str, value: &str) -> Result<IpAddr, TopologyError> {
-    value.parse().map_err(|_| TopologyError::BadAddress {
-        node: node.to_string(),
-        field,
-        value: value.to_string(),
-    })
+    value.parse().map_err(|_| TopologyError::BadAddress { node: node.to_string(), field, value: value.to_string() })
 }
 
 impl Topology {
@@ -147,40 +127,22 @@ impl Topology {
                     None => (value.as_str(), false),
                 };
                 let address = parse_addr(node, "neighbours", text)?;
-                let owner =
-                    owners
-                        .get(&address)
-                        .ok_or_else(|| TopologyError::UnknownNeighbour {
-                            node: node.clone(),
-                            address,
-                        })?;
+                let owner = owners
+                    .get(&address)
+                    .ok_or_else(|| TopologyError::UnknownNeighbour { node: node.clone(), address })?;
                 if owner == node {
-                    return Err(TopologyError::SelfNeighbour {
-                        node: node.clone(),
-                        address,
-                    });
+                    return Err(TopologyError::SelfNeighbour { node: node.clone(), address });
                 }
                 if marked && !is_server(owner) {
-                    return Err(TopologyError::ServerMark {
-                        node: node.clone(),
-                        address,
-                        owner: owner.clone(),
-                    });
+                    return Err(TopologyError::ServerMark { node: node.clone(), address, owner: owner.clone() });
                 }
-                neighbours.push(NeighbourSpec {
-                    name: owner.clone(),
-                    address,
-                    server: is_server(owner),
-                });
+                neighbours.push(NeighbourSpec { name: owner.clone(), address, server: is_server(owner) });
             }
             let mut pop = Vec::new();
             for value in &spec.pop {
                 let address = parse_addr(node, "pop", value)?;
                 if !names[node.as_str()].contains(&address) {
-                    return Err(TopologyError::PopNotOwned {
-                        node: node.clone(),
-                        address,
-                    });
+                    return Err(TopologyError::PopNotOwned { node: node.clone(), address });
                 }
                 pop.push(address);
             }
@@ -201,10 +163,7 @@ impl Topology {
 
         for spec in nodes.values() {
             for n in &spec.neighbours {
-                let back = nodes[&n.name]
-                    .neighbours
-                    .iter()
-                    .any(|b| b.name == spec.name);
+                let back = nodes[&n.name].neighbours.iter().any(|b| b.name == spec.name);
                 if !back {
                     return Err(TopologyError::OneSided {
                         node: spec.name.clone(),
@@ -238,11 +197,7 @@ impl Topology {
         let mut edges = BTreeSet::new();
         for spec in self.nodes.values() {
             for n in &spec.neighbours {
-                let (a, b) = if spec.name < n.name {
-                    (&spec.name, &n.name)
-                } else {
-                    (&n.name, &spec.name)
-                };
+                let (a, b) = if spec.name < n.name { (&spec.name, &n.name) } else { (&n.name, &spec.name) };
                 edges.insert((a.clone(), b.clone()));
             }
         }
@@ -252,24 +207,9 @@ impl Topology {
     pub fn summary(&self) -> Summary {
         Summary {
             nodes: self.nodes.len(),
-            servers: self
-                .nodes
-                .values()
-                .filter(|n| n.server)
-                .map(|n| n.name.clone())
-                .collect(),
-            pops: self
-                .nodes
-                .values()
-                .filter(|n| n.is_pop())
-                .map(|n| n.name.clone())
-                .collect(),
-            relays: self
-                .nodes
-                .values()
-                .filter(|n| !n.server && !n.is_pop())
-                .map(|n| n.name.clone())
-                .collect(),
+            servers: self.nodes.values().filter(|n| n.server).map(|n| n.name.clone()).collect(),
+            pops: self.nodes.values().filter(|n| n.is_pop()).map(|n| n.name.clone()).collect(),
+            relays: self.nodes.values().filter(|n| !n.server && !n.is_pop()).map(|n| n.name.clone()).collect(),
             edges: self.edges().into_iter().collect(),
         }
     }
@@ -288,18 +228,8 @@ pub struct Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "nodes: {}", self.nodes)?;
-        writeln!(
-            f,
-            "servers ({}): {}",
-            self.servers.len(),
-            self.servers.join(" ")
-        )?;
-        writeln!(
-            f,
-            "relays ({}): {}",
-            self.relays.len(),
-            self.relays.join(" ")
-        )?;
+        writeln!(f, "servers ({}): {}", self.servers.len(), self.servers.join(" "))?;
+        writeln!(f, "relays ({}): {}", self.relays.len(), self.relays.join(" "))?;
         writeln!(f, "pops ({}): {}", self.pops.len(), self.pops.join(" "))?;
         let edges: Vec<String> = self.edges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
         write!(f, "overlay edges ({}): {}", edges.len(), edges.join(" "))
@@ -323,8 +253,8 @@ mod tests {
         assert_eq!(
             edges,
             [
-                "o2-o3", "o2-o9", "o2-s1", "o3-o4", "o3-o7", "o3-o9", "o4-o5", "o4-o6", "o4-o8",
-                "o8-o9", "o8-s2", "o9-s1"
+                "o2-o3", "o2-o9", "o2-s1", "o3-o4", "o3-o7", "o3-o9", "o4-o5", "o4-o6", "o4-o8", "o8-o9", "o8-s2",
+                "o9-s1"
             ]
         );
         let o3 = t.owner_of("10.0.18.2".parse().unwrap()).unwrap();
@@ -362,10 +292,8 @@ mod tests {
             "address 10.0.0.1 is in the `names` of both o1 and s1"
         );
         assert_eq!(
-            err(
-                r#"{"o1":{"neighbours":["10.0.0.2"],"names":["10.0.0.1"],"pop":[]},
-                    "o2":{"neighbours":["10.0.0.1"],"names":["10.0.0.2"],"pop":[]}}"#
-            ),
+            err(r#"{"o1":{"neighbours":["10.0.0.2"],"names":["10.0.0.1"],"pop":[]},
+                    "o2":{"neighbours":["10.0.0.1"],"names":["10.0.0.2"],"pop":[]}}"#),
             "no server: no node name starts with `s`"
         );
         assert_eq!(

@@ -100,10 +100,7 @@ pub enum Prune {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
-    Joining {
-        via: Option<String>,
-        waiters: Vec<Waiter>,
-    },
+    Joining { via: Option<String>, waiters: Vec<Waiter> },
     Active(Branch),
 }
 
@@ -142,18 +139,11 @@ pub struct Trees {
 impl Trees {
     /// `offered` are the streams this node serves itself (servers only).
     pub fn new(me: impl Into<String>, offered: impl IntoIterator<Item = String>) -> Self {
-        Trees {
-            me: me.into(),
-            offered: offered.into_iter().collect(),
-            streams: BTreeMap::new(),
-        }
+        Trees { me: me.into(), offered: offered.into_iter().collect(), streams: BTreeMap::new() }
     }
 
     fn nak(&self, reason: NakReason, stream: &str, why: &str) -> JoinDecision {
-        JoinDecision::Nak(Nak {
-            reason,
-            detail: format!("node {}: stream {stream:?}: {why}", self.me),
-        })
+        JoinDecision::Nak(Nak { reason, detail: format!("node {}: stream {stream:?}: {why}", self.me) })
     }
 
     /// Decides what to do with a request for `stream` from `requester`,
@@ -172,29 +162,22 @@ impl Trees {
         }
         match self.streams.get_mut(stream) {
             Some(State::Active(branch)) => {
-                if matches!((&branch.source, &requester), (Source::Neighbour(up), Requester::Neighbour(r)) if up == r)
-                {
+                if matches!((&branch.source, &requester), (Source::Neighbour(up), Requester::Neighbour(r)) if up == r) {
                     return self.nak(NakReason::Loop, stream, "requester is this node's upstream");
                 }
                 branch.attach(&requester);
                 JoinDecision::Attached(branch.desc.clone())
             }
             Some(State::Joining { via, waiters }) => {
-                if matches!((via.as_ref(), &requester), (Some(up), Requester::Neighbour(r)) if up == r)
-                {
-                    return self.nak(
-                        NakReason::Loop,
-                        stream,
-                        "requester is where this node's own request went",
-                    );
+                if matches!((via.as_ref(), &requester), (Some(up), Requester::Neighbour(r)) if up == r) {
+                    return self.nak(NakReason::Loop, stream, "requester is where this node's own request went");
                 }
                 waiters.push(Waiter { requester, ticket });
                 JoinDecision::Wait
             }
             None if self.offered.contains(stream) => {
                 let waiters = vec![Waiter { requester, ticket }];
-                self.streams
-                    .insert(stream.to_string(), State::Joining { via: None, waiters });
+                self.streams.insert(stream.to_string(), State::Joining { via: None, waiters });
                 JoinDecision::ServeLocal
             }
             None => {
@@ -203,20 +186,12 @@ impl Trees {
                     Ok(up) => {
                         let to = up.via().to_string();
                         let waiters = vec![Waiter { requester, ticket }];
-                        self.streams.insert(
-                            stream.to_string(),
-                            State::Joining {
-                                via: Some(to.clone()),
-                                waiters,
-                            },
-                        );
+                        self.streams.insert(stream.to_string(), State::Joining { via: Some(to.clone()), waiters });
                         let mut path = path.to_vec();
                         path.push(self.me.clone());
                         JoinDecision::Forward { to, path }
                     }
-                    Err(NoUpstream::UnknownStream) => {
-                        self.nak(NakReason::UnknownStream, stream, "no server offers it")
-                    }
+                    Err(NoUpstream::UnknownStream) => self.nak(NakReason::UnknownStream, stream, "no server offers it"),
                     Err(NoUpstream::NoRoute) => self.nak(
                         NakReason::NoRoute,
                         stream,
@@ -236,17 +211,11 @@ impl Trees {
         if matches!(source, Source::Neighbour(_)) {
             desc.depth += 1;
         }
-        let mut branch = Branch {
-            source,
-            desc: desc.clone(),
-            downstream: BTreeSet::new(),
-            local_viewers: 0,
-        };
+        let mut branch = Branch { source, desc: desc.clone(), downstream: BTreeSet::new(), local_viewers: 0 };
         for w in &waiters {
             branch.attach(&w.requester);
         }
-        self.streams
-            .insert(desc.stream.clone(), State::Active(branch));
+        self.streams.insert(desc.stream.clone(), State::Active(branch));
         waiters
     }
 
@@ -321,11 +290,7 @@ mod tests {
     use crate::routing::{Probe, RoutingConfig};
 
     fn routes(me: &str, neighbours: &[&str]) -> RouteTable {
-        RouteTable::new(
-            me,
-            neighbours.iter().map(|s| s.to_string()).collect(),
-            RoutingConfig::default(),
-        )
+        RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), RoutingConfig::default())
     }
 
     fn heard(t: &mut RouteTable, server: &str, via: &str, hops: u32, now: Instant) {
@@ -343,12 +308,7 @@ mod tests {
     }
 
     fn desc(server: &str, depth: u32) -> StreamDesc {
-        StreamDesc {
-            stream: "test".into(),
-            server: server.into(),
-            ssrcs: vec![1, 2],
-            depth,
-        }
+        StreamDesc { stream: "test".into(), server: server.into(), ssrcs: vec![1, 2], depth }
     }
 
     fn n(s: &str) -> Requester {
@@ -362,17 +322,8 @@ mod tests {
         heard(&mut r, "s2", "o8", 2, now);
         let mut t = Trees::new("o4", []);
         let d = t.request("test", n("o5"), &["o5".into()], 1, &r, now);
-        assert_eq!(
-            d,
-            JoinDecision::Forward {
-                to: "o8".into(),
-                path: vec!["o5".into(), "o4".into()]
-            }
-        );
-        assert_eq!(
-            t.request("test", n("o6"), &["o6".into()], 2, &r, now),
-            JoinDecision::Wait
-        );
+        assert_eq!(d, JoinDecision::Forward { to: "o8".into(), path: vec!["o5".into(), "o4".into()] });
+        assert_eq!(t.request("test", n("o6"), &["o6".into()], 2, &r, now), JoinDecision::Wait);
         let waiters = t.joined(Source::Neighbour("o8".into()), desc("s2", 1));
         assert_eq!(waiters.iter().map(|w| w.ticket).collect::<Vec<_>>(), [1, 2]);
         let b = t.branch("test").unwrap();
@@ -391,10 +342,7 @@ mod tests {
         let now = Instant::now();
         let r = routes("s1", &["o2"]);
         let mut t = Trees::new("s1", ["test".to_string()]);
-        assert_eq!(
-            t.request("test", n("o2"), &["o2".into()], 7, &r, now),
-            JoinDecision::ServeLocal
-        );
+        assert_eq!(t.request("test", n("o2"), &["o2".into()], 7, &r, now), JoinDecision::ServeLocal);
         t.joined(Source::Local, desc("s1", 0));
         assert_eq!(t.branch("test").unwrap().desc.depth, 0);
         assert_eq!(t.leave("test", &n("o2")), Prune::StopLocal);
@@ -406,20 +354,14 @@ mod tests {
         let now = Instant::now();
         let mut r = routes("o5", &["o4"]);
         let mut t = Trees::new("o5", []);
-        let JoinDecision::Nak(nak) = t.request("test", Requester::Local, &[], 1, &r, now) else {
-            panic!()
-        };
+        let JoinDecision::Nak(nak) = t.request("test", Requester::Local, &[], 1, &r, now) else { panic!() };
         assert_eq!(nak.reason, NakReason::UnknownStream);
         assert_eq!(nak.detail, "node o5: stream \"test\": no server offers it");
         heard(&mut r, "s1", "o4", 4, now);
-        let JoinDecision::Nak(nak) = t.request("nope", Requester::Local, &[], 1, &r, now) else {
-            panic!()
-        };
+        let JoinDecision::Nak(nak) = t.request("nope", Requester::Local, &[], 1, &r, now) else { panic!() };
         assert_eq!(nak.reason, NakReason::UnknownStream);
         // The only route goes through the requester: no route.
-        let JoinDecision::Nak(nak) = t.request("test", n("o4"), &["o4".into()], 1, &r, now) else {
-            panic!()
-        };
+        let JoinDecision::Nak(nak) = t.request("test", n("o4"), &["o4".into()], 1, &r, now) else { panic!() };
         assert_eq!(nak.reason, NakReason::NoRoute);
         assert!(t.joining().is_empty(), "a NAK records nothing");
     }
@@ -430,25 +372,16 @@ mod tests {
         let mut r = routes("o3", &["o2", "o9"]);
         heard(&mut r, "s1", "o2", 2, now);
         let mut t = Trees::new("o3", []);
-        let JoinDecision::Nak(nak) =
-            t.request("test", n("o9"), &["o3".into(), "o9".into()], 1, &r, now)
-        else {
+        let JoinDecision::Nak(nak) = t.request("test", n("o9"), &["o3".into(), "o9".into()], 1, &r, now) else {
             panic!()
         };
         assert_eq!(nak.reason, NakReason::Loop);
         // While joining via o2, a request from o2 would deadlock: refused.
-        assert!(matches!(
-            t.request("test", n("o9"), &["o9".into()], 1, &r, now),
-            JoinDecision::Forward { .. }
-        ));
-        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 2, &r, now) else {
-            panic!()
-        };
+        assert!(matches!(t.request("test", n("o9"), &["o9".into()], 1, &r, now), JoinDecision::Forward { .. }));
+        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 2, &r, now) else { panic!() };
         assert_eq!(nak.reason, NakReason::Loop);
         t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
-        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 3, &r, now) else {
-            panic!()
-        };
+        let JoinDecision::Nak(nak) = t.request("test", n("o2"), &["o2".into()], 3, &r, now) else { panic!() };
         assert_eq!(nak.reason, NakReason::Loop);
     }
 
@@ -475,10 +408,7 @@ mod tests {
         t.request("test", Requester::Local, &[], 2, &r, now);
         assert_eq!(t.branch("test").unwrap().local_viewers, 2);
         assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
-        assert_eq!(
-            t.leave("test", &Requester::Local),
-            Prune::Upstream("o4".into())
-        );
+        assert_eq!(t.leave("test", &Requester::Local), Prune::Upstream("o4".into()));
         assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
     }
 }

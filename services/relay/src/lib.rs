@@ -3,6 +3,7 @@
 //! [`table`] holds the pure per-packet decision; [`socket`] the batched
 //! socket loop that carries it out.
 
+pub mod gop;
 pub mod socket;
 pub mod table;
 

@@ -10,9 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::gop::GopCache;
 use crate::table::{decide, DropReason, ForwardTable, Verdict};
 
 const BATCH: usize = 32;
@@ -78,6 +82,7 @@ pub struct Relay {
     socket: UdpSocket,
     table: ArcSwap<ForwardTable>,
     counters: Counters,
+    gops: Mutex<HashMap<u32, GopCache>>,
 }
 
 impl Relay {
@@ -102,6 +107,7 @@ impl Relay {
             socket,
             table: ArcSwap::from_pointee(ForwardTable::default()),
             counters: Counters::default(),
+            gops: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -111,7 +117,37 @@ impl Relay {
 
     /// Replaces the forwarding table; the loop picks it up at its next batch.
     pub fn publish(&self, table: ForwardTable) {
+        {
+            let mut gops = self.gops();
+            gops.retain(|ssrc, _| table.get(*ssrc).is_some_and(|r| r.cache_gop));
+            for ssrc in table.cached() {
+                gops.entry(ssrc).or_default();
+            }
+        }
         self.table.store(Arc::new(table));
+    }
+
+    fn gops(&self) -> std::sync::MutexGuard<'_, HashMap<u32, GopCache>> {
+        self.gops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, ssrc: u32, bytes: &[u8]) {
+        if let Some(cache) = self.gops().get_mut(&ssrc) {
+            cache.push(bytes);
+        }
+    }
+
+    /// Sends the cached GOP of `ssrc` (packets since its last keyframe) to
+    /// `dest`, so a viewer starting now decodes at once. Returns the count.
+    pub fn send_gop(&self, ssrc: u32, dest: SocketAddr) -> usize {
+        let packets: Vec<Vec<u8>> =
+            self.gops().get(&ssrc).map(|c| c.packets().map(<[u8]>::to_vec).collect()).unwrap_or_default();
+        for p in &packets {
+            if self.socket.send_to(p, dest).is_err() {
+                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        packets.len()
     }
 
     pub fn table(&self) -> Arc<ForwardTable> {
@@ -127,14 +163,15 @@ impl Relay {
         let table = self.table.load();
         self.counters.injected.fetch_add(1, Ordering::Relaxed);
         match decide(&table, bytes, None) {
-            Verdict::Forward(dests) => {
-                for d in dests {
+            Verdict::Forward(route) => {
+                if route.cache_gop {
+                    self.remember(overlay_core::rtp::Packet::parse(bytes).map(|p| p.ssrc()).unwrap_or(0), bytes);
+                }
+                for d in &route.downstream {
                     match self.socket.send_to(bytes, d) {
                         Ok(n) => {
                             self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                            self.counters
-                                .sent_bytes
-                                .fetch_add(n as u64, Ordering::Relaxed);
+                            self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         }
                         Err(_) => {
                             self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
@@ -143,9 +180,7 @@ impl Relay {
                 }
             }
             Verdict::Drop(reason) => {
-                self.counters
-                    .drop_reason(reason)
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -162,25 +197,15 @@ impl Relay {
 
         while !stop.load(Ordering::Relaxed) {
             for i in 0..BATCH {
-                iovs[i] = libc::iovec {
-                    iov_base: bufs[i].as_mut_ptr().cast(),
-                    iov_len: BUF,
-                };
+                iovs[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: BUF };
                 msgs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-                msgs[i].msg_hdr.msg_namelen =
-                    size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 msgs[i].msg_hdr.msg_iov = &mut iovs[i];
                 msgs[i].msg_hdr.msg_iovlen = 1;
                 msgs[i].msg_len = 0;
             }
             let n = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
+                libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut())
             };
             if n <= 0 {
                 continue; // timeout, EINTR, or a transient error (ICMP report)
@@ -193,8 +218,12 @@ impl Relay {
                 in_bytes += len as u64;
                 let src = from_storage(&names[i]);
                 match decide(&table, &bufs[i][..len], src) {
-                    Verdict::Forward(dests) => {
-                        for d in dests {
+                    Verdict::Forward(route) => {
+                        if route.cache_gop {
+                            let ssrc = u32::from_be_bytes([bufs[i][8], bufs[i][9], bufs[i][10], bufs[i][11]]);
+                            self.remember(ssrc, &bufs[i][..len]);
+                        }
+                        for d in &route.downstream {
                             if out.is_full() {
                                 out.flush(fd, &self.counters);
                             }
@@ -202,19 +231,13 @@ impl Relay {
                         }
                     }
                     Verdict::Drop(reason) => {
-                        self.counters
-                            .drop_reason(reason)
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             out.flush(fd, &self.counters);
-            self.counters
-                .received
-                .fetch_add(n as u64, Ordering::Relaxed);
-            self.counters
-                .received_bytes
-                .fetch_add(in_bytes, Ordering::Relaxed);
+            self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.received_bytes.fetch_add(in_bytes, Ordering::Relaxed);
         }
     }
 }
@@ -245,10 +268,7 @@ impl Outbox {
     fn push(&mut self, bytes: &[u8], dest: &SocketAddr) {
         let i = self.len;
         let namelen = to_storage(dest, &mut self.names[i]);
-        self.iovs[i] = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        };
+        self.iovs[i] = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
         let hdr = &mut self.msgs[i].msg_hdr;
         hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
         hdr.msg_namelen = namelen;
@@ -262,14 +282,7 @@ impl Outbox {
         let mut bytes = 0u64;
         let mut sent = 0u64;
         while done < self.len {
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.msgs[done..].as_mut_ptr(),
-                    (self.len - done) as libc::c_uint,
-                    0,
-                )
-            };
+            let r = unsafe { libc::sendmmsg(fd, self.msgs[done..].as_mut_ptr(), (self.len - done) as libc::c_uint, 0) };
             if r <= 0 {
                 // The message at `done` failed (unreachable port, full
                 // queue): count it and go on with the rest.
@@ -295,9 +308,7 @@ fn to_storage(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::sock
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
                 sin_zero: [0; 8],
             };
             unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
@@ -308,9 +319,7 @@ fn to_storage(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::sock
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
                 sin6_scope_id: a.scope_id(),
             };
             unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
@@ -324,14 +333,10 @@ fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         libc::AF_INET => {
             let sin: &libc::sockaddr_in = unsafe { &*(s as *const libc::sockaddr_storage).cast() };
             let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
-            let sin6: &libc::sockaddr_in6 =
-                unsafe { &*(s as *const libc::sockaddr_storage).cast() };
+            let sin6: &libc::sockaddr_in6 = unsafe { &*(s as *const libc::sockaddr_storage).cast() };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::V6(SocketAddrV6::new(
                 ip,
@@ -364,9 +369,7 @@ mod tests {
     fn forwards_real_datagrams_and_counts_garbage() {
         let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let sinks: Vec<UdpSocket> = (0..3)
-            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-            .collect();
+        let sinks: Vec<UdpSocket> = (0..3).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         for s in &sinks {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         }
@@ -376,6 +379,7 @@ mod tests {
             Route {
                 accept: Accept::From(sender.local_addr().unwrap()),
                 downstream: sinks.iter().map(|s| s.local_addr().unwrap()).collect(),
+                cache_gop: false,
             },
         );
         relay.publish(t);

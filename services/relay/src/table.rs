@@ -25,6 +25,8 @@ pub enum Accept {
 pub struct Route {
     pub accept: Accept,
     pub downstream: Vec<SocketAddr>,
+    /// Keep the packets since the last keyframe (a POP's video SSRC).
+    pub cache_gop: bool,
 }
 
 /// SSRC → route. Built by the control plane, published whole, read by the
@@ -50,6 +52,11 @@ impl ForwardTable {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
+
+    /// SSRCs whose GOP is cached.
+    pub fn cached(&self) -> impl Iterator<Item = u32> + '_ {
+        self.routes.iter().filter(|(_, r)| r.cache_gop).map(|(s, _)| *s)
+    }
 }
 
 /// Why a datagram was not forwarded.
@@ -63,7 +70,7 @@ pub enum DropReason {
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    Forward(&'a [SocketAddr]),
+    Forward(&'a Route),
     Drop(DropReason),
 }
 
@@ -83,7 +90,7 @@ pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>
         _ => false,
     };
     if allowed {
-        Verdict::Forward(&route.downstream)
+        Verdict::Forward(route)
     } else {
         Verdict::Drop(DropReason::WrongSource)
     }
@@ -104,46 +111,16 @@ mod tests {
     fn forwards_by_ssrc_only_from_the_upstream() {
         let up: SocketAddr = "10.0.0.1:7071".parse().unwrap();
         let other: SocketAddr = "10.0.0.9:7071".parse().unwrap();
-        let down: Vec<SocketAddr> = vec![
-            "10.0.1.2:7071".parse().unwrap(),
-            "10.0.2.2:5000".parse().unwrap(),
-        ];
+        let down: Vec<SocketAddr> = vec!["10.0.1.2:7071".parse().unwrap(), "10.0.2.2:5000".parse().unwrap()];
         let mut t = ForwardTable::default();
-        t.insert(
-            42,
-            Route {
-                accept: Accept::From(up),
-                downstream: down.clone(),
-            },
-        );
-        t.insert(
-            43,
-            Route {
-                accept: Accept::Local,
-                downstream: down.clone(),
-            },
-        );
-        assert_eq!(decide(&t, &packet(42), Some(up)), Verdict::Forward(&down));
-        assert_eq!(
-            decide(&t, &packet(42), Some(other)),
-            Verdict::Drop(DropReason::WrongSource)
-        );
-        assert_eq!(
-            decide(&t, &packet(42), None),
-            Verdict::Drop(DropReason::WrongSource)
-        );
-        assert_eq!(decide(&t, &packet(43), None), Verdict::Forward(&down));
-        assert_eq!(
-            decide(&t, &packet(43), Some(up)),
-            Verdict::Drop(DropReason::WrongSource)
-        );
-        assert_eq!(
-            decide(&t, &packet(44), Some(up)),
-            Verdict::Drop(DropReason::UnknownSsrc)
-        );
-        assert_eq!(
-            decide(&t, b"hello", Some(up)),
-            Verdict::Drop(DropReason::NotRtp)
-        );
+        t.insert(42, Route { accept: Accept::From(up), downstream: down.clone(), cache_gop: false });
+        t.insert(43, Route { accept: Accept::Local, downstream: down.clone(), cache_gop: false });
+        assert!(matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward(r) if r.downstream == down));
+        assert_eq!(decide(&t, &packet(42), Some(other)), Verdict::Drop(DropReason::WrongSource));
+        assert_eq!(decide(&t, &packet(42), None), Verdict::Drop(DropReason::WrongSource));
+        assert!(matches!(decide(&t, &packet(43), None), Verdict::Forward(r) if r.downstream == down));
+        assert_eq!(decide(&t, &packet(43), Some(up)), Verdict::Drop(DropReason::WrongSource));
+        assert_eq!(decide(&t, &packet(44), Some(up)), Verdict::Drop(DropReason::UnknownSsrc));
+        assert_eq!(decide(&t, b"hello", Some(up)), Verdict::Drop(DropReason::NotRtp));
     }
 }

@@ -59,20 +59,12 @@ const EXPORTER_INTERNALS: &[&str] = &[
 enum ExporterError {
     #[error("OTLP endpoint {endpoint:?}: not inside a tokio runtime")]
     NoRuntime { endpoint: String },
-    #[error(
-        "OTLP endpoint {endpoint:?}: https needs TLS support, which is not built in; use http://"
-    )]
+    #[error("OTLP endpoint {endpoint:?}: https needs TLS support, which is not built in; use http://")]
     Https { endpoint: String },
     #[error("OTLP endpoint {endpoint:?}: {source}")]
-    InvalidEndpoint {
-        endpoint: String,
-        source: tonic::transport::Error,
-    },
+    InvalidEndpoint { endpoint: String, source: tonic::transport::Error },
     #[error("OTLP endpoint {endpoint:?}: {source}")]
-    Build {
-        endpoint: String,
-        source: opentelemetry_otlp::ExporterBuildError,
-    },
+    Build { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
 }
 
 /// The tracing set-up of a process; hold it until exit and call
@@ -100,9 +92,7 @@ pub fn init(service_name: &str) -> Telemetry {
     let endpoint = otlp_endpoint_from_env();
     let exporter = endpoint.as_deref().map(build_exporter);
 
-    let resource = Resource::builder()
-        .with_service_name(service_name.to_owned())
-        .build();
+    let resource = Resource::builder().with_service_name(service_name.to_owned()).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     let mut setup_error = None;
     let mut exported_to = None;
@@ -120,22 +110,12 @@ pub fn init(service_name: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let otel_filter = EXPORTER_INTERNALS
-        .iter()
-        .fold(env_filter(), |filter, directive| {
-            filter.add_directive(directive.parse().expect("static directive parses"))
-        });
+    let otel_filter = EXPORTER_INTERNALS.iter().fold(env_filter(), |filter, directive| {
+        filter.add_directive(directive.parse().expect("static directive parses"))
+    });
     let installed = tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(env_filter()),
-        )
-        .with(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(otel_filter),
-        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(env_filter()))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(otel_filter))
         .try_init();
 
     if let Err(error) = installed {
@@ -152,10 +132,7 @@ pub fn init(service_name: &str) -> Telemetry {
         ),
     }
 
-    Telemetry {
-        provider,
-        endpoint: exported_to,
-    }
+    Telemetry { provider, endpoint: exported_to }
 }
 
 impl Telemetry {
@@ -171,8 +148,7 @@ impl Telemetry {
     /// after this call are dropped.
     pub async fn shutdown(self) {
         let provider = self.provider;
-        let flush =
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
         match tokio::time::timeout(SHUTDOWN_DEADLINE, flush).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => {
@@ -200,13 +176,10 @@ fn env_filter() -> EnvFilter {
 /// The collector endpoint from the environment, with `http://` added when no
 /// scheme is given; `None` when neither variable is set to something.
 fn otlp_endpoint_from_env() -> Option<String> {
-    [
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .into_iter()
-    .filter_map(|name| std::env::var(name).ok())
-    .find_map(|value| endpoint_url(&value))
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .into_iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find_map(|value| endpoint_url(&value))
 }
 
 /// `value` as an endpoint URL: trimmed, `http://` added when it names no
@@ -227,23 +200,16 @@ fn endpoint_url(value: &str) -> Option<String> {
 /// [`EXPORT_TIMEOUT`].
 fn build_exporter(endpoint: &str) -> Result<SpanExporter, ExporterError> {
     if tokio::runtime::Handle::try_current().is_err() {
-        return Err(ExporterError::NoRuntime {
-            endpoint: endpoint.to_owned(),
-        });
+        return Err(ExporterError::NoRuntime { endpoint: endpoint.to_owned() });
     }
     if endpoint.starts_with("https://") {
-        return Err(ExporterError::Https {
-            endpoint: endpoint.to_owned(),
-        });
+        return Err(ExporterError::Https { endpoint: endpoint.to_owned() });
     }
     // The exporter's own channel has no connect timeout, so a collector
     // address that drops SYNs would hold each export for the TCP connect
     // timeout (minutes). Build the channel here with both bounds.
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|source| ExporterError::InvalidEndpoint {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?
+        .map_err(|source| ExporterError::InvalidEndpoint { endpoint: endpoint.to_owned(), source })?
         .connect_timeout(EXPORT_TIMEOUT)
         .timeout(EXPORT_TIMEOUT)
         .connect_lazy();
@@ -251,16 +217,9 @@ fn build_exporter(endpoint: &str) -> Result<SpanExporter, ExporterError> {
         .with_tonic()
         .with_channel(channel)
         .with_timeout(EXPORT_TIMEOUT)
-        .with_retry_policy(
-            RetryPolicy::recommended()
-                .with_max_retries(2)
-                .with_max_delay(Duration::from_millis(400)),
-        )
+        .with_retry_policy(RetryPolicy::recommended().with_max_retries(2).with_max_delay(Duration::from_millis(400)))
         .build()
-        .map_err(|source| ExporterError::Build {
-            endpoint: endpoint.to_owned(),
-            source,
-        })
+        .map_err(|source| ExporterError::Build { endpoint: endpoint.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -269,26 +228,15 @@ mod tests {
 
     #[test]
     fn endpoint_without_scheme_is_http() {
-        assert_eq!(
-            endpoint_url(" 10.0.0.1:4317 ").as_deref(),
-            Some("http://10.0.0.1:4317")
-        );
-        assert_eq!(
-            endpoint_url("http://collector:4317").as_deref(),
-            Some("http://collector:4317")
-        );
+        assert_eq!(endpoint_url(" 10.0.0.1:4317 ").as_deref(), Some("http://10.0.0.1:4317"));
+        assert_eq!(endpoint_url("http://collector:4317").as_deref(), Some("http://collector:4317"));
         assert_eq!(endpoint_url("  "), None);
     }
 
     #[test]
     fn exporter_internals_are_valid_directives() {
         for directive in EXPORTER_INTERNALS {
-            assert!(
-                directive
-                    .parse::<tracing_subscriber::filter::Directive>()
-                    .is_ok(),
-                "{directive}"
-            );
+            assert!(directive.parse::<tracing_subscriber::filter::Directive>().is_ok(), "{directive}");
         }
     }
 
@@ -300,10 +248,7 @@ mod tests {
 
     #[test]
     fn https_endpoint_is_refused() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = runtime.enter();
         let error = build_exporter("https://collector:4317").unwrap_err();
         assert!(matches!(error, ExporterError::Https { .. }), "{error}");
@@ -311,10 +256,7 @@ mod tests {
 
     #[test]
     fn exporter_builds_inside_a_runtime() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = runtime.enter();
         assert!(build_exporter("http://127.0.0.1:4317").is_ok());
     }

@@ -53,10 +53,7 @@ impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         // The propagator only produces valid lowercase keys and ASCII values;
         // anything else is skipped rather than sent malformed.
-        if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value),
-        ) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
             self.0.insert(key, value);
         }
     }
@@ -95,19 +92,13 @@ mod tests {
         let span_context = context.span().span_context().clone();
         assert!(span_context.is_valid());
         assert!(span_context.is_remote());
-        assert_eq!(
-            span_context.trace_id().to_string(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
+        assert_eq!(span_context.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(span_context.span_id().to_string(), "00f067aa0ba902b7");
     }
 
     #[test]
     fn missing_or_malformed_traceparent_gives_an_empty_context() {
-        assert!(!extract(&MetadataMap::new())
-            .span()
-            .span_context()
-            .is_valid());
+        assert!(!extract(&MetadataMap::new()).span().span_context().is_valid());
         let mut metadata = MetadataMap::new();
         metadata.insert("traceparent", "00-zz-yy-01".parse().unwrap());
         assert!(!extract(&metadata).span().span_context().is_valid());

@@ -4,12 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
@@ -68,29 +64,16 @@ async fn spans_are_exported_at_shutdown() {
         .filter(|kv| kv.key == "service.name")
         .filter_map(|kv| kv.value.as_ref()?.value.as_ref())
         .collect();
-    assert_eq!(
-        service_names,
-        vec![&Value::StringValue("onode-test-o1".into())]
-    );
+    assert_eq!(service_names, vec![&Value::StringValue("onode-test-o1".into())]);
 
-    let spans: Vec<_> = resource_spans
-        .iter()
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| &ss.spans)
-        .collect();
+    let spans: Vec<_> = resource_spans.iter().flat_map(|rs| &rs.scope_spans).flat_map(|ss| &ss.spans).collect();
     let mut names: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
     // Even under RUST_LOG=trace, the exporter's own gRPC traffic (h2, hyper,
     // tonic spans) must not be exported.
     assert_eq!(names, ["Probe", "client_call"]);
-    let client = spans
-        .iter()
-        .find(|s| s.name == "client_call")
-        .expect("client span");
-    let server = spans
-        .iter()
-        .find(|s| s.name == "Probe")
-        .expect("server span named by otel.name");
+    let client = spans.iter().find(|s| s.name == "client_call").expect("client span");
+    let server = spans.iter().find(|s| s.name == "Probe").expect("server span named by otel.name");
     assert_eq!(server.trace_id, client.trace_id);
     assert_eq!(server.parent_span_id, client.span_id);
     assert_eq!(server.kind, 2, "SPAN_KIND_SERVER");

@@ -21,20 +21,13 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
     path
 }
 
 pub fn seed_topology() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../netns/labs/seed-overlay.json"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../netns/labs/seed-overlay.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -44,9 +37,7 @@ pub fn loopback_topology(original: &Value, net: (u8, u8)) -> (Value, BTreeMap<St
     let mut addr = BTreeMap::new();
     let mut owner = BTreeMap::new();
     for (i, (name, spec)) in obj.iter().enumerate() {
-        let ip: IpAddr = format!("127.{}.{}.{}", net.0, net.1, i + 1)
-            .parse()
-            .unwrap();
+        let ip: IpAddr = format!("127.{}.{}.{}", net.0, net.1, i + 1).parse().unwrap();
         addr.insert(name.clone(), ip);
         for a in spec["names"].as_array().unwrap() {
             owner.insert(a.as_str().unwrap().to_string(), name.clone());
@@ -64,15 +55,10 @@ pub fn loopback_topology(original: &Value, net: (u8, u8)) -> (Value, BTreeMap<St
                 format!("{}{mark}", addr[&owner[bare]])
             })
             .collect();
-        let mut node =
-            serde_json::json!({"neighbours": neighbours, "names": [addr[name].to_string()]});
+        let mut node = serde_json::json!({"neighbours": neighbours, "names": [addr[name].to_string()]});
         if let Some(pop) = spec.get("pop") {
             let is_pop = !pop.as_array().unwrap().is_empty();
-            node["pop"] = if is_pop {
-                serde_json::json!([addr[name].to_string()])
-            } else {
-                serde_json::json!([])
-            };
+            node["pop"] = if is_pop { serde_json::json!([addr[name].to_string()]) } else { serde_json::json!([]) };
         }
         out.insert(name.clone(), node);
     }
@@ -111,13 +97,8 @@ pub fn hops_to(topology: &Value, target: &str) -> BTreeMap<String, u32> {
 
 pub fn neighbours_of(topology: &Value, node: &str) -> BTreeSet<String> {
     let obj = topology.as_object().unwrap();
-    let owner = |a: &str| {
-        obj.iter()
-            .find(|(_, s)| s["names"].as_array().unwrap().iter().any(|x| x == a))
-            .unwrap()
-            .0
-            .clone()
-    };
+    let owner =
+        |a: &str| obj.iter().find(|(_, s)| s["names"].as_array().unwrap().iter().any(|x| x == a)).unwrap().0.clone();
     obj[node]["neighbours"]
         .as_array()
         .unwrap()
@@ -143,11 +124,7 @@ pub mod tempdir {
 
     impl Dir {
         pub fn new(tag: &str) -> Dir {
-            let path = std::env::temp_dir().join(format!(
-                "onode-test-{tag}-{}-{}",
-                std::process::id(),
-                rand_u32()
-            ));
+            let path = std::env::temp_dir().join(format!("onode-test-{tag}-{}-{}", std::process::id(), rand_u32()));
             std::fs::create_dir_all(&path).unwrap();
             Dir(path)
         }
@@ -165,9 +142,7 @@ pub mod tempdir {
     }
 
     pub fn rand_u32() -> u32 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         t.subsec_nanos() ^ (std::process::id() << 8)
     }
 }
@@ -181,11 +156,7 @@ impl Overlay {
         let net = (20 + (r % 200) as u8, ((r >> 8) % 250) as u8);
         let (topology, addr) = loopback_topology(original, net);
         let dir = tempdir::Dir::new(tag);
-        std::fs::write(
-            dir.path().join("topology.json"),
-            serde_json::to_string_pretty(&topology).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("topology.json"), serde_json::to_string_pretty(&topology).unwrap()).unwrap();
         let mut o = Overlay {
             _serial: serial,
             dir,
@@ -194,12 +165,7 @@ impl Overlay {
             procs: BTreeMap::new(),
             media: media.map(Path::to_path_buf),
         };
-        let servers: Vec<String> = o
-            .addr
-            .keys()
-            .filter(|n| n.starts_with('s'))
-            .cloned()
-            .collect();
+        let servers: Vec<String> = o.addr.keys().filter(|n| n.starts_with('s')).cloned().collect();
         let boot = servers[0].clone();
         o.spawn_node(&boot);
         for n in o.addr.keys().cloned().collect::<Vec<_>>() {
@@ -235,9 +201,7 @@ impl Overlay {
         cmd.arg(role);
         let is_boot = boot == ip;
         if is_boot {
-            cmd.arg("--topology")
-                .arg(self.dir.path().join("topology.json"))
-                .args(["--probe-interval-ms", "250"]);
+            cmd.arg("--topology").arg(self.dir.path().join("topology.json")).args(["--probe-interval-ms", "250"]);
         } else {
             cmd.args(["--bootstrap", &boot]);
         }
@@ -249,9 +213,7 @@ impl Overlay {
         // Loopback delays are all noise: let hop counts decide.
         cmd.args(["--bind", &ip, "--tie-floor-us", "20000"]);
         let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
-        cmd.stdout(Stdio::null())
-            .stderr(log)
-            .env("RUST_LOG", "info");
+        cmd.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
         let child = cmd.spawn().unwrap();
         self.procs.insert(node.to_string(), child);
     }
@@ -278,23 +240,13 @@ impl Overlay {
     }
 
     pub fn overview(&self) -> Option<Value> {
-        let out = Command::new(bin("onode"))
-            .args(["overview", &self.bootstrapper().to_string()])
-            .output()
-            .ok()?;
+        let out = Command::new(bin("onode")).args(["overview", &self.bootstrapper().to_string()]).output().ok()?;
         serde_json::from_slice(&out.stdout).ok()
     }
 
     pub fn inspect(&self, node: &str) -> Value {
-        let out = Command::new(bin("onode"))
-            .args(["inspect", &self.addr[node].to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "inspect {node}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(bin("onode")).args(["inspect", &self.addr[node].to_string()]).output().unwrap();
+        assert!(out.status.success(), "inspect {node}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -302,23 +254,14 @@ impl Overlay {
     pub fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut(&Overlay) -> bool) {
         let start = Instant::now();
         while !check(self) {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not true after {limit:?}; logs in {}",
-                self.dir.path().display()
-            );
+            assert!(start.elapsed() < limit, "{what}: not true after {limit:?}; logs in {}", self.dir.path().display());
             std::thread::sleep(Duration::from_millis(150));
         }
     }
 
     /// The stream branch a node carries, if any.
     pub fn branch(&self, node: &str, stream: &str) -> Option<Value> {
-        self.inspect(node)["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stream"] == stream)
-            .cloned()
+        self.inspect(node)["streams"].as_array().unwrap().iter().find(|s| s["stream"] == stream).cloned()
     }
 
     pub fn kill(&mut self, node: &str) {
@@ -348,22 +291,13 @@ impl Overlay {
     /// A headless client command for `stream` at `pop` (None: it picks).
     pub fn client(&self, name: &str, stream: &str, pop: Option<&str>, secs: f64) -> Command {
         let mut cmd = Command::new(bin("oclient"));
-        cmd.args([
-            "--bootstrap",
-            &self.bootstrapper().to_string(),
-            stream,
-            "--headless",
-            "--name",
-            name,
-        ]);
+        cmd.args(["--bootstrap", &self.bootstrapper().to_string(), stream, "--headless", "--name", name]);
         cmd.args(["--duration", &secs.to_string(), "--stats-line", "false"]);
         cmd.arg("--stats-json").arg(self.stats_path(name));
         if let Some(p) = pop {
             cmd.args(["--pop", &self.addr[p].to_string()]);
         }
-        cmd.stderr(
-            std::fs::File::create(self.dir.path().join(format!("client-{name}.log"))).unwrap(),
-        );
+        cmd.stderr(std::fs::File::create(self.dir.path().join(format!("client-{name}.log"))).unwrap());
         cmd.stdout(Stdio::null());
         cmd
     }
@@ -373,18 +307,13 @@ impl Overlay {
     }
 
     pub fn stats(&self, name: &str) -> Value {
-        let text = std::fs::read_to_string(self.stats_path(name)).unwrap_or_else(|_| {
-            panic!(
-                "client {name} wrote no stats; see {}",
-                self.dir.path().display()
-            )
-        });
+        let text = std::fs::read_to_string(self.stats_path(name))
+            .unwrap_or_else(|_| panic!("client {name} wrote no stats; see {}", self.dir.path().display()));
         serde_json::from_str(&text).unwrap()
     }
 
     pub fn client_log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("client-{name}.log")))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("client-{name}.log"))).unwrap_or_default()
     }
 }
 

@@ -14,11 +14,7 @@ fn main() {
         eprintln!("usage: relay-bench LISTEN_PORT FIRST_PORT K SSRC\nForwards RTP with SSRC from 127.0.0.1:LISTEN_PORT to K consecutive ports.");
         std::process::exit(2);
     }
-    let port = |i: usize| -> u16 {
-        args[i]
-            .parse()
-            .unwrap_or_else(|_| panic!("argument {i} is not a port"))
-    };
+    let port = |i: usize| -> u16 { args[i].parse().unwrap_or_else(|_| panic!("argument {i} is not a port")) };
     let listen = port(1);
     let first = port(2);
     let k: u16 = args[3].parse().expect("K is a number");
@@ -26,13 +22,7 @@ fn main() {
     let relay = Relay::bind(([127, 0, 0, 1], listen).into()).expect("bind the listen port");
     let mut table = ForwardTable::default();
     let downstream = (0..k).map(|j| ([127, 0, 0, 1], first + j).into()).collect();
-    table.insert(
-        ssrc,
-        Route {
-            accept: Accept::Any,
-            downstream,
-        },
-    );
+    table.insert(ssrc, Route { accept: Accept::Any, downstream, cache_gop: false });
     relay.publish(table);
     let stop = Arc::new(AtomicBool::new(false));
     relay.run(&stop);

@@ -1,0 +1,127 @@
+//! The group-of-pictures cache a POP keeps per video stream: the RTP
+//! packets since the last H.264 keyframe, so that a viewer who starts (or
+//! resumes) playing gets a decodable picture at once instead of waiting for
+//! the next keyframe. Packets are copied into one reusable arena; nothing
+//! is allocated per packet once the arena has grown.
+
+use overlay_core::rtp::{Kind, Packet};
+
+const NAL_IDR: u8 = 5;
+const NAL_SPS: u8 = 7;
+const STAP_A: u8 = 24;
+const FU_A: u8 = 28;
+
+/// Upper bound of one cached GOP; a longer one is dropped, not truncated.
+const MAX_BYTES: usize = 4 << 20;
+
+/// Whether an H.264 RTP payload (RFC 6184) starts a keyframe: an SPS (sent
+/// in band before every IDR), an aggregate starting with one, or the first
+/// fragment of an IDR slice.
+pub fn starts_keyframe(payload: &[u8]) -> bool {
+    let Some(&first) = payload.first() else { return false };
+    match first & 0x1f {
+        NAL_SPS | NAL_IDR => true,
+        STAP_A => payload.get(3).is_some_and(|b| matches!(b & 0x1f, NAL_SPS | NAL_IDR)),
+        FU_A => payload.get(1).is_some_and(|b| b & 0x80 != 0 && b & 0x1f == NAL_IDR),
+        _ => false,
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct GopCache {
+    arena: Vec<u8>,
+    packets: Vec<(usize, usize)>,
+    /// RTP timestamp of the keyframe the cache starts with.
+    key_timestamp: Option<u32>,
+    overflowed: bool,
+}
+
+impl GopCache {
+    /// Records one forwarded packet of the video SSRC.
+    pub fn push(&mut self, bytes: &[u8]) {
+        let Ok(packet) = Packet::parse(bytes) else { return };
+        if packet.kind() != Kind::Rtp {
+            return;
+        }
+        let payload = &bytes[rtp_header_len(bytes)..];
+        if starts_keyframe(payload) && self.key_timestamp != Some(packet.timestamp()) {
+            self.arena.clear();
+            self.packets.clear();
+            self.key_timestamp = Some(packet.timestamp());
+            self.overflowed = false;
+        }
+        if self.key_timestamp.is_none() || self.overflowed {
+            return;
+        }
+        if self.arena.len() + bytes.len() > MAX_BYTES {
+            self.overflowed = true;
+            self.arena.clear();
+            self.packets.clear();
+            return;
+        }
+        self.packets.push((self.arena.len(), bytes.len()));
+        self.arena.extend_from_slice(bytes);
+    }
+
+    /// Packets from the last keyframe on, oldest first.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.packets.iter().map(|&(at, len)| &self.arena[at..at + len])
+    }
+
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+}
+
+fn rtp_header_len(bytes: &[u8]) -> usize {
+    let mut len = 12 + 4 * usize::from(bytes[0] & 0x0f);
+    if bytes[0] & 0x10 != 0 && bytes.len() >= len + 4 {
+        len += 4 + 4 * usize::from(u16::from_be_bytes([bytes[len + 2], bytes[len + 3]]));
+    }
+    len.min(bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlay_core::rtp::write_header;
+
+    fn pkt(seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 12];
+        write_header(&mut b, 96, seq, ts, 5);
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn recognises_keyframe_starts() {
+        assert!(starts_keyframe(&[0x67, 0x42]));
+        assert!(starts_keyframe(&[0x65, 0x88]));
+        assert!(starts_keyframe(&[0x78, 0x00, 0x10, 0x67, 0x42]));
+        assert!(starts_keyframe(&[0x7c, 0x85]));
+        assert!(!starts_keyframe(&[0x7c, 0x05]), "a middle fragment");
+        assert!(!starts_keyframe(&[0x7c, 0x81]), "a P slice fragment");
+        assert!(!starts_keyframe(&[0x41, 0x9a]));
+        assert!(!starts_keyframe(&[]));
+    }
+
+    #[test]
+    fn keeps_packets_from_the_last_keyframe() {
+        let mut c = GopCache::default();
+        c.push(&pkt(1, 100, &[0x41, 1]));
+        assert!(c.is_empty(), "nothing before the first keyframe");
+        c.push(&pkt(2, 200, &[0x67, 1]));
+        c.push(&pkt(3, 200, &[0x68, 1]));
+        c.push(&pkt(4, 200, &[0x7c, 0x85, 1]));
+        c.push(&pkt(5, 300, &[0x41, 1]));
+        assert_eq!(c.len(), 4);
+        c.push(&pkt(6, 400, &[0x78, 0, 4, 0x67, 1]));
+        c.push(&pkt(7, 400, &[0x7c, 0x85, 1]));
+        let seqs: Vec<u16> = c.packets().map(|p| u16::from_be_bytes([p[2], p[3]])).collect();
+        assert_eq!(seqs, [6, 7], "an IDR in the same access unit as its SPS does not reset");
+    }
+}
