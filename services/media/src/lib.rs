@@ -21,7 +21,7 @@ use gstreamer as gst;
 
 pub use catalogue::{catalogue, SourceSpec, TEST_STREAM};
 pub use error::MediaError;
-pub use player::{DecodeCounts, Player, PlayerConfig};
+pub use player::{DecodeCounts, Player, PlayerConfig, DEFAULT_LATENCY_MS};
 pub use source::StreamSource;
 pub use stats::{RtpStats, RtpSummary};
 

@@ -19,8 +19,8 @@ use tracing::{debug, error, info, warn};
 use crate::source::{bus_error, describe_error, launch, lock};
 use crate::{init, MediaError, AUDIO_PT, VIDEO_PT};
 
-/// Jitter buffer latency of both branches.
-const JITTER_LATENCY_MS: u32 = 100;
+/// Default jitter buffer latency of both branches.
+pub const DEFAULT_LATENCY_MS: u32 = 60;
 /// How long [`Player::stop`] waits for the end of stream to reach the sinks.
 const EOS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes an appsrc holds before dropping its oldest packets.
@@ -33,13 +33,22 @@ const RECORD_MISSING_AFTER: Duration = Duration::from_millis(1500);
 const RECORD_QUEUE: Duration = Duration::from_secs(3);
 
 /// How the client plays what it receives.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlayerConfig {
     /// Decode without showing or sounding anything.
     pub headless: bool,
     /// Also write the received video and audio, undecoded, to this
     /// Matroska file.
     pub record: Option<PathBuf>,
+    /// Jitter buffer latency (ms): how long packets wait for late or
+    /// reordered ones before decoding.
+    pub latency_ms: u32,
+}
+
+impl Default for PlayerConfig {
+    fn default() -> Self {
+        PlayerConfig { headless: false, record: None, latency_ms: DEFAULT_LATENCY_MS }
+    }
 }
 
 /// What the decoders produced so far.
@@ -344,6 +353,7 @@ fn describe(cfg: &PlayerConfig) -> String {
         ("autovideosink async-handling=true", "autoaudiosink async-handling=true")
     };
     let recording = cfg.record.is_some();
+    let latency = cfg.latency_ms;
     let tee = |name: &str| {
         if recording {
             format!("tee name={name} ! queue ! ")
@@ -352,10 +362,10 @@ fn describe(cfg: &PlayerConfig) -> String {
         }
     };
     let mut description = format!(
-        "appsrc name=video_in ! rtpjitterbuffer latency={JITTER_LATENCY_MS} \
+        "appsrc name=video_in ! rtpjitterbuffer latency={latency} \
            ! rtph264depay ! h264parse ! {video_tee}avdec_h264 name=video_dec \
            ! videoconvert ! {video_sink} \
-         appsrc name=audio_in ! rtpjitterbuffer latency={JITTER_LATENCY_MS} \
+         appsrc name=audio_in ! rtpjitterbuffer latency={latency} \
            ! rtpopusdepay ! opusparse ! {audio_tee}opusdec name=audio_dec \
            ! audioconvert ! audioresample ! {audio_sink}",
         video_tee = tee("video_tee"),

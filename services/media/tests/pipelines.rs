@@ -72,7 +72,7 @@ fn play(
     record: Option<PathBuf>,
     duration: Duration,
 ) -> (Sent, DecodeCounts, Vec<String>) {
-    let player = Arc::new(Player::start(PlayerConfig { headless: true, record }).unwrap());
+    let player = Arc::new(Player::start(PlayerConfig { headless: true, record, ..PlayerConfig::default() }).unwrap());
     let sent = Arc::new(Mutex::new(Sent::default()));
     let (to_player, log) = (player.clone(), sent.clone());
     let source = StreamSource::start(stream, spec, move |bytes| {
@@ -310,7 +310,7 @@ fn mpeg_ts_file_loops_without_segment_seeks() {
 
 #[test]
 fn player_without_packets_stops_promptly() {
-    let player = Player::start(PlayerConfig { headless: true, record: None }).unwrap();
+    let player = Player::start(PlayerConfig { headless: true, ..PlayerConfig::default() }).unwrap();
     player.push_rtp(b"not rtp");
     let mut rtcp = [0u8; 28];
     rtcp[0] = 0x80;

@@ -58,6 +58,9 @@ struct Cli {
     /// Round-trip probes per POP.
     #[arg(long, default_value_t = 3)]
     probes: u32,
+    /// Jitter buffer latency in ms (how long to wait for late packets).
+    #[arg(long, default_value_t = media::DEFAULT_LATENCY_MS)]
+    latency_ms: u32,
     /// Use this POP (IP or IP:PORT) instead of probing the ones the bootstrapper lists.
     #[arg(long)]
     pop: Option<String>,
@@ -200,7 +203,10 @@ impl Drop for RawMode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let bootstrap = parse_addr(&cli.bootstrap, cli.control_port).context("--bootstrap")?;
-    media::init().context("GStreamer")?;
+    // GStreamer and the decoder pipeline start while the session is set up.
+    let config =
+        media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms };
+    let player = tokio::task::spawn_blocking(move || media::Player::start(config));
 
     let span = tracing::info_span!("session", client = %cli.name, stream = %cli.stream);
     let (mut session, session_id, pop_addr, report_base, socket) = async {
@@ -282,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .instrument(span)
     .await?;
 
-    let player = media::Player::start(media::PlayerConfig { headless: cli.headless, record: cli.record.clone() })?;
+    let player = player.await.context("player task")??;
     session
         .play(pb::SessionRequest { session_id: session_id.clone() })
         .await

@@ -367,6 +367,9 @@ impl Node {
                 let waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
                 let answer = Ok(st.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined"));
                 info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
+                let me = self.clone();
+                let (stream2, to2) = (stream.clone(), to.clone());
+                self.tasks.spawn(async move { me.request_refresh(stream2, to2).await });
                 (waiters, answer)
             }
             Err(nak) => {
@@ -490,6 +493,35 @@ impl Node {
         }
     }
 
+    /// Asks the upstream for the stream's last GOP (our table is ready now).
+    async fn request_refresh(self: Arc<Self>, stream: String, up: String) {
+        let Some(mut client) = self.clients.get(&up).cloned() else { return };
+        let request = pb::RefreshRequest { stream: stream.clone(), sender: self.id.name.clone() };
+        match tokio::time::timeout(Duration::from_secs(2), client.refresh(request)).await {
+            Ok(Ok(r)) => {
+                debug!(node = %self.id.name, %stream, upstream = %up, packets = r.into_inner().packets, "GOP refreshed")
+            }
+            _ => debug!(node = %self.id.name, %stream, upstream = %up, "GOP refresh failed"),
+        }
+    }
+
+    /// A downstream asks for the last GOP of `stream`.
+    pub fn refresh(&self, stream: &str, sender: &str) -> usize {
+        let target = {
+            let st = self.lock();
+            let branch = st.trees.branch(stream);
+            let ssrc = branch.filter(|b| b.downstream.contains(sender)).and_then(|b| b.desc.ssrcs.first().copied());
+            let addr = self.neighbour(sender).map(|n| n.address);
+            match (ssrc, addr) {
+                (Some(ssrc), Some(addr)) => {
+                    Some((ssrc, SocketAddr::new(addr, *st.data_ports.get(sender).unwrap_or(&self.settings.data_port))))
+                }
+                _ => None,
+            }
+        };
+        target.map(|(ssrc, dest)| self.relay.send_gop(ssrc, dest)).unwrap_or(0)
+    }
+
     async fn send_leave(self: &Arc<Self>, stream: String, up: String) {
         let Some(mut client) = self.clients.get(&up).cloned() else {
             return;
@@ -535,8 +567,9 @@ impl Node {
                 .collect();
             downstream.extend(st.sessions.playing(stream));
             for (i, ssrc) in branch.desc.ssrcs.iter().enumerate() {
-                // A POP keeps the video's last GOP for viewers who start now.
-                let cache_gop = i == 0 && branch.local_viewers > 0;
+                // Every node keeps the video's last GOP for downstreams and
+                // viewers who start now.
+                let cache_gop = i == 0;
                 table.insert(*ssrc, Route { accept, downstream: downstream.clone(), cache_gop });
             }
         }

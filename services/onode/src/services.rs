@@ -59,6 +59,12 @@ impl pb::overlay_server::Overlay for OverlayService {
         Ok(Response::new(pb::LeaveReply {}))
     }
 
+    async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshReply>, Status> {
+        let req = request.into_inner();
+        let packets = self.0.refresh(&req.stream, &req.sender) as u32;
+        Ok(Response::new(pb::RefreshReply { packets }))
+    }
+
     async fn inspect(&self, _request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectReply>, Status> {
         Ok(Response::new(pb::InspectReply { json: self.0.inspect().to_string() }))
     }
