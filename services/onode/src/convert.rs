@@ -37,11 +37,18 @@ pub fn desc_to_wire(d: &StreamDesc, data_port: u16) -> pb::StreamInfo {
         ssrcs: d.ssrcs.clone(),
         depth: d.depth,
         data_port: u32::from(data_port),
+        route: d.route.clone(),
     }
 }
 
 pub fn desc_from_wire(i: &pb::StreamInfo) -> StreamDesc {
-    StreamDesc { stream: i.stream.clone(), server: i.server.clone(), ssrcs: i.ssrcs.clone(), depth: i.depth }
+    StreamDesc {
+        stream: i.stream.clone(),
+        server: i.server.clone(),
+        ssrcs: i.ssrcs.clone(),
+        depth: i.depth,
+        route: i.route.clone(),
+    }
 }
 
 pub fn nak_to_wire(n: &Nak) -> pb::Nak {

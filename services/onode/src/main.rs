@@ -97,6 +97,9 @@ struct Common {
     /// How long a stream request may take before it is NAKed (ms).
     #[arg(long, default_value_t = 3000)]
     join_timeout_ms: u64,
+    /// Neighbour heartbeat period (ms); three missed beats declare a neighbour lost.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
 }
 
 #[derive(Args)]
@@ -208,6 +211,7 @@ fn settings(role: Role, c: &Common) -> Settings {
         data_port: c.data_port,
         tie_floor_us: c.tie_floor_us,
         join_timeout: Duration::from_millis(c.join_timeout_ms),
+        heartbeat: Duration::from_millis(c.heartbeat_ms.max(10)),
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Settings {
     pub data_port: u16,
     pub tie_floor_us: u64,
     pub join_timeout: Duration,
+    /// Neighbour heartbeat period; three missed beats declare it lost.
+    pub heartbeat: Duration,
 }
 
 /// A neighbour as the node reaches it.
@@ -211,7 +213,7 @@ impl Node {
     }
 
     async fn ping_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.id.probe_interval);
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -231,29 +233,196 @@ impl Node {
             return;
         };
         let started = Instant::now();
-        let limit = self.id.probe_interval.max(Duration::from_millis(500));
+        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(200));
         let request = pb::PingRequest { sender: self.id.name.clone() };
         let result = tokio::time::timeout(limit, client.ping(request)).await;
         let rtt = started.elapsed();
+        let lost = {
+            let mut st = self.lock();
+            match result {
+                Ok(Ok(reply)) => {
+                    st.routes.on_link_rtt(&neighbour, rtt.as_micros() as u64);
+                    st.routes.set_carrying(&neighbour, reply.into_inner().carrying);
+                    st.ping_misses.insert(neighbour.clone(), 0);
+                    if st.routes.is_down(&neighbour) {
+                        st.routes.neighbour_up(&neighbour);
+                        info!(node = %self.id.name, %neighbour, "neighbour answers again");
+                    }
+                    false
+                }
+                Ok(Err(_)) | Err(_) => {
+                    let misses = st.ping_misses.entry(neighbour.clone()).or_insert(0);
+                    *misses += 1;
+                    *misses == 3
+                }
+            }
+        };
+        if lost {
+            warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
+            self.neighbour_lost(&neighbour);
+        }
+    }
+
+    /// A neighbour (or the link to it) is gone: forget routes through it,
+    /// prune the branches it was fed by us, repair the branches it fed.
+    pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str) {
+        let (repairs, prunes) = {
+            let mut st = self.lock();
+            st.routes.neighbour_down(neighbour);
+            st.ping_misses.insert(neighbour.to_string(), 3);
+            st.trees.neighbour_lost(neighbour)
+        };
+        for (stream, prune) in prunes {
+            self.carry_out_prune(&stream, prune, None);
+        }
+        for stream in repairs {
+            warn!(node = %self.id.name, %stream, upstream = %neighbour, "upstream lost: repairing the tree");
+            let me = self.clone();
+            self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
+        }
         let mut st = self.lock();
-        match result {
-            Ok(Ok(reply)) => {
-                st.routes.on_link_rtt(&neighbour, rtt.as_micros() as u64);
-                st.routes.set_carrying(&neighbour, reply.into_inner().carrying);
-                st.ping_misses.insert(neighbour.clone(), 0);
-                if st.routes.is_down(&neighbour) {
-                    st.routes.neighbour_up(&neighbour);
-                    info!(node = %self.id.name, %neighbour, "neighbour answers again");
+        self.republish(&mut st);
+    }
+
+    /// Finds a new upstream for a repairing branch, through any neighbour
+    /// but its own downstreams, retrying until it succeeds or the branch
+    /// is gone.
+    async fn repair(self: Arc<Self>, stream: String, avoid: Vec<String>) {
+        let started = Instant::now();
+        let mut tried: Vec<String> = avoid.clone();
+        let mut stuck = 0u32;
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let target = {
+                let st = self.lock();
+                if st.trees.branch(&stream).is_none_or(|b| !b.repairing) {
+                    return;
+                }
+                st.trees.repair_target(&stream, &st.routes, Instant::now(), &tried)
+            };
+            let (to, path) = match target {
+                Ok(t) => t,
+                Err(nak) => {
+                    debug!(node = %self.id.name, %stream, "no repair target yet: {}", nak.detail);
+                    stuck += 1;
+                    if stuck >= 5 && self.abandon(&stream) {
+                        return;
+                    }
+                    tried = avoid.clone();
+                    tokio::time::sleep(self.settings.heartbeat).await;
+                    continue;
+                }
+            };
+            stuck = 0;
+            match self.request_upstream(&stream, &to, path).await {
+                Ok((desc, data_addr)) => {
+                    let outcome = {
+                        let mut st = self.lock();
+                        let out = st.trees.repaired(&to, desc);
+                        if out.is_some() {
+                            st.upstream_data.insert(stream.clone(), data_addr);
+                            self.republish(&mut st);
+                        }
+                        out.map(|down| (down, st.trees.branch(&stream).map(|b| b.desc.clone())))
+                    };
+                    match outcome {
+                        Some((downstream, Some(desc))) => {
+                            info!(
+                                node = %self.id.name, %stream, upstream = %to, server = %desc.server,
+                                took_ms = started.elapsed().as_millis() as u64, "tree repaired"
+                            );
+                            let me = self.clone();
+                            let (s2, t2) = (stream.clone(), to.clone());
+                            self.tasks.spawn(async move { me.request_refresh(s2, t2).await });
+                            for d in downstream {
+                                let me = self.clone();
+                                let desc = desc.clone();
+                                self.tasks.spawn(async move { me.send_reroot(d, desc).await });
+                            }
+                            return;
+                        }
+                        _ => {
+                            // Attached below ourselves, or pruned meanwhile: undo.
+                            let me = self.clone();
+                            let (s2, t2) = (stream.clone(), to.clone());
+                            self.tasks.spawn(async move { me.send_leave(s2, t2).await });
+                            tried.push(to);
+                        }
+                    }
+                }
+                Err(nak) => {
+                    debug!(node = %self.id.name, %stream, via = %to, "repair attempt refused: {}", nak.detail);
+                    tried.push(to);
+                    if nak.reason != NakReason::Loop {
+                        tokio::time::sleep(self.settings.heartbeat).await;
+                    }
                 }
             }
-            Ok(Err(_)) | Err(_) => {
-                let misses = st.ping_misses.entry(neighbour.clone()).or_insert(0);
-                *misses += 1;
-                if *misses == 3 {
-                    st.routes.neighbour_down(&neighbour);
-                    warn!(node = %self.id.name, %neighbour, "neighbour missed 3 pings: routes through it dropped");
-                }
+        }
+    }
+
+    /// Gives a branch that found no way to the root up, so that its
+    /// downstreams repair on their own. A POP with viewers keeps trying.
+    fn abandon(self: &Arc<Self>, stream: &str) -> bool {
+        let downstream = {
+            let mut st = self.lock();
+            if st.trees.branch(stream).is_none_or(|b| b.local_viewers > 0) {
+                return false;
             }
+            let down = st.trees.abandon(stream);
+            st.upstream_data.remove(stream);
+            self.republish(&mut st);
+            down
+        };
+        warn!(node = %self.id.name, stream, ?downstream, "no way to the root: downstreams must repair on their own");
+        for d in downstream {
+            let me = self.clone();
+            let desc = StreamDesc {
+                stream: stream.to_string(),
+                server: String::new(),
+                ssrcs: Vec::new(),
+                depth: 0,
+                route: Vec::new(),
+            };
+            self.tasks.spawn(async move { me.send_reroot(d, desc).await });
+        }
+        true
+    }
+
+    async fn send_reroot(self: Arc<Self>, to: String, desc: StreamDesc) {
+        let Some(mut client) = self.clients.get(&to).cloned() else { return };
+        let request = pb::RerootRequest {
+            stream: desc.stream,
+            sender: self.id.name.clone(),
+            route: desc.route,
+            server: desc.server,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.reroot(request)).await;
+    }
+
+    /// The upstream's route to the root changed: update ours, pass it on.
+    pub fn rerooted(self: &Arc<Self>, stream: &str, from: &str, server: &str, route: &[String]) {
+        if route.is_empty() {
+            if self.lock().trees.upstream_abandoned(stream, from) {
+                warn!(node = %self.id.name, stream, upstream = %from, "upstream gave up: repairing the tree");
+                let me = self.clone();
+                let (s, f) = (stream.to_string(), from.to_string());
+                self.tasks.spawn(async move { me.repair(s, vec![f]).await });
+            }
+            return;
+        }
+        let (downstream, desc) = {
+            let mut st = self.lock();
+            let down = st.trees.rerooted(stream, from, server, route);
+            (down, st.trees.branch(stream).map(|b| b.desc.clone()))
+        };
+        let Some(desc) = desc else { return };
+        for d in downstream {
+            let me = self.clone();
+            let desc = desc.clone();
+            self.tasks.spawn(async move { me.send_reroot(d, desc).await });
         }
     }
 
@@ -440,9 +609,11 @@ impl Node {
                     server: self.id.name.clone(),
                     ssrcs: media::stream_ssrcs(stream).to_vec(),
                     depth: 0,
+                    route: Vec::new(),
                 };
                 info!(node = %self.id.name, stream, "pipeline started: this server roots the tree");
-                (st.trees.joined(Source::Local, desc.clone()), Ok(desc))
+                let waiters = st.trees.joined(Source::Local, desc);
+                (waiters, Ok(st.trees.branch(stream).map(|b| b.desc.clone()).expect("just joined")))
             }
             Err(e) => {
                 warn!(node = %self.id.name, stream, "pipeline failed to start: {e}");
@@ -464,15 +635,21 @@ impl Node {
     /// `requester` leaves `stream`; prunes upstream or stops the pipeline
     /// when it was the last.
     pub fn leave(self: &Arc<Self>, stream: &str, requester: Requester) {
-        let (prune, pipeline) = {
+        let prune = self.lock().trees.leave(stream, &requester);
+        self.carry_out_prune(stream, prune, Some(requester));
+    }
+
+    /// Carries out what leaving a stream requires: a prune upstream or
+    /// stopping the pipeline, and a new forwarding table.
+    fn carry_out_prune(self: &Arc<Self>, stream: &str, prune: Prune, requester: Option<Requester>) {
+        let pipeline = {
             let mut st = self.lock();
-            let prune = st.trees.leave(stream, &requester);
             let pipeline = if prune == Prune::StopLocal { st.pipelines.remove(stream) } else { None };
             if !matches!(prune, Prune::Nothing) {
                 st.upstream_data.remove(stream);
             }
             self.republish(&mut st);
-            (prune, pipeline)
+            pipeline
         };
         match prune {
             Prune::Nothing => {
@@ -534,13 +711,9 @@ impl Node {
 
     /// The bootstrapper says `node` failed.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
-        let orphaned: Vec<String> = {
-            let mut st = self.lock();
-            st.routes.node_failed(node);
-            st.trees.active().filter(|b| b.downstream.contains(node)).map(|b| b.desc.stream.clone()).collect()
-        };
-        for stream in orphaned {
-            self.leave(&stream, Requester::Neighbour(node.to_string()));
+        self.lock().routes.node_failed(node);
+        if self.neighbour(node).is_some() {
+            self.neighbour_lost(node);
         }
     }
 

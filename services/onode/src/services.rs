@@ -65,6 +65,12 @@ impl pb::overlay_server::Overlay for OverlayService {
         Ok(Response::new(pb::RefreshReply { packets }))
     }
 
+    async fn reroot(&self, request: Request<pb::RerootRequest>) -> Result<Response<pb::RerootReply>, Status> {
+        let req = request.into_inner();
+        self.0.rerooted(&req.stream, &req.sender, &req.server, &req.route);
+        Ok(Response::new(pb::RerootReply {}))
+    }
+
     async fn inspect(&self, _request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectReply>, Status> {
         Ok(Response::new(pb::InspectReply { json: self.0.inspect().to_string() }))
     }

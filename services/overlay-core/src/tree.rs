@@ -42,6 +42,8 @@ pub struct StreamDesc {
     pub ssrcs: Vec<u32>,
     /// Overlay hops from the root to this node.
     pub depth: u32,
+    /// Nodes from the root server to this node, both included.
+    pub route: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +113,9 @@ pub struct Branch {
     pub desc: StreamDesc,
     pub downstream: BTreeSet<String>,
     pub local_viewers: usize,
+    /// The upstream was lost; a new one is being sought. Downstreams and
+    /// viewers keep their place meanwhile.
+    pub repairing: bool,
 }
 
 impl Branch {
@@ -162,8 +167,11 @@ impl Trees {
         }
         match self.streams.get_mut(stream) {
             Some(State::Active(branch)) => {
-                if matches!((&branch.source, &requester), (Source::Neighbour(up), Requester::Neighbour(r)) if up == r) {
-                    return self.nak(NakReason::Loop, stream, "requester is this node's upstream");
+                if let Requester::Neighbour(r) = &requester {
+                    let upstream = matches!(&branch.source, Source::Neighbour(up) if up == r);
+                    if upstream || branch.desc.route.contains(r) {
+                        return self.nak(NakReason::Loop, stream, "requester is upstream of this node");
+                    }
                 }
                 branch.attach(&requester);
                 JoinDecision::Attached(branch.desc.clone())
@@ -208,10 +216,13 @@ impl Trees {
         let Some(State::Joining { waiters, .. }) = self.streams.remove(&desc.stream) else {
             return Vec::new();
         };
-        if matches!(source, Source::Neighbour(_)) {
-            desc.depth += 1;
+        match source {
+            Source::Neighbour(_) => desc.depth += 1,
+            Source::Local => desc.route.clear(),
         }
-        let mut branch = Branch { source, desc: desc.clone(), downstream: BTreeSet::new(), local_viewers: 0 };
+        desc.route.push(self.me.clone());
+        let mut branch =
+            Branch { source, desc: desc.clone(), downstream: BTreeSet::new(), local_viewers: 0, repairing: false };
         for w in &waiters {
             branch.attach(&w.requester);
         }
@@ -250,6 +261,124 @@ impl Trees {
             Source::Local => Prune::StopLocal,
             Source::Neighbour(up) => Prune::Upstream(up),
         }
+    }
+
+    /// The link to `neighbour` or the neighbour itself is gone. Branches fed
+    /// by it start repairing (their streams are returned); branches feeding
+    /// it lose it as a downstream (the prunes this needs are returned).
+    pub fn neighbour_lost(&mut self, neighbour: &str) -> (Vec<String>, Vec<(String, Prune)>) {
+        let mut repair = Vec::new();
+        let mut fed: Vec<String> = Vec::new();
+        for (stream, state) in self.streams.iter_mut() {
+            if let State::Active(b) = state {
+                if matches!(&b.source, Source::Neighbour(up) if up == neighbour) {
+                    if !b.repairing {
+                        b.repairing = true;
+                        repair.push(stream.clone());
+                    }
+                } else if b.downstream.contains(neighbour) {
+                    fed.push(stream.clone());
+                }
+            }
+        }
+        let prunes = fed
+            .into_iter()
+            .map(|s| {
+                let p = self.leave(&s, &Requester::Neighbour(neighbour.to_string()));
+                (s, p)
+            })
+            .collect();
+        (repair, prunes)
+    }
+
+    /// Where a repairing branch should ask next: never through its own
+    /// downstream (nor through `tried`, neighbours that refused as a loop).
+    pub fn repair_target(
+        &self,
+        stream: &str,
+        routes: &RouteTable,
+        now: Instant,
+        tried: &[String],
+    ) -> Result<(String, Vec<String>), Nak> {
+        let Some(b) = self.branch(stream).filter(|b| b.repairing) else {
+            return Err(Nak {
+                reason: NakReason::NoRoute,
+                detail: format!("node {}: stream {stream:?}: not repairing", self.me),
+            });
+        };
+        let mut exclude: Vec<&str> = b.downstream.iter().map(String::as_str).collect();
+        exclude.extend(tried.iter().map(String::as_str));
+        exclude.push(&self.me);
+        match routes.upstream_for(stream, now, &exclude) {
+            Ok(up) => Ok((up.via().to_string(), vec![self.me.clone()])),
+            Err(why) => Err(Nak {
+                reason: if why == NoUpstream::UnknownStream { NakReason::UnknownStream } else { NakReason::NoRoute },
+                detail: format!("node {}: stream {stream:?}: no upstream left to repair through", self.me),
+            }),
+        }
+    }
+
+    /// The repair succeeded: `upstream` now feeds the branch (its `desc`).
+    /// Returns the downstreams to tell about the new route to the root, or
+    /// None if the branch is gone (pruned meanwhile) or the new upstream
+    /// is below this node (a loop).
+    pub fn repaired(&mut self, upstream: &str, mut desc: StreamDesc) -> Option<Vec<String>> {
+        if desc.route.contains(&self.me) {
+            return None;
+        }
+        let me = self.me.clone();
+        let Some(State::Active(b)) = self.streams.get_mut(&desc.stream) else { return None };
+        desc.depth += 1;
+        desc.route.push(me);
+        b.source = Source::Neighbour(upstream.to_string());
+        b.desc = desc;
+        b.repairing = false;
+        Some(b.downstream.iter().cloned().collect())
+    }
+
+    /// The upstream's route to the root changed (it was repaired); returns
+    /// the downstreams to pass it on to. Ignored unless from the upstream.
+    pub fn rerooted(&mut self, stream: &str, from: &str, server: &str, upstream_route: &[String]) -> Vec<String> {
+        let me = self.me.clone();
+        let Some(State::Active(b)) = self.streams.get_mut(stream) else { return Vec::new() };
+        if !matches!(&b.source, Source::Neighbour(up) if up == from) || upstream_route.contains(&me) {
+            return Vec::new();
+        }
+        b.desc.route = upstream_route.to_vec();
+        b.desc.route.push(me);
+        b.desc.depth = upstream_route.len() as u32;
+        b.desc.server = server.to_string();
+        b.downstream.iter().cloned().collect()
+    }
+
+    /// The upstream gave up on the stream (it found no way to the root):
+    /// repair like for a lost upstream. False unless `from` is the upstream.
+    pub fn upstream_abandoned(&mut self, stream: &str, from: &str) -> bool {
+        match self.streams.get_mut(stream) {
+            Some(State::Active(b)) if matches!(&b.source, Source::Neighbour(up) if up == from) => {
+                b.repairing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A repairing branch found no way to the root: drop it. Returns its
+    /// downstream neighbours, which must repair on their own.
+    pub fn abandon(&mut self, stream: &str) -> Vec<String> {
+        match self.streams.get(stream) {
+            Some(State::Active(b)) if b.repairing => {
+                let down = b.downstream.iter().cloned().collect();
+                self.streams.remove(stream);
+                down
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Streams whose branch is repairing.
+    pub fn repairing(&self) -> Vec<String> {
+        self.active().filter(|b| b.repairing).map(|b| b.desc.stream.clone()).collect()
     }
 
     /// Active branches, by stream.
@@ -308,7 +437,9 @@ mod tests {
     }
 
     fn desc(server: &str, depth: u32) -> StreamDesc {
-        StreamDesc { stream: "test".into(), server: server.into(), ssrcs: vec![1, 2], depth }
+        let mut route = vec![server.to_string()];
+        route.extend((1..=depth).map(|i| format!("r{i}")));
+        StreamDesc { stream: "test".into(), server: server.into(), ssrcs: vec![1, 2], depth, route }
     }
 
     fn n(s: &str) -> Requester {
@@ -410,5 +541,110 @@ mod tests {
         assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
         assert_eq!(t.leave("test", &Requester::Local), Prune::Upstream("o4".into()));
         assert_eq!(t.leave("test", &Requester::Local), Prune::Nothing);
+    }
+
+    #[test]
+    fn lost_upstream_repairs_through_another_neighbour_never_downstream() {
+        let now = Instant::now();
+        // o3 is fed by o2; o9 is its downstream; o4 another neighbour.
+        let mut r = routes("o3", &["o2", "o9", "o4"]);
+        heard(&mut r, "s1", "o2", 2, now);
+        heard(&mut r, "s1", "o9", 2, now);
+        heard(&mut r, "s2", "o4", 3, now);
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o9"), &["o9".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        assert_eq!(t.branch("test").unwrap().desc.route, ["s1", "r1", "o3"]);
+
+        r.neighbour_down("o2");
+        let (repair, prunes) = t.neighbour_lost("o2");
+        assert_eq!(repair, ["test"]);
+        assert!(prunes.is_empty());
+        assert!(t.branch("test").unwrap().repairing);
+        assert_eq!(t.neighbour_lost("o2").0, Vec::<String>::new(), "repair starts once");
+        // o9 has a route to s1 but is downstream: the repair goes to o4 (s2).
+        let (to, path) = t.repair_target("test", &r, now, &[]).unwrap();
+        assert_eq!((to.as_str(), path), ("o4", vec!["o3".to_string()]));
+        // A new upstream whose route passes through o3 is a loop.
+        let mut looped = desc("s2", 2);
+        looped.route = vec!["s2".into(), "o3".into(), "o4".into()];
+        assert_eq!(t.repaired("o4", looped), None);
+        let mut via_o4 = desc("s2", 2);
+        via_o4.route = vec!["s2".into(), "o8".into(), "o4".into()];
+        assert_eq!(t.repaired("o4", via_o4), Some(vec!["o9".to_string()]));
+        let b = t.branch("test").unwrap();
+        assert!(!b.repairing);
+        assert_eq!(b.source, Source::Neighbour("o4".into()));
+        assert_eq!(b.desc.route, ["s2", "o8", "o4", "o3"]);
+        assert_eq!(b.desc.server, "s2");
+        assert_eq!(b.desc.depth, 3);
+        assert_eq!(b.downstream.iter().collect::<Vec<_>>(), ["o9"], "the downstream kept its place");
+        // An ancestor asking to join below us is refused as a loop.
+        let JoinDecision::Nak(nak) = t.request("test", n("o8"), &["o8".into()], 5, &r, now) else { panic!() };
+        assert_eq!(nak.reason, NakReason::Loop);
+    }
+
+    #[test]
+    fn lost_downstream_is_pruned_and_nothing_left_means_no_repair_target() {
+        let now = Instant::now();
+        let mut r = routes("o4", &["o8", "o5"]);
+        heard(&mut r, "s2", "o8", 2, now);
+        let mut t = Trees::new("o4", []);
+        t.request("test", n("o5"), &["o5".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o8".into()), desc("s2", 1));
+        let (repair, prunes) = t.neighbour_lost("o5");
+        assert!(repair.is_empty());
+        assert_eq!(prunes, [("test".to_string(), Prune::Upstream("o8".into()))]);
+        assert!(t.branch("test").is_none());
+
+        t.request("test", n("o5"), &["o5".into()], 2, &r, now);
+        t.joined(Source::Neighbour("o8".into()), desc("s2", 1));
+        r.neighbour_down("o8");
+        t.neighbour_lost("o8");
+        let err = t.repair_target("test", &r, now, &[]).unwrap_err();
+        assert_eq!(err.reason, NakReason::NoRoute);
+    }
+
+    #[test]
+    fn a_new_route_to_the_root_flows_down() {
+        let now = Instant::now();
+        let mut r = routes("o4", &["o3", "o5"]);
+        heard(&mut r, "s1", "o3", 3, now);
+        let mut t = Trees::new("o4", []);
+        t.request("test", n("o5"), &["o5".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o3".into()), desc("s1", 2));
+        let route = vec!["s2".to_string(), "o8".to_string(), "o9".to_string(), "o3".to_string()];
+        assert!(t.rerooted("test", "o5", "s2", &route).is_empty(), "only the upstream may say so");
+        assert_eq!(t.rerooted("test", "o3", "s2", &route), ["o5"]);
+        let b = t.branch("test").unwrap();
+        assert_eq!(b.desc.route.last().unwrap(), "o4");
+        assert_eq!((b.desc.depth, b.desc.server.as_str()), (4, "s2"));
+    }
+
+    #[test]
+    fn a_branch_that_cannot_repair_hands_its_downstream_the_job() {
+        let now = Instant::now();
+        let mut r = routes("o8", &["o4", "o9"]);
+        let mut t = Trees::new("o8", []);
+        heard(&mut r, "s1", "o9", 2, now);
+        t.request("test", n("o4"), &["o5".into(), "o4".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o9".into()), desc("s1", 1));
+        r.neighbour_down("o9");
+        t.neighbour_lost("o9");
+        assert!(t.repair_target("test", &r, now, &[]).is_err());
+        assert_eq!(t.abandon("test"), ["o4"]);
+        assert!(t.branch("test").is_none());
+
+        // Below, o4 hears it from its upstream and repairs, not through o8.
+        let mut r4 = routes("o4", &["o8", "o3", "o5"]);
+        heard(&mut r4, "s1", "o8", 3, now);
+        heard(&mut r4, "s1", "o3", 3, now);
+        let mut t4 = Trees::new("o4", []);
+        t4.request("test", n("o5"), &["o5".into()], 1, &r4, now);
+        t4.joined(Source::Neighbour("o8".into()), desc("s1", 2));
+        assert!(!t4.upstream_abandoned("test", "o3"), "only the upstream can abandon");
+        assert!(t4.upstream_abandoned("test", "o8"));
+        let (to, _) = t4.repair_target("test", &r4, now, &["o8".to_string()]).unwrap();
+        assert_eq!(to, "o3");
     }
 }

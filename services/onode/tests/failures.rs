@@ -1,0 +1,50 @@
+//! Failure recovery on loopback with real processes: tree repair around a
+//! killed server and a killed relay, a relay that cannot repair handing the
+//! job to its downstream, while a viewer keeps decoding.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{seed_topology, wait_output, Overlay};
+
+#[test]
+fn trees_repair_around_a_dead_server_and_a_dead_relay() {
+    let mut o = Overlay::start("repair", &seed_topology(), None);
+    let c = o.client("c", "test", Some("o5"), 14.0).spawn().unwrap();
+    o.wait_for("tree o5-o4-o8-s2", Duration::from_secs(10), |o| {
+        o.branch("o8", "test").is_some_and(|b| b["upstream"] == "s2")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The root server dies: o8 re-roots the tree at s1 (through o9).
+    let t = Instant::now();
+    o.kill("s2");
+    o.wait_for("re-rooted at s1", Duration::from_secs(5), |o| {
+        o.branch("o8", "test").is_some_and(|b| b["upstream"] == "o9" && b["server"] == "s1")
+    });
+    println!("server failover: tree re-rooted {} ms after the kill", t.elapsed().as_millis());
+    assert_eq!(o.inspect("s1")["pipelines"], serde_json::json!(["test"]));
+    assert_eq!(o.branch("o4", "test").unwrap()["upstream"], "o8", "o4 kept its upstream");
+    assert_eq!(o.branch("o4", "test").unwrap()["server"], "s1", "the new root flowed down");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // o9 dies too: o8 has no way left (its other neighbour is its
+    // downstream), gives up, and o4 repairs through o3.
+    let t = Instant::now();
+    o.kill("o9");
+    o.wait_for("o4 repaired through o3", Duration::from_secs(6), |o| {
+        o.branch("o4", "test").is_some_and(|b| b["upstream"] == "o3")
+    });
+    println!("relay loss: o4 repaired {} ms after the kill", t.elapsed().as_millis());
+    o.wait_for("o8 off the tree", Duration::from_secs(3), |o| o.branch("o8", "test").is_none());
+    assert!(o.log("o8").contains("no way to the root"));
+
+    let out = wait_output(c, Duration::from_secs(40));
+    assert!(out.status.success(), "client: {}", o.client_log("c"));
+    let s = o.stats("c");
+    println!("client: {s}");
+    assert!(s["frames_decoded"].as_u64().unwrap() > 200, "the viewer kept decoding: {s}");
+    let gap = s["longest_gap_ms"].as_f64().unwrap();
+    assert!(gap < 5000.0, "media came back after each fault (longest gap {gap} ms)");
+}
