@@ -1,0 +1,388 @@
+//! Judging a run from what was measured: the clients' stats files and the
+//! per-link media counters. Pure functions, so the checks themselves are
+//! tested without a lab.
+//!
+//! The distribution trees are read off the counters of a window in which
+//! every client watches: for each stream, the directions that carried it
+//! must form a tree rooted at a server (every node gets the stream from at
+//! most one neighbour, no link carries it both ways, no cycle), every POP
+//! with viewers must be in it, and each link must carry it once: its packet
+//! count is compared with the count on the link that feeds its sender (for
+//! a server's links, with the median of the tree). Links that carried no
+//! counted stream must have carried no RTP at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::Deserialize;
+
+use crate::media::{Count, Direction, LinkCount};
+
+/// Highest accepted ratio between a link's packets and its feeder's.
+pub const MAX_STRESS: f64 = 1.25;
+
+/// The stats file `oclient --stats-json` writes (fields it may lack are
+/// left at their defaults).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ClientStats {
+    pub client: String,
+    pub stream: String,
+    /// The chosen POP's address.
+    pub pop: String,
+    /// Measured RTT per POP address.
+    pub pop_rtt_ms: BTreeMap<String, f64>,
+    pub frames_decoded: u64,
+    pub audio_buffers: u64,
+    pub packets_received: u64,
+    pub packets_lost: i64,
+    pub jitter_ms: f64,
+    pub first_frame_ms: Option<f64>,
+    /// From starting to the end of SETUP, when oclient reports it.
+    pub setup_ms: Option<f64>,
+    pub bytes_received: u64,
+}
+
+impl ClientStats {
+    /// The chosen POP's address, without a port if one is given.
+    pub fn pop_addr(&self) -> Option<Ipv4Addr> {
+        let host = self.pop.rsplit_once(':').map_or(self.pop.as_str(), |(h, _)| h);
+        host.parse().ok()
+    }
+
+    /// The RTT measured to the chosen POP.
+    pub fn pop_rtt(&self) -> Option<f64> {
+        self.pop_rtt_ms.get(&self.pop).copied().or_else(|| {
+            let a = self.pop_addr()?.to_string();
+            self.pop_rtt_ms.iter().find(|(k, _)| k.split(':').next() == Some(a.as_str())).map(|(_, v)| *v)
+        })
+    }
+}
+
+/// One client of a run and what became of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientOutcome {
+    /// Host name (with `#n` when a host runs several clients).
+    pub label: String,
+    pub host: String,
+    pub stream: String,
+    pub start_s: f64,
+    /// The POP address on the client's LAN, and the POP's overlay name.
+    pub expected_pop: Option<Ipv4Addr>,
+    pub expected_pop_node: Option<String>,
+    /// The overlay name of the POP the client chose (a POP may have
+    /// several addresses: any of them is the same POP).
+    pub pop_node: Option<String>,
+    pub stats: Option<ClientStats>,
+    /// Why there are no stats, or how oclient failed.
+    pub failure: Option<String>,
+}
+
+/// Problems with the clients: no frames, no stats, a POP not on the LAN.
+pub fn client_problems(clients: &[ClientOutcome]) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in clients {
+        match &c.stats {
+            None => out.push(format!(
+                "client {} ({}): no stats: {}",
+                c.label,
+                c.stream,
+                c.failure.as_deref().unwrap_or("oclient wrote none")
+            )),
+            Some(s) => {
+                if s.frames_decoded == 0 {
+                    out.push(format!("client {} ({}): decoded no frame", c.label, c.stream));
+                }
+                if let Some(want) = &c.expected_pop_node {
+                    if c.pop_node.as_ref() != Some(want) {
+                        out.push(format!(
+                            "client {} ({}): chose POP {} ({}), not {want} on its LAN ({})",
+                            c.label,
+                            c.stream,
+                            c.pop_node.as_deref().unwrap_or("unknown"),
+                            s.pop,
+                            c.expected_pop.map(|a| a.to_string()).unwrap_or_default()
+                        ));
+                    }
+                }
+                if let Some(f) = &c.failure {
+                    out.push(format!("client {} ({}): {f}", c.label, c.stream));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether any client got no frame (the demo's exit status).
+pub fn any_without_frames(clients: &[ClientOutcome]) -> bool {
+    clients.iter().any(|c| c.stats.as_ref().is_none_or(|s| s.frames_decoded == 0))
+}
+
+/// Times to first frame of one stream's viewers, in ms with the client's
+/// label.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FirstFrames {
+    /// The first viewer: the tree had to be built.
+    pub cold: Option<(String, f64)>,
+    /// The later viewers, in start order.
+    pub warm: Vec<(String, f64)>,
+}
+
+/// Time to first frame of the first client of each stream (cold) and of the
+/// later ones (warm), in start order.
+pub fn cold_and_warm(clients: &[ClientOutcome]) -> BTreeMap<String, FirstFrames> {
+    let mut by_stream: BTreeMap<String, Vec<&ClientOutcome>> = BTreeMap::new();
+    for c in clients {
+        by_stream.entry(c.stream.clone()).or_default().push(c);
+    }
+    by_stream
+        .into_iter()
+        .map(|(s, mut cs)| {
+            cs.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+            let ttff =
+                |c: &ClientOutcome| c.stats.as_ref().and_then(|s| s.first_frame_ms).map(|t| (c.label.clone(), t));
+            let cold = cs.first().and_then(|c| ttff(c));
+            let warm = cs.iter().skip(1).filter_map(|c| ttff(c)).collect();
+            (s, FirstFrames { cold, warm })
+        })
+        .collect()
+}
+
+/// One stream's tree as measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamTree {
+    pub stream: String,
+    /// Directions that carried the stream in the window, with their count
+    /// and stress (packets relative to the feeding link).
+    pub links: Vec<(Direction, Count, f64)>,
+}
+
+/// The trees and what is wrong with them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TreeReport {
+    pub trees: Vec<StreamTree>,
+    pub problems: Vec<String>,
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Checks the trees. `window` counts a steady period with every client
+/// watching; `whole` the entire run; `servers` are overlay node names;
+/// `viewed` is, per stream index, the POP nodes with viewers.
+pub fn check_trees(
+    streams: &[String],
+    window: &[LinkCount],
+    whole: &[LinkCount],
+    servers: &[String],
+    viewed: &[BTreeSet<String>],
+) -> TreeReport {
+    let mut report = TreeReport::default();
+    for (k, stream) in streams.iter().enumerate() {
+        let carrying: Vec<(&Direction, Count)> = window
+            .iter()
+            .filter_map(|l| {
+                let c = l.streams.get(k).copied().unwrap_or_default();
+                (c.packets > 0).then_some((&l.dir, c))
+            })
+            .collect();
+        let mut parent: BTreeMap<&str, Vec<(&str, Count)>> = BTreeMap::new();
+        for (d, c) in &carrying {
+            parent.entry(d.to.as_str()).or_default().push((d.from.as_str(), *c));
+            if carrying.iter().any(|(e, _)| e.from == d.to && e.to == d.from) && d.from < d.to {
+                report.problems.push(format!("stream {stream}: link {}-{} carried it both ways", d.from, d.to));
+            }
+        }
+        for (node, ps) in &parent {
+            if ps.len() > 1 {
+                report.problems.push(format!(
+                    "stream {stream}: {node} got it from {} neighbours ({})",
+                    ps.len(),
+                    ps.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        // Every sender must be a server or be fed itself; no cycle.
+        for (d, _) in &carrying {
+            let mut at = d.from.as_str();
+            let mut seen = BTreeSet::new();
+            loop {
+                if servers.iter().any(|s| s == at) {
+                    break;
+                }
+                if !seen.insert(at) {
+                    report.problems.push(format!("stream {stream}: the links into {} form a cycle", d.from));
+                    break;
+                }
+                match parent.get(at).and_then(|ps| ps.first()) {
+                    Some((p, _)) => at = p,
+                    None => {
+                        report
+                            .problems
+                            .push(format!("stream {stream}: {at} sent it on without receiving it (not a server)"));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(pops) = viewed.get(k) {
+            for pop in pops {
+                if !parent.contains_key(pop.as_str()) {
+                    report.problems.push(format!(
+                        "stream {stream}: POP {pop} has viewers but received no packet of it in the window"
+                    ));
+                }
+            }
+        }
+        let tree_median = median(carrying.iter().map(|(_, c)| c.packets).collect());
+        let mut links = Vec::new();
+        for (d, c) in &carrying {
+            let feed =
+                parent.get(d.from.as_str()).and_then(|ps| ps.first()).map(|(_, c)| c.packets).unwrap_or(tree_median);
+            let stress = if feed == 0 { f64::INFINITY } else { c.packets as f64 / feed as f64 };
+            if stress > MAX_STRESS {
+                report.problems.push(format!(
+                    "stream {stream}: link {} -> {} carried {} packets for {} fed in (stress {stress:.2})",
+                    d.from, d.to, c.packets, feed
+                ));
+            }
+            links.push(((*d).clone(), *c, stress));
+        }
+        report.trees.push(StreamTree { stream: stream.clone(), links });
+    }
+    // Off every tree: no RTP at all over the whole run.
+    for l in whole {
+        let counted: u64 = l.streams.iter().map(|c| c.packets).sum();
+        if counted == 0 && l.all.packets > 0 {
+            report.problems.push(format!(
+                "link {} -> {} is on no tree but carried {} RTP packets",
+                l.dir.from, l.dir.to, l.all.packets
+            ));
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(a: &str, b: &str) -> Direction {
+        Direction { from: a.into(), to: b.into() }
+    }
+
+    fn link(a: &str, b: &str, all: u64, per: &[u64]) -> LinkCount {
+        LinkCount {
+            dir: dir(a, b),
+            all: Count { packets: all, bytes: all * 1000 },
+            streams: per.iter().map(|p| Count { packets: *p, bytes: p * 1000 }).collect(),
+        }
+    }
+
+    fn pops(names: &[&str]) -> Vec<BTreeSet<String>> {
+        vec![names.iter().map(|s| s.to_string()).collect()]
+    }
+
+    #[test]
+    fn a_clean_tree_passes() {
+        let w = vec![
+            link("s1", "o2", 100, &[100]),
+            link("o2", "o3", 100, &[100]),
+            link("o3", "o7", 99, &[99]),
+            link("o2", "o9", 0, &[0]),
+        ];
+        let r = check_trees(&["test".into()], &w, &w, &["s1".into()], &pops(&["o7"]));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.trees[0].links.len(), 3);
+        assert!((r.trees[0].links[2].2 - 0.99).abs() < 1e-9);
+    }
+
+    #[test]
+    fn double_copies_and_two_parents_are_found() {
+        let w = vec![
+            link("s1", "o2", 100, &[100]),
+            link("o2", "o3", 200, &[200]),
+            link("s1", "o9", 100, &[100]),
+            link("o9", "o3", 100, &[100]),
+        ];
+        let r = check_trees(&["test".into()], &w, &w, &["s1".into()], &pops(&["o3"]));
+        let text = r.problems.join("\n");
+        assert!(text.contains("o3 got it from 2 neighbours (o2, o9)"), "{text}");
+        assert!(text.contains("link o2 -> o3 carried 200 packets for 100 fed in (stress 2.00)"), "{text}");
+    }
+
+    #[test]
+    fn off_tree_media_missing_pop_and_orphans_are_found() {
+        let w = vec![link("s1", "o2", 100, &[100]), link("o4", "o5", 100, &[100]), link("o8", "o9", 5, &[0])];
+        let r = check_trees(&["test".into()], &w, &w, &["s1".into()], &pops(&["o7"]));
+        let text = r.problems.join("\n");
+        assert!(text.contains("o4 sent it on without receiving it"), "{text}");
+        assert!(text.contains("POP o7 has viewers but received no packet"), "{text}");
+        assert!(text.contains("link o8 -> o9 is on no tree but carried 5 RTP packets"), "{text}");
+    }
+
+    #[test]
+    fn both_ways_is_found() {
+        let w = vec![link("s1", "o2", 100, &[100]), link("o2", "o3", 100, &[100]), link("o3", "o2", 100, &[100])];
+        let r = check_trees(&["test".into()], &w, &w, &["s1".into()], &pops(&[]));
+        assert!(r.problems.iter().any(|p| p.contains("carried it both ways")), "{:?}", r.problems);
+    }
+
+    fn outcome(label: &str, stream: &str, start: f64, frames: u64, pop: &str, ttff: f64) -> ClientOutcome {
+        let pop_node = if pop.starts_with("10.0.7.2") || pop == "10.0.8.2" { "o6" } else { "o5" };
+        ClientOutcome {
+            label: label.into(),
+            host: label.into(),
+            stream: stream.into(),
+            start_s: start,
+            expected_pop: Some("10.0.7.2".parse().unwrap()),
+            expected_pop_node: Some("o6".into()),
+            pop_node: Some(pop_node.into()),
+            stats: Some(ClientStats {
+                frames_decoded: frames,
+                pop: pop.into(),
+                first_frame_ms: Some(ttff),
+                pop_rtt_ms: [(pop.to_string(), 0.4)].into_iter().collect(),
+                ..Default::default()
+            }),
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn clients_are_judged() {
+        let cs = vec![
+            outcome("c2", "test", 0.0, 250, "10.0.7.2", 300.0),
+            outcome("c3", "test", 5.0, 200, "10.0.7.2:7070", 80.0),
+            outcome("c4", "clip", 1.0, 0, "10.0.6.2", 0.0),
+            outcome("c9", "clip", 1.0, 10, "10.0.8.2", 0.0),
+        ];
+        let p = client_problems(&cs);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("c4 (clip): decoded no frame"));
+        assert_eq!(p[1], "client c4 (clip): chose POP o5 (10.0.6.2), not o6 on its LAN (10.0.7.2)");
+        assert!(any_without_frames(&cs));
+        assert_eq!(cs[1].stats.as_ref().unwrap().pop_rtt(), Some(0.4));
+        let cw = cold_and_warm(&cs);
+        assert_eq!(cw["test"].cold, Some(("c2".into(), 300.0)));
+        assert_eq!(cw["test"].warm, vec![("c3".to_string(), 80.0)]);
+    }
+
+    #[test]
+    fn stats_file_parses_with_missing_fields() {
+        let s: ClientStats = serde_json::from_str(
+            r#"{"client": "c1", "stream": "test", "pop": "10.0.6.2", "pop_rtt_ms": {"10.0.6.2": 0.3, "10.0.7.2": 1.1},
+                "frames_decoded": 240, "packets_lost": 0, "first_frame_ms": 212.5, "extra": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(s.frames_decoded, 240);
+        assert_eq!(s.pop_rtt(), Some(0.3));
+        assert_eq!(s.bytes_received, 0);
+    }
+}

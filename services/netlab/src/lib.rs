@@ -1,0 +1,22 @@
+//! netlab: the overlay's underlay in Linux network namespaces.
+//!
+//! A lab file ([`lab`]) describes hosts, routers, links, LANs and roles;
+//! [`routes`] computes shortest-path static routes and [`plan`] turns the
+//! lab into ip/tc/nft commands, all pure and tested without root. [`sys`]
+//! runs them, [`run`] brings a lab up and down and starts the roles,
+//! [`media`] counts RTP bytes per overlay link and stream with nftables,
+//! [`analysis`] checks the distribution trees from those counts, and
+//! [`demo`] plays the whole scenario and prints the report.
+
+pub mod addr;
+pub mod analysis;
+pub mod demo;
+pub mod lab;
+pub mod media;
+pub mod overlay;
+pub mod plan;
+pub mod probe;
+pub mod routes;
+pub mod run;
+pub mod state;
+pub mod sys;

@@ -1,0 +1,150 @@
+//! Shared by the lab tests: skipping without root, a guard that tears a lab
+//! down on drop (also when the test panics), reachability and the issue's
+//! acceptance checks on a lab.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use netlab::demo;
+use netlab::lab::Lab;
+use netlab::run::{self, Bins, UpOptions};
+use netlab::state::{self, LabState};
+use netlab::{plan, probe, sys};
+
+/// Lab tests take the machine's two cores: one lab at a time per binary.
+pub static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Why the lab tests cannot run here, if they cannot.
+pub fn cannot_run() -> Option<String> {
+    if !sys::is_root() {
+        return Some("not root (network namespaces need root)".into());
+    }
+    for tool in ["ip", "nft", "tc"] {
+        if sys::output(&["sh", "-c", &format!("command -v {tool}")], None).is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// The onode and oclient binaries, or why there are none.
+pub fn product_bins() -> Result<Bins, String> {
+    let bins = Bins::find(None).map_err(|e| format!("{e:#}"))?;
+    if !bins.oclient.is_file() {
+        return Err(format!("no oclient next to {}", bins.onode.display()));
+    }
+    Ok(bins)
+}
+
+pub fn lab_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs").join(name).canonicalize().expect("lab file exists")
+}
+
+/// A prefix no other test or lab uses.
+pub fn test_prefix() -> String {
+    format!("nt{}", &state::new_prefix()[2..])
+}
+
+/// Tears its lab down when dropped, even when the test panics.
+pub struct LabGuard {
+    pub prefix: String,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = run::down(&self.prefix) {
+            eprintln!("tearing lab {} down failed: {e:#}", self.prefix);
+        }
+    }
+}
+
+/// Brings `lab` up under a fresh prefix; roles only when `bins` is given.
+pub fn up(lab: &Lab, bins: Option<&Bins>, media: Option<PathBuf>) -> (LabGuard, LabState) {
+    let prefix = test_prefix();
+    let guard = LabGuard { prefix: prefix.clone() };
+    let opts = UpOptions {
+        prefix,
+        bin_dir: bins.map(Bins::dir),
+        media_dir: media,
+        network_only: bins.is_none(),
+        ready_timeout: Duration::from_secs(60),
+    };
+    let st = run::up(lab, &opts).unwrap_or_else(|e| panic!("lab up failed: {e:#}"));
+    (guard, st)
+}
+
+/// Every host pings every other host's addresses.
+pub fn assert_full_reachability(lab: &Lab, prefix: &str) {
+    let all = lab.all_addresses();
+    let mut failures = Vec::new();
+    for (h, host) in lab.hosts.iter().enumerate() {
+        let targets: Vec<_> = all.iter().filter(|(o, _)| *o != h).map(|(_, a)| *a).collect();
+        let missing = probe::ping_from(&plan::ns_name(prefix, &host.name), targets, Duration::from_secs(3))
+            .expect("ping from namespace");
+        if !missing.is_empty() {
+            failures.push(format!("{} cannot reach {missing:?}", host.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The route `host` uses toward `dst`, as the kernel says.
+pub fn route_get(prefix: &str, host: &str, dst: &str) -> String {
+    let ns = plan::ns_name(prefix, host);
+    sys::output(&["ip", "-n", &ns, "route", "get", dst], None).expect("ip route get")
+}
+
+/// Drops the guard and checks that nothing of the lab is left.
+pub fn down_and_check_clean(guard: LabGuard) {
+    let prefix = guard.prefix.clone();
+    drop(guard);
+    let left = sys::lab_namespaces(&prefix).expect("ip netns list");
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    // Safe to run twice.
+    run::down(&prefix).expect("second down");
+}
+
+/// Removes a lab's folder (logs, stats): call when the test passed, so a
+/// failed test leaves them to read.
+pub fn remove_lab_folder(prefix: &str) {
+    let _ = std::fs::remove_dir_all(state::lab_dir(prefix));
+}
+
+/// A lab's outcome: what the scenario measured and where its logs are.
+pub struct Outcome {
+    pub scenario: demo::Scenario,
+    pub prefix: String,
+}
+
+impl Outcome {
+    /// Fails the test with every problem and the log folder.
+    pub fn assert_no_problems(&self) {
+        let problems = self.scenario.problems();
+        assert!(
+            problems.is_empty(),
+            "{}
+(logs in {})",
+            problems.join("\n"),
+            state::lab_dir(&self.prefix).display()
+        );
+    }
+}
+
+/// The issue's acceptance on a lab: every client decodes from the POP on
+/// its LAN, each stream crosses each overlay link at most once while all
+/// watch, links off the trees carry no media.
+pub fn acceptance(lab: &Lab, bins: &Bins) -> Outcome {
+    let media = std::env::temp_dir().join(format!("netlab-test-media-{}", test_prefix()));
+    demo::make_media(&media, &demo::client_streams(lab)).expect("making the media files");
+    let (guard, mut st) = up(lab, Some(bins), Some(media.clone()));
+    let prefix = guard.prefix.clone();
+    assert_full_reachability(lab, &prefix);
+    let sc = demo::play(lab, &mut st, bins).unwrap_or_else(|e| panic!("scenario failed: {e:#}"));
+    println!("{}", demo::report(&sc));
+    down_and_check_clean(guard);
+    let _ = std::fs::remove_dir_all(&media);
+    Outcome { scenario: sc, prefix }
+}

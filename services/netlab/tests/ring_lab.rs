@@ -1,0 +1,57 @@
+//! The second lab (a ring of relays with a chord and routers between some
+//! overlay neighbours): the underlay alone, then the acceptance when onode
+//! and oclient are built. Needs root; skips with a reason otherwise.
+
+mod common;
+
+use common::*;
+use netlab::lab::Lab;
+
+fn ring() -> Lab {
+    Lab::load(&lab_path("ring.json")).expect("ring lab validates")
+}
+
+#[test]
+fn ring_network_reaches_everywhere_and_leaves_nothing() {
+    if let Some(why) = cannot_run() {
+        println!("skipped: {why}");
+        return;
+    }
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = ring();
+    let (guard, st) = up(&lab, None, None);
+    assert_full_reachability(&lab, &guard.prefix);
+    // Overlay neighbours o2 and o3 talk through router ra.
+    assert!(route_get(&guard.prefix, "o2", "10.1.5.3").contains("via 10.1.4.254"));
+    // The routers' own link is a shortcut of the underlay: o3 reaches o6's
+    // router-side subnet through ra and rb.
+    assert!(route_get(&guard.prefix, "ra", "10.1.9.6").contains("via 10.1.15.2"));
+    // The chord's rate limit is in place.
+    let qdisc = netlab::sys::output(
+        &["tc", "-n", &netlab::plan::ns_name(&guard.prefix, "o1"), "qdisc", "show", "dev", "v-o4"],
+        None,
+    )
+    .unwrap();
+    assert!(qdisc.contains("tbf") && qdisc.contains("20Mbit"), "{qdisc}");
+    down_and_check_clean(guard);
+    remove_lab_folder(&st.prefix);
+}
+
+#[test]
+fn ring_lab_acceptance() {
+    if let Some(why) = cannot_run() {
+        println!("skipped: {why}");
+        return;
+    }
+    let bins = match product_bins() {
+        Ok(b) => b,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = acceptance(&ring(), &bins);
+    out.assert_no_problems();
+    remove_lab_folder(&out.prefix);
+}
