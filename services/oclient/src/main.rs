@@ -55,12 +55,16 @@ struct Cli {
     /// Control port of the bootstrapper when ADDR has none.
     #[arg(long, default_value_t = 7070)]
     control_port: u16,
-    /// Round-trip probes per POP.
-    #[arg(long, default_value_t = 3)]
+    /// Round-trip probes (TCP handshakes) per POP; the lowest counts.
+    #[arg(long, default_value_t = 5)]
     probes: u32,
     /// Jitter buffer latency in ms (how long to wait for late packets).
     #[arg(long, default_value_t = media::DEFAULT_LATENCY_MS)]
     latency_ms: u32,
+    /// Silence (ms) after which the client checks its POP and, if it does
+    /// not answer, moves to the best remaining one.
+    #[arg(long, default_value_t = 600)]
+    failover_ms: u64,
     /// Use this POP (IP or IP:PORT) instead of probing the ones the bootstrapper lists.
     #[arg(long)]
     pop: Option<String>,
@@ -88,6 +92,8 @@ struct Report {
     pauses: u32,
     /// Longest time between two received packets after the first, in ms.
     longest_gap_ms: f64,
+    /// Moves to another POP after one stopped answering.
+    pop_switches: Vec<Switch>,
 }
 
 fn main() -> ExitCode {
@@ -114,8 +120,9 @@ fn main() -> ExitCode {
 }
 
 fn endpoint(addr: SocketAddr) -> anyhow::Result<Channel> {
+    // A connect must survive one lost SYN (retransmitted after 1 s).
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(800))
+        .connect_timeout(Duration::from_millis(2500))
         .timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect_lazy())
@@ -127,22 +134,6 @@ fn parse_addr(text: &str, port: u16) -> anyhow::Result<SocketAddr> {
     }
     let ip: IpAddr = text.parse().with_context(|| format!("{text:?} is not an address (IP or IP:PORT)"))?;
     Ok(SocketAddr::new(ip, port))
-}
-
-/// The lowest of a few round trips to one POP address, in ms.
-async fn probe_rtt(addr: SocketAddr, probes: u32) -> Option<f64> {
-    let mut client = SessionClient::new(endpoint(addr).ok()?);
-    let mut best: Option<f64> = None;
-    for _ in 0..probes.max(1) {
-        let t = Instant::now();
-        let ok =
-            tokio::time::timeout(Duration::from_secs(1), client.probe(pb::ClientProbe { client_time_us: 0 })).await;
-        if let Ok(Ok(_)) = ok {
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            best = Some(best.map_or(ms, |b: f64| b.min(ms)));
-        }
-    }
-    best
 }
 
 enum Key {
@@ -200,102 +191,209 @@ impl Drop for RawMode {
     }
 }
 
+/// A candidate POP with its measured round trip.
+#[derive(Debug, Clone)]
+struct Candidate {
+    name: String,
+    addr: SocketAddr,
+    rtt_ms: f64,
+    /// The POP address is on one of this host's own subnets.
+    on_link: bool,
+}
+
+/// Round trips closer than this are measurement noise.
+const RTT_NOISE_MS: f64 = 0.3;
+
+/// The POP with the lowest round trip; among POPs within measurement
+/// noise of the lowest, one on the client's own subnet (no router between).
+fn choose_pop(candidates: &[Candidate]) -> Option<&Candidate> {
+    let best = candidates.iter().min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))?;
+    candidates
+        .iter()
+        .filter(|c| c.on_link && c.rtt_ms <= best.rtt_ms + RTT_NOISE_MS)
+        .min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))
+        .or(Some(best))
+}
+
+/// Round trip to a POP measured as the TCP handshake to its control port
+/// (answered by the kernel, so no application noise): the lowest of a few.
+async fn handshake_rtt(addr: SocketAddr, probes: u32) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    for _ in 0..probes.max(1) {
+        let t = Instant::now();
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr)).await
+        {
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            drop(stream);
+            best = Some(best.map_or(ms, |b: f64| b.min(ms)));
+        }
+    }
+    best
+}
+
+/// This host's IPv4 subnets (address, prefix mask).
+fn local_subnets() -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null()
+            && !ifa.ifa_netmask.is_null()
+            && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
+        {
+            let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+            let (a, m) = (u32::from_be(a.sin_addr.s_addr), u32::from_be(m.sin_addr.s_addr));
+            if a >> 24 != 127 {
+                out.push((a, m));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+fn on_link(ip: IpAddr, subnets: &[(u32, u32)]) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let ip = u32::from(v4);
+            subnets.iter().any(|(a, m)| ip & m == a & m)
+        }
+        IpAddr::V6(_) => false,
+    }
+}
+
+/// One open session at a POP.
+struct Open {
+    session: SessionClient<Channel>,
+    id: String,
+    pop_addr: SocketAddr,
+    pop_name: String,
+    rtts: BTreeMap<String, f64>,
+    server: String,
+}
+
+/// LOGIN, choose a POP (never one of `avoid`), CONNECT_POP and SETUP.
+async fn open_session(cli: &Cli, bootstrap: SocketAddr, rtp_port: u16, avoid: &[SocketAddr]) -> anyhow::Result<Open> {
+    let mut boot = BootstrapClient::new(endpoint(bootstrap)?);
+    let login = boot
+        .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
+        .await
+        .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
+        .into_inner();
+    let port = login.control_port as u16;
+    let mut addrs: Vec<(String, SocketAddr)> = login
+        .pops
+        .iter()
+        .flat_map(|p| p.addresses.iter().filter_map(|a| Some((p.name.clone(), SocketAddr::new(a.parse().ok()?, port)))))
+        .filter(|(_, a)| !avoid.contains(a))
+        .collect();
+    if let Some(forced) = &cli.pop {
+        let forced = parse_addr(forced, port).context("--pop")?;
+        let name =
+            addrs.iter().find(|(_, a)| *a == forced).map(|(n, _)| n.clone()).unwrap_or_else(|| forced.to_string());
+        addrs = vec![(name, forced)];
+    }
+    if addrs.is_empty() {
+        bail!("the bootstrapper {bootstrap} knows no live POP");
+    }
+    let subnets = local_subnets();
+    let mut set = tokio::task::JoinSet::new();
+    for (name, a) in addrs.clone() {
+        let probes = cli.probes;
+        set.spawn(async move { (name, a, handshake_rtt(a, probes).await) });
+    }
+    let mut candidates = Vec::new();
+    while let Some(Ok((name, addr, rtt))) = set.join_next().await {
+        if let Some(rtt_ms) = rtt {
+            candidates.push(Candidate { name, addr, rtt_ms, on_link: on_link(addr.ip(), &subnets) });
+        }
+    }
+    let rtts = candidates.iter().map(|c| (c.addr.ip().to_string(), c.rtt_ms)).collect();
+    let Some(chosen) = choose_pop(&candidates).cloned() else {
+        bail!("no POP answered: tried {}", addrs.iter().map(|(_, a)| a.to_string()).collect::<Vec<_>>().join(", "))
+    };
+    info!(pop = %chosen.name, addr = %chosen.addr, rtt_ms = format!("{:.3}", chosen.rtt_ms), on_link = chosen.on_link, "chose the POP with the lowest round trip");
+
+    let mut session = SessionClient::new(endpoint(chosen.addr)?);
+    let connect = session
+        .connect_pop(pb::ConnectRequest { client: cli.name.clone() })
+        .await
+        .with_context(|| format!("CONNECT_POP at {} ({})", chosen.name, chosen.addr))?
+        .into_inner();
+    let mut setup = tonic::Request::new(pb::SetupRequest {
+        session_id: connect.session_id.clone(),
+        stream: cli.stream.clone(),
+        rtp_port: u32::from(rtp_port),
+        rtp_host: if cli.bind.is_unspecified() { String::new() } else { cli.bind.to_string() },
+    });
+    telemetry::inject(setup.metadata_mut());
+    let setup = match session.setup(setup).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => match s.code() {
+            tonic::Code::NotFound => bail!("stream {:?} is unknown: {}", cli.stream, s.message()),
+            tonic::Code::Unavailable => bail!("stream {:?} cannot be reached: {}", cli.stream, s.message()),
+            _ => bail!("SETUP of {:?} at {} failed: {}", cli.stream, chosen.name, s.message()),
+        },
+    };
+    session
+        .play(pb::SessionRequest { session_id: connect.session_id.clone() })
+        .await
+        .with_context(|| format!("PLAY at {}", chosen.addr))?;
+    Ok(Open {
+        session,
+        id: connect.session_id,
+        pop_addr: chosen.addr,
+        pop_name: chosen.name,
+        rtts,
+        server: setup.stream.map(|s| s.server).unwrap_or_default(),
+    })
+}
+
+/// A move to another POP after the first stopped answering.
+#[derive(Debug, Clone, Serialize)]
+struct Switch {
+    from: String,
+    to: String,
+    /// When the switch completed, from the client's start (ms).
+    at_ms: f64,
+    /// From the last packet of the old POP to the first of the new one.
+    gap_ms: f64,
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let bootstrap = parse_addr(&cli.bootstrap, cli.control_port).context("--bootstrap")?;
     // GStreamer and the decoder pipeline start while the session is set up.
-    let config =
-        media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms };
+    let config = media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms };
     let player = tokio::task::spawn_blocking(move || media::Player::start(config));
+    let socket = UdpSocket::bind(SocketAddr::new(cli.bind, 0)).await.context("bind the RTP socket")?;
+    let rtp_port = socket.local_addr()?.port();
 
     let span = tracing::info_span!("session", client = %cli.name, stream = %cli.stream);
-    let (mut session, session_id, pop_addr, report_base, socket) = async {
-        let mut boot = BootstrapClient::new(endpoint(bootstrap)?);
-        let login = boot
-            .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
-            .await
-            .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
-            .into_inner();
-        let port = login.control_port as u16;
-        let mut addrs: Vec<(String, SocketAddr)> = login
-            .pops
-            .iter()
-            .flat_map(|p| p.addresses.iter().filter_map(|a| Some((p.name.clone(), SocketAddr::new(a.parse().ok()?, port)))))
-            .collect();
-        if let Some(forced) = &cli.pop {
-            let forced = parse_addr(forced, port).context("--pop")?;
-            let name = addrs.iter().find(|(_, a)| *a == forced).map(|(n, _)| n.clone()).unwrap_or_else(|| forced.to_string());
-            addrs = vec![(name, forced)];
-        }
-        if addrs.is_empty() {
-            bail!("the bootstrapper {bootstrap} knows no live POP");
-        }
-        let mut rtts = BTreeMap::new();
-        let mut best: Option<(f64, String, SocketAddr)> = None;
-        let mut set = tokio::task::JoinSet::new();
-        for (name, a) in addrs.clone() {
-            let probes = cli.probes;
-            set.spawn(async move { (name, a, probe_rtt(a, probes).await) });
-        }
-        while let Some(Ok((name, a, rtt))) = set.join_next().await {
-            if let Some(ms) = rtt {
-                rtts.insert(a.ip().to_string(), ms);
-                if best.as_ref().is_none_or(|(b, _, _)| ms < *b) {
-                    best = Some((ms, name, a));
-                }
-            }
-        }
-        let Some((rtt, pop_name, pop_addr)) = best else {
-            bail!("no POP answered: tried {}", addrs.iter().map(|(_, a)| a.to_string()).collect::<Vec<_>>().join(", "))
-        };
-        info!(pop = %pop_name, addr = %pop_addr, rtt_ms = format!("{rtt:.2}"), "chose the POP with the lowest round trip");
-
-        let socket = UdpSocket::bind(SocketAddr::new(cli.bind, 0)).await.context("bind the RTP socket")?;
-        let rtp_port = socket.local_addr()?.port();
-        let mut session = SessionClient::new(endpoint(pop_addr)?);
-        let connect = session
-            .connect_pop(pb::ConnectRequest { client: cli.name.clone() })
-            .await
-            .with_context(|| format!("CONNECT_POP at {pop_name} ({pop_addr})"))?
-            .into_inner();
-        let mut setup = tonic::Request::new(pb::SetupRequest {
-            session_id: connect.session_id.clone(),
-            stream: cli.stream.clone(),
-            rtp_port: u32::from(rtp_port),
-            rtp_host: if cli.bind.is_unspecified() { String::new() } else { cli.bind.to_string() },
-        });
-        telemetry::inject(setup.metadata_mut());
-        let setup = match session.setup(setup).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => match s.code() {
-                tonic::Code::NotFound => bail!("stream {:?} is unknown: {}", cli.stream, s.message()),
-                tonic::Code::Unavailable => bail!("stream {:?} cannot be reached: {}", cli.stream, s.message()),
-                _ => bail!("SETUP of {:?} at {pop_name} failed: {}", cli.stream, s.message()),
-            },
-        };
-        let report = Report {
-            client: cli.name.clone(),
-            stream: cli.stream.clone(),
-            pop: pop_addr.ip().to_string(),
-            pop_name: pop_name.clone(),
-            pop_rtt_ms: rtts,
-            server: setup.stream.map(|s| s.server).unwrap_or_default(),
-            setup_ms: started.elapsed().as_secs_f64() * 1000.0,
-            ..Report::default()
-        };
-        Ok((session, connect.session_id, pop_addr, report, socket))
-    }
-    .instrument(span)
-    .await?;
+    let open = open_session(&cli, bootstrap, rtp_port, &[]).instrument(span).await?;
+    let mut report = Report {
+        client: cli.name.clone(),
+        stream: cli.stream.clone(),
+        pop: open.pop_addr.ip().to_string(),
+        pop_name: open.pop_name.clone(),
+        pop_rtt_ms: open.rtts.clone(),
+        server: open.server.clone(),
+        setup_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ..Report::default()
+    };
+    let Open { mut session, id: mut session_id, mut pop_addr, .. } = open;
+    let mut pop_name = report.pop_name.clone();
 
     let player = player.await.context("player task")??;
-    session
-        .play(pb::SessionRequest { session_id: session_id.clone() })
-        .await
-        .with_context(|| format!("PLAY at {pop_addr}"))?;
-    info!(stream = %cli.stream, pop = %report_base.pop_name, server = %report_base.server, "playing");
+    info!(stream = %cli.stream, pop = %report.pop_name, server = %report.server, "playing");
 
-    let mut report = report_base;
     let mut stats = media::RtpStats::new();
     let mut keys = spawn_keys();
     let mut paused = false;
@@ -304,6 +402,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut last = (0u64, 0u64);
     let mut buf = vec![0u8; 2048];
     let mut last_packet: Option<Instant> = None;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(200));
+    let mut avoid: Vec<SocketAddr> = Vec::new();
+    let mut pending_switch: Option<(Switch, Instant)> = None;
+    let silence_limit = Duration::from_millis(cli.failover_ms.max(100));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let until_end = async {
@@ -321,6 +423,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         report.longest_gap_ms = report.longest_gap_ms.max((now - prev).as_secs_f64() * 1000.0);
                     }
                     last_packet = Some(now);
+                    if let Some((mut sw, silent_since)) = pending_switch.take() {
+                        sw.gap_ms = (now - silent_since).as_secs_f64() * 1000.0;
+                        info!(from = %sw.from, to = %sw.to, gap_ms = format!("{:.0}", sw.gap_ms), "media flows from the new POP");
+                        report.pop_switches.push(sw);
+                    }
                     stats.on_packet(&packet, now);
                     player.push_rtp(&buf[..n]);
                 }
@@ -352,6 +459,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(e) = player.error() {
                     warn!("decoder error: {e}");
+                }
+            }
+            _ = watchdog.tick() => {
+                let silent_since = last_packet.unwrap_or(started);
+                let silent = silent_since.elapsed();
+                if paused || pending_switch.is_some() || silent < silence_limit {
+                    continue;
+                }
+                let alive = handshake_rtt(pop_addr, 1).await.is_some();
+                if alive && silent < silence_limit * 6 {
+                    continue; // the POP answers: its tree is being repaired
+                }
+                warn!(pop = %pop_name, silent_ms = silent.as_millis() as u64, alive, "no media from the POP: moving to another");
+                avoid.push(pop_addr);
+                match open_session(&cli, bootstrap, rtp_port, &avoid).await {
+                    Ok(open) => {
+                        let sw = Switch {
+                            from: pop_name.clone(),
+                            to: open.pop_name.clone(),
+                            at_ms: started.elapsed().as_secs_f64() * 1000.0,
+                            gap_ms: 0.0,
+                        };
+                        info!(from = %sw.from, to = %sw.to, "switched POP");
+                        pending_switch = Some((sw, silent_since));
+                        session = open.session;
+                        session_id = open.id;
+                        pop_addr = open.pop_addr;
+                        pop_name = open.pop_name;
+                        report.pop = pop_addr.ip().to_string();
+                        report.pop_name = pop_name.clone();
+                    }
+                    Err(e) => {
+                        warn!("no other POP yet: {e:#}");
+                        avoid.retain(|a| *a != pop_addr);
+                    }
                 }
             }
             _ = until_end => break,
@@ -387,4 +529,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("no video frame was decoded from {} packets", report.packets_received);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, rtt_ms: f64, on_link: bool) -> Candidate {
+        Candidate { name: name.into(), addr: "10.0.0.1:7070".parse().unwrap(), rtt_ms, on_link }
+    }
+
+    #[test]
+    fn lowest_round_trip_wins_and_on_link_breaks_noise_ties() {
+        assert_eq!(choose_pop(&[c("a", 5.0, false), c("b", 2.0, false)]).unwrap().name, "b");
+        assert_eq!(choose_pop(&[c("a", 0.25, true), c("b", 0.2, false)]).unwrap().name, "a");
+        assert_eq!(choose_pop(&[c("a", 3.0, true), c("b", 0.2, false)]).unwrap().name, "b", "a far on-link POP loses");
+        assert!(choose_pop(&[]).is_none());
+    }
+
+    #[test]
+    fn on_link_matches_the_subnet() {
+        let nets = [(u32::from(std::net::Ipv4Addr::new(10, 0, 7, 20)), 0xffff_ff00)];
+        assert!(on_link("10.0.7.2".parse().unwrap(), &nets));
+        assert!(!on_link("10.0.8.2".parse().unwrap(), &nets));
+    }
 }
