@@ -356,6 +356,29 @@ async fn open_session(cli: &Cli, bootstrap: SocketAddr, rtp_port: u16, avoid: &[
     })
 }
 
+/// Room for the keyframe burst a POP sends when playing starts (a whole
+/// GOP at once); the default buffer would drop part of it.
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    // FORCE passes rmem_max when privileged; otherwise the plain option
+    // gets what the system allows.
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        let done = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done == 0 {
+            break;
+        }
+    }
+}
+
 /// A move to another POP after the first stopped answering.
 #[derive(Debug, Clone, Serialize)]
 struct Switch {
@@ -374,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms };
     let player = tokio::task::spawn_blocking(move || media::Player::start(config));
     let socket = UdpSocket::bind(SocketAddr::new(cli.bind, 0)).await.context("bind the RTP socket")?;
+    grow_receive_buffer(&socket);
     let rtp_port = socket.local_addr()?.port();
 
     let span = tracing::info_span!("session", client = %cli.name, stream = %cli.stream);

@@ -90,16 +90,22 @@ impl Relay {
     pub fn bind(addr: SocketAddr) -> io::Result<Arc<Relay>> {
         let socket = UdpSocket::bind(addr)?;
         let fd = socket.as_raw_fd();
-        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            // Best effort: the kernel caps it at rmem_max/wmem_max.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    &SOCKET_BUFFER as *const _ as *const libc::c_void,
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                );
+        // Best effort: the FORCE variants pass rmem_max/wmem_max when
+        // privileged; otherwise the kernel caps the plain ones.
+        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+            for opt in [force, plain] {
+                let done = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        opt,
+                        &SOCKET_BUFFER as *const _ as *const libc::c_void,
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if done == 0 {
+                    break;
+                }
             }
         }
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
