@@ -24,9 +24,10 @@ topology-check FILE="netns/labs/seed-overlay.json": build
     target/debug/onode topology check {{FILE}}
 
 # Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor, same run.
-bench ROUNDS="3":
+bench ROUNDS="3": build
     cargo build --release -p relay --bin relay-bench
     python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
+    target/debug/faultbench netns/labs/seed.json {{ROUNDS}}
 
 # Bring a netns lab up (default: the original topology).
 lab-up LAB="netns/labs/seed.json": build

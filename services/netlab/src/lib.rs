@@ -11,6 +11,7 @@
 pub mod addr;
 pub mod analysis;
 pub mod demo;
+pub mod faults;
 pub mod lab;
 pub mod media;
 pub mod overlay;

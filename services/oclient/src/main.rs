@@ -94,6 +94,8 @@ struct Report {
     longest_gap_ms: f64,
     /// Moves to another POP after one stopped answering.
     pop_switches: Vec<Switch>,
+    /// Video frames decoded in each second of playing, in order.
+    fps_timeline: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -473,12 +475,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => {}
             },
             _ = tick.tick() => {
+                let d = player.decoded();
+                let s = stats.summary();
+                let fps = d.video_frames - last.0;
+                let kbit = (s.bytes - last.1) * 8 / 1000;
+                last = (d.video_frames, s.bytes);
+                report.fps_timeline.push(fps);
                 if cli.stats_line {
-                    let d = player.decoded();
-                    let s = stats.summary();
-                    let fps = d.video_frames - last.0;
-                    let kbit = (s.bytes - last.1) * 8 / 1000;
-                    last = (d.video_frames, s.bytes);
                     eprintln!("[{}] {fps} fps  {kbit} kbit/s  lost {}  jitter {:.1} ms{}", cli.name, s.packets_lost, s.jitter_ms, if paused { "  (paused)" } else { "" });
                 }
                 if let Some(e) = player.error() {

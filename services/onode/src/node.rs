@@ -103,6 +103,7 @@ pub struct Node {
     clients: HashMap<String, OverlayClient<Channel>>,
     tickets: AtomicU64,
     relay_stop: Arc<AtomicBool>,
+    started: Instant,
 }
 
 impl Node {
@@ -150,6 +151,7 @@ impl Node {
             clients,
             tickets: AtomicU64::new(1),
             relay_stop: Arc::new(AtomicBool::new(false)),
+            started: Instant::now(),
         }))
     }
 
@@ -307,15 +309,14 @@ impl Node {
                 Err(nak) => {
                     debug!(node = %self.id.name, %stream, "no repair target yet: {}", nak.detail);
                     stuck += 1;
-                    if stuck >= 5 && self.abandon(&stream) {
-                        return;
+                    if stuck == 5 {
+                        self.orphan(&stream);
                     }
                     tried = avoid.clone();
                     tokio::time::sleep(self.settings.heartbeat).await;
                     continue;
                 }
             };
-            stuck = 0;
             match self.request_upstream(&stream, &to, path).await {
                 Ok((desc, data_addr)) => {
                     let outcome = {
@@ -325,10 +326,15 @@ impl Node {
                             st.upstream_data.insert(stream.clone(), data_addr);
                             self.republish(&mut st);
                         }
-                        out.map(|down| (down, st.trees.branch(&stream).map(|b| b.desc.clone())))
+                        out.map(|(down, old)| (down, old, st.trees.branch(&stream).map(|b| b.desc.clone())))
                     };
                     match outcome {
-                        Some((downstream, Some(desc))) => {
+                        Some((downstream, old, Some(desc))) => {
+                            if let Some(old) = old {
+                                let me = self.clone();
+                                let s2 = stream.clone();
+                                self.tasks.spawn(async move { me.send_leave(s2, old).await });
+                            }
                             info!(
                                 node = %self.id.name, %stream, upstream = %to, server = %desc.server,
                                 took_ms = started.elapsed().as_millis() as u64, "tree repaired"
@@ -355,6 +361,10 @@ impl Node {
                 Err(nak) => {
                     debug!(node = %self.id.name, %stream, via = %to, "repair attempt refused: {}", nak.detail);
                     tried.push(to);
+                    stuck += 1;
+                    if stuck == 5 {
+                        self.orphan(&stream);
+                    }
                     if nak.reason != NakReason::Loop {
                         tokio::time::sleep(self.settings.heartbeat).await;
                     }
@@ -363,20 +373,15 @@ impl Node {
         }
     }
 
-    /// Gives a branch that found no way to the root up, so that its
-    /// downstreams repair on their own. A POP with viewers keeps trying.
-    fn abandon(self: &Arc<Self>, stream: &str) -> bool {
-        let downstream = {
-            let mut st = self.lock();
-            if st.trees.branch(stream).is_none_or(|b| b.local_viewers > 0) {
-                return false;
-            }
-            let down = st.trees.abandon(stream);
-            st.upstream_data.remove(stream);
-            self.republish(&mut st);
-            down
-        };
-        warn!(node = %self.id.name, stream, ?downstream, "no way to the root: downstreams must repair on their own");
+    /// Tells the downstreams of a branch that finds no way to the root to
+    /// look for one on their own; those that do leave this node, which may
+    /// then repair through them.
+    fn orphan(self: &Arc<Self>, stream: &str) {
+        let downstream = self.lock().trees.orphan(stream);
+        if downstream.is_empty() {
+            return;
+        }
+        warn!(node = %self.id.name, stream, ?downstream, "no way to the root: downstreams asked to look on their own");
         for d in downstream {
             let me = self.clone();
             let desc = StreamDesc {
@@ -388,7 +393,6 @@ impl Node {
             };
             self.tasks.spawn(async move { me.send_reroot(d, desc).await });
         }
-        true
     }
 
     async fn send_reroot(self: Arc<Self>, to: String, desc: StreamDesc) {
@@ -477,21 +481,34 @@ impl Node {
     ) -> JoinResult {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let decision = {
-            let mut st = self.lock();
-            if let Requester::Neighbour(n) = &requester {
-                st.data_ports.insert(n.clone(), data_port);
-            }
-            let st = &mut *st;
-            let d = st.trees.request(stream, requester.clone(), &path, ticket, &st.routes, Instant::now());
-            match &d {
-                JoinDecision::Attached(_) => self.republish(st),
-                JoinDecision::Nak(_) => {}
-                _ => {
-                    st.waiters.insert(ticket, tx);
+        let mut tx = Some(tx);
+        // Right after start, routes are still being learnt: a request that
+        // finds no way yet waits for a few probe periods before its NAK.
+        let converging_until = self.started + self.id.probe_interval * 4;
+        let decision = loop {
+            let d = {
+                let mut st = self.lock();
+                if let Requester::Neighbour(n) = &requester {
+                    st.data_ports.insert(n.clone(), data_port);
                 }
+                let st = &mut *st;
+                let d = st.trees.request(stream, requester.clone(), &path, ticket, &st.routes, Instant::now());
+                match &d {
+                    JoinDecision::Attached(_) => self.republish(st),
+                    JoinDecision::Nak(_) => {}
+                    _ => {
+                        st.waiters.insert(ticket, tx.take().expect("one waiter per request"));
+                    }
+                }
+                d
+            };
+            let unrouted =
+                matches!(&d, JoinDecision::Nak(n) if matches!(n.reason, NakReason::UnknownStream | NakReason::NoRoute));
+            if unrouted && Instant::now() < converging_until {
+                tokio::time::sleep(self.id.probe_interval / 2).await;
+                continue;
             }
-            d
+            break d;
         };
         match decision {
             JoinDecision::Attached(desc) => {

@@ -116,6 +116,8 @@ pub struct Branch {
     /// The upstream was lost; a new one is being sought. Downstreams and
     /// viewers keep their place meanwhile.
     pub repairing: bool,
+    /// The downstreams were told to look for another way (see `orphan`).
+    pub orphaned: bool,
 }
 
 impl Branch {
@@ -221,8 +223,14 @@ impl Trees {
             Source::Local => desc.route.clear(),
         }
         desc.route.push(self.me.clone());
-        let mut branch =
-            Branch { source, desc: desc.clone(), downstream: BTreeSet::new(), local_viewers: 0, repairing: false };
+        let mut branch = Branch {
+            source,
+            desc: desc.clone(),
+            downstream: BTreeSet::new(),
+            local_viewers: 0,
+            repairing: false,
+            orphaned: false,
+        };
         for w in &waiters {
             branch.attach(&w.requester);
         }
@@ -319,10 +327,11 @@ impl Trees {
     }
 
     /// The repair succeeded: `upstream` now feeds the branch (its `desc`).
-    /// Returns the downstreams to tell about the new route to the root, or
-    /// None if the branch is gone (pruned meanwhile) or the new upstream
-    /// is below this node (a loop).
-    pub fn repaired(&mut self, upstream: &str, mut desc: StreamDesc) -> Option<Vec<String>> {
+    /// Returns the downstreams to tell about the new route to the root and
+    /// the old upstream to leave (when it was another node), or None if the
+    /// branch is gone (pruned meanwhile) or the new upstream is below this
+    /// node (a loop).
+    pub fn repaired(&mut self, upstream: &str, mut desc: StreamDesc) -> Option<(Vec<String>, Option<String>)> {
         if desc.route.contains(&self.me) {
             return None;
         }
@@ -330,10 +339,14 @@ impl Trees {
         let Some(State::Active(b)) = self.streams.get_mut(&desc.stream) else { return None };
         desc.depth += 1;
         desc.route.push(me);
-        b.source = Source::Neighbour(upstream.to_string());
+        let old = match std::mem::replace(&mut b.source, Source::Neighbour(upstream.to_string())) {
+            Source::Neighbour(old) if old != upstream => Some(old),
+            _ => None,
+        };
         b.desc = desc;
         b.repairing = false;
-        Some(b.downstream.iter().cloned().collect())
+        b.orphaned = false;
+        Some((b.downstream.iter().cloned().collect(), old))
     }
 
     /// The upstream's route to the root changed (it was repaired); returns
@@ -348,6 +361,9 @@ impl Trees {
         b.desc.route.push(me);
         b.desc.depth = upstream_route.len() as u32;
         b.desc.server = server.to_string();
+        // The upstream has a way to the root again.
+        b.repairing = false;
+        b.orphaned = false;
         b.downstream.iter().cloned().collect()
     }
 
@@ -363,14 +379,15 @@ impl Trees {
         }
     }
 
-    /// A repairing branch found no way to the root: drop it. Returns its
-    /// downstream neighbours, which must repair on their own.
-    pub fn abandon(&mut self, stream: &str) -> Vec<String> {
-        match self.streams.get(stream) {
-            Some(State::Active(b)) if b.repairing => {
-                let down = b.downstream.iter().cloned().collect();
-                self.streams.remove(stream);
-                down
+    /// A repairing branch found no way to the root that avoids its own
+    /// downstreams: they are told to look for one on their own (returned,
+    /// once). Those that find one leave this node, which frees them as
+    /// upstreams for its own repair; those that cannot stay attached.
+    pub fn orphan(&mut self, stream: &str) -> Vec<String> {
+        match self.streams.get_mut(stream) {
+            Some(State::Active(b)) if b.repairing && !b.orphaned => {
+                b.orphaned = true;
+                b.downstream.iter().cloned().collect()
             }
             _ => Vec::new(),
         }
@@ -571,7 +588,7 @@ mod tests {
         assert_eq!(t.repaired("o4", looped), None);
         let mut via_o4 = desc("s2", 2);
         via_o4.route = vec!["s2".into(), "o8".into(), "o4".into()];
-        assert_eq!(t.repaired("o4", via_o4), Some(vec!["o9".to_string()]));
+        assert_eq!(t.repaired("o4", via_o4), Some((vec!["o9".to_string()], Some("o2".to_string()))));
         let b = t.branch("test").unwrap();
         assert!(!b.repairing);
         assert_eq!(b.source, Source::Neighbour("o4".into()));
@@ -632,8 +649,12 @@ mod tests {
         r.neighbour_down("o9");
         t.neighbour_lost("o9");
         assert!(t.repair_target("test", &r, now, &[]).is_err());
-        assert_eq!(t.abandon("test"), ["o4"]);
-        assert!(t.branch("test").is_none());
+        assert_eq!(t.orphan("test"), ["o4"]);
+        assert!(t.orphan("test").is_empty(), "told once");
+        assert!(t.branch("test").unwrap().repairing, "o4 stays attached meanwhile");
+        // o4 finds another way and leaves: o8 may now repair through o4.
+        t.leave("test", &n("o4"));
+        assert!(t.branch("test").is_none(), "nothing left below: pruned");
 
         // Below, o4 hears it from its upstream and repairs, not through o8.
         let mut r4 = routes("o4", &["o8", "o3", "o5"]);
@@ -646,5 +667,24 @@ mod tests {
         assert!(t4.upstream_abandoned("test", "o8"));
         let (to, _) = t4.repair_target("test", &r4, now, &["o8".to_string()]).unwrap();
         assert_eq!(to, "o3");
+        let mut via_o3 = desc("s1", 2);
+        via_o3.route = vec!["s1".into(), "o2".into(), "o3".into()];
+        let (_, old) = t4.repaired("o3", via_o3).unwrap();
+        assert_eq!(old.as_deref(), Some("o8"), "o4 leaves the upstream that gave up");
+    }
+
+    #[test]
+    fn a_downstream_that_cannot_repair_recovers_when_its_upstream_does() {
+        let now = Instant::now();
+        let mut r = routes("o5", &["o4"]);
+        heard(&mut r, "s1", "o4", 4, now);
+        let mut t = Trees::new("o5", []);
+        t.request("test", Requester::Local, &[], 1, &r, now);
+        t.joined(Source::Neighbour("o4".into()), desc("s1", 3));
+        assert!(t.upstream_abandoned("test", "o4"));
+        assert!(t.repair_target("test", &r, now, &["o4".to_string()]).is_err());
+        let route = vec!["s1".to_string(), "o2".to_string(), "o3".to_string(), "o4".to_string()];
+        t.rerooted("test", "o4", "s1", &route);
+        assert!(!t.branch("test").unwrap().repairing);
     }
 }

@@ -114,6 +114,8 @@ pub struct Overlay {
     pub addr: BTreeMap<String, IpAddr>,
     procs: BTreeMap<String, Child>,
     media: Option<PathBuf>,
+    /// Extra environment of every node process.
+    env: Vec<(String, String)>,
 }
 
 pub mod tempdir {
@@ -151,6 +153,12 @@ impl Overlay {
     /// Starts every node of `original` on loopback and waits until the
     /// bootstrapper declares the overlay ready and routes exist.
     pub fn start(tag: &str, original: &Value, media: Option<&Path>) -> Overlay {
+        Overlay::start_with_env(tag, original, media, &[])
+    }
+
+    /// [`Overlay::start`] with extra environment variables for every node
+    /// process (also the ones restarted later).
+    pub fn start_with_env(tag: &str, original: &Value, media: Option<&Path>, env: &[(&str, &str)]) -> Overlay {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let r = tempdir::rand_u32();
         let net = (20 + (r % 200) as u8, ((r >> 8) % 250) as u8);
@@ -164,6 +172,7 @@ impl Overlay {
             addr,
             procs: BTreeMap::new(),
             media: media.map(Path::to_path_buf),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let servers: Vec<String> = o.addr.keys().filter(|n| n.starts_with('s')).cloned().collect();
         let boot = servers[0].clone();
@@ -214,6 +223,7 @@ impl Overlay {
         cmd.args(["--bind", &ip, "--tie-floor-us", "20000"]);
         let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
         cmd.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().unwrap();
         self.procs.insert(node.to_string(), child);
     }
