@@ -88,7 +88,10 @@ struct Report {
     bytes_received: u64,
     jitter_ms: f64,
     first_frame_ms: Option<f64>,
+    /// From start to the end of SETUP and PLAY (login, POP choice included).
     setup_ms: f64,
+    /// Phases of the start, ms from the client's start.
+    startup: Startup,
     pauses: u32,
     /// Longest time between two received packets after the first, in ms.
     longest_gap_ms: f64,
@@ -203,16 +206,18 @@ struct Candidate {
     on_link: bool,
 }
 
-/// Round trips closer than this are measurement noise.
-const RTT_NOISE_MS: f64 = 0.3;
+/// Round trips closer than this (or than half the lowest) are measurement
+/// noise: a loaded host delays its own handshakes by fractions of a ms.
+const RTT_NOISE_MS: f64 = 0.5;
 
 /// The POP with the lowest round trip; among POPs within measurement
 /// noise of the lowest, one on the client's own subnet (no router between).
 fn choose_pop(candidates: &[Candidate]) -> Option<&Candidate> {
     let best = candidates.iter().min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))?;
+    let noise = RTT_NOISE_MS.max(best.rtt_ms * 0.5);
     candidates
         .iter()
-        .filter(|c| c.on_link && c.rtt_ms <= best.rtt_ms + RTT_NOISE_MS)
+        .filter(|c| c.on_link && c.rtt_ms <= best.rtt_ms + noise)
         .min_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms))
         .or(Some(best))
 }
@@ -279,16 +284,26 @@ struct Open {
     pop_name: String,
     rtts: BTreeMap<String, f64>,
     server: String,
+    startup: Startup,
 }
 
 /// LOGIN, choose a POP (never one of `avoid`), CONNECT_POP and SETUP.
-async fn open_session(cli: &Cli, bootstrap: SocketAddr, rtp_port: u16, avoid: &[SocketAddr]) -> anyhow::Result<Open> {
+async fn open_session(
+    cli: &Cli,
+    bootstrap: SocketAddr,
+    rtp_port: u16,
+    avoid: &[SocketAddr],
+    started: Instant,
+) -> anyhow::Result<Open> {
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut startup = Startup::default();
     let mut boot = BootstrapClient::new(endpoint(bootstrap)?);
     let login = boot
         .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
         .await
         .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
         .into_inner();
+    startup.login_ms = ms();
     let port = login.control_port as u16;
     let mut addrs: Vec<(String, SocketAddr)> = login
         .pops
@@ -318,6 +333,7 @@ async fn open_session(cli: &Cli, bootstrap: SocketAddr, rtp_port: u16, avoid: &[
         }
     }
     let rtts = candidates.iter().map(|c| (c.addr.ip().to_string(), c.rtt_ms)).collect();
+    startup.pop_chosen_ms = ms();
     let Some(chosen) = choose_pop(&candidates).cloned() else {
         bail!("no POP answered: tried {}", addrs.iter().map(|(_, a)| a.to_string()).collect::<Vec<_>>().join(", "))
     };
@@ -344,11 +360,14 @@ async fn open_session(cli: &Cli, bootstrap: SocketAddr, rtp_port: u16, avoid: &[
             _ => bail!("SETUP of {:?} at {} failed: {}", cli.stream, chosen.name, s.message()),
         },
     };
+    startup.setup_ms = ms();
     session
         .play(pb::SessionRequest { session_id: connect.session_id.clone() })
         .await
         .with_context(|| format!("PLAY at {}", chosen.addr))?;
+    startup.play_ms = ms();
     Ok(Open {
+        startup,
         session,
         id: connect.session_id,
         pop_addr: chosen.addr,
@@ -381,6 +400,17 @@ fn grow_receive_buffer(socket: &UdpSocket) {
     }
 }
 
+/// When each step of the start completed, ms from the client's start.
+#[derive(Debug, Default, Clone, Serialize)]
+struct Startup {
+    login_ms: f64,
+    pop_chosen_ms: f64,
+    setup_ms: f64,
+    play_ms: f64,
+    player_ready_ms: f64,
+    first_packet_ms: Option<f64>,
+}
+
 /// A move to another POP after the first stopped answering.
 #[derive(Debug, Clone, Serialize)]
 struct Switch {
@@ -403,7 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let rtp_port = socket.local_addr()?.port();
 
     let span = tracing::info_span!("session", client = %cli.name, stream = %cli.stream);
-    let open = open_session(&cli, bootstrap, rtp_port, &[]).instrument(span).await?;
+    let open = open_session(&cli, bootstrap, rtp_port, &[], started).instrument(span).await?;
     let mut report = Report {
         client: cli.name.clone(),
         stream: cli.stream.clone(),
@@ -412,12 +442,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         pop_rtt_ms: open.rtts.clone(),
         server: open.server.clone(),
         setup_ms: started.elapsed().as_secs_f64() * 1000.0,
+        startup: open.startup.clone(),
         ..Report::default()
     };
     let Open { mut session, id: mut session_id, mut pop_addr, .. } = open;
     let mut pop_name = report.pop_name.clone();
 
     let player = player.await.context("player task")??;
+    report.startup.player_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     info!(stream = %cli.stream, pop = %report.pop_name, server = %report.server, "playing");
 
     let mut stats = media::RtpStats::new();
@@ -449,6 +481,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         report.longest_gap_ms = report.longest_gap_ms.max((now - prev).as_secs_f64() * 1000.0);
                     }
                     last_packet = Some(now);
+                    if report.startup.first_packet_ms.is_none() {
+                        report.startup.first_packet_ms = Some((now - started).as_secs_f64() * 1000.0);
+                    }
                     if let Some((mut sw, silent_since)) = pending_switch.take() {
                         sw.gap_ms = (now - silent_since).as_secs_f64() * 1000.0;
                         info!(from = %sw.from, to = %sw.to, gap_ms = format!("{:.0}", sw.gap_ms), "media flows from the new POP");
@@ -500,7 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 warn!(pop = %pop_name, silent_ms = silent.as_millis() as u64, alive, "no media from the POP: moving to another");
                 avoid.push(pop_addr);
-                match open_session(&cli, bootstrap, rtp_port, &avoid).await {
+                match open_session(&cli, bootstrap, rtp_port, &avoid, started).await {
                     Ok(open) => {
                         let sw = Switch {
                             from: pop_name.clone(),
