@@ -557,18 +557,64 @@ fn x264enc(context: &str) -> Result<gst::Element, MediaError> {
 }
 
 fn packet_callbacks(on_packet: PacketSink) -> gst_app::AppSinkCallbacks {
+    let reports = Mutex::new(ReportClock::default());
     gst_app::AppSinkCallbacks::builder()
         .new_sample(move |sink| {
             let sample = sink.pull_sample().map_err(|_| gst::FlowError::Flushing)?;
             if let Some(buffer) = sample.buffer() {
                 match buffer.map_readable() {
-                    Ok(bytes) => on_packet(&bytes),
+                    Ok(bytes) => {
+                        on_packet(&bytes);
+                        let capture = buffer.pts().and_then(|pts| capture_unix_secs(sink, &sample, pts));
+                        let report = lock(&reports).on_packet(&bytes, capture);
+                        if let Some(report) = report {
+                            on_packet(&report);
+                        }
+                    }
                     Err(e) => warn!("unreadable RTP buffer: {e}"),
                 }
             }
             Ok(gst::FlowSuccess::Ok)
         })
         .build()
+}
+
+/// RTCP sender reports for one SSRC: one a second, mapping the RTP
+/// timestamp of the packet just sent to the wall-clock time its media was
+/// captured (what clients use for lip sync and glass-to-glass latency).
+#[derive(Default)]
+struct ReportClock {
+    last: Option<std::time::Instant>,
+    packets: u32,
+    octets: u32,
+}
+
+impl ReportClock {
+    fn on_packet(&mut self, bytes: &[u8], capture_unix_secs: Option<f64>) -> Option<[u8; 28]> {
+        let packet = overlay_core::rtp::Packet::parse(bytes).ok()?;
+        self.packets = self.packets.wrapping_add(1);
+        self.octets = self.octets.wrapping_add(bytes.len() as u32);
+        if self.last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return None;
+        }
+        let capture = capture_unix_secs?;
+        self.last = Some(std::time::Instant::now());
+        Some(overlay_core::rtp::sender_report(packet.ssrc(), capture, packet.timestamp(), self.packets, self.octets))
+    }
+}
+
+/// Wall-clock time (Unix seconds) at which the media of a buffer with
+/// this PTS was captured: its running time on the pipeline clock, moved to
+/// the wall clock by how long ago that was.
+fn capture_unix_secs(sink: &gst_app::AppSink, sample: &gst::Sample, pts: gst::ClockTime) -> Option<f64> {
+    let segment = sample.segment()?.downcast_ref::<gst::ClockTime>()?;
+    let running = segment.to_running_time(pts)?;
+    let clock = sink.clock()?;
+    let base = sink.base_time()?;
+    let now = clock.time();
+    let age_ns = now.nseconds() as i128 - (base.nseconds() + running.nseconds()) as i128;
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some(wall - age_ns as f64 / 1e9)
 }
 
 /// Whether a file pipeline linked any stream to an RTP branch.

@@ -42,6 +42,8 @@ struct Sent {
     /// advance past the previous frame's.
     video_frames_not_advancing: usize,
     last_video: Option<(u32, bool)>,
+    /// RTCP sender reports, in order.
+    reports: Vec<overlay_core::rtp::SenderReport>,
 }
 
 impl Sent {
@@ -77,6 +79,11 @@ fn play(
     let (to_player, log) = (player.clone(), sent.clone());
     let source = StreamSource::start(stream, spec, move |bytes| {
         let packet = Packet::parse(bytes).expect("the source sends valid RTP");
+        if packet.kind() == overlay_core::rtp::Kind::Rtcp {
+            let sr = overlay_core::rtp::parse_sender_report(bytes).expect("RTCP from a source is a sender report");
+            log.lock().unwrap().reports.push(sr);
+            return;
+        }
         {
             let mut sent = log.lock().unwrap();
             sent.stats.on_packet(&packet, Instant::now());
@@ -170,6 +177,16 @@ fn test_stream_decodes_in_player() {
     let summary = sent.stats.summary();
     assert_eq!(summary.packets_lost, 0, "{summary:?}");
     assert!(factories.contains(&"x264enc".to_owned()));
+    // About one sender report a second for each SSRC, mapping RTP time to
+    // a capture time in the recent past.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for ssrc in [video_ssrc, audio_ssrc] {
+        let reports: Vec<_> = sent.reports.iter().filter(|r| r.ssrc == ssrc).collect();
+        assert!((2..=5).contains(&reports.len()), "{} reports for {ssrc}", reports.len());
+        for r in reports {
+            assert!(r.unix_secs < now && r.unix_secs > now - 10.0, "capture time {} vs now {now}", r.unix_secs);
+        }
+    }
     assert!(factories.contains(&"timeoverlay".to_owned()));
 }
 

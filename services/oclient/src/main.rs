@@ -99,6 +99,30 @@ struct Report {
     pop_switches: Vec<Switch>,
     /// Video frames decoded in each second of playing, in order.
     fps_timeline: Vec<u64>,
+    /// Glass-to-glass latency of the video (capture at the server to the
+    /// decoder, past the jitter buffer), from the RTP/NTP mapping of the
+    /// sender reports; steady state (the first 2 s of playing left out).
+    glass_to_glass_ms: Option<Latency>,
+}
+
+/// A latency distribution, ms.
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    median: f64,
+    p95: f64,
+    max: f64,
+    samples: usize,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<f64>) -> Option<Latency> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Some(Latency { median: at(0.5), p95: at(0.95), max: at(1.0), samples: samples.len() })
+    }
 }
 
 fn main() -> ExitCode {
@@ -460,6 +484,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut last = (0u64, 0u64);
     let mut buf = vec![0u8; 2048];
     let mut last_packet: Option<Instant> = None;
+    let mut reports: BTreeMap<u32, overlay_core::rtp::SenderReport> = BTreeMap::new();
+    let mut g2g: Vec<f64> = Vec::new();
     let mut watchdog = tokio::time::interval(Duration::from_millis(200));
     let mut avoid: Vec<SocketAddr> = Vec::new();
     let mut pending_switch: Option<(Switch, Instant)> = None;
@@ -477,6 +503,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let Ok((n, _)) = r else { continue };
                 if let Ok(packet) = Packet::parse(&buf[..n]) {
                     let now = Instant::now();
+                    if packet.kind() == overlay_core::rtp::Kind::Rtcp {
+                        if let Some(sr) = overlay_core::rtp::parse_sender_report(&buf[..n]) {
+                            reports.insert(sr.ssrc, sr);
+                        }
+                        continue;
+                    }
+                    let steady = report.startup.first_packet_ms.is_some_and(|f| (now - started).as_secs_f64() * 1000.0 > f + 2000.0);
+                    if packet.payload_type() == media::VIDEO_PT && packet.marker() && steady {
+                        if let Some(sr) = reports.get(&packet.ssrc()) {
+                            let capture = sr.capture_time(packet.timestamp(), media::VIDEO_CLOCK_RATE);
+                            let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                            g2g.push((wall - capture) * 1000.0 + f64::from(cli.latency_ms));
+                        }
+                    }
                     if let Some(prev) = last_packet {
                         report.longest_gap_ms = report.longest_gap_ms.max((now - prev).as_secs_f64() * 1000.0);
                     }
@@ -581,6 +621,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.bytes_received = s.bytes;
     report.jitter_ms = s.jitter_ms;
     report.first_frame_ms = decoded.first_frame.map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
+    report.glass_to_glass_ms = Latency::of(g2g);
     let json = serde_json::to_string_pretty(&report)?;
     match &cli.stats_json {
         Some(path) => std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?,

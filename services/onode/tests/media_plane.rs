@@ -44,6 +44,13 @@ fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
     }
     assert!(f(&sa, "longest_gap_ms") >= 1500.0, "a's pause stopped its packets: {sa}");
     assert!(f(&sb, "longest_gap_ms") < 1000.0, "b kept receiving during a's pause: {sb}");
+    // Sender reports reached the client through the tree: glass-to-glass
+    // latency is measured (at least the jitter buffer's hold, at most a
+    // fraction of a second on loopback).
+    let g2g = &sb["glass_to_glass_ms"];
+    assert!(g2g["samples"].as_u64().unwrap() > 50, "{g2g}");
+    let median = g2g["median"].as_f64().unwrap();
+    assert!((60.0..1000.0).contains(&median), "glass-to-glass median {median} ms");
     assert_eq!(sa["pauses"], 1);
     assert!(f(&sa, "packets_received") < f(&sb, "packets_received") * 0.85, "a missed its pause: {sa} {sb}");
     // Both gone: tree pruned to the root, pipeline stopped.

@@ -127,6 +127,60 @@ pub fn write_header(out: &mut [u8], payload_type: u8, sequence: u16, timestamp: 
     out[8..12].copy_from_slice(&ssrc.to_be_bytes());
 }
 
+/// Seconds between the NTP epoch (1900) and the Unix epoch (1970).
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+/// An RTCP sender report's timing: the wall-clock (NTP) time at which the
+/// media sampled at `rtp_timestamp` was captured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SenderReport {
+    pub ssrc: u32,
+    /// Capture time, seconds since the Unix epoch.
+    pub unix_secs: f64,
+    pub rtp_timestamp: u32,
+}
+
+/// Builds a 28-byte RTCP sender report (RFC 3550 6.4.1, no report blocks).
+pub fn sender_report(ssrc: u32, unix_secs: f64, rtp_timestamp: u32, packets: u32, octets: u32) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[0] = 0x80;
+    b[1] = 200;
+    b[2..4].copy_from_slice(&6u16.to_be_bytes());
+    b[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    let secs = unix_secs.max(0.0);
+    let whole = secs.trunc() as u64 + NTP_UNIX_OFFSET;
+    let frac = (secs.fract() * 4_294_967_296.0) as u64;
+    b[8..12].copy_from_slice(&(whole as u32).to_be_bytes());
+    b[12..16].copy_from_slice(&(frac as u32).to_be_bytes());
+    b[16..20].copy_from_slice(&rtp_timestamp.to_be_bytes());
+    b[20..24].copy_from_slice(&packets.to_be_bytes());
+    b[24..28].copy_from_slice(&octets.to_be_bytes());
+    b
+}
+
+/// Reads the timing of a sender report (the first packet of a compound).
+pub fn parse_sender_report(bytes: &[u8]) -> Option<SenderReport> {
+    if bytes.len() < 28 || bytes[0] >> 6 != 2 || bytes[1] != 200 {
+        return None;
+    }
+    let whole = u64::from(be32(&bytes[8..12]));
+    let frac = f64::from(be32(&bytes[12..16])) / 4_294_967_296.0;
+    Some(SenderReport {
+        ssrc: be32(&bytes[4..8]),
+        unix_secs: whole.checked_sub(NTP_UNIX_OFFSET)? as f64 + frac,
+        rtp_timestamp: be32(&bytes[16..20]),
+    })
+}
+
+impl SenderReport {
+    /// Capture time (Unix seconds) of media at `rtp_timestamp`, for a
+    /// stream of `clock_rate` Hz; timestamps wrap.
+    pub fn capture_time(&self, rtp_timestamp: u32, clock_rate: u32) -> f64 {
+        let delta = rtp_timestamp.wrapping_sub(self.rtp_timestamp) as i32;
+        self.unix_secs + f64::from(delta) / f64::from(clock_rate)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +220,20 @@ mod tests {
         assert_eq!(Packet::parse(&buf).unwrap_err(), RtpError::Truncated { needed: 24, len: 12 });
         buf[0] = 0x90; // extension header missing
         assert!(matches!(Packet::parse(&buf), Err(RtpError::Truncated { .. })));
+    }
+
+    #[test]
+    fn sender_reports_round_trip_and_map_timestamps() {
+        let sr = sender_report(42, 1_790_000_000.25, 4_000_000_000, 10, 1000);
+        let p = Packet::parse(&sr).unwrap();
+        assert_eq!((p.kind(), p.ssrc()), (Kind::Rtcp, 42));
+        let back = parse_sender_report(&sr).unwrap();
+        assert_eq!(back.ssrc, 42);
+        assert!((back.unix_secs - 1_790_000_000.25).abs() < 1e-6);
+        // 5 s later in a 90 kHz clock, and half a second earlier.
+        let later = 4_000_000_000u32.wrapping_add(90_000 * 4 + 90_000);
+        assert!((back.capture_time(later, 90_000) - 1_790_000_005.25).abs() < 1e-6);
+        assert!((back.capture_time(4_000_000_000 - 45_000, 90_000) - 1_789_999_999.75).abs() < 1e-6);
+        assert!(parse_sender_report(&sr[..20]).is_none());
     }
 }
