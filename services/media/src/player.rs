@@ -362,10 +362,10 @@ fn describe(cfg: &PlayerConfig) -> String {
         }
     };
     let mut description = format!(
-        "appsrc name=video_in ! rtpjitterbuffer latency={latency} \
+        "appsrc name=video_in ! rtpjitterbuffer latency={latency} faststart-min-packets=8 \
            ! rtph264depay ! h264parse ! {video_tee}avdec_h264 name=video_dec \
            ! videoconvert ! {video_sink} \
-         appsrc name=audio_in ! rtpjitterbuffer latency={latency} \
+         appsrc name=audio_in ! rtpjitterbuffer latency={latency} faststart-min-packets=8 \
            ! rtpopusdepay ! opusparse ! {audio_tee}opusdec name=audio_dec \
            ! audioconvert ! audioresample ! {audio_sink}",
         video_tee = tee("video_tee"),
