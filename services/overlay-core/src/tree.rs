@@ -164,7 +164,7 @@ impl Trees {
         routes: &RouteTable,
         now: Instant,
     ) -> JoinDecision {
-        if path.iter().any(|p| *p == self.me) {
+        if path.contains(&self.me) {
             return self.nak(NakReason::Loop, stream, "request came back to this node");
         }
         match self.streams.get_mut(stream) {
