@@ -87,13 +87,6 @@ fn session_status(e: overlay_core::session::SessionError) -> Status {
 
 #[tonic::async_trait]
 impl pb::session_server::Session for SessionService {
-    async fn probe(&self, request: Request<pb::ClientProbe>) -> Result<Response<pb::ClientProbeReply>, Status> {
-        Ok(Response::new(pb::ClientProbeReply {
-            client_time_us: request.into_inner().client_time_us,
-            pop: self.0.id.name.clone(),
-        }))
-    }
-
     async fn connect_pop(&self, request: Request<pb::ConnectRequest>) -> Result<Response<pb::ConnectReply>, Status> {
         let client = request.into_inner().client;
         let mut bytes = [0u8; 16];
