@@ -27,6 +27,8 @@ topology-check FILE="netns/labs/seed-overlay.json": build
 bench ROUNDS="3": build
     cargo build --release -p relay --bin relay-bench
     python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
+    cargo build --release -p linkem --bins
+    target/release/linkem-bench
     target/debug/faultbench netns/labs/seed.json {{ROUNDS}}
 
 # Bring a netns lab up (default: the original topology).

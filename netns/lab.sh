@@ -10,6 +10,7 @@ usage: netns/lab.sh COMMAND [ARGS]
   down                           stop and delete the lab (safe to run twice)
   status                         hosts, addresses, processes, overlay readiness
   check                          ping every address of the lab from every host
+  link-set LINK [OPTIONS]        change an emulated link while it runs (--delay-ms, --from HOST, ...)
   exec HOST CMD...               run CMD inside HOST's namespace
   client HOST STREAM [OPTIONS]   run oclient on HOST (--headless, --duration S)
   demo [LAB] [OPTIONS]           up, five clients on two streams, report, down
@@ -112,7 +113,7 @@ case "$cmd" in
         building=""
         exit "$rc"
         ;;
-    down | status | check)
+    down | status | check | link-set)
         "$netlab" "$cmd" "$@"
         ;;
     exec)

@@ -117,6 +117,29 @@ impl Update {
     }
 }
 
+impl std::fmt::Display for Update {
+    /// The `key=value,...` form [`Update::parse`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        let mut num = |k: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                parts.push(format!("{k}={v}"));
+            }
+        };
+        num("delay_ms", self.delay_ms);
+        num("jitter_ms", self.jitter_ms);
+        num("loss_pct", self.loss_pct);
+        num("queue_ms", self.queue_ms);
+        if let Some(r) = self.rate_kbit {
+            parts.push(format!("rate_kbit={r}"));
+        }
+        if let Some(r) = self.reorder {
+            parts.push(format!("reorder={r}"));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl Settings {
     /// Checks every field's range.
     pub fn check(&self) -> Result<(), SettingsError> {
@@ -372,6 +395,8 @@ mod tests {
         let s = u.apply(&Settings::default()).unwrap();
         assert!(s.reorder && s.loss_pct == 1.5 && s.queue_ms == 100.0);
         assert!(Update::parse("").unwrap().is_empty());
+        assert_eq!(Update::parse(&u.to_string()).unwrap(), u);
+        assert_eq!(u.to_string(), "delay_ms=30,loss_pct=1.5,rate_kbit=2000,reorder=true");
         assert_eq!(
             Update::parse("delay=3").unwrap_err().to_string(),
             "\"delay=3\": expected key=value (keys: delay_ms jitter_ms loss_pct rate_kbit queue_ms reorder)"

@@ -106,22 +106,32 @@ pub struct EndpointSpec {
     pub impair_out: Impairment,
 }
 
-/// Link impairment of one direction (or both); every field optional.
+/// Link impairment of one direction (or both); every field optional. A
+/// link with any of them set runs through a link emulator (linkem) in a
+/// namespace of its own, which applies them all; a field set to 0 still
+/// puts the emulator there, so `netlab link-set` can change it later.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Impairment {
-    /// Random loss, percent (0-100); done with nftables `numgen random`.
+    /// Random loss, percent (0-100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_pct: Option<f64>,
-    /// Rate limit in kbit/s; done with a tbf qdisc on the sending side.
+    /// Rate limit in kbit/s (Ethernet frames), with tail drop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_kbit: Option<u64>,
-    /// One-way delay in ms: needs netem or the link emulator (not here yet).
+    /// One-way delay in ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<f64>,
-    /// Delay variation in ms: needs netem or the link emulator.
+    /// Delay variation in ms: each packet's delay is uniform in delay ±
+    /// jitter; packets keep their order unless `reorder` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter_ms: Option<f64>,
+    /// The rate limit's queue, in ms of sending at the rate (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// Let jitter reorder packets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorder: Option<bool>,
 }
 
 impl Impairment {
@@ -132,12 +142,26 @@ impl Impairment {
             rate_kbit: self.rate_kbit.or(base.rate_kbit),
             delay_ms: self.delay_ms.or(base.delay_ms),
             jitter_ms: self.jitter_ms.or(base.jitter_ms),
+            queue_ms: self.queue_ms.or(base.queue_ms),
+            reorder: self.reorder.or(base.reorder),
         }
     }
 
-    /// Loss in hundredths of a percent, when there is any.
-    pub fn loss_basis_points(&self) -> Option<u32> {
-        self.loss_pct.map(|p| (p * 100.0).round() as u32).filter(|bp| *bp > 0)
+    /// Whether any field is set.
+    pub fn is_set(&self) -> bool {
+        *self != Impairment::default()
+    }
+
+    /// The emulator's settings change with the same fields.
+    pub fn to_update(&self) -> linkem::Update {
+        linkem::Update {
+            delay_ms: self.delay_ms,
+            jitter_ms: self.jitter_ms,
+            loss_pct: self.loss_pct,
+            rate_kbit: self.rate_kbit,
+            queue_ms: self.queue_ms,
+            reorder: self.reorder,
+        }
     }
 }
 
@@ -252,7 +276,7 @@ pub struct Lab {
     pub bootstrap: Option<Ipv4Addr>,
     /// Per host, its routes to every subnet it is not on.
     pub routes: Vec<Vec<Route>>,
-    /// Things the lab asks for that this machine cannot do (delay, jitter).
+    /// Things the lab asks for that this machine cannot do.
     pub warnings: Vec<String>,
 }
 
@@ -280,6 +304,17 @@ pub struct Segment {
     pub cost: u32,
     pub members: Vec<Attachment>,
     pub kind: SegmentKind,
+}
+
+impl Segment {
+    /// A link's impairment of what members[0] and members[1] send, when
+    /// the link runs through an emulator (any impairment field set).
+    pub fn emulated(&self) -> Option<&[Impairment; 2]> {
+        match &self.kind {
+            SegmentKind::Link { out } if out.iter().any(Impairment::is_set) => Some(out),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -338,6 +373,11 @@ fn check_impairment(place: &str, imp: &Impairment) -> Result<(), LabError> {
             }
         }
     }
+    if let Some(q) = imp.queue_ms {
+        if !(q > 0.0 && q.is_finite()) {
+            return Err(invalid(place, format!("field queue_ms: {q} must be more than 0")));
+        }
+    }
     Ok(())
 }
 
@@ -376,7 +416,7 @@ impl Lab {
         file: Option<&Path>,
         overlay_file: Option<(PathBuf, String)>,
     ) -> Result<Lab, LabError> {
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
 
         // Hosts.
         let mut index: BTreeMap<String, usize> = BTreeMap::new();
@@ -434,21 +474,6 @@ impl Lab {
             claim_addr(&format!("{label} at {}", l.a.host), aa.addr)?;
             claim_addr(&format!("{label} at {}", l.b.host), ba.addr)?;
             let out = [l.a.impair_out.over(&l.impair), l.b.impair_out.over(&l.impair)];
-            for (from, to, imp) in [(&l.a.host, &l.b.host, &out[0]), (&l.b.host, &l.a.host, &out[1])] {
-                let mut missing = Vec::new();
-                if imp.delay_ms.is_some_and(|d| d > 0.0) {
-                    missing.push("delay");
-                }
-                if imp.jitter_ms.is_some_and(|d| d > 0.0) {
-                    missing.push("jitter");
-                }
-                if !missing.is_empty() {
-                    warnings.push(format!(
-                        "{label}, {from} -> {to}: {} needs netem or the link emulator, not available; the link runs without it",
-                        missing.join(" and ")
-                    ));
-                }
-            }
             let ia = format!("v-{}", l.b.host);
             let ib = format!("v-{}", l.a.host);
             let seg = segments.len();
@@ -743,8 +768,11 @@ mod tests {
         assert_eq!(l.routes[0].len(), 1);
         assert_eq!(l.routes[0][0].dest.to_string(), "10.0.2.0/24");
         assert_eq!(l.routes[0][0].via.to_string(), "10.0.1.2");
-        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
-        assert!(l.warnings[0].contains("needs netem or the link emulator, not available"));
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert!(l.segments[0].emulated().is_none());
+        let out = l.segments[1].emulated().expect("the impaired link is emulated");
+        assert_eq!(out[0].delay_ms, Some(10.0));
+        assert_eq!(out[1].to_update().to_string(), "delay_ms=10,loss_pct=5");
     }
 
     #[test]
@@ -766,7 +794,6 @@ mod tests {
         assert_eq!(out[0].loss_pct, Some(1.0));
         assert_eq!(out[0].rate_kbit, Some(1000));
         assert_eq!(out[1].loss_pct, Some(5.0));
-        assert_eq!(out[0].loss_basis_points(), Some(100));
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //!
 //! A lab file ([`lab`]) describes hosts, routers, links, LANs and roles;
 //! [`routes`] computes shortest-path static routes and [`plan`] turns the
-//! lab into ip/tc/nft commands, all pure and tested without root. [`sys`]
-//! runs them, [`run`] brings a lab up and down and starts the roles,
+//! lab into ip commands and the link emulators (linkem) of its impaired
+//! links; [`delays`] computes the overlay's expected next hops from the
+//! link delays; all pure and tested without root. [`sys`] runs the
+//! commands, [`run`] brings a lab up and down and starts the emulators and
+//! the roles,
 //! [`media`] counts RTP bytes per overlay link and stream with nftables,
 //! [`analysis`] checks the distribution trees from those counts, and
 //! [`demo`] plays the whole scenario and prints the report.
 
 pub mod addr;
 pub mod analysis;
+pub mod delays;
 pub mod demo;
 pub mod faults;
 pub mod lab;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use netlab::lab::Lab;
+use netlab::lab::{Impairment, Lab};
 use netlab::run::{self, Bins, ClientRun, UpOptions};
 use netlab::state::{self, LabState};
-use netlab::{demo, plan, probe, sys};
+use netlab::{delays, demo, plan, probe, sys};
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +102,31 @@ enum Cmd {
     Check {
         #[arg(long, env = "NETLAB_PREFIX")]
         prefix: Option<String>,
+    },
+    /// Change an emulated link's delay, jitter, loss or rate while the lab runs
+    LinkSet {
+        #[arg(long, env = "NETLAB_PREFIX")]
+        prefix: Option<String>,
+        /// The link, as HOST-HOST (either order), like o2-o9
+        link: String,
+        /// Only what this host sends (default: both directions)
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        delay_ms: Option<f64>,
+        #[arg(long)]
+        jitter_ms: Option<f64>,
+        #[arg(long)]
+        loss_pct: Option<f64>,
+        /// Rate limit, kbit/s (0: unlimited)
+        #[arg(long)]
+        rate_kbit: Option<u64>,
+        /// The rate limit's queue, ms at the rate
+        #[arg(long)]
+        queue_ms: Option<f64>,
+        /// Let jitter reorder packets
+        #[arg(long)]
+        reorder: Option<bool>,
     },
     /// Validate a lab file and print its hosts and routes (needs no root)
     Validate {
@@ -286,8 +311,33 @@ fn cmd_validate(path: &Path, routes: bool) -> Result<()> {
                 println!("  {} via {} dev {} (cost {})", r.dest, r.via, r.dev, r.cost);
             }
         }
+        if lab.overlay.is_some() {
+            print!("{}", overlay_routes(&lab)?);
+        }
     }
     Ok(())
+}
+
+/// The overlay's link delays and each node's expected next hop toward
+/// each server, from the lab file's delays.
+fn overlay_routes(lab: &Lab) -> Result<String> {
+    use std::fmt::Write as _;
+    let d = delays::OverlayDelays::of(lab).map_err(|e| anyhow!(e))?;
+    let rule = delays::Rule::default();
+    let mut out = String::from("overlay link delays (ms, as the nodes measure them: half the round trip):\n");
+    for ((x, y), ms) in d.link_ms.iter().filter(|((x, y), _)| x < y) {
+        let _ = writeln!(out, "  {x}-{y} {ms}");
+    }
+    out.push_str("expected next hops (lowest summed delay; within 10%, fewer hops):\n");
+    for (node, servers) in d.expected_routes(&rule) {
+        for (server, c) in servers {
+            let _ = writeln!(out, "  {node} toward {server}: via {} ({} ms, {} hops)", c.via, c.delay_ms, c.hops);
+        }
+    }
+    for a in d.ambiguities(&rule, 0.2, 0.05) {
+        let _ = writeln!(out, "warning: ambiguous: {a}");
+    }
+    Ok(out)
 }
 
 fn main() -> ExitCode {
@@ -325,6 +375,17 @@ fn main() -> ExitCode {
         Cmd::Demo { lab, up, keep } => up.options(None, false).and_then(|o| cmd_demo(&lab, o, keep)),
         Cmd::Check { prefix } => cmd_check(prefix.as_deref()),
         Cmd::Validate { lab, routes } => cmd_validate(&lab, routes).map(|_| true),
+        Cmd::LinkSet { prefix, link, from, delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder } => {
+            let change = Impairment { delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder };
+            run::pick_prefix(prefix.as_deref()).and_then(|p| run::link_set(&p, &link, from.as_deref(), &change)).map(
+                |s| {
+                    let (a, b) = s.name.split_once('-').unwrap_or(("a", "b"));
+                    println!("{a} -> {b}: {}", linkem::driver::describe(&s.a2b.settings));
+                    println!("{b} -> {a}: {}", linkem::driver::describe(&s.b2a.settings));
+                    true
+                },
+            )
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,12 +1,20 @@
-//! Turns a validated lab into the ip, tc and nft commands that build it,
-//! as data: the runner executes them, the tests read them.
+//! Turns a validated lab into the ip commands that build it and the link
+//! emulators it runs, as data: the runner executes them, the tests read
+//! them.
 //!
 //! Every namespace is `<prefix>-<host>` (a LAN's bridge gets
-//! `<prefix>-<lan>`). Veth pairs are created directly inside their two
-//! namespaces, so the root namespace never holds anything of the lab and
-//! deleting the namespaces removes every interface, qdisc and nft table.
+//! `<prefix>-<lan>`, an emulated link `<prefix>-<a>.<b>`). Veth pairs are
+//! created directly inside their two namespaces, so the root namespace
+//! never holds anything of the lab and deleting the namespaces removes
+//! every interface.
+//!
+//! An impaired link runs through linkem: host a's `v-<b>` is paired with
+//! `e-<a>` in the link namespace, host b's `v-<a>` with `e-<b>`, and linkem
+//! bridges `e-<a>` and `e-<b>` (its side a is the link's endpoint a). The
+//! hosts see the same interface names, addresses and ARP as on a plain
+//! link; their side of it has offloads off, so only real frames cross.
 
-use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use crate::lab::{Lab, SegmentKind};
 
@@ -14,8 +22,6 @@ use crate::lab::{Lab, SegmentKind};
 /// no `-` so that `<prefix>-` never matches another lab's namespaces.
 pub const MAX_PREFIX: usize = 10;
 
-/// The nft table (family inet) that holds a namespace's link loss rules.
-pub const IMPAIR_TABLE: &str = "netlab";
 /// The nft table (family inet) that holds the per-link media counters.
 pub const MEDIA_TABLE: &str = "netlab_media";
 /// The bridge inside a LAN's namespace.
@@ -48,12 +54,17 @@ pub enum Step {
     IpBatch { ns: String, lines: Vec<String>, what: String },
     /// `ip netns exec NS nft -f -` fed this script.
     Nft { ns: String, script: String, what: String },
+    /// Offloads off on these interfaces of namespace NS (linkem::offload).
+    Offloads { ns: String, ifaces: Vec<String>, what: String },
 }
 
 impl Step {
     pub fn what(&self) -> &str {
         match self {
-            Step::Run { what, .. } | Step::IpBatch { what, .. } | Step::Nft { what, .. } => what,
+            Step::Run { what, .. }
+            | Step::IpBatch { what, .. }
+            | Step::Nft { what, .. }
+            | Step::Offloads { what, .. } => what,
         }
     }
 }
@@ -62,7 +73,14 @@ fn run(what: impl Into<String>, argv: &[&str]) -> Step {
     Step::Run { argv: argv.iter().map(|s| s.to_string()).collect(), what: what.into() }
 }
 
-/// Every namespace the lab uses: hosts first, then LAN bridges.
+/// The namespace of an emulated link between hosts `a` and `b` (a `.`
+/// never appears in a host name, so it cannot clash with one).
+pub fn link_ns_name(prefix: &str, a: &str, b: &str) -> String {
+    format!("{prefix}-{a}.{b}")
+}
+
+/// Every namespace the lab uses: hosts first, then LAN bridges, then
+/// emulated links.
 pub fn namespaces(lab: &Lab, prefix: &str) -> Vec<String> {
     let mut v: Vec<String> = lab.hosts.iter().map(|h| ns_name(prefix, &h.name)).collect();
     for s in &lab.segments {
@@ -70,7 +88,74 @@ pub fn namespaces(lab: &Lab, prefix: &str) -> Vec<String> {
             v.push(ns_name(prefix, name));
         }
     }
+    for e in emulators(lab, prefix, Path::new("")) {
+        v.push(e.ns);
+    }
     v
+}
+
+/// A link emulator the lab runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmulatorPlan {
+    /// `a-b`, the link's hosts in file order.
+    pub link: String,
+    pub a: String,
+    pub b: String,
+    pub ns: String,
+    pub iface_a: String,
+    pub iface_b: String,
+    /// What a sends, what b sends.
+    pub a2b: linkem::Update,
+    pub b2a: linkem::Update,
+    pub control: PathBuf,
+    pub stats: PathBuf,
+    pub log: PathBuf,
+}
+
+impl EmulatorPlan {
+    /// linkem's command line (after the binary).
+    pub fn args(&self) -> Vec<String> {
+        let mut v: Vec<String> = ["run", "--name", &self.link, "--iface-a", &self.iface_a, "--iface-b", &self.iface_b]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.push("--control".into());
+        v.push(self.control.display().to_string());
+        v.push("--stats".into());
+        v.push(self.stats.display().to_string());
+        v.push("--a2b".into());
+        v.push(self.a2b.to_string());
+        v.push("--b2a".into());
+        v.push(self.b2a.to_string());
+        v
+    }
+}
+
+/// The emulators of the lab's impaired links; their control sockets,
+/// stats files and logs go under the lab folder `dir`.
+pub fn emulators(lab: &Lab, prefix: &str, dir: &Path) -> Vec<EmulatorPlan> {
+    lab.segments
+        .iter()
+        .filter_map(|s| {
+            let out = s.emulated()?;
+            let a = lab.hosts[s.members[0].host].name.clone();
+            let b = lab.hosts[s.members[1].host].name.clone();
+            let link = format!("{a}-{b}");
+            Some(EmulatorPlan {
+                ns: link_ns_name(prefix, &a, &b),
+                iface_a: format!("e-{a}"),
+                iface_b: format!("e-{b}"),
+                a2b: out[0].to_update(),
+                b2a: out[1].to_update(),
+                control: dir.join("links").join(format!("{link}.sock")),
+                stats: dir.join("links").join(format!("{link}.json")),
+                log: dir.join("logs").join(format!("link-{link}.log")),
+                link,
+                a,
+                b,
+            })
+        })
+        .collect()
 }
 
 /// Sysctls for every namespace: forward, no reverse-path filter (routes may
@@ -82,11 +167,6 @@ const SYSCTLS: [&str; 5] = [
     "net.ipv6.conf.all.disable_ipv6=1",
     "net.ipv6.conf.default.disable_ipv6=1",
 ];
-
-/// tbf burst for a rate: 10 ms worth of bytes, at least two full frames.
-pub fn tbf_burst_bytes(rate_kbit: u64) -> u64 {
-    (rate_kbit * 1000 / 8 / 100).max(3200)
-}
 
 /// The steps that build the lab's network (no roles).
 pub fn build(lab: &Lab, prefix: &str) -> Vec<Step> {
@@ -104,6 +184,40 @@ pub fn build(lab: &Lab, prefix: &str) -> Vec<Step> {
     // Wires: veth pairs straight into their namespaces, LAN bridges.
     for s in &lab.segments {
         match &s.kind {
+            SegmentKind::Link { .. } if s.emulated().is_some() => {
+                let (a, b) = (&s.members[0], &s.members[1]);
+                let (ha, hb) = (&lab.hosts[a.host].name, &lab.hosts[b.host].name);
+                let (na, nb) = (ns_name(prefix, ha), ns_name(prefix, hb));
+                let nl = link_ns_name(prefix, ha, hb);
+                let (ea, eb) = (format!("e-{ha}"), format!("e-{hb}"));
+                steps.push(run(
+                    format!("{} ({}), emulated: {ha} side", s.label, s.net),
+                    &[
+                        "ip", "link", "add", "name", &a.iface, "netns", &na, "type", "veth", "peer", "name", &ea,
+                        "netns", &nl,
+                    ],
+                ));
+                steps.push(run(
+                    format!("{} ({}), emulated: {hb} side", s.label, s.net),
+                    &[
+                        "ip", "link", "add", "name", &b.iface, "netns", &nb, "type", "veth", "peer", "name", &eb,
+                        "netns", &nl,
+                    ],
+                ));
+                let lines = vec![
+                    "link set dev lo up".to_string(),
+                    format!("link set dev {ea} up"),
+                    format!("link set dev {eb} up"),
+                ];
+                steps.push(Step::IpBatch { ns: nl, lines, what: format!("{} emulator ports", s.label) });
+                for (m, ns) in [(a, &na), (b, &nb)] {
+                    steps.push(Step::Offloads {
+                        ns: ns.clone(),
+                        ifaces: vec![m.iface.clone()],
+                        what: format!("{} offloads off at {}", s.label, lab.hosts[m.host].name),
+                    });
+                }
+            }
             SegmentKind::Link { .. } => {
                 let (a, b) = (&s.members[0], &s.members[1]);
                 let na = ns_name(prefix, &lab.hosts[a.host].name);
@@ -159,63 +273,6 @@ pub fn build(lab: &Lab, prefix: &str) -> Vec<Step> {
         });
     }
 
-    // Impairment: rate on the sender's interface, loss at the receiver.
-    let mut loss_rules: Vec<Vec<String>> = vec![Vec::new(); lab.hosts.len()];
-    for s in &lab.segments {
-        let SegmentKind::Link { out } = &s.kind else {
-            continue;
-        };
-        for (from, to, imp) in [(0, 1, &out[0]), (1, 0, &out[1])] {
-            let sender = &s.members[from];
-            let receiver = &s.members[to];
-            let dir = format!("{}, {} -> {}", s.label, lab.hosts[sender.host].name, lab.hosts[receiver.host].name);
-            if let Some(rate) = imp.rate_kbit {
-                let burst = tbf_burst_bytes(rate).to_string();
-                let ns = ns_name(prefix, &lab.hosts[sender.host].name);
-                steps.push(run(
-                    format!("{dir}: rate {rate} kbit/s"),
-                    &[
-                        "tc",
-                        "-n",
-                        &ns,
-                        "qdisc",
-                        "replace",
-                        "dev",
-                        &sender.iface,
-                        "root",
-                        "tbf",
-                        "rate",
-                        &format!("{rate}kbit"),
-                        "burst",
-                        &burst,
-                        "latency",
-                        "100ms",
-                    ],
-                ));
-            }
-            if let Some(bp) = imp.loss_basis_points() {
-                loss_rules[receiver.host]
-                    .push(format!("    iifname \"{}\" numgen random mod 10000 < {bp} drop", receiver.iface));
-            }
-        }
-    }
-    for (h, rules) in loss_rules.iter().enumerate() {
-        if rules.is_empty() {
-            continue;
-        }
-        let mut script = format!(
-            "table inet {IMPAIR_TABLE} {{\n  chain loss {{\n    type filter hook prerouting priority -300; policy accept;\n"
-        );
-        for r in rules {
-            let _ = writeln!(script, "{r}");
-        }
-        script.push_str("  }\n}\n");
-        steps.push(Step::Nft {
-            ns: ns_name(prefix, &lab.hosts[h].name),
-            script,
-            what: format!("link loss into {}", lab.hosts[h].name),
-        });
-    }
     steps
 }
 
@@ -259,11 +316,13 @@ mod tests {
         let lab = seed();
         let steps = build(&lab, "t1");
         let ns = namespaces(&lab, "t1");
-        assert_eq!(ns.len(), 21 + 4);
+        // 21 hosts, 4 LANs, 13 links with a delay.
+        assert_eq!(ns.len(), 21 + 4 + 13);
         assert!(ns.contains(&"t1-lan7".to_string()));
+        assert!(ns.contains(&"t1-o3.r1".to_string()));
         let adds =
             steps.iter().filter(|s| matches!(s, Step::Run { argv, .. } if argv[..3] == ["ip", "netns", "add"])).count();
-        assert_eq!(adds, 25);
+        assert_eq!(adds, 38);
         let o3 = steps
             .iter()
             .find_map(|s| match s {
@@ -277,33 +336,71 @@ mod tests {
         assert_eq!(
             veth,
             &Step::Run {
-                argv: "ip link add name v-r1 netns t1-o3 type veth peer name v-o3 netns t1-r1"
+                argv: "ip link add name v-r1 netns t1-o3 type veth peer name e-o3 netns t1-o3.r1"
                     .split(' ')
                     .map(String::from)
                     .collect(),
-                what: "link o3-r1 (10.0.18.0/24)".into()
+                what: "link o3-r1 (10.0.18.0/24), emulated: o3 side".into()
+            }
+        );
+        // The stub routers' links have no delay: plain veth pairs.
+        let stub = steps.iter().find(|s| s.what().starts_with("link o2-r16")).unwrap();
+        assert_eq!(
+            stub,
+            &Step::Run {
+                argv: "ip link add name v-r16 netns t1-o2 type veth peer name v-o2 netns t1-r16"
+                    .split(' ')
+                    .map(String::from)
+                    .collect(),
+                what: "link o2-r16 (10.0.16.0/24)".into()
             }
         );
     }
 
     #[test]
-    fn impairment_becomes_tbf_and_nft() {
+    fn an_impaired_link_runs_through_a_link_namespace() {
         let json = r#"{
-            "hosts": [{"name": "a"}, {"name": "b"}],
+            "hosts": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
             "links": [{"a": {"host": "a", "addr": "10.0.1.1/24", "impair_out": {"loss_pct": 5.5}},
                        "b": {"host": "b", "addr": "10.0.1.2/24"},
-                       "impair": {"rate_kbit": 2000}}]
+                       "impair": {"rate_kbit": 2000, "delay_ms": 12}},
+                      {"a": {"host": "b", "addr": "10.0.2.1/24"}, "b": {"host": "c", "addr": "10.0.2.2/24"}}]
         }"#;
         let lab = Lab::from_spec(serde_json::from_str(json).unwrap(), None).unwrap();
+        assert_eq!(namespaces(&lab, "t"), ["t-a", "t-b", "t-c", "t-a.b"]);
         let steps = build(&lab, "t");
-        let tbf: Vec<&Step> = steps.iter().filter(|s| matches!(s, Step::Run { argv, .. } if argv[0] == "tc")).collect();
-        assert_eq!(tbf.len(), 2, "rate applies both ways");
-        let Step::Run { argv, .. } = tbf[0] else { unreachable!() };
-        assert_eq!(argv.join(" "), "tc -n t-a qdisc replace dev v-b root tbf rate 2000kbit burst 3200 latency 100ms");
-        let nft: Vec<&Step> = steps.iter().filter(|s| matches!(s, Step::Nft { .. })).collect();
-        assert_eq!(nft.len(), 1, "loss only a -> b");
-        let Step::Nft { ns, script, .. } = nft[0] else { unreachable!() };
-        assert_eq!(ns, "t-b");
-        assert!(script.contains("iifname \"v-a\" numgen random mod 10000 < 550 drop"));
+        let veths: Vec<String> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run { argv, .. } if argv[..3] == ["ip", "link", "add"] => Some(argv.join(" ")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            veths,
+            [
+                "ip link add name v-b netns t-a type veth peer name e-a netns t-a.b",
+                "ip link add name v-a netns t-b type veth peer name e-b netns t-a.b",
+                "ip link add name v-c netns t-b type veth peer name v-b netns t-c",
+            ]
+        );
+        let offloads: Vec<(&str, &[String])> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Offloads { ns, ifaces, .. } => Some((ns.as_str(), ifaces.as_slice())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(offloads, [("t-a", &["v-b".to_string()][..]), ("t-b", &["v-a".to_string()][..])]);
+        assert!(!steps.iter().any(|s| matches!(s, Step::Nft { .. })), "no nft loss: linkem does it");
+        let emus = emulators(&lab, "t", Path::new("/tmp/netlab-t"));
+        assert_eq!(emus.len(), 1);
+        let e = &emus[0];
+        assert_eq!(
+            e.args().join(" "),
+            "run --name a-b --iface-a e-a --iface-b e-b \
+--control /tmp/netlab-t/links/a-b.sock --stats /tmp/netlab-t/links/a-b.json \
+--a2b delay_ms=12,loss_pct=5.5,rate_kbit=2000 --b2a delay_ms=12,rate_kbit=2000"
+        );
     }
 }

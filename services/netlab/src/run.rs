@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::lab::{Lab, Role, RoleKind};
+use crate::lab::{Impairment, Lab, Role, RoleKind};
 use crate::plan::{self, ns_name};
-use crate::state::{self, LabState, Phase, Process};
+use crate::state::{self, Emulator, LabState, Phase, Process};
 use crate::sys;
 
 /// The product binaries a lab runs.
@@ -64,6 +64,37 @@ impl Bins {
     }
 }
 
+/// The linkem binary: $NETLAB_LINKEM, or `linkem` in `dir`, next to this
+/// program (or one folder up, for tests), in the workspace's target/debug
+/// or target/release.
+pub fn find_linkem(dir: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NETLAB_LINKEM") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> = dir.map(Path::to_path_buf).into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(d) = exe.parent() {
+            candidates.push(d.to_path_buf());
+            if let Some(up) = d.parent() {
+                candidates.push(up.to_path_buf());
+            }
+        }
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    candidates.push(ws.join("target/debug"));
+    candidates.push(ws.join("target/release"));
+    for d in &candidates {
+        let p = d.join("linkem");
+        if p.is_file() {
+            return Ok(p.canonicalize().unwrap_or(p));
+        }
+    }
+    bail!(
+        "the lab has impaired links, but there is no linkem binary in {} (build it with `cargo build -p linkem`, or set NETLAB_LINKEM)",
+        candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
 /// What `up` should do besides building the network.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -98,11 +129,14 @@ pub fn up(lab: &Lab, opts: &UpOptions) -> Result<LabState> {
     }
     let bins =
         if opts.network_only || lab.roles.is_empty() { None } else { Some(Bins::find(opts.bin_dir.as_deref())?) };
+    let emulators = plan::emulators(lab, &opts.prefix, &state::lab_dir(&opts.prefix));
+    let linkem = if emulators.is_empty() { None } else { Some(find_linkem(opts.bin_dir.as_deref())?) };
     let namespaces = plan::namespaces(lab, &opts.prefix);
     let mut st = LabState::new(&opts.prefix, lab, namespaces);
     st.bin_dir = bins.as_ref().map(Bins::dir);
     st.media_dir = opts.media_dir.clone();
     std::fs::create_dir_all(st.dir().join("logs"))?;
+    std::fs::create_dir_all(st.dir().join("links"))?;
     st.save()?;
 
     let steps = plan::build(lab, &opts.prefix);
@@ -120,6 +154,9 @@ pub fn up(lab: &Lab, opts: &UpOptions) -> Result<LabState> {
     );
     for w in &lab.warnings {
         eprintln!("netlab: warning: {w}");
+    }
+    if let Some(linkem) = &linkem {
+        start_emulators(&mut st, linkem, &emulators)?;
     }
     st.phase = Phase::Network;
     st.save()?;
@@ -202,12 +239,63 @@ fn died(p: &Process) -> anyhow::Error {
 }
 
 fn check_alive(st: &LabState) -> Result<()> {
-    let pids: Vec<i32> = st.processes.iter().map(|p| p.pid).collect();
+    let pids: Vec<i32> = st.processes.iter().map(|p| p.pid).chain(st.emulators.iter().map(|e| e.pid)).collect();
     sys::reap(&pids);
+    if let Some(e) = st.emulators.iter().find(|e| !sys::alive(e.pid)) {
+        return Err(anyhow!("the emulator of link {} exited; {}:\n{}", e.link, e.log.display(), log_tail(&e.log, 8)));
+    }
     match st.processes.iter().find(|p| !sys::alive(p.pid)) {
         Some(p) => Err(died(p)),
         None => Ok(()),
     }
+}
+
+/// Starts one linkem per impaired link, in its link namespace, and waits
+/// until each answers on its control socket (so no frame of the roles
+/// meets a link that is not bridged yet).
+fn start_emulators(st: &mut LabState, linkem: &Path, plans: &[plan::EmulatorPlan]) -> Result<()> {
+    let started = Instant::now();
+    for p in plans {
+        sys::check_interrupt()?;
+        let mut argv = vec![linkem.display().to_string()];
+        argv.extend(p.args());
+        let child = spawn_in(&p.ns, &argv, &p.log)?;
+        st.emulators.push(Emulator {
+            link: p.link.clone(),
+            a: p.a.clone(),
+            b: p.b.clone(),
+            ns: p.ns.clone(),
+            pid: child.id() as i32,
+            control: p.control.clone(),
+            stats: p.stats.clone(),
+            log: p.log.clone(),
+            argv,
+        });
+        st.save()?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for e in &st.emulators {
+        while let Err(err) = linkem::control::request(&e.control, &linkem::Request::Stats, Duration::from_secs(1)) {
+            sys::check_interrupt()?;
+            check_alive(st)?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the emulator of link {} does not answer after 10 s: {err}; {}:\n{}",
+                    e.link,
+                    e.log.display(),
+                    log_tail(&e.log, 8)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!(
+        "netlab: lab {}: {} link emulators running ({:.1} s)",
+        st.prefix,
+        st.emulators.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn start_role(lab: &Lab, st: &mut LabState, role: &Role, bins: &Bins) -> Result<()> {
@@ -371,16 +459,18 @@ pub fn down(prefix: &str) -> Result<DownReport> {
         // that are in a network namespace other than ours (a recycled pid
         // of another program is left alone).
         let root_ns = std::fs::read_link("/proc/self/ns/net").ok();
-        for p in &st.processes {
-            let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
+        let recorded =
+            st.processes.iter().map(|p| (p.pid, &p.argv)).chain(st.emulators.iter().map(|e| (e.pid, &e.argv)));
+        for (pid, argv) in recorded {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-            let ns = std::fs::read_link(format!("/proc/{}/ns/net", p.pid)).ok();
-            if p.argv.first().is_some_and(|a| a.as_bytes() == first)
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            if argv.first().is_some_and(|a| a.as_bytes() == first)
                 && ns.is_some()
                 && ns != root_ns
-                && !pids.contains(&p.pid)
+                && !pids.contains(&pid)
             {
-                pids.push(p.pid);
+                pids.push(pid);
             }
         }
     }
@@ -492,8 +582,98 @@ pub fn status(prefix: &str) -> Result<String> {
             }
         }
     }
+    if !st.emulators.is_empty() {
+        let _ = write!(out, "{}", emulator_table(&st));
+    }
     let _ = writeln!(out, "logs: {}", st.dir().join("logs").display());
     Ok(out)
+}
+
+/// A running emulator's snapshot: live from its control socket, else its
+/// last stats file.
+pub fn emulator_stats(e: &Emulator) -> Result<linkem::Snapshot> {
+    match linkem::control::request(&e.control, &linkem::Request::Stats, Duration::from_secs(2)) {
+        Ok(s) => Ok(s),
+        Err(live) => linkem::control::read_stats_file(&e.stats)
+            .with_context(|| format!("link {}: {live}; no stats file either", e.link)),
+    }
+}
+
+/// Per emulated link and direction: settings and counters.
+pub fn emulator_table(st: &LabState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "link emulators (linkem; packets in, out, lost, queue drops, queued now):\n{:<16} {:<7} {:>9} {:>9} {:>7} {:>7} {:>6}  settings",
+        "link", "pid", "in", "out", "lost", "qdrop", "queued"
+    );
+    for e in &st.emulators {
+        match emulator_stats(e) {
+            Ok(s) => {
+                for (dir, d) in [(format!("{}>{}", e.a, e.b), &s.a2b), (format!("{}>{}", e.b, e.a), &s.b2a)] {
+                    let _ = writeln!(
+                        out,
+                        "{:<16} {:<7} {:>9} {:>9} {:>7} {:>7} {:>6}  {}",
+                        dir,
+                        if sys::alive(e.pid) { e.pid.to_string() } else { "exited".into() },
+                        d.packets,
+                        d.sent_packets,
+                        d.dropped_loss,
+                        d.dropped_queue + d.dropped_kernel,
+                        d.queued_packets,
+                        linkem::driver::describe(&d.settings)
+                    );
+                }
+            }
+            Err(err) => {
+                let _ = writeln!(out, "{:<16} {:<7} {err:#}", e.link, e.pid);
+            }
+        }
+    }
+    out
+}
+
+/// Changes an emulated link's settings while the lab runs: `link` is
+/// `a-b` in either order, `from` limits the change to what that host
+/// sends. Records the new settings in the state file and returns the
+/// link's snapshot.
+pub fn link_set(prefix: &str, link: &str, from: Option<&str>, change: &Impairment) -> Result<linkem::Snapshot> {
+    let mut st = LabState::load(prefix)?;
+    let (x, y) = link.split_once('-').ok_or_else(|| anyhow!("link {link:?}: give it as HOST-HOST, like o3-o4"))?;
+    let e = st
+        .emulators
+        .iter()
+        .find(|e| (e.a == x && e.b == y) || (e.a == y && e.b == x))
+        .cloned()
+        .ok_or_else(|| {
+            let known: Vec<&str> = st.emulators.iter().map(|e| e.link.as_str()).collect();
+            anyhow!(
+                "lab {prefix} has no emulated link {link} (emulated: {}); a link gets an emulator when the lab file gives it an impairment (even {{\"delay_ms\": 0}})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )
+        })?;
+    let dir = match from {
+        None => linkem::Dir::Both,
+        Some(h) if h == e.a => linkem::Dir::A2b,
+        Some(h) if h == e.b => linkem::Dir::B2a,
+        Some(h) => bail!("link {}: host {h} is not one of its ends", e.link),
+    };
+    let update = change.to_update();
+    if update.is_empty() {
+        bail!("nothing to change: give --delay-ms, --jitter-ms, --loss-pct, --rate-kbit, --queue-ms or --reorder");
+    }
+    let snap = linkem::control::request(&e.control, &linkem::Request::Set { dir, update }, Duration::from_secs(3))
+        .with_context(|| format!("link {}", e.link))?;
+    // Keep the state's lab in step, so later commands see the new delays.
+    if let Some(l) = st.spec.links.iter_mut().find(|l| l.a.host == e.a && l.b.host == e.b) {
+        for (end, chosen) in [(&mut l.a, dir.includes(true)), (&mut l.b, dir.includes(false))] {
+            if chosen {
+                end.impair_out = change.over(&end.impair_out);
+            }
+        }
+    }
+    st.save()?;
+    Ok(snap)
 }
 
 /// Runs a command inside a host's namespace, attached to this terminal.

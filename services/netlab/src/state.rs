@@ -44,6 +44,21 @@ pub struct Process {
     pub argv: Vec<String>,
 }
 
+/// A link emulator the lab started in a link namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Emulator {
+    /// `a-b`: the link's hosts in lab-file order (linkem's a2b is a -> b).
+    pub link: String,
+    pub a: String,
+    pub b: String,
+    pub ns: String,
+    pub pid: i32,
+    pub control: PathBuf,
+    pub stats: PathBuf,
+    pub log: PathBuf,
+    pub argv: Vec<String>,
+}
+
 /// The SSRCs of a stream, as `onode stream-ssrcs` gives them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamIds {
@@ -70,6 +85,9 @@ pub struct LabState {
     /// Streams whose per-link counters are installed.
     #[serde(default)]
     pub counted_streams: Vec<StreamIds>,
+    /// The link emulators (one per impaired link).
+    #[serde(default)]
+    pub emulators: Vec<Emulator>,
 }
 
 impl LabState {
@@ -87,6 +105,7 @@ impl LabState {
             bootstrap: lab.bootstrap.map(|b: Ipv4Addr| format!("{b}:{}", lab.spec.control_port)),
             processes: Vec::new(),
             counted_streams: Vec::new(),
+            emulators: Vec::new(),
         }
     }
 

@@ -106,6 +106,11 @@ pub fn run_step(step: &Step) -> Result<()> {
         Step::Nft { ns, script, .. } => {
             output(&["ip", "netns", "exec", ns, "nft", "-f", "-"], Some(script)).map(|_| ())
         }
+        Step::Offloads { ns, ifaces, .. } => {
+            let ifaces = ifaces.clone();
+            in_netns(ns, move || ifaces.iter().try_for_each(|i| linkem::offload::disable(i)))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+        }
     };
     res.with_context(|| step.what().to_string())
 }

@@ -26,13 +26,10 @@ fn ring_network_reaches_everywhere_and_leaves_nothing() {
     // The routers' own link is a shortcut of the underlay: o3 reaches o6's
     // router-side subnet through ra and rb.
     assert!(route_get(&guard.prefix, "ra", "10.1.9.6").contains("via 10.1.15.2"));
-    // The chord's rate limit is in place.
-    let qdisc = netlab::sys::output(
-        &["tc", "-n", &netlab::plan::ns_name(&guard.prefix, "o1"), "qdisc", "show", "dev", "v-o4"],
-        None,
-    )
-    .unwrap();
-    assert!(qdisc.contains("tbf") && qdisc.contains("20Mbit"), "{qdisc}");
+    // The chord's rate limit and delay are in place, in its emulator.
+    let chord = st.emulators.iter().find(|e| e.link == "o1-o4").expect("the chord's emulator");
+    let s = netlab::run::emulator_stats(chord).expect("emulator stats");
+    assert_eq!((s.a2b.settings.rate_kbit, s.b2a.settings.delay_ms), (20000, 30.0));
     down_and_check_clean(guard);
     remove_lab_folder(&st.prefix);
 }

@@ -27,6 +27,10 @@ pub fn cannot_run() -> Option<String> {
             return Some(format!("{tool} is not installed"));
         }
     }
+    // The labs' links have delays: they need the link emulator.
+    if let Err(e) = run::find_linkem(None) {
+        return Some(format!("{e:#}"));
+    }
     None
 }
 
