@@ -556,6 +556,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let kbit = (s.bytes - last.1) * 8 / 1000;
                 last = (d.video_frames, s.bytes);
                 report.fps_timeline.push(fps);
+                // Tell the POP we are still here (it expires silent sessions).
+                let mut keepalive = session.clone();
+                let request = pb::SessionRequest { session_id: session_id.clone() };
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), keepalive.keepalive(request)).await;
+                });
                 if cli.stats_line {
                     eprintln!("[{}] {fps} fps  {kbit} kbit/s  lost {}  jitter {:.1} ms{}", cli.name, s.packets_lost, s.jitter_ms, if paused { "  (paused)" } else { "" });
                 }

@@ -100,6 +100,9 @@ struct Common {
     /// Neighbour heartbeat period (ms); three missed beats declare a neighbour lost.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+    /// POPs: a client session not heard from for this long (s) is torn down.
+    #[arg(long, default_value_t = 10)]
+    session_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -212,6 +215,7 @@ fn settings(role: Role, c: &Common) -> Settings {
         tie_floor_us: c.tie_floor_us,
         join_timeout: Duration::from_millis(c.join_timeout_ms),
         heartbeat: Duration::from_millis(c.heartbeat_ms.max(10)),
+        session_timeout: Duration::from_secs(c.session_timeout_s.max(1)),
     }
 }
 

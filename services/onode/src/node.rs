@@ -55,6 +55,8 @@ pub struct Settings {
     pub join_timeout: Duration,
     /// Neighbour heartbeat period; three missed beats declare it lost.
     pub heartbeat: Duration,
+    /// A client session not heard from for this long is torn down.
+    pub session_timeout: Duration,
 }
 
 /// A neighbour as the node reaches it.
@@ -176,6 +178,10 @@ impl Node {
         if self.id.server {
             let me = self.clone();
             self.tasks.spawn(async move { me.probe_loop().await });
+        }
+        if self.settings.role == Role::Pop {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.expire_loop().await });
         }
         info!(
             node = %self.id.name,
@@ -427,6 +433,25 @@ impl Node {
             let me = self.clone();
             let desc = desc.clone();
             self.tasks.spawn(async move { me.send_reroot(d, desc).await });
+        }
+    }
+
+    /// Tears down the sessions of clients that went silent (crashed, or
+    /// lost their network) so their branches are pruned.
+    async fn expire_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let gone = self.with_sessions(|s| s.expire(Instant::now(), self.settings.session_timeout));
+            for (id, session) in gone {
+                warn!(pop = %self.id.name, client = %session.client, session = &id[..8.min(id.len())], "client silent: session expired");
+                if let Some(stream) = session.stream {
+                    self.leave(&stream, Requester::Local);
+                }
+            }
         }
     }
 
@@ -771,6 +796,7 @@ impl Node {
     pub fn play(&self, id: &str) -> Result<overlay_core::session::Phase, overlay_core::session::SessionError> {
         let (phase, burst) = {
             let mut st = self.lock();
+            st.sessions.touch(id, Instant::now())?;
             let phase = st.sessions.play(id)?;
             let session = st.sessions.iter().find(|(sid, _)| *sid == id).map(|(_, s)| s.clone());
             let burst = session.and_then(|s| {

@@ -92,7 +92,7 @@ impl pb::session_server::Session for SessionService {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.0.with_sessions(|s| s.connect(id.clone(), client.clone()));
+        self.0.with_sessions(|s| s.connect(id.clone(), client.clone(), std::time::Instant::now()));
         info!(pop = %self.0.id.name, %client, session = &id[..8], "client connected");
         Ok(Response::new(pb::ConnectReply { session_id: id, pop: self.0.id.name.clone() }))
     }
@@ -147,6 +147,12 @@ impl pb::session_server::Session for SessionService {
         let id = request.into_inner().session_id;
         let phase = self.0.with_sessions(|s| s.pause(&id)).map_err(session_status)?;
         info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "PAUSE");
+        Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
+    }
+
+    async fn keepalive(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
+        let id = request.into_inner().session_id;
+        let phase = self.0.with_sessions(|s| s.touch(&id, std::time::Instant::now())).map_err(session_status)?;
         Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
     }
 

@@ -96,6 +96,15 @@ fn overlay_registers_routes_builds_grafts_and_prunes_trees() {
     assert!(log.contains("unknown") && log.contains("no-such-stream"), "{log}");
     assert!(o.branch("o7", "no-such-stream").is_none());
 
+    // A client that dies without TEARDOWN: its POP expires the session
+    // and prunes the branch.
+    let mut crashed = o.client("c4", "test", Some("o7"), 30.0).spawn().unwrap();
+    o.wait_for("o7 serves c4", Duration::from_secs(10), |o| o.branch("o7", "test").is_some());
+    crashed.kill().unwrap();
+    crashed.wait().unwrap();
+    o.wait_for("silent session expired and pruned", Duration::from_secs(10), |o| o.branch("o7", "test").is_none());
+    assert!(o.log("o7").contains("session expired"));
+
     // A killed node is reported by the bootstrapper, and nodes drop it.
     o.kill("o9");
     o.wait_for("o9 reported failed", Duration::from_secs(5), |o| {

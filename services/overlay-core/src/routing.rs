@@ -298,16 +298,13 @@ impl RouteTable {
     /// already carrying it and the best route toward a server offering it,
     /// never through a node in `exclude` (the request's path).
     pub fn upstream_for(&self, stream: &str, now: Instant, exclude: &[&str]) -> Result<Upstream, NoUpstream> {
-        let mut best: Option<(u64, u32, Upstream)> = None;
-        let mut consider = |cost: u64, hops: u32, up: Upstream| {
-            if best.as_ref().is_none_or(|(c, h, _)| (cost, hops) < (*c, *h)) {
-                best = Some((cost, hops, up));
-            }
-        };
+        // Candidates are compared with the same rule as next hops: lowest
+        // delay, fewer hops within the tie band.
+        let mut options: Vec<Upstream> = Vec::new();
         for (via, streams) in &self.carrying {
             if streams.contains(stream) && !exclude.contains(&via.as_str()) && !self.down.contains(via) {
                 let delay_us = self.link_delay_us(via).unwrap_or(0);
-                consider(delay_us, 1, Upstream::Carrier { via: via.clone(), delay_us });
+                options.push(Upstream::Carrier { via: via.clone(), delay_us });
             }
         }
         for (server, streams) in &self.offers {
@@ -315,11 +312,11 @@ impl RouteTable {
                 continue;
             }
             if let Some(route) = self.best_next_hop(server, now, exclude) {
-                consider(route.delay_us, route.hops, Upstream::Server { server: server.clone(), route });
+                options.push(Upstream::Server { server: server.clone(), route });
             }
         }
-        match best {
-            Some((_, _, up)) => Ok(up),
+        match choose(&options, upstream_key, &self.config) {
+            Some(i) => Ok(options.swap_remove(i)),
             None if self.offered(stream) || self.carrying.values().any(|s| s.contains(stream)) => {
                 Err(NoUpstream::NoRoute)
             }
@@ -340,13 +337,34 @@ impl RouteTable {
 /// within the tie tolerance of the lowest, fewest hops (then lowest delay,
 /// then name, so the choice is deterministic).
 pub fn pick(candidates: &[Route], config: &RoutingConfig) -> Option<Route> {
-    let min = candidates.iter().map(|r| r.delay_us).min()?;
+    choose(candidates, route_key, config).map(|i| candidates[i].clone())
+}
+
+fn upstream_key(o: &Upstream) -> (u64, u32, &str) {
+    match o {
+        Upstream::Carrier { via, delay_us } => (*delay_us, 1, via.as_str()),
+        Upstream::Server { route, .. } => (route.delay_us, route.hops, route.via.as_str()),
+    }
+}
+
+fn route_key(r: &Route) -> (u64, u32, &str) {
+    (r.delay_us, r.hops, r.via.as_str())
+}
+
+/// The rule of [`pick`] over any candidates, given (delay, hops, name) of
+/// each; returns the index of the chosen one.
+fn choose<T>(
+    candidates: &[T],
+    key: impl for<'a> Fn(&'a T) -> (u64, u32, &'a str),
+    config: &RoutingConfig,
+) -> Option<usize> {
+    let min = candidates.iter().map(|c| key(c).0).min()?;
     let tolerance = ((min as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
-    candidates
-        .iter()
-        .filter(|r| r.delay_us <= min + tolerance)
-        .min_by(|a, b| (a.hops, a.delay_us, &a.via).cmp(&(b.hops, b.delay_us, &b.via)))
-        .cloned()
+    (0..candidates.len()).filter(|&i| key(&candidates[i]).0 <= min + tolerance).min_by(|&a, &b| {
+        let (da, ha, na) = key(&candidates[a]);
+        let (db, hb, nb) = key(&candidates[b]);
+        (ha, da, na).cmp(&(hb, db, nb))
+    })
 }
 
 #[cfg(test)]
@@ -476,5 +494,20 @@ mod tests {
         t.set_carrying("o6", ["test".to_string()]);
         assert_eq!(t.upstream_for("test", now, &[]).unwrap().via(), "o6");
         assert_eq!(t.upstream_for("test", now, &["o6"]).unwrap().via(), "o4");
+    }
+
+    #[test]
+    fn the_nearer_server_by_the_hop_rule_roots_the_tree() {
+        let now = Instant::now();
+        let mut t = RouteTable::new(
+            "o5",
+            vec!["o4".into()],
+            RoutingConfig { tie_floor_us: 20_000, ..RoutingConfig::default() },
+        );
+        // s1 is slightly faster but within the tie band; s2 has fewer hops.
+        t.on_probe(&probe("s1", 1, "o4", &["s1", "o2", "o3", "o4"], 4, 1_000), now, 0);
+        t.on_probe(&probe("s2", 1, "o4", &["s2", "o8", "o4"], 3, 3_000), now, 0);
+        let up = t.upstream_for("test", now, &[]).unwrap();
+        assert!(matches!(up, Upstream::Server { ref server, .. } if server == "s2"), "{up:?}");
     }
 }

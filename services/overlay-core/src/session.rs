@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -45,6 +46,8 @@ pub struct Session {
     pub phase: Phase,
     pub stream: Option<String>,
     pub rtp_dest: Option<SocketAddr>,
+    /// The last time the client was heard (any request, or a keepalive).
+    pub last_seen: Instant,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,8 +56,28 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn connect(&mut self, id: String, client: String) {
-        self.sessions.insert(id, Session { client, phase: Phase::Connected, stream: None, rtp_dest: None });
+    pub fn connect(&mut self, id: String, client: String, now: Instant) {
+        let session = Session { client, phase: Phase::Connected, stream: None, rtp_dest: None, last_seen: now };
+        self.sessions.insert(id, session);
+    }
+
+    /// The client is still there.
+    pub fn touch(&mut self, id: &str, now: Instant) -> Result<Phase, SessionError> {
+        let s = self.get_mut(id)?;
+        s.last_seen = now;
+        Ok(s.phase)
+    }
+
+    /// Ends the sessions whose client has not been heard for `idle` (it
+    /// crashed or lost its network) and returns them.
+    pub fn expire(&mut self, now: Instant, idle: Duration) -> Vec<(String, Session)> {
+        let gone: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > idle)
+            .map(|(id, _)| id.clone())
+            .collect();
+        gone.into_iter().filter_map(|id| self.sessions.remove(&id).map(|s| (id, s))).collect()
     }
 
     fn get_mut(&mut self, id: &str) -> Result<&mut Session, SessionError> {
@@ -122,7 +145,7 @@ mod tests {
     fn life_of_a_session() {
         let mut s = Sessions::default();
         let dest: SocketAddr = "10.0.6.20:5000".parse().unwrap();
-        s.connect("a".into(), "c1".into());
+        s.connect("a".into(), "c1".into(), Instant::now());
         assert_eq!(s.play("a").unwrap_err().to_string(), "session a: cannot PLAY while connected");
         s.check_setup("a").unwrap();
         s.set_up("a", "test".into(), dest).unwrap();
@@ -136,5 +159,21 @@ mod tests {
         let gone = s.teardown("a").unwrap();
         assert_eq!(gone.stream.as_deref(), Some("test"));
         assert_eq!(s.teardown("a").unwrap_err(), SessionError::Unknown("a".into()));
+    }
+
+    #[test]
+    fn silent_clients_expire() {
+        let t0 = Instant::now();
+        let mut s = Sessions::default();
+        s.connect("a".into(), "c1".into(), t0);
+        s.connect("b".into(), "c2".into(), t0);
+        s.set_up("a", "test".into(), "10.0.6.20:5000".parse().unwrap()).unwrap();
+        s.touch("b", t0 + Duration::from_secs(8)).unwrap();
+        assert!(s.expire(t0 + Duration::from_secs(9), Duration::from_secs(10)).is_empty());
+        let gone = s.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].0.as_str(), gone[0].1.stream.as_deref()), ("a", Some("test")));
+        assert!(s.touch("a", t0).is_err());
+        assert_eq!(s.touch("b", t0 + Duration::from_secs(12)), Ok(Phase::Connected));
     }
 }

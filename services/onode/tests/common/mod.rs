@@ -220,7 +220,7 @@ impl Overlay {
             }
         }
         // Loopback delays are all noise: let hop counts decide.
-        cmd.args(["--bind", &ip, "--tie-floor-us", "20000"]);
+        cmd.args(["--bind", &ip, "--tie-floor-us", "20000", "--session-timeout-s", "3"]);
         let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
         cmd.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
