@@ -181,13 +181,28 @@ fn a_client_setup_is_one_trace_from_client_to_server() {
         assert_eq!(parent.service, below.service, "{service} {name}: parent from the wrong process:\n{}", report());
         below = span;
     }
+    eprintln!("trace {}:", hex(&session.span.trace_id));
+    for r in &trace {
+        eprintln!(
+            "  {} {} span {} parent {}",
+            r.service,
+            r.span.name,
+            hex(&r.span.span_id),
+            hex(&r.span.parent_span_id)
+        );
+    }
     let in_trace: BTreeSet<&str> = trace.iter().map(|r| r.service.as_str()).collect();
     let expected: BTreeSet<&str> =
         path.iter().map(|n| services[n].as_str()).chain(std::iter::once("oclient-tracer")).collect();
     assert_eq!(in_trace, expected, "processes in the trace:\n{}", report());
 
-    // Probe floods are counted, not traced: no span per STATUS probe.
-    let probe_spans: Vec<_> =
-        received.iter().filter(|r| matches!(r.span.name.as_str(), "Status" | "Probe" | "status" | "probe")).collect();
-    assert!(probe_spans.is_empty(), "probe spans were exported:\n{}", report());
+    // Probe floods are counted, not traced: ten nodes probing every 250 ms
+    // for seconds would export hundreds of spans; the rest of the run (the
+    // client's PLAY and TEARDOWN, prunes) only a few.
+    let probe_spans = received
+        .iter()
+        .filter(|r| r.span.name.eq_ignore_ascii_case("status") || r.span.name.to_lowercase().contains("probe"))
+        .count();
+    let elsewhere = received.len() - trace.len();
+    assert!(probe_spans == 0 && elsewhere < 20, "probe floods were traced:\n{}", report());
 }
