@@ -118,9 +118,11 @@ fn every_echo_takes_at_least_twice_the_delay() {
     let to = SocketAddr::from((tb.addr_b, PORT));
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let (ready, bound) = std::sync::mpsc::channel();
     let echo = spawn_in_netns(&tb.ns_b, move || {
         let sock = UdpSocket::bind(("0.0.0.0", PORT)).expect("bind echo");
         sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        ready.send(()).unwrap();
         let mut buf = [0u8; 1500];
         while !flag.load(Ordering::SeqCst) {
             if let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -129,7 +131,7 @@ fn every_echo_takes_at_least_twice_the_delay() {
         }
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    bound.recv_timeout(Duration::from_secs(5)).expect("echo server bound");
     let rtts = in_netns(&tb.ns_a, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();

@@ -59,6 +59,25 @@ fn send_from(prefix: &str, host: &str, to: SocketAddr, packets: Vec<Vec<u8>>) {
     .expect("in namespace");
 }
 
+/// Sends from `host` to `addr` (a port nobody counts) until `host` has
+/// resolved `addr`'s link-layer address.
+fn settle_neighbour(prefix: &str, host: &str, addr: &str) {
+    let ns = plan::ns_name(prefix, host);
+    let to: SocketAddr = format!("{addr}:9999").parse().expect("address");
+    for _ in 0..50 {
+        let neigh = sys::output(&["ip", "-n", &ns, "neigh", "show", addr], None).unwrap_or_default();
+        if ["REACHABLE", "STALE", "DELAY", "PERMANENT"].iter().any(|s| neigh.contains(s)) {
+            return;
+        }
+        sys::in_netns(&ns, move || {
+            let _ = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(&[0u8; 8], to));
+        })
+        .expect("in namespace");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{host} does not resolve {addr} after 10 s");
+}
+
 fn ids() -> Vec<StreamIds> {
     vec![
         StreamIds { stream: "test".into(), video: 0x1234_5678, audio: 0x0000_0042 },
@@ -130,6 +149,9 @@ fn loss_drops_about_the_configured_share() {
     let lab = mini(Some(30.0));
     let (guard, st) = up(&lab, None, None);
     media::install(&lab, &guard.prefix, &ids()).expect("install counters");
+    // The emulated link loses ARP too: let r learn o1's address first, or
+    // a lost request holds the whole burst for a second.
+    settle_neighbour(&guard.prefix, "r", "10.9.2.1");
     let n = 2000;
     send_from(&guard.prefix, "s1", SocketAddr::from((Ipv4Addr::new(10, 9, 2, 1), 7071)), vec![packet(96, 7); n]);
     let got = count_into_o1(&lab, &guard.prefix).1[1].packets as f64;
