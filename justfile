@@ -59,3 +59,19 @@ demo LAB="netns/labs/seed.json": build
 fmt:
     cargo fmt --all
     cargo clippy --workspace --all-targets
+
+# Build the role images overlay-{server,node,pop,client} (release binaries; makes the Debian base image first when missing).
+images:
+    deploy/images.sh
+
+# Start the compose deployment of the original topology (`just compose-up --traces` also starts Jaeger).
+compose-up *FLAGS:
+    deploy/compose.sh up {{FLAGS}}
+
+# Remove the compose deployment: every container, network and volume of it.
+compose-down:
+    deploy/compose.sh down
+
+# Print the Jaeger URL of the compose deployment.
+traces:
+    deploy/compose.sh traces
