@@ -82,7 +82,7 @@ traces)
     if [[ -n $(COMPOSE_PROFILES=traces compose ps -q jaeger 2>/dev/null) ]]; then
         echo "$jaeger_ui"
     else
-        echo "$jaeger_ui (Jaeger is not running: start with \`just compose-up traces\`)"
+        echo "$jaeger_ui (Jaeger is not running: start with \`just compose-up --traces\`)"
     fi
     ;;
 stats)
