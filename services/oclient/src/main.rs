@@ -248,15 +248,24 @@ fn choose_pop(candidates: &[Candidate]) -> Option<&Candidate> {
 
 /// Round trip to a POP measured as the TCP handshake to its control port
 /// (answered by the kernel, so no application noise): the lowest of a few.
+/// The handshakes run side by side (a millisecond apart), so a far POP
+/// costs one round trip, not one per probe.
 async fn handshake_rtt(addr: SocketAddr, probes: u32) -> Option<f64> {
-    let mut best: Option<f64> = None;
-    for _ in 0..probes.max(1) {
-        let t = Instant::now();
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr)).await
-        {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..probes.max(1) {
+        set.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(u64::from(i))).await;
+            let t = Instant::now();
+            let stream =
+                tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             drop(stream);
+            Some(ms)
+        });
+    }
+    let mut best: Option<f64> = None;
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some(ms)) = r {
             best = Some(best.map_or(ms, |b: f64| b.min(ms)));
         }
     }
@@ -350,12 +359,27 @@ async fn open_session(
         let probes = cli.probes;
         set.spawn(async move { (name, a, handshake_rtt(a, probes).await) });
     }
+    // Once one POP has answered, the others get three times its round trip
+    // (at least 20 ms): a POP slower than that would not be chosen anyway,
+    // and a dead one listed by the bootstrapper must not hold the start.
     let mut candidates = Vec::new();
-    while let Some(Ok((name, addr, rtt))) = set.join_next().await {
-        if let Some(rtt_ms) = rtt {
-            candidates.push(Candidate { name, addr, rtt_ms, on_link: on_link(addr.ip(), &subnets) });
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, set.join_next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => set.join_next().await,
+        };
+        let Some(joined) = next else { break };
+        let Ok((name, addr, Some(rtt_ms))) = joined else { continue };
+        if deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + Duration::from_secs_f64((rtt_ms * 3.0).max(20.0) / 1000.0));
         }
+        candidates.push(Candidate { name, addr, rtt_ms, on_link: on_link(addr.ip(), &subnets) });
     }
+    set.abort_all();
     let rtts = candidates.iter().map(|c| (c.addr.ip().to_string(), c.rtt_ms)).collect();
     startup.pop_chosen_ms = ms();
     let Some(chosen) = choose_pop(&candidates).cloned() else {
