@@ -83,6 +83,29 @@ pub struct Relay {
     table: ArcSwap<ForwardTable>,
     counters: Counters,
     gops: Mutex<HashMap<u32, GopCache>>,
+    early: Mutex<Early>,
+}
+
+/// Packets of an SSRC not (yet) in the table. A node that has just joined
+/// a stream hears its first packets, often the keyframe, a moment before
+/// the join's answer tells it the SSRCs; they are held briefly and sent on
+/// when the table learns them.
+#[derive(Default)]
+struct Early {
+    packets: std::collections::VecDeque<(std::time::Instant, u32, SocketAddr, Vec<u8>)>,
+}
+
+/// How many early packets are held, and for how long.
+const EARLY_PACKETS: usize = 512;
+const EARLY_FOR: Duration = Duration::from_millis(1500);
+
+impl Early {
+    fn hold(&mut self, ssrc: u32, src: SocketAddr, bytes: &[u8]) {
+        if self.packets.len() == EARLY_PACKETS {
+            self.packets.pop_front();
+        }
+        self.packets.push_back((std::time::Instant::now(), ssrc, src, bytes.to_vec()));
+    }
 }
 
 impl Relay {
@@ -114,6 +137,7 @@ impl Relay {
             table: ArcSwap::from_pointee(ForwardTable::default()),
             counters: Counters::default(),
             gops: Mutex::new(HashMap::new()),
+            early: Mutex::new(Early::default()),
         }))
     }
 
@@ -130,7 +154,34 @@ impl Relay {
                 gops.entry(ssrc).or_default();
             }
         }
-        self.table.store(Arc::new(table));
+        let table = Arc::new(table);
+        self.table.store(table.clone());
+        self.release_early(&table);
+    }
+
+    /// Sends on the held packets whose SSRC the table now knows.
+    fn release_early(&self, table: &ForwardTable) {
+        let ready: Vec<(SocketAddr, Vec<u8>)> = {
+            let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
+            early.packets.retain(|(at, ..)| at.elapsed() < EARLY_FOR);
+            let (ready, keep): (Vec<_>, Vec<_>) =
+                early.packets.drain(..).partition(|(_, ssrc, ..)| table.get(*ssrc).is_some());
+            early.packets.extend(keep);
+            ready.into_iter().map(|(_, _, src, bytes)| (src, bytes)).collect()
+        };
+        for (src, bytes) in ready {
+            if let Verdict::Forward(route) = decide(table, &bytes, Some(src)) {
+                if route.cache_gop {
+                    self.remember(u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]), &bytes);
+                }
+                for d in &route.downstream {
+                    if self.socket.send_to(&bytes, d).is_ok() {
+                        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                        self.counters.sent_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
     }
 
     fn gops(&self) -> std::sync::MutexGuard<'_, HashMap<u32, GopCache>> {
@@ -238,6 +289,10 @@ impl Relay {
                     }
                     Verdict::Drop(reason) => {
                         self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
+                        if let (DropReason::UnknownSsrc, Some(src)) = (reason, src) {
+                            let ssrc = u32::from_be_bytes([bufs[i][8], bufs[i][9], bufs[i][10], bufs[i][11]]);
+                            self.early.lock().unwrap_or_else(|p| p.into_inner()).hold(ssrc, src, &bufs[i][..len]);
+                        }
                     }
                 }
             }
@@ -417,5 +472,37 @@ mod tests {
         assert_eq!(c.sent, 30);
         assert_eq!(c.dropped_not_rtp, 1);
         assert_eq!(c.dropped_unknown_ssrc, 1);
+    }
+
+    #[test]
+    fn packets_that_beat_the_table_are_sent_on_when_it_knows_them() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s2) = (relay.clone(), stop.clone());
+        let th = std::thread::spawn(move || r.run(&s2));
+        let mut pkt = [0u8; 100];
+        for seq in 0..3u16 {
+            write_header(&mut pkt, 96, seq, 0, 77);
+            sender.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut t = ForwardTable::default();
+        let route = Route {
+            accept: Accept::From(sender.local_addr().unwrap()),
+            downstream: vec![sink.local_addr().unwrap()],
+            cache_gop: false,
+        };
+        t.insert(77, route);
+        relay.publish(t);
+        let mut buf = [0u8; 2048];
+        for seq in 0..3u16 {
+            sink.recv(&mut buf).unwrap();
+            assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), seq);
+        }
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
     }
 }
