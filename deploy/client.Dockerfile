@@ -54,4 +54,6 @@ WORKDIR /home/overlay
 ENV NO_COLOR=1
 # Healthy while media arrives.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=2 CMD ["overlay-client-health"]
+# deploy/images.sh prunes replaced images by this label.
+LABEL overlay.role=client
 ENTRYPOINT ["overlay-entrypoint", "oclient"]

@@ -57,3 +57,5 @@ for role in "${roles[@]}"; do
     size=$(docker image inspect -f '{{.Size}}' "overlay-$role:$tag" | awk '{ printf "%.0f MB", $1 / 1e6 }')
     echo "images: overlay-$role:$tag ($size, $((SECONDS - start)) s)"
 done
+# The images these builds replaced (untagged now); the build stages stay as cache.
+docker image prune -f --filter label=overlay.role >/dev/null
