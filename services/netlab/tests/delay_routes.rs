@@ -166,7 +166,8 @@ fn seed_lab_routes_follow_delay() {
 
 #[test]
 fn ring_lab_routes_follow_delay() {
-    // o4-o5 from 5 to 20 ms: o4 takes the chord toward s1, o1 the chord
-    // toward s2, o2 goes through o3 toward s2.
-    routes_follow_delay("ring.json", "o4-o5", 20.0, &[("o4", "s1", "o1"), ("o1", "s2", "o4"), ("o2", "s2", "o3")]);
+    // o5-rb (half of the overlay link o5-o6, which crosses router rb) from
+    // 3 to 18 ms: o5 reaches s1 through o8 instead of o6, and o6 reaches s2
+    // through o8 instead of o5.
+    routes_follow_delay("ring.json", "o5-rb", 18.0, &[("o5", "s1", "o8"), ("o6", "s2", "o8")]);
 }
