@@ -241,7 +241,7 @@ impl Node {
             return;
         };
         let started = Instant::now();
-        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(200));
+        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(250));
         let request = pb::PingRequest { sender: self.id.name.clone() };
         let result = tokio::time::timeout(limit, client.ping(request)).await;
         let rtt = started.elapsed();
@@ -507,9 +507,11 @@ impl Node {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let mut tx = Some(tx);
-        // Right after start, routes are still being learnt: a request that
-        // finds no way yet waits for a few probe periods before its NAK.
-        let converging_until = self.started + self.id.probe_interval * 4;
+        // Right after start, routes are still being learnt, and a neighbour
+        // that missed heartbeats comes back with the next probe: a request
+        // that finds no way yet waits a few probe periods before its NAK.
+        let starting_until = self.started + self.id.probe_interval * 4;
+        let route_wait_until = Instant::now() + self.id.probe_interval * 3;
         let decision = loop {
             let d = {
                 let mut st = self.lock();
@@ -527,9 +529,12 @@ impl Node {
                 }
                 d
             };
-            let unrouted =
-                matches!(&d, JoinDecision::Nak(n) if matches!(n.reason, NakReason::UnknownStream | NakReason::NoRoute));
-            if unrouted && Instant::now() < converging_until {
+            let wait_until = match &d {
+                JoinDecision::Nak(n) if n.reason == NakReason::NoRoute => route_wait_until.max(starting_until),
+                JoinDecision::Nak(n) if n.reason == NakReason::UnknownStream => starting_until,
+                _ => Instant::now(),
+            };
+            if Instant::now() < wait_until {
                 tokio::time::sleep(self.id.probe_interval / 2).await;
                 continue;
             }
