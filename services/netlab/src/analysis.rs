@@ -41,6 +41,18 @@ pub struct ClientStats {
     /// From starting to the end of SETUP, when oclient reports it.
     pub setup_ms: Option<f64>,
     pub bytes_received: u64,
+    /// Capture-to-decoder latency of the video, when oclient reports it.
+    pub glass_to_glass_ms: Option<Latency>,
+}
+
+/// A latency distribution as oclient reports it (ms).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Latency {
+    pub median: f64,
+    pub p95: f64,
+    pub max: f64,
+    pub samples: u64,
 }
 
 impl ClientStats {
@@ -76,6 +88,9 @@ pub struct ClientOutcome {
     pub stats: Option<ClientStats>,
     /// Why there are no stats, or how oclient failed.
     pub failure: Option<String>,
+    /// Sum of the one-way link delays from the stream's server down the
+    /// tree to the client's POP, as the lab file sets them (ms).
+    pub path_delay_ms: Option<f64>,
 }
 
 /// Problems with the clients: no frames, no stats, a POP not on the LAN.
@@ -352,6 +367,7 @@ mod tests {
                 ..Default::default()
             }),
             failure: None,
+            path_delay_ms: None,
         }
     }
 

@@ -156,6 +156,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
                 pop_node: None,
                 stats: None,
                 failure: None,
+                path_delay_ms: None,
             },
             duration_s: r.duration_s,
             stats: clients_dir.join(format!("{file}.json")),
@@ -290,7 +291,29 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
         .collect();
     let win_counts = window.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(&whole);
     let trees = analysis::check_trees(&streams, win_counts, &whole, &servers, &viewed);
+    let mut clients = clients;
+    if let Ok(delays) = crate::delays::OverlayDelays::of(lab) {
+        for c in &mut clients {
+            let tree = trees.trees.iter().find(|t| t.stream == c.stream);
+            c.path_delay_ms = tree.zip(c.pop_node.as_deref()).and_then(|(t, pop)| path_delay_ms(t, pop, &delays));
+        }
+    }
     Ok(Scenario { streams, clients, whole, window, trees })
+}
+
+/// Walks up a stream's tree from `pop` to the root, summing the link
+/// delays (ms) of the overlay links the stream came down.
+fn path_delay_ms(tree: &analysis::StreamTree, pop: &str, delays: &crate::delays::OverlayDelays) -> Option<f64> {
+    let mut at = pop.to_string();
+    let mut total = 0.0;
+    for _ in 0..=tree.links.len() {
+        let Some((d, _, _)) = tree.links.iter().find(|(d, _, _)| d.to == at) else {
+            return Some(total);
+        };
+        total += delays.link_ms.get(&(d.to.clone(), d.from.clone())).copied()?;
+        at = d.from.clone();
+    }
+    None
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
@@ -303,7 +326,7 @@ pub fn report(sc: &Scenario) -> String {
     let _ = writeln!(out, "\n== Clients");
     let _ = writeln!(
         out,
-        "{:<7} {:<6} {:>6}  {:<15} {:>7} {:>8} {:>10} {:>7} {:>6} {:>13} {:>7}",
+        "{:<7} {:<6} {:>6}  {:<15} {:>7} {:>8} {:>10} {:>7} {:>6} {:>13} {:>7} {:>8} {:>6}",
         "client",
         "stream",
         "start",
@@ -314,7 +337,9 @@ pub fn report(sc: &Scenario) -> String {
         "frames",
         "audio",
         "lost/received",
-        "jitter"
+        "jitter",
+        "g2g ms",
+        "path"
     );
     for c in &sc.clients {
         let s = c.stats.clone().unwrap_or_default();
@@ -323,7 +348,7 @@ pub fn report(sc: &Scenario) -> String {
         let not_local = have && c.expected_pop_node.is_some() && c.pop_node != c.expected_pop_node;
         let _ = writeln!(
             out,
-            "{:<7} {:<6} {:>5.1}s  {:<15} {:>7} {:>8} {:>7} ms {:>7} {:>6} {:>13} {:>7}{}{}",
+            "{:<7} {:<6} {:>5.1}s  {:<15} {:>7} {:>8} {:>7} ms {:>7} {:>6} {:>13} {:>7} {:>8} {:>6}{}{}",
             c.label,
             c.stream,
             c.start_s,
@@ -335,6 +360,8 @@ pub fn report(sc: &Scenario) -> String {
             s.audio_buffers,
             format!("{}/{}", s.packets_lost, s.packets_received),
             fmt_opt(have.then_some(s.jitter_ms), 1),
+            fmt_opt(s.glass_to_glass_ms.as_ref().map(|l| l.median), 0),
+            fmt_opt(c.path_delay_ms, 1),
             if not_local {
                 format!("  (not the POP on its LAN: {})", c.expected_pop_node.as_deref().unwrap_or("?"))
             } else {
@@ -344,6 +371,11 @@ pub fn report(sc: &Scenario) -> String {
         );
     }
 
+    let _ = writeln!(
+        out,
+        "(g2g: median glass-to-glass latency, capture at the server to the decoder, jitter buffer included, \
+         from RTCP sender reports; path: one-way link delays from the root server down the tree to the POP)"
+    );
     let _ = writeln!(
         out,
         "\n== Time to first frame (cold: first viewer of a stream, the tree is built; warm: later viewers)"
