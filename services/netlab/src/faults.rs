@@ -81,11 +81,18 @@ impl FaultRun {
         self.clients.iter().filter(|c| c.affected).map(|c| c.longest_gap_ms).fold(0.0, f64::max)
     }
 
-    /// Problems: clients not decoding at the end of the run.
+    /// Problems: clients not decoding at the end of the run, and what the
+    /// bootstrapper should show but does not.
     pub fn problems(&self) -> Vec<String> {
         self.clients
             .iter()
-            .filter(|c| c.final_fps.len() < 2 || c.final_fps.iter().any(|f| *f < 10))
+            // Decoding: no second without frames, at least half the frame
+            // rate on average (the machine is shared by every decoder).
+            .filter(|c| {
+                c.final_fps.len() < 2
+                    || c.final_fps.contains(&0)
+                    || c.final_fps.iter().sum::<u64>() < 15 * c.final_fps.len() as u64
+            })
             .map(|c| format!("{}: not decoding after the fault (last seconds: {:?} fps)", c.host, c.final_fps))
             .chain(self.membership.clone())
             .collect()

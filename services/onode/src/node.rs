@@ -80,6 +80,10 @@ pub struct Identity {
 
 type JoinResult = Result<StreamDesc, Nak>;
 
+/// How long a downstream that missed heartbeats keeps its branch (it may be
+/// a lossy link, not a dead node).
+const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
+
 struct State {
     routes: RouteTable,
     trees: Trees,
@@ -267,29 +271,53 @@ impl Node {
         };
         if lost {
             warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
-            self.neighbour_lost(&neighbour);
+            self.neighbour_lost(&neighbour, false);
         }
     }
 
-    /// A neighbour (or the link to it) is gone: forget routes through it,
-    /// prune the branches it was fed by us, repair the branches it fed.
-    pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str) {
-        let (repairs, prunes) = {
+    /// A neighbour (or the link to it) is gone: forget routes through it
+    /// and repair the branches it fed, at once. The branches it was fed by
+    /// us are pruned at once only when the loss is certain (the
+    /// bootstrapper's notice); after missed heartbeats, which a lossy link
+    /// also causes, only if it is still silent a few seconds later.
+    pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str, certain: bool) {
+        let repairs = {
             let mut st = self.lock();
             st.routes.neighbour_down(neighbour);
             st.ping_misses.insert(neighbour.to_string(), 3);
-            st.trees.neighbour_lost(neighbour)
+            st.trees.upstream_lost(neighbour)
         };
-        for (stream, prune) in prunes {
-            self.carry_out_prune(&stream, prune, None);
-        }
         for stream in repairs {
             warn!(node = %self.id.name, %stream, upstream = %neighbour, "upstream lost: repairing the tree");
             let me = self.clone();
             self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
         }
+        if certain {
+            self.prune_downstream(neighbour);
+        } else {
+            let me = self.clone();
+            let neighbour = neighbour.to_string();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    _ = me.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(DOWNSTREAM_GRACE) => {
+                        if me.lock().routes.is_down(&neighbour) {
+                            me.prune_downstream(&neighbour);
+                        }
+                    }
+                }
+            });
+        }
         let mut st = self.lock();
         self.republish(&mut st);
+    }
+
+    fn prune_downstream(self: &Arc<Self>, neighbour: &str) {
+        let prunes = self.lock().trees.downstream_lost(neighbour);
+        for (stream, prune) in prunes {
+            info!(node = %self.id.name, %stream, downstream = %neighbour, "downstream lost: pruned");
+            self.carry_out_prune(&stream, prune, None);
+        }
     }
 
     /// Finds a new upstream for a repairing branch, through any neighbour
@@ -760,7 +788,7 @@ impl Node {
     pub fn node_failed(self: &Arc<Self>, node: &str) {
         self.lock().routes.node_failed(node);
         if self.neighbour(node).is_some() {
-            self.neighbour_lost(node);
+            self.neighbour_lost(node, true);
         }
     }
 

@@ -275,28 +275,35 @@ impl Trees {
     /// by it start repairing (their streams are returned); branches feeding
     /// it lose it as a downstream (the prunes this needs are returned).
     pub fn neighbour_lost(&mut self, neighbour: &str) -> (Vec<String>, Vec<(String, Prune)>) {
+        (self.upstream_lost(neighbour), self.downstream_lost(neighbour))
+    }
+
+    /// Branches fed by `neighbour` start repairing; returns their streams
+    /// (each once, however often it is called).
+    pub fn upstream_lost(&mut self, neighbour: &str) -> Vec<String> {
         let mut repair = Vec::new();
-        let mut fed: Vec<String> = Vec::new();
         for (stream, state) in self.streams.iter_mut() {
             if let State::Active(b) = state {
-                if matches!(&b.source, Source::Neighbour(up) if up == neighbour) {
-                    if !b.repairing {
-                        b.repairing = true;
-                        repair.push(stream.clone());
-                    }
-                } else if b.downstream.contains(neighbour) {
-                    fed.push(stream.clone());
+                if matches!(&b.source, Source::Neighbour(up) if up == neighbour) && !b.repairing {
+                    b.repairing = true;
+                    repair.push(stream.clone());
                 }
             }
         }
-        let prunes = fed
-            .into_iter()
+        repair
+    }
+
+    /// `neighbour` leaves every branch it is a downstream of; returns the
+    /// prunes this needs.
+    pub fn downstream_lost(&mut self, neighbour: &str) -> Vec<(String, Prune)> {
+        let fed: Vec<String> =
+            self.active().filter(|b| b.downstream.contains(neighbour)).map(|b| b.desc.stream.clone()).collect();
+        fed.into_iter()
             .map(|s| {
                 let p = self.leave(&s, &Requester::Neighbour(neighbour.to_string()));
                 (s, p)
             })
-            .collect();
-        (repair, prunes)
+            .collect()
     }
 
     /// Where a repairing branch should ask next: never through its own
