@@ -153,8 +153,79 @@ fn routes_follow_delay(lab_file: &str, link: &str, raised_ms: f64, must_move: &[
         took.as_secs_f64() / PROBE_PERIOD.as_secs_f64(),
         changes.join("; ")
     );
+    // A new SETUP now builds its tree along the new routes: every node on
+    // it took the next hop toward the server its routes rank first.
+    setup_follows_routes(&lab2, &prefix, &bins);
     down_and_check_clean(guard);
     remove_lab_folder(&prefix);
+}
+
+/// Each node's first choice among the servers (same rule as next hops).
+fn best_server_hops(lab: &Lab) -> BTreeMap<String, String> {
+    let rule = Rule::default();
+    let routes = OverlayDelays::of(lab).expect("overlay delays").expected_routes(&rule);
+    routes
+        .into_iter()
+        .filter_map(|(node, servers)| {
+            let min = servers.values().map(|c| c.delay_ms).fold(f64::INFINITY, f64::min);
+            let band = (min * rule.tie_ratio).max(rule.tie_floor_ms);
+            let best = servers
+                .values()
+                .filter(|c| c.delay_ms <= min + band)
+                .min_by(|a, b| a.hops.cmp(&b.hops).then(a.delay_ms.total_cmp(&b.delay_ms)))?;
+            Some((node, best.via.clone()))
+        })
+        .collect()
+}
+
+fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
+    let st = LabState::load(prefix).expect("state");
+    let client = lab.roles.iter().find(|r| r.kind == netlab::lab::RoleKind::Client).expect("a client role");
+    let host = lab.hosts[client.host].name.clone();
+    let run = run::ClientRun {
+        host: host.clone(),
+        stream: "test".into(),
+        duration_s: Some(4.0),
+        headless: true,
+        stats: st.dir().join("clients").join("after-change.json"),
+        log: Some(st.dir().join("logs").join("after-change-client.log")),
+    };
+    let mut child = run::start_client(&st, bins, &run).expect("start a client");
+    std::thread::sleep(Duration::from_secs(2));
+    let overlay = lab.overlay.as_ref().expect("an overlay");
+    let inspect = |node: &str| -> serde_json::Value {
+        let n = overlay.nodes.iter().find(|n| n.name == node).expect("node");
+        let ns = ns_name(prefix, &lab.hosts[lab.host_of_node(node).expect("host")].name);
+        let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
+        let out = netlab::sys::output(
+            &["ip", "netns", "exec", &ns, &bins.onode.display().to_string(), "inspect", &addr],
+            None,
+        )
+        .expect("inspect");
+        serde_json::from_str(&out).expect("inspect JSON")
+    };
+    let upstream = |node: &str| -> Option<String> {
+        let v = inspect(node);
+        let b = v["streams"].as_array()?.iter().find(|b| b["stream"] == "test")?.clone();
+        b["upstream"].as_str().map(str::to_string)
+    };
+    let pop = overlay
+        .nodes
+        .iter()
+        .filter(|n| !n.pop.is_empty())
+        .map(|n| n.name.clone())
+        .find(|p| upstream(p).is_some())
+        .expect("a POP carries the new viewer's stream");
+    let best = best_server_hops(lab);
+    let mut at = pop.clone();
+    let mut path = vec![at.clone()];
+    while let Some(up) = upstream(&at) {
+        assert_eq!(best.get(&at), Some(&up), "{at} joined through {up}, not its best next hop (tree so far {path:?})");
+        path.push(up.clone());
+        at = up;
+    }
+    println!("new SETUP at {pop} for {host}: tree {path:?} follows the routes");
+    let _ = child.wait();
 }
 
 #[test]

@@ -316,6 +316,17 @@ impl Node {
         let prunes = self.lock().trees.downstream_lost(neighbour);
         for (stream, prune) in prunes {
             info!(node = %self.id.name, %stream, downstream = %neighbour, "downstream lost: pruned");
+            // Should it be alive after all, it learns it lost its upstream.
+            let me = self.clone();
+            let desc = StreamDesc {
+                stream: stream.clone(),
+                server: String::new(),
+                ssrcs: Vec::new(),
+                depth: 0,
+                route: Vec::new(),
+            };
+            let to = neighbour.to_string();
+            self.tasks.spawn(async move { me.send_reroot(to, desc).await });
             self.carry_out_prune(&stream, prune, None);
         }
     }
@@ -784,12 +795,26 @@ impl Node {
         }
     }
 
-    /// The bootstrapper says `node` failed.
+    /// The bootstrapper says `node` failed. It may only have lost its way
+    /// to the bootstrapper (a partition): a neighbour is asked once more,
+    /// and one that answers is believed over the notice.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
-        self.lock().routes.node_failed(node);
-        if self.neighbour(node).is_some() {
-            self.neighbour_lost(node, true);
-        }
+        let Some(mut client) = self.clients.get(node).cloned() else {
+            self.lock().routes.node_failed(node);
+            return;
+        };
+        let me = self.clone();
+        let node = node.to_string();
+        self.tasks.spawn(async move {
+            let limit = (me.settings.heartbeat * 2).max(Duration::from_millis(250));
+            let request = pb::PingRequest { sender: me.id.name.clone() };
+            if let Ok(Ok(_)) = tokio::time::timeout(limit, client.ping(request)).await {
+                warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
+                return;
+            }
+            me.lock().routes.node_failed(&node);
+            me.neighbour_lost(&node, true);
+        });
     }
 
     /// Rebuilds the forwarding table from the trees and sessions and
