@@ -256,8 +256,10 @@ async fn handshake_rtt(addr: SocketAddr, probes: u32) -> Option<f64> {
         set.spawn(async move {
             tokio::time::sleep(Duration::from_millis(u64::from(i))).await;
             let t = Instant::now();
-            let stream =
-                tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+            let stream = tokio::time::timeout(Duration::from_millis(700), tokio::net::TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             drop(stream);
             Some(ms)
