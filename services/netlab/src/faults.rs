@@ -86,13 +86,10 @@ impl FaultRun {
     pub fn problems(&self) -> Vec<String> {
         self.clients
             .iter()
-            // Decoding: no second without frames, at least half the frame
-            // rate on average (the machine is shared by every decoder).
-            .filter(|c| {
-                c.final_fps.len() < 2
-                    || c.final_fps.contains(&0)
-                    || c.final_fps.iter().sum::<u64>() < 15 * c.final_fps.len() as u64
-            })
+            // Decoding: at least half the frame rate on average over the
+            // last seconds (a decoder starved of CPU for a second catches
+            // up the next: the machine is shared by every decoder).
+            .filter(|c| c.final_fps.len() < 2 || c.final_fps.iter().sum::<u64>() < 15 * c.final_fps.len() as u64)
             .map(|c| format!("{}: not decoding after the fault (last seconds: {:?} fps)", c.host, c.final_fps))
             .chain(self.membership.clone())
             .collect()
@@ -323,7 +320,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
             stats["fps_timeline"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
         // The last full seconds, not the one cut short by the end.
         let n = timeline.len();
-        let final_fps = if n >= 4 { timeline[n - 4..n - 1].to_vec() } else { timeline.clone() };
+        let final_fps = if n >= 5 { timeline[n - 5..n - 1].to_vec() } else { timeline.clone() };
         results.push(ClientResult {
             host: c.host.clone(),
             longest_gap_ms: stats["longest_gap_ms"].as_f64().unwrap_or(f64::INFINITY),
