@@ -35,9 +35,9 @@ bench ROUNDS="3": build
 lab-up LAB="netns/labs/seed.json": build
     netns/lab.sh up {{LAB}}
 
-# Tear a lab down (safe to run twice).
-lab-down:
-    netns/lab.sh down
+# Tear a lab down (safe to run twice); PREFIX names it when several are up.
+lab-down PREFIX="":
+    if [ -n "{{PREFIX}}" ]; then export NETLAB_PREFIX="{{PREFIX}}"; fi; netns/lab.sh down
 
 # Show the running lab: namespaces, processes, overlay state.
 lab-status:

@@ -117,18 +117,7 @@ fn moved(before: &Table, after: &Table) -> Vec<String> {
 /// The whole check on one lab: converge, raise `link`'s delay, converge
 /// again within a few probe periods.
 fn routes_follow_delay(lab_file: &str, link: &str, raised_ms: f64, must_move: &[(&str, &str, &str)]) {
-    if let Some(why) = cannot_run() {
-        println!("skipped: {why}");
-        return;
-    }
-    let bins = match product_bins() {
-        Ok(b) => b,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((bins, _one)) = product_lab() else { return };
     let lab = Lab::load(&lab_path(lab_file)).expect("lab validates");
     let want = expected(&lab);
     let (guard, _st) = up(&lab, Some(&bins), None);

@@ -9,18 +9,7 @@ use netlab::faults::{self, Fault};
 use netlab::lab::Lab;
 
 fn check(fault: Fault) {
-    if let Some(why) = cannot_run() {
-        println!("skipped: {why}");
-        return;
-    }
-    let bins = match product_bins() {
-        Ok(b) => b,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((bins, _one)) = product_lab() else { return };
     let lab = Lab::load(&lab_path("seed.json")).expect("seed lab");
     let prefix = test_prefix();
     let run = faults::run_in_fresh_lab(&lab, &bins, fault, &prefix, None).expect("fault run");

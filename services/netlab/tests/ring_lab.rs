@@ -36,18 +36,7 @@ fn ring_network_reaches_everywhere_and_leaves_nothing() {
 
 #[test]
 fn ring_lab_acceptance() {
-    if let Some(why) = cannot_run() {
-        println!("skipped: {why}");
-        return;
-    }
-    let bins = match product_bins() {
-        Ok(b) => b,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((bins, _one)) = product_lab() else { return };
     let out = acceptance(&ring(), &bins);
     out.assert_no_problems();
     remove_lab_folder(&out.prefix);

@@ -34,18 +34,7 @@ fn seed_network_reaches_everywhere_and_leaves_nothing() {
 
 #[test]
 fn seed_lab_acceptance() {
-    if let Some(why) = cannot_run() {
-        println!("skipped: {why}");
-        return;
-    }
-    let bins = match product_bins() {
-        Ok(b) => b,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((bins, _one)) = product_lab() else { return };
     let out = acceptance(&seed(), &bins);
     out.assert_no_problems();
     // The three clients behind o6 share one upstream copy per stream.
@@ -58,18 +47,7 @@ fn seed_lab_acceptance() {
 
 #[test]
 fn seed_lab_with_loss_on_a_tree_link() {
-    if let Some(why) = cannot_run() {
-        println!("skipped: {why}");
-        return;
-    }
-    let bins = match product_bins() {
-        Ok(b) => b,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((bins, _one)) = product_lab() else { return };
     // o6's only overlay neighbour is o4: o4-o6 is on every tree to o6.
     let mut lab = seed();
     let mut spec = lab.spec.clone();

@@ -80,6 +80,11 @@ pub struct Identity {
 
 type JoinResult = Result<StreamDesc, Nak>;
 
+/// The reroot notice that says "I found no way to the root" (empty route).
+fn gave_up(stream: &str) -> StreamDesc {
+    StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
+}
+
 /// How long a downstream that missed heartbeats keeps its branch (it may be
 /// a lossy link, not a dead node).
 const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
@@ -318,13 +323,7 @@ impl Node {
             info!(node = %self.id.name, %stream, downstream = %neighbour, "downstream lost: pruned");
             // Should it be alive after all, it learns it lost its upstream.
             let me = self.clone();
-            let desc = StreamDesc {
-                stream: stream.clone(),
-                server: String::new(),
-                ssrcs: Vec::new(),
-                depth: 0,
-                route: Vec::new(),
-            };
+            let desc = gave_up(&stream);
             let to = neighbour.to_string();
             self.tasks.spawn(async move { me.send_reroot(to, desc).await });
             self.carry_out_prune(&stream, prune, None);
@@ -429,13 +428,7 @@ impl Node {
         warn!(node = %self.id.name, stream, ?downstream, "no way to the root: downstreams asked to look on their own");
         for d in downstream {
             let me = self.clone();
-            let desc = StreamDesc {
-                stream: stream.to_string(),
-                server: String::new(),
-                ssrcs: Vec::new(),
-                depth: 0,
-                route: Vec::new(),
-            };
+            let desc = gave_up(stream);
             self.tasks.spawn(async move { me.send_reroot(d, desc).await });
         }
     }

@@ -34,6 +34,24 @@ pub fn cannot_run() -> Option<String> {
     None
 }
 
+/// What a test of the whole product needs: root and the lab tools, the
+/// built binaries, and this test binary's one-lab lock. `None` (after
+/// printing why the test is skipped) when this machine cannot run it.
+pub fn product_lab() -> Option<(Bins, std::sync::MutexGuard<'static, ()>)> {
+    if let Some(why) = cannot_run() {
+        println!("skipped: {why}");
+        return None;
+    }
+    let bins = match product_bins() {
+        Ok(b) => b,
+        Err(why) => {
+            println!("skipped: {why}");
+            return None;
+        }
+    };
+    Some((bins, ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())))
+}
+
 /// The onode and oclient binaries, or why there are none.
 pub fn product_bins() -> Result<Bins, String> {
     let bins = Bins::find(None).map_err(|e| format!("{e:#}"))?;
