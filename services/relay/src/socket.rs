@@ -71,7 +71,7 @@ impl Counters {
     fn drop_reason(&self, reason: DropReason) -> &AtomicU64 {
         match reason {
             DropReason::NotRtp => &self.dropped_not_rtp,
-            DropReason::UnknownSsrc => &self.dropped_unknown_ssrc,
+            DropReason::UnknownSsrc(_) => &self.dropped_unknown_ssrc,
             DropReason::WrongSource => &self.dropped_wrong_source,
         }
     }
@@ -170,9 +170,9 @@ impl Relay {
             ready.into_iter().map(|(_, _, src, bytes)| (src, bytes)).collect()
         };
         for (src, bytes) in ready {
-            if let Verdict::Forward(route) = decide(table, &bytes, Some(src)) {
+            if let Verdict::Forward { ssrc, route } = decide(table, &bytes, Some(src)) {
                 if route.cache_gop {
-                    self.remember(u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]), &bytes);
+                    self.remember(ssrc, &bytes);
                 }
                 for d in &route.downstream {
                     if self.socket.send_to(&bytes, d).is_ok() {
@@ -220,9 +220,9 @@ impl Relay {
         let table = self.table.load();
         self.counters.injected.fetch_add(1, Ordering::Relaxed);
         match decide(&table, bytes, None) {
-            Verdict::Forward(route) => {
+            Verdict::Forward { ssrc, route } => {
                 if route.cache_gop {
-                    self.remember(overlay_core::rtp::Packet::parse(bytes).map(|p| p.ssrc()).unwrap_or(0), bytes);
+                    self.remember(ssrc, bytes);
                 }
                 for d in &route.downstream {
                     match self.socket.send_to(bytes, d) {
@@ -275,9 +275,8 @@ impl Relay {
                 in_bytes += len as u64;
                 let src = from_storage(&names[i]);
                 match decide(&table, &bufs[i][..len], src) {
-                    Verdict::Forward(route) => {
+                    Verdict::Forward { ssrc, route } => {
                         if route.cache_gop {
-                            let ssrc = u32::from_be_bytes([bufs[i][8], bufs[i][9], bufs[i][10], bufs[i][11]]);
                             self.remember(ssrc, &bufs[i][..len]);
                         }
                         for d in &route.downstream {
@@ -289,8 +288,7 @@ impl Relay {
                     }
                     Verdict::Drop(reason) => {
                         self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
-                        if let (DropReason::UnknownSsrc, Some(src)) = (reason, src) {
-                            let ssrc = u32::from_be_bytes([bufs[i][8], bufs[i][9], bufs[i][10], bufs[i][11]]);
+                        if let (DropReason::UnknownSsrc(ssrc), Some(src)) = (reason, src) {
                             self.early.lock().unwrap_or_else(|p| p.into_inner()).hold(ssrc, src, &bufs[i][..len]);
                         }
                     }
@@ -488,6 +486,9 @@ mod tests {
             write_header(&mut pkt, 96, seq, 0, 77);
             sender.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
         }
+        // A sender report too: its SSRC sits elsewhere in the header.
+        let sr = overlay_core::rtp::sender_report(77, 1.0e9, 0, 3, 300);
+        sender.send_to(&sr, relay.local_addr().unwrap()).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let mut t = ForwardTable::default();
         let route = Route {
@@ -502,6 +503,8 @@ mod tests {
             sink.recv(&mut buf).unwrap();
             assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), seq);
         }
+        let n = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &sr[..], "the early sender report follows");
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
     }

@@ -63,14 +63,20 @@ impl ForwardTable {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     NotRtp,
-    UnknownSsrc,
+    /// No route for this SSRC (yet): the packet may have beaten the join's
+    /// answer.
+    UnknownSsrc(u32),
     WrongSource,
 }
 
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    Forward(&'a Route),
+    /// Send to the route's downstream; `ssrc` is the packet's.
+    Forward {
+        ssrc: u32,
+        route: &'a Route,
+    },
     Drop(DropReason),
 }
 
@@ -81,7 +87,7 @@ pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>
         return Verdict::Drop(DropReason::NotRtp);
     };
     let Some(route) = table.get(packet.ssrc()) else {
-        return Verdict::Drop(DropReason::UnknownSsrc);
+        return Verdict::Drop(DropReason::UnknownSsrc(packet.ssrc()));
     };
     let allowed = match (route.accept, src) {
         (Accept::Any, _) => true,
@@ -90,7 +96,7 @@ pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>
         _ => false,
     };
     if allowed {
-        Verdict::Forward(route)
+        Verdict::Forward { ssrc: packet.ssrc(), route }
     } else {
         Verdict::Drop(DropReason::WrongSource)
     }
@@ -115,12 +121,16 @@ mod tests {
         let mut t = ForwardTable::default();
         t.insert(42, Route { accept: Accept::From(up), downstream: down.clone(), cache_gop: false });
         t.insert(43, Route { accept: Accept::Local, downstream: down.clone(), cache_gop: false });
-        assert!(matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward(r) if r.downstream == down));
+        assert!(
+            matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r } if r.downstream == down)
+        );
         assert_eq!(decide(&t, &packet(42), Some(other)), Verdict::Drop(DropReason::WrongSource));
         assert_eq!(decide(&t, &packet(42), None), Verdict::Drop(DropReason::WrongSource));
-        assert!(matches!(decide(&t, &packet(43), None), Verdict::Forward(r) if r.downstream == down));
+        assert!(
+            matches!(decide(&t, &packet(43), None), Verdict::Forward { ssrc: 43, route: r } if r.downstream == down)
+        );
         assert_eq!(decide(&t, &packet(43), Some(up)), Verdict::Drop(DropReason::WrongSource));
-        assert_eq!(decide(&t, &packet(44), Some(up)), Verdict::Drop(DropReason::UnknownSsrc));
+        assert_eq!(decide(&t, &packet(44), Some(up)), Verdict::Drop(DropReason::UnknownSsrc(44)));
         assert_eq!(decide(&t, b"hello", Some(up)), Verdict::Drop(DropReason::NotRtp));
     }
 }
