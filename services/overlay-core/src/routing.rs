@@ -284,11 +284,6 @@ impl RouteTable {
         pick(&candidates, &self.config)
     }
 
-    /// Servers with a fresh route, and what each offers.
-    pub fn servers(&self, now: Instant) -> Vec<String> {
-        self.entries.keys().filter(|s| self.fresh(s, now).next().is_some()).cloned().collect()
-    }
-
     /// Whether any known server offers `stream`.
     pub fn offered(&self, stream: &str) -> bool {
         self.offers.values().any(|s| s.contains(stream))

@@ -400,11 +400,6 @@ impl Trees {
         }
     }
 
-    /// Streams whose branch is repairing.
-    pub fn repairing(&self) -> Vec<String> {
-        self.active().filter(|b| b.repairing).map(|b| b.desc.stream.clone()).collect()
-    }
-
     /// Active branches, by stream.
     pub fn active(&self) -> impl Iterator<Item = &Branch> {
         self.streams.values().filter_map(|s| match s {

@@ -207,10 +207,6 @@ impl Relay {
         packets.len()
     }
 
-    pub fn table(&self) -> Arc<ForwardTable> {
-        self.table.load_full()
-    }
-
     pub fn counters(&self) -> CounterSnapshot {
         self.counters.snapshot()
     }
