@@ -14,6 +14,7 @@ mod error;
 mod player;
 mod source;
 mod stats;
+mod sync;
 
 use std::sync::OnceLock;
 
@@ -24,6 +25,7 @@ pub use error::MediaError;
 pub use player::{DecodeCounts, Player, PlayerConfig, DEFAULT_LATENCY_MS};
 pub use source::StreamSource;
 pub use stats::{RtpStats, RtpSummary};
+pub use sync::{median, LipSync, Media, Presentation, PresentationSummary};
 
 /// RTP payload type of the H.264 video stream (clock 90 kHz).
 pub const VIDEO_PT: u8 = 96;

@@ -4,6 +4,12 @@
 //! decoder → sink`; pad probes after the decoders count what was decoded.
 //! With a recording file, the parsed H.264 and Opus are also muxed into
 //! Matroska.
+//!
+//! Sinks present media on the pipeline clock, headless ones included. The
+//! RTCP sender reports the caller pushes with the media keep audio and
+//! video in sync (the jitter buffer of the kind that arrives earlier holds
+//! it back; see [`crate::sync`]), and probes at the jitter buffers and the
+//! sinks trace every presented buffer back to its capture time.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +23,7 @@ use overlay_core::rtp::{Kind, Packet};
 use tracing::{debug, error, info, warn};
 
 use crate::source::{bus_error, describe_error, launch, lock};
+use crate::sync::{LipSync, Media, Presentation, PresentationSummary};
 use crate::{init, MediaError, AUDIO_PT, VIDEO_PT};
 
 /// Default jitter buffer latency of both branches.
@@ -43,11 +50,14 @@ pub struct PlayerConfig {
     /// Jitter buffer latency (ms): how long packets wait for late or
     /// reordered ones before decoding.
     pub latency_ms: u32,
+    /// Hold back the media kind that arrives earlier after its capture, so
+    /// that audio and video are presented in sync.
+    pub lip_sync: bool,
 }
 
 impl Default for PlayerConfig {
     fn default() -> Self {
-        PlayerConfig { headless: false, record: None, latency_ms: DEFAULT_LATENCY_MS }
+        PlayerConfig { headless: false, record: None, latency_ms: DEFAULT_LATENCY_MS, lip_sync: true }
     }
 }
 
@@ -60,29 +70,6 @@ pub struct DecodeCounts {
     pub first_frame: Option<Instant>,
 }
 
-/// The two media kinds, indexing per-kind state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Media {
-    Video = 0,
-    Audio = 1,
-}
-
-impl Media {
-    fn name(self) -> &'static str {
-        match self {
-            Media::Video => "video",
-            Media::Audio => "audio",
-        }
-    }
-
-    fn other(self) -> Media {
-        match self {
-            Media::Video => Media::Audio,
-            Media::Audio => Media::Video,
-        }
-    }
-}
-
 /// Counters and bus state shared with the streaming threads.
 #[derive(Default)]
 struct Shared {
@@ -92,6 +79,14 @@ struct Shared {
     first_error: Mutex<Option<String>>,
     eos: Mutex<bool>,
     eos_reached: Condvar,
+    timing: Mutex<Timing>,
+}
+
+/// Capture-time bookkeeping shared by the caller's pushes and the probes.
+#[derive(Default)]
+struct Timing {
+    sync: LipSync,
+    presentation: Presentation,
 }
 
 /// With a recording: when each kind was first pushed and whether its
@@ -109,6 +104,8 @@ struct Recording {
 pub struct Player {
     pipeline: gst::Pipeline,
     inputs: [gst_app::AppSrc; 2],
+    jitter_buffers: [gst::Element; 2],
+    lip_sync: bool,
     shared: Arc<Shared>,
     recording: Option<Recording>,
     stopped: bool,
@@ -163,6 +160,24 @@ impl Player {
         ];
 
         let shared = Arc::new(Shared::default());
+        let jitter_buffers = [element("video_jb")?, element("audio_jb")?];
+        for media in Media::BOTH {
+            let jitter_buffer = &jitter_buffers[media as usize];
+            let pad = jitter_buffer.static_pad("src").ok_or_else(|| no_pad(context, media.name()))?;
+            let probe_shared = shared.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST, move |_, info| {
+                for_each_buffer(info, |buffer| probe_shared.on_scheduled(media, buffer));
+                gst::PadProbeReturn::Ok
+            });
+            let sink = element(&format!("{}_sink", media.name()))?;
+            let pad = sink.static_pad("sink").ok_or_else(|| no_pad(context, media.name()))?;
+            let probe_shared = shared.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST, move |pad, info| {
+                for_each_buffer(info, |buffer| probe_shared.on_presented(media, pad, buffer));
+                gst::PadProbeReturn::Ok
+            });
+        }
+
         let probe_shared = shared.clone();
         element("video_dec")?.static_pad("src").ok_or_else(|| no_pad(context, "video_dec"))?.add_probe(
             gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
@@ -221,7 +236,8 @@ impl Player {
             gst::BusSyncReply::Drop
         });
 
-        let player = Player { pipeline, inputs, shared, recording, stopped: false };
+        let player =
+            Player { pipeline, inputs, jitter_buffers, lip_sync: cfg.lip_sync, shared, recording, stopped: false };
         if let Err(e) = player.pipeline.set_state(gst::State::Playing) {
             let reason = player.error().or_else(|| bus_error(&player.pipeline));
             return Err(MediaError::Start {
@@ -234,14 +250,30 @@ impl Player {
     }
 
     /// Queues one received RTP packet: payload type 96 to video, 97 to
-    /// audio; anything else (including RTCP) is ignored. Never blocks: a
-    /// full input drops its oldest packets.
+    /// audio; RTCP sender reports time both; anything else is ignored.
+    /// Never blocks: a full input drops its oldest packets.
     pub fn push_rtp(&self, packet: &[u8]) {
-        let media = match Packet::parse(packet) {
-            Ok(p) if p.kind() == Kind::Rtp && p.payload_type() == VIDEO_PT => Media::Video,
-            Ok(p) if p.kind() == Kind::Rtp && p.payload_type() == AUDIO_PT => Media::Audio,
+        let Ok(parsed) = Packet::parse(packet) else { return };
+        if parsed.kind() == Kind::Rtcp {
+            if let Some(report) = overlay_core::rtp::parse_sender_report(packet) {
+                lock(&self.shared.timing).sync.on_report(report);
+            }
+            return;
+        }
+        let media = match parsed.payload_type() {
+            VIDEO_PT => Media::Video,
+            AUDIO_PT => Media::Audio,
             _ => return,
         };
+        if self.lip_sync {
+            let holds = lock(&self.shared.timing).sync.on_packet(media, parsed.ssrc(), parsed.timestamp(), unix_now());
+            if let Some(holds) = holds {
+                info!(video_ms = holds[0] * 1000.0, audio_ms = holds[1] * 1000.0, "lip sync: holding media back");
+                for (jitter_buffer, hold) in self.jitter_buffers.iter().zip(holds) {
+                    jitter_buffer.set_property("ts-offset", (hold * 1e9) as i64);
+                }
+            }
+        }
         if let Some(recording) = &self.recording {
             recording.on_packet(media);
         }
@@ -258,6 +290,18 @@ impl Player {
             audio_buffers: self.shared.audio_buffers.load(Ordering::Relaxed),
             first_frame: self.shared.first_frame.get().copied(),
         }
+    }
+
+    /// Capture-to-presentation latencies of what was presented at or
+    /// after `since`.
+    pub fn presented_since(&self, since: std::time::SystemTime) -> PresentationSummary {
+        let since = since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        lock(&self.shared.timing).presentation.since(since)
+    }
+
+    /// How long lip sync holds each kind back now, `[video, audio]` (s).
+    pub fn lip_sync_holds(&self) -> [f64; 2] {
+        lock(&self.shared.timing).sync.offsets()
     }
 
     /// The first error the pipeline reported, if any.
@@ -312,6 +356,64 @@ impl std::fmt::Debug for Player {
     }
 }
 
+impl Shared {
+    /// An RTP packet leaves a jitter buffer: remember when its media was
+    /// captured, under the timestamp it will be presented at.
+    fn on_scheduled(&self, media: Media, buffer: &gst::BufferRef) {
+        let Some(pts) = buffer.pts() else { return };
+        let Ok(bytes) = buffer.map_readable() else { return };
+        let Ok(packet) = Packet::parse(&bytes) else { return };
+        let mut timing = lock(&self.timing);
+        if let Some(capture) = timing.sync.capture_time(media, packet.ssrc(), packet.timestamp()) {
+            timing.presentation.on_scheduled(media, pts.nseconds(), capture);
+        }
+    }
+
+    /// A decoded buffer reaches its sink through `pad`: note when the sink
+    /// will present it (its running time plus the pipeline latency).
+    fn on_presented(&self, media: Media, pad: &gst::Pad, buffer: &gst::BufferRef) {
+        let Some(pts) = buffer.pts() else { return };
+        let Some(at) = presentation_time(pad, pts) else { return };
+        lock(&self.timing).presentation.on_presented(media, pts.nseconds(), at);
+    }
+}
+
+/// When (Unix seconds) the sink owning `pad` presents a buffer stamped
+/// `pts`: at once if that time has passed.
+fn presentation_time(pad: &gst::Pad, pts: gst::ClockTime) -> Option<f64> {
+    let sink = pad.parent_element()?;
+    let segment = pad.sticky_event::<gst::event::Segment>(0)?;
+    let running = segment.segment().downcast_ref::<gst::ClockTime>()?.to_running_time(pts)?;
+    let (clock, base) = (sink.clock()?, sink.base_time()?);
+    let due = base + running + render_latency(&sink).unwrap_or(gst::ClockTime::ZERO);
+    let ahead_ns = due.nseconds() as i128 - clock.time().nseconds() as i128;
+    Some(unix_now() + ahead_ns.max(0) as f64 / 1e9)
+}
+
+/// The latency a sink (or the sink inside a bin such as autovideosink)
+/// adds to running times before presenting.
+fn render_latency(element: &gst::Element) -> Option<gst::ClockTime> {
+    use gstreamer_base::prelude::BaseSinkExt;
+    if let Some(sink) = element.downcast_ref::<gstreamer_base::BaseSink>() {
+        return Some(sink.latency());
+    }
+    let bin = element.downcast_ref::<gst::Bin>()?;
+    let inner = bin.iterate_sinks().into_iter().flatten().next()?;
+    render_latency(&inner)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn for_each_buffer(info: &gst::PadProbeInfo<'_>, mut f: impl FnMut(&gst::BufferRef)) {
+    match &info.data {
+        Some(gst::PadProbeData::Buffer(buffer)) => f(buffer),
+        Some(gst::PadProbeData::BufferList(list)) => list.iter().for_each(f),
+        _ => {}
+    }
+}
+
 impl Recording {
     /// Notes a packet of `media`; ends the other kind in the recording if
     /// it has not shown up in time, so that the muxer writes what it has.
@@ -348,9 +450,9 @@ fn describe(cfg: &PlayerConfig) -> String {
     // them has prerolled: a kind that never arrives (a stream without
     // audio) would stall the others.
     let (video_sink, audio_sink) = if cfg.headless {
-        ("fakesink sync=false async=false", "fakesink sync=false async=false")
+        ("fakesink name=video_sink sync=true async=false", "fakesink name=audio_sink sync=true async=false")
     } else {
-        ("autovideosink async-handling=true", "autoaudiosink async-handling=true")
+        ("autovideosink name=video_sink async-handling=true", "autoaudiosink name=audio_sink async-handling=true")
     };
     let recording = cfg.record.is_some();
     let latency = cfg.latency_ms;
@@ -362,10 +464,10 @@ fn describe(cfg: &PlayerConfig) -> String {
         }
     };
     let mut description = format!(
-        "appsrc name=video_in ! rtpjitterbuffer latency={latency} faststart-min-packets=8 \
+        "appsrc name=video_in ! rtpjitterbuffer name=video_jb latency={latency} faststart-min-packets=8 \
            ! rtph264depay ! h264parse ! {video_tee}avdec_h264 name=video_dec \
            ! videoconvert ! {video_sink} \
-         appsrc name=audio_in ! rtpjitterbuffer latency={latency} faststart-min-packets=8 \
+         appsrc name=audio_in ! rtpjitterbuffer name=audio_jb latency={latency} faststart-min-packets=8 \
            ! rtpopusdepay ! opusparse ! {audio_tee}opusdec name=audio_dec \
            ! audioconvert ! audioresample ! {audio_sink}",
         video_tee = tee("video_tee"),

@@ -338,3 +338,62 @@ fn player_without_packets_stops_promptly() {
     assert_eq!(counts, DecodeCounts::default());
     assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
 }
+
+/// Plays the built-in test stream headless, the audio and its sender
+/// reports reaching the player `audio_delay` after the video (as if they
+/// came a longer way); returns what was presented in the last three of
+/// six seconds, and the holds lip sync chose.
+fn play_with_late_audio(lip_sync: bool, audio_delay: Duration) -> (media::PresentationSummary, [f64; 2]) {
+    let player = Arc::new(Player::start(PlayerConfig { headless: true, lip_sync, ..PlayerConfig::default() }).unwrap());
+    let audio_ssrc = stream_ssrcs("sync")[1];
+    let (late_tx, late_rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let to_player = player.clone();
+    let delay_line = std::thread::spawn(move || {
+        for (due, bytes) in late_rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            to_player.push_rtp(&bytes);
+        }
+    });
+    let (to_player, late_tx) = (player.clone(), Mutex::new(late_tx));
+    let source = StreamSource::start("sync", &SourceSpec::Test, move |bytes| {
+        let packet = Packet::parse(bytes).expect("the source sends valid RTP");
+        if packet.ssrc() == audio_ssrc {
+            let _ = late_tx.lock().unwrap().send((Instant::now() + audio_delay, bytes.to_vec()));
+        } else {
+            to_player.push_rtp(bytes);
+        }
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let steady = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let presented = player.presented_since(steady);
+    let holds = player.lip_sync_holds();
+    assert_eq!(source.error(), None);
+    source.stop();
+    delay_line.join().unwrap();
+    let player = Arc::try_unwrap(player).expect("the stopped source released the player");
+    assert_eq!(player.error(), None);
+    player.stop();
+    (presented, holds)
+}
+
+#[test]
+fn lip_sync_presents_late_audio_with_its_video() {
+    let delay = Duration::from_millis(200);
+    let (unsynced, holds) = play_with_late_audio(false, delay);
+    assert_eq!(holds, [0.0, 0.0]);
+    let skew = unsynced.skew_ms().expect("both kinds were presented");
+    eprintln!("without lip sync: audio trails video by {skew:.1} ms");
+    assert!(skew > 120.0, "without lip sync the audio should trail by about 200 ms, skew {skew:.0} ms");
+
+    let (synced, holds) = play_with_late_audio(true, delay);
+    let skew = synced.skew_ms().expect("both kinds were presented");
+    eprintln!("with lip sync: skew {skew:.1} ms, holds {holds:?}");
+    assert!(skew.abs() < 25.0, "lip sync left a skew of {skew:.0} ms (holds {holds:?})");
+    assert!(holds[0] > 0.12 && holds[1] == 0.0, "the video should wait for the audio: holds {holds:?}");
+    // Every presented frame traced back to its capture.
+    assert!(synced.video_ms.len() > 60, "{} video samples", synced.video_ms.len());
+    let g2g = media::median(&synced.video_ms).unwrap();
+    assert!(g2g > 200.0, "video presented {g2g:.0} ms after capture, before the audio could be");
+}

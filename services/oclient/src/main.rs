@@ -68,6 +68,10 @@ struct Cli {
     /// Use this POP (IP or IP:PORT) instead of probing the ones the bootstrapper lists.
     #[arg(long)]
     pop: Option<String>,
+    /// Keep audio and video in sync by the capture times in the sender
+    /// reports (false: present each kind as it arrives).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    lip_sync: bool,
     /// Print a stats line every second.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     stats_line: bool,
@@ -99,10 +103,24 @@ struct Report {
     pop_switches: Vec<Switch>,
     /// Video frames decoded in each second of playing, in order.
     fps_timeline: Vec<u64>,
-    /// Glass-to-glass latency of the video (capture at the server to the
-    /// decoder, past the jitter buffer), from the RTP/NTP mapping of the
-    /// sender reports; steady state (the first 2 s of playing left out).
+    /// Glass-to-glass latency of the video: from capture at the server
+    /// (the RTP/NTP mapping of the sender reports) to presentation by the
+    /// video sink; steady state (the first 2 s after the first packet left
+    /// out).
     glass_to_glass_ms: Option<Latency>,
+    /// The same for audio, capture to the audio sink.
+    audio_latency_ms: Option<Latency>,
+    /// Median audio latency minus median video latency, ms: how far sound
+    /// trails (positive) or leads the picture it belongs to.
+    av_skew_ms: Option<f64>,
+    /// How long lip sync held each kind back at the end, ms.
+    lip_sync_hold_ms: LipSyncHold,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct LipSyncHold {
+    video: f64,
+    audio: f64,
 }
 
 /// A latency distribution, ms.
@@ -476,7 +494,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let bootstrap = parse_addr(&cli.bootstrap, cli.control_port).context("--bootstrap")?;
     // GStreamer and the decoder pipeline start while the session is set up.
-    let config = media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms };
+    let config = media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms, lip_sync: cli.lip_sync };
     let player = tokio::task::spawn_blocking(move || media::Player::start(config));
     let socket = UdpSocket::bind(SocketAddr::new(cli.bind, 0)).await.context("bind the RTP socket")?;
     grow_receive_buffer(&socket);
@@ -510,8 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut last = (0u64, 0u64);
     let mut buf = vec![0u8; 2048];
     let mut last_packet: Option<Instant> = None;
-    let mut reports: BTreeMap<u32, overlay_core::rtp::SenderReport> = BTreeMap::new();
-    let mut g2g: Vec<f64> = Vec::new();
+    let mut first_packet_wall: Option<std::time::SystemTime> = None;
     let mut watchdog = tokio::time::interval(Duration::from_millis(200));
     let mut avoid: Vec<SocketAddr> = Vec::new();
     let mut pending_switch: Option<(Switch, Instant)> = None;
@@ -530,19 +547,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Ok(packet) = Packet::parse(&buf[..n]) {
                     let now = Instant::now();
                     if packet.kind() == overlay_core::rtp::Kind::Rtcp {
-                        if let Some(sr) = overlay_core::rtp::parse_sender_report(&buf[..n]) {
-                            reports.insert(sr.ssrc, sr);
-                        }
+                        // Sender reports time the media for lip sync.
+                        player.push_rtp(&buf[..n]);
                         continue;
                     }
-                    let steady = report.startup.first_packet_ms.is_some_and(|f| (now - started).as_secs_f64() * 1000.0 > f + 2000.0);
-                    if packet.payload_type() == media::VIDEO_PT && packet.marker() && steady {
-                        if let Some(sr) = reports.get(&packet.ssrc()) {
-                            let capture = sr.capture_time(packet.timestamp(), media::VIDEO_CLOCK_RATE);
-                            let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-                            g2g.push((wall - capture) * 1000.0 + f64::from(cli.latency_ms));
-                        }
-                    }
+                    first_packet_wall.get_or_insert_with(std::time::SystemTime::now);
                     if let Some(prev) = last_packet {
                         report.longest_gap_ms = report.longest_gap_ms.max((now - prev).as_secs_f64() * 1000.0);
                     }
@@ -644,6 +653,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         warn!("TEARDOWN not acknowledged: {e}");
     }
+    if let Some(first) = first_packet_wall {
+        let presented = player.presented_since(first + Duration::from_secs(2));
+        report.av_skew_ms = presented.skew_ms();
+        report.glass_to_glass_ms = Latency::of(presented.video_ms);
+        report.audio_latency_ms = Latency::of(presented.audio_ms);
+    }
+    let [video, audio] = player.lip_sync_holds();
+    report.lip_sync_hold_ms = LipSyncHold { video: video * 1000.0, audio: audio * 1000.0 };
     let decoded = tokio::task::spawn_blocking(move || player.stop()).await?;
     let s = stats.summary();
     report.frames_decoded = decoded.video_frames;
@@ -653,7 +670,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.bytes_received = s.bytes;
     report.jitter_ms = s.jitter_ms;
     report.first_frame_ms = decoded.first_frame.map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
-    report.glass_to_glass_ms = Latency::of(g2g);
     let json = serde_json::to_string_pretty(&report)?;
     match &cli.stats_json {
         Some(path) => std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?,
