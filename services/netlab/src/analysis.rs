@@ -41,9 +41,17 @@ pub struct ClientStats {
     /// From starting to the end of SETUP, when oclient reports it.
     pub setup_ms: Option<f64>,
     pub bytes_received: u64,
-    /// Capture-to-decoder latency of the video, when oclient reports it.
+    /// Capture-to-presentation latency of the video, when oclient reports it.
     pub glass_to_glass_ms: Option<Latency>,
+    /// How far the sound trails (positive) or leads the picture, ms.
+    pub av_skew_ms: Option<f64>,
 }
+
+/// Audio may trail the picture by this much (ms) before viewers notice
+/// (ITU-R BT.1359 detectability threshold).
+pub const AUDIO_LAG_NOTICED_MS: f64 = 125.0;
+/// Audio may lead the picture by this much (ms) before viewers notice.
+pub const AUDIO_LEAD_NOTICED_MS: f64 = 45.0;
 
 /// A latency distribution as oclient reports it (ms).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -93,7 +101,8 @@ pub struct ClientOutcome {
     pub path_delay_ms: Option<f64>,
 }
 
-/// Problems with the clients: no frames, no stats, a POP not on the LAN.
+/// Problems with the clients: no frames, no stats, a POP not on the LAN,
+/// sound noticeably out of sync with the picture.
 pub fn client_problems(clients: &[ClientOutcome]) -> Vec<String> {
     let mut out = Vec::new();
     for c in clients {
@@ -119,6 +128,15 @@ pub fn client_problems(clients: &[ClientOutcome]) -> Vec<String> {
                             c.expected_pop.map(|a| a.to_string()).unwrap_or_default()
                         ));
                     }
+                }
+                if let Some(skew) = s.av_skew_ms.filter(|k| *k > AUDIO_LAG_NOTICED_MS || *k < -AUDIO_LEAD_NOTICED_MS) {
+                    out.push(format!(
+                        "client {} ({}): sound {} the picture by {:.0} ms, enough for a viewer to notice",
+                        c.label,
+                        c.stream,
+                        if skew > 0.0 { "trails" } else { "leads" },
+                        skew.abs()
+                    ));
                 }
                 if let Some(f) = &c.failure {
                     out.push(format!("client {} ({}): {f}", c.label, c.stream));

@@ -326,7 +326,7 @@ pub fn report(sc: &Scenario) -> String {
     let _ = writeln!(out, "\n== Clients");
     let _ = writeln!(
         out,
-        "{:<7} {:<6} {:>6}  {:<15} {:>7} {:>8} {:>10} {:>7} {:>6} {:>13} {:>7} {:>8} {:>6}",
+        "{:<7} {:<6} {:>6}  {:<15} {:>7} {:>8} {:>10} {:>7} {:>6} {:>13} {:>7} {:>8} {:>6} {:>6}",
         "client",
         "stream",
         "start",
@@ -339,7 +339,8 @@ pub fn report(sc: &Scenario) -> String {
         "lost/received",
         "jitter",
         "g2g ms",
-        "path"
+        "path",
+        "A/V ms"
     );
     for c in &sc.clients {
         let s = c.stats.clone().unwrap_or_default();
@@ -348,7 +349,7 @@ pub fn report(sc: &Scenario) -> String {
         let not_local = have && c.expected_pop_node.is_some() && c.pop_node != c.expected_pop_node;
         let _ = writeln!(
             out,
-            "{:<7} {:<6} {:>5.1}s  {:<15} {:>7} {:>8} {:>7} ms {:>7} {:>6} {:>13} {:>7} {:>8} {:>6}{}{}",
+            "{:<7} {:<6} {:>5.1}s  {:<15} {:>7} {:>8} {:>7} ms {:>7} {:>6} {:>13} {:>7} {:>8} {:>6} {:>6}{}{}",
             c.label,
             c.stream,
             c.start_s,
@@ -362,6 +363,7 @@ pub fn report(sc: &Scenario) -> String {
             fmt_opt(have.then_some(s.jitter_ms), 1),
             fmt_opt(s.glass_to_glass_ms.as_ref().map(|l| l.median), 0),
             fmt_opt(c.path_delay_ms, 1),
+            fmt_opt(s.av_skew_ms, 0),
             if not_local {
                 format!("  (not the POP on its LAN: {})", c.expected_pop_node.as_deref().unwrap_or("?"))
             } else {
@@ -373,8 +375,9 @@ pub fn report(sc: &Scenario) -> String {
 
     let _ = writeln!(
         out,
-        "(g2g: median glass-to-glass latency, capture at the server to the decoder, jitter buffer included, \
-         from RTCP sender reports; path: one-way link delays from the root server down the tree to the POP)"
+        "(g2g: median glass-to-glass latency, capture at the server to presentation by the client's video \
+         sink, from RTCP sender reports; path: one-way link delays from the root server down the tree to the \
+         POP; A/V: how far the sound trails (+) or leads (-) the picture, median)"
     );
     let _ = writeln!(
         out,

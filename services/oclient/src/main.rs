@@ -494,7 +494,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let bootstrap = parse_addr(&cli.bootstrap, cli.control_port).context("--bootstrap")?;
     // GStreamer and the decoder pipeline start while the session is set up.
-    let config = media::PlayerConfig { headless: cli.headless, record: cli.record.clone(), latency_ms: cli.latency_ms, lip_sync: cli.lip_sync };
+    let config = media::PlayerConfig {
+        headless: cli.headless,
+        record: cli.record.clone(),
+        latency_ms: cli.latency_ms,
+        lip_sync: cli.lip_sync,
+    };
     let player = tokio::task::spawn_blocking(move || media::Player::start(config));
     let socket = UdpSocket::bind(SocketAddr::new(cli.bind, 0)).await.context("bind the RTP socket")?;
     grow_receive_buffer(&socket);

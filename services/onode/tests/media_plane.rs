@@ -51,6 +51,9 @@ fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
     assert!(g2g["samples"].as_u64().unwrap() > 50, "{g2g}");
     let median = g2g["median"].as_f64().unwrap();
     assert!((60.0..1000.0).contains(&median), "glass-to-glass median {median} ms");
+    // Lip sync: sound and picture captured together are presented together.
+    let skew = f(&sb, "av_skew_ms");
+    assert!(skew.abs() < 45.0, "audio trails video by {skew} ms: {sb}");
     assert_eq!(sa["pauses"], 1);
     assert!(f(&sa, "packets_received") < f(&sb, "packets_received") * 0.85, "a missed its pause: {sa} {sb}");
     // Both gone: tree pruned to the root, pipeline stopped.
