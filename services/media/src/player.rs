@@ -80,6 +80,8 @@ struct Shared {
     eos: Mutex<bool>,
     eos_reached: Condvar,
     timing: Mutex<Timing>,
+    /// Whether each sink has presented anything yet.
+    presenting: [AtomicBool; 2],
 }
 
 /// Capture-time bookkeeping shared by the caller's pushes and the probes.
@@ -373,21 +375,26 @@ impl Shared {
     /// will present it (its running time plus the pipeline latency).
     fn on_presented(&self, media: Media, pad: &gst::Pad, buffer: &gst::BufferRef) {
         let Some(pts) = buffer.pts() else { return };
-        let Some(at) = presentation_time(pad, pts) else { return };
+        let Some((at, latency)) = presentation_time(pad, pts) else { return };
+        if !self.presenting[media as usize].swap(true, Ordering::Relaxed) {
+            info!(latency_ms = latency.mseconds(), "{} sink presents on the clock", media.name());
+        }
         lock(&self.timing).presentation.on_presented(media, pts.nseconds(), at);
     }
 }
 
 /// When (Unix seconds) the sink owning `pad` presents a buffer stamped
-/// `pts`: at once if that time has passed.
-fn presentation_time(pad: &gst::Pad, pts: gst::ClockTime) -> Option<f64> {
+/// `pts` (at once if that time has passed), and the pipeline latency it
+/// adds.
+fn presentation_time(pad: &gst::Pad, pts: gst::ClockTime) -> Option<(f64, gst::ClockTime)> {
     let sink = pad.parent_element()?;
     let segment = pad.sticky_event::<gst::event::Segment>(0)?;
     let running = segment.segment().downcast_ref::<gst::ClockTime>()?.to_running_time(pts)?;
     let (clock, base) = (sink.clock()?, sink.base_time()?);
-    let due = base + running + render_latency(&sink).unwrap_or(gst::ClockTime::ZERO);
+    let latency = render_latency(&sink).unwrap_or(gst::ClockTime::ZERO);
+    let due = base + running + latency;
     let ahead_ns = due.nseconds() as i128 - clock.time().nseconds() as i128;
-    Some(unix_now() + ahead_ns.max(0) as f64 / 1e9)
+    Some((unix_now() + ahead_ns.max(0) as f64 / 1e9, latency))
 }
 
 /// The latency a sink (or the sink inside a bin such as autovideosink)

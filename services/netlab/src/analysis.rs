@@ -41,6 +41,8 @@ pub struct ClientStats {
     /// From starting to the end of SETUP, when oclient reports it.
     pub setup_ms: Option<f64>,
     pub bytes_received: u64,
+    /// From the first request to the POP (CONNECT_POP) to the first frame.
+    pub request_to_first_frame_ms: Option<f64>,
     /// Capture-to-presentation latency of the video, when oclient reports it.
     pub glass_to_glass_ms: Option<Latency>,
     /// How far the sound trails (positive) or leads the picture, ms.
@@ -152,14 +154,33 @@ pub fn any_without_frames(clients: &[ClientOutcome]) -> bool {
     clients.iter().any(|c| c.stats.as_ref().is_none_or(|s| s.frames_decoded == 0))
 }
 
-/// Times to first frame of one stream's viewers, in ms with the client's
-/// label.
+/// One viewer's time to first frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstFrame {
+    pub client: String,
+    /// From the client's start (LOGIN and POP choice included), ms.
+    pub from_start_ms: f64,
+    /// From the client's first request to its POP, ms.
+    pub from_request_ms: Option<f64>,
+}
+
+impl std::fmt::Display for FirstFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0} ms ({}", self.from_start_ms, self.client)?;
+        if let Some(ms) = self.from_request_ms {
+            write!(f, "; {ms:.0} ms from the request at its POP")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Times to first frame of one stream's viewers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FirstFrames {
     /// The first viewer: the tree had to be built.
-    pub cold: Option<(String, f64)>,
+    pub cold: Option<FirstFrame>,
     /// The later viewers, in start order.
-    pub warm: Vec<(String, f64)>,
+    pub warm: Vec<FirstFrame>,
 }
 
 /// Time to first frame of the first client of each stream (cold) and of the
@@ -173,8 +194,14 @@ pub fn cold_and_warm(clients: &[ClientOutcome]) -> BTreeMap<String, FirstFrames>
         .into_iter()
         .map(|(s, mut cs)| {
             cs.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
-            let ttff =
-                |c: &ClientOutcome| c.stats.as_ref().and_then(|s| s.first_frame_ms).map(|t| (c.label.clone(), t));
+            let ttff = |c: &ClientOutcome| {
+                let s = c.stats.as_ref()?;
+                Some(FirstFrame {
+                    client: c.label.clone(),
+                    from_start_ms: s.first_frame_ms?,
+                    from_request_ms: s.request_to_first_frame_ms,
+                })
+            };
             let cold = cs.first().and_then(|c| ttff(c));
             let warm = cs.iter().skip(1).filter_map(|c| ttff(c)).collect();
             (s, FirstFrames { cold, warm })
@@ -404,8 +431,9 @@ mod tests {
         assert!(any_without_frames(&cs));
         assert_eq!(cs[1].stats.as_ref().unwrap().pop_rtt(), Some(0.4));
         let cw = cold_and_warm(&cs);
-        assert_eq!(cw["test"].cold, Some(("c2".into(), 300.0)));
-        assert_eq!(cw["test"].warm, vec![("c3".to_string(), 80.0)]);
+        let cold = cw["test"].cold.as_ref().unwrap();
+        assert_eq!((cold.client.as_str(), cold.from_start_ms), ("c2", 300.0));
+        assert_eq!(cw["test"].warm.iter().map(|f| f.to_string()).collect::<Vec<_>>(), ["80 ms (c3)"]);
     }
 
     #[test]

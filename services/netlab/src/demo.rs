@@ -385,11 +385,11 @@ pub fn report(sc: &Scenario) -> String {
     );
     for (stream, ff) in analysis::cold_and_warm(&sc.clients) {
         let (cold, warm) = (ff.cold, ff.warm);
-        let cold = cold.map(|(c, t)| format!("{t:.0} ms ({c})")).unwrap_or_else(|| "-".into());
+        let cold = cold.map(|f| f.to_string()).unwrap_or_else(|| "-".into());
         let warm = if warm.is_empty() {
             "-".to_string()
         } else {
-            warm.iter().map(|(c, t)| format!("{t:.0} ms ({c})")).collect::<Vec<_>>().join(", ")
+            warm.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
         };
         let _ = writeln!(out, "{stream:<8} cold {cold}; warm {warm}");
     }

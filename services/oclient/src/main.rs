@@ -83,6 +83,8 @@ struct Report {
     stream: String,
     pop: String,
     pop_name: String,
+    /// Round trips of the POPs that answered before the choice was made
+    /// (an on-link POP answering first ends the probing).
     pop_rtt_ms: BTreeMap<String, f64>,
     server: String,
     frames_decoded: u64,
@@ -92,6 +94,10 @@ struct Report {
     bytes_received: u64,
     jitter_ms: f64,
     first_frame_ms: Option<f64>,
+    /// From the first request to the chosen POP (CONNECT_POP, then SETUP
+    /// and PLAY) to the first decoded frame: the start-up a viewer waits
+    /// for once logged in.
+    request_to_first_frame_ms: Option<f64>,
     /// From start to the end of SETUP and PLAY (login, POP choice included).
     setup_ms: f64,
     /// Phases of the start, ms from the client's start.
@@ -251,6 +257,9 @@ struct Candidate {
 /// Round trips closer than this (or than half the lowest) are measurement
 /// noise: a loaded host delays its own handshakes by fractions of a ms.
 const RTT_NOISE_MS: f64 = 0.5;
+/// How much later than its round trip says a POP's probe result may come
+/// (the probes are staggered by a millisecond, and tasks get scheduled).
+const PROBE_SLACK_MS: f64 = 5.0;
 
 /// The POP with the lowest round trip; among POPs within measurement
 /// noise of the lowest, one on the client's own subnet (no router between).
@@ -379,9 +388,12 @@ async fn open_session(
         let probes = cli.probes;
         set.spawn(async move { (name, a, handshake_rtt(a, probes).await) });
     }
-    // Once one POP has answered, the others get three times its round trip
-    // (at least 20 ms): a POP slower than that would not be chosen anyway,
-    // and a dead one listed by the bootstrapper must not hold the start.
+    // Probes of all POPs start together, so POPs answer in order of round
+    // trip. When the first to answer is on the client's link nothing later
+    // can beat it; otherwise the others get as long as could still make
+    // them the choice (an on-link POP within the noise margin), plus
+    // scheduling slack. A dead POP listed by the bootstrapper never holds
+    // the start longer than that.
     let mut candidates = Vec::new();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -394,10 +406,16 @@ async fn open_session(
         };
         let Some(joined) = next else { break };
         let Ok((name, addr, Some(rtt_ms))) = joined else { continue };
-        if deadline.is_none() {
-            deadline = Some(tokio::time::Instant::now() + Duration::from_secs_f64((rtt_ms * 3.0).max(20.0) / 1000.0));
+        let candidate = Candidate { name, addr, rtt_ms, on_link: on_link(addr.ip(), &subnets) };
+        let first_on_link = candidates.is_empty() && candidate.on_link;
+        candidates.push(candidate);
+        if first_on_link {
+            break;
         }
-        candidates.push(Candidate { name, addr, rtt_ms, on_link: on_link(addr.ip(), &subnets) });
+        if deadline.is_none() {
+            let wait_ms = RTT_NOISE_MS.max(rtt_ms * 0.5) + PROBE_SLACK_MS;
+            deadline = Some(tokio::time::Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0));
+        }
     }
     set.abort_all();
     let rtts = candidates.iter().map(|c| (c.addr.ip().to_string(), c.rtt_ms)).collect();
@@ -675,6 +693,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.bytes_received = s.bytes;
     report.jitter_ms = s.jitter_ms;
     report.first_frame_ms = decoded.first_frame.map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
+    report.request_to_first_frame_ms = report.first_frame_ms.map(|ms| ms - report.startup.pop_chosen_ms);
     let json = serde_json::to_string_pretty(&report)?;
     match &cli.stats_json {
         Some(path) => std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?,
