@@ -1,0 +1,211 @@
+//! Start-up benchmark: time to first frame on a lab with its link delays,
+//! one measured viewer at a time (so that the figures show the protocol,
+//! not a 2-core machine decoding five streams at once). Needs root.
+//!
+//! - cold: nobody watches; the tree is built from the server.
+//! - warm at the POP: a background viewer on the same host keeps the stream
+//!   at the POP (what an edge server's start-up figure measures).
+//! - warm in the overlay: the stream flows to another POP; this one joins
+//!   the existing tree.
+//!
+//! usage: startbench [LAB] [RUNS]   (default: netns/labs/seed.json, 3)
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use netlab::lab::{Lab, RoleKind};
+use netlab::run::{self, Bins, ClientRun};
+use netlab::state::LabState;
+use serde_json::Value;
+
+const STREAM: &str = "test";
+/// How long each measured viewer watches.
+const WATCH_S: f64 = 3.0;
+/// Pause after a viewer leaves, for the tree to be pruned.
+const PRUNE_PAUSE: Duration = Duration::from_secs(2);
+
+/// One measured start.
+struct Start {
+    host: String,
+    pop: String,
+    /// Client start to first frame, and its phases (ms).
+    first_frame_ms: f64,
+    from_request_ms: f64,
+    login_ms: f64,
+    pop_choice_ms: f64,
+    setup_ms: f64,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!(
+            "usage: startbench [LAB] [RUNS]\nMeasures time to first frame of {STREAM:?} on LAB (default \
+             netns/labs/seed.json), cold and warm, RUNS times per client host (default 3)."
+        );
+        return Ok(());
+    }
+    let lab_file = args.get(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("netns/labs/seed.json"));
+    let runs: usize = args.get(2).map(|r| r.parse()).transpose().context("RUNS")?.unwrap_or(3);
+    let lab = Lab::load(&lab_file)?;
+    let bins = Bins::find(None)?;
+    netlab::sys::catch_interrupts();
+    let prefix = format!("sb{}", std::process::id() % 100_000);
+    let opts = run::UpOptions {
+        prefix: prefix.clone(),
+        bin_dir: Some(bins.dir()),
+        media_dir: None,
+        network_only: false,
+        ready_timeout: Duration::from_secs(60),
+    };
+    let result = run::up(&lab, &opts).and_then(|st| measure(&lab, &st, &bins, runs));
+    let down = run::down(&prefix);
+    let by_kind = result?;
+    down?;
+    println!(
+        "time to first frame of {STREAM:?}, lab {}, one viewer at a time (ms; median, min-max)",
+        lab_file.display()
+    );
+    for (kind, starts) in &by_kind {
+        print_kind(kind, starts);
+    }
+    Ok(())
+}
+
+/// Runs the cold starts, then the warm ones beside a background viewer.
+fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMap<&'static str, Vec<Start>>> {
+    let hosts: Vec<String> =
+        lab.roles.iter().filter(|r| r.kind == RoleKind::Client).map(|r| lab.hosts[r.host].name.clone()).collect();
+    anyhow::ensure!(!hosts.is_empty(), "the lab has no client host");
+    let dir = st.dir().join("startbench");
+    let mut by_kind: BTreeMap<&'static str, Vec<Start>> = BTreeMap::new();
+    let mut n = 0;
+    for _ in 0..runs {
+        for host in &hosts {
+            n += 1;
+            let start = watch(st, bins, host, &dir.join(format!("cold-{n}")))?;
+            by_kind.entry("1 cold").or_default().push(start);
+            netlab::sys::sleep(PRUNE_PAUSE)?;
+        }
+    }
+    let background_host = &hosts[0];
+    let background = ClientRun {
+        host: background_host.clone(),
+        stream: STREAM.into(),
+        duration_s: None,
+        headless: true,
+        stats: dir.join("background.json"),
+        log: Some(dir.join("background.log")),
+    };
+    let mut background_child = Background(run::start_client(st, bins, &background)?);
+    netlab::sys::sleep(Duration::from_secs(3))?;
+    let background_pop = pop_of(&dir.join("background.log"))?;
+    for _ in 0..runs {
+        for host in &hosts {
+            n += 1;
+            let start = watch(st, bins, host, &dir.join(format!("warm-{n}")))?;
+            let kind = if start.pop == background_pop { "2 warm at the POP" } else { "3 warm in the overlay" };
+            by_kind.entry(kind).or_default().push(start);
+            netlab::sys::sleep(PRUNE_PAUSE)?;
+        }
+    }
+    background_child.stop();
+    Ok(by_kind)
+}
+
+/// A viewer that runs until stopped.
+struct Background(Child);
+
+impl Background {
+    /// SIGTERM, so that the client tears its session down.
+    fn stop(&mut self) {
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// The POP a running client chose, from its log.
+fn pop_of(log: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let line = text.lines().find(|l| l.contains("chose the POP")).context("the background viewer chose no POP yet")?;
+    let line = strip_ansi(line);
+    let after = line.split(" pop=").nth(1).context("no pop= in the log line")?;
+    Ok(after.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One viewer on `host` watches for a few seconds; its start-up figures.
+fn watch(st: &LabState, bins: &Bins, host: &str, base: &Path) -> Result<Start> {
+    let c = ClientRun {
+        host: host.to_string(),
+        stream: STREAM.into(),
+        duration_s: Some(WATCH_S),
+        headless: true,
+        stats: base.with_extension("json"),
+        log: Some(base.with_extension("log")),
+    };
+    let status = run::start_client(st, bins, &c)?.wait()?;
+    let text = std::fs::read_to_string(&c.stats).with_context(|| {
+        format!("client on {host} wrote no stats ({status}): {}", run::log_tail(&base.with_extension("log"), 5))
+    })?;
+    let s: Value = serde_json::from_str(&text)?;
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let startup = &s["startup"];
+    Ok(Start {
+        host: host.to_string(),
+        pop: s["pop_name"].as_str().unwrap_or_default().to_string(),
+        first_frame_ms: f(&s["first_frame_ms"]),
+        from_request_ms: f(&s["request_to_first_frame_ms"]),
+        login_ms: f(&startup["login_ms"]),
+        pop_choice_ms: f(&startup["pop_chosen_ms"]) - f(&startup["login_ms"]),
+        setup_ms: f(&startup["setup_ms"]) - f(&startup["pop_chosen_ms"]),
+    })
+}
+
+fn print_kind(kind: &str, starts: &[Start]) {
+    let stat = |pick: fn(&Start) -> f64| {
+        let mut v: Vec<f64> = starts.iter().map(pick).filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => "-".to_string(),
+            n => format!("{:.0} ({:.0}-{:.0})", v[n / 2], v[0], v[n - 1]),
+        }
+    };
+    let hosts: Vec<String> = starts.iter().map(|s| format!("{}@{}", s.host, s.pop)).collect();
+    println!("  {:24} {} starts: {}", &kind[2..], starts.len(), hosts.join(" "));
+    println!("      first frame from the client's start   {}", stat(|s| s.first_frame_ms));
+    println!("      first frame from the request at the POP {}", stat(|s| s.from_request_ms));
+    println!(
+        "      phases: LOGIN {}, POP choice {}, CONNECT_POP+SETUP {}",
+        stat(|s| s.login_ms),
+        stat(|s| s.pop_choice_ms),
+        stat(|s| s.setup_ms)
+    );
+}
