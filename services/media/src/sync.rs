@@ -28,6 +28,17 @@ pub const SYNC_WINDOW_SECS: f64 = 2.0;
 /// Offsets move only when the target is this far (seconds) from the one
 /// applied: every move is a small jump in the presentation.
 pub const SYNC_STEP_SECS: f64 = 0.008;
+/// Holds longer than this (seconds) are never right: the mapping behind
+/// them is stale, so nothing is held.
+pub const MAX_HOLD_SECS: f64 = 1.0;
+/// RTP time and arrival time of one stream drifting apart by more than
+/// this (seconds) between two packets means another sender took over the
+/// SSRC (a tree re-rooted at another server): its old sender report no
+/// longer applies. A cached group of pictures sent at once spans far less.
+const DISCONTINUITY_SECS: f64 = 30.0;
+/// Presentation samples this far (seconds) from the wall clock come from
+/// a stale mapping and are dropped.
+const SANE_LATENCY_SECS: std::ops::Range<f64> = -5.0..60.0;
 /// Scheduled buffers remembered per kind, to find presented buffers'
 /// capture times.
 const SCHEDULE_LEN: usize = 512;
@@ -106,6 +117,8 @@ struct Arrivals {
     /// Lateness (arrival minus capture, seconds) floor.
     floor: WindowMin,
     last_seen: Option<f64>,
+    /// SSRC, RTP timestamp and arrival of the last packet.
+    last_packet: Option<(u32, u32, f64)>,
 }
 
 /// Chooses how long to hold each kind so that both are presented at the
@@ -134,10 +147,20 @@ impl LipSync {
     /// Notes a packet of `media` that arrived at `arrival`. Returns the new
     /// holds `[video, audio]` (seconds) when they should change.
     pub fn on_packet(&mut self, media: Media, ssrc: u32, rtp_timestamp: u32, arrival: f64) -> Option<[f64; 2]> {
-        let capture = self.capture_time(media, ssrc, rtp_timestamp)?;
         let kind = &mut self.arrivals[media as usize];
-        kind.floor.push(arrival, arrival - capture);
-        kind.last_seen = Some(arrival);
+        if let Some((last_ssrc, last_ts, last_arrival)) = kind.last_packet {
+            let rtp_secs = f64::from(rtp_timestamp.wrapping_sub(last_ts) as i32) / f64::from(media.clock_rate());
+            if last_ssrc == ssrc && (rtp_secs - (arrival - last_arrival)).abs() > DISCONTINUITY_SECS {
+                self.reports.remove(&ssrc);
+                *kind = Arrivals::default();
+            }
+        }
+        kind.last_packet = Some((ssrc, rtp_timestamp, arrival));
+        if let Some(capture) = self.capture_time(media, ssrc, rtp_timestamp) {
+            let kind = &mut self.arrivals[media as usize];
+            kind.floor.push(arrival, arrival - capture);
+            kind.last_seen = Some(arrival);
+        }
         let target = self.target(arrival);
         let moved = target.iter().zip(&self.offsets).any(|(t, o)| (t - o).abs() > SYNC_STEP_SECS);
         let cleared = target == [0.0; 2] && self.offsets != [0.0; 2];
@@ -161,7 +184,7 @@ impl LipSync {
             kind.last_seen.filter(|seen| now - seen < SYNC_WINDOW_SECS).and(kind.floor.min())
         };
         match (floor(Media::Video), floor(Media::Audio)) {
-            (Some(video), Some(audio)) => {
+            (Some(video), Some(audio)) if (video - audio).abs() <= MAX_HOLD_SECS => {
                 let latest = video.max(audio);
                 [latest - video, latest - audio]
             }
@@ -227,6 +250,9 @@ impl Presentation {
             .max_by_key(|(at, _)| *at)
             .copied()?;
         let capture = capture + (pts - at) as f64 / 1e9;
+        if !SANE_LATENCY_SECS.contains(&(presented - capture)) {
+            return None;
+        }
         let latency_ms = (presented - capture) * 1000.0;
         let samples = &mut self.samples[media as usize];
         if samples.len() == SAMPLES_KEPT {
@@ -351,6 +377,38 @@ mod tests {
     }
 
     #[test]
+    fn a_new_sender_on_the_ssrc_drops_the_old_mapping() {
+        let mut sync = synced();
+        feed(&mut sync, 0.0, 1.0, 0.030, 0.180);
+        assert_close(sync.offsets(), [0.150, 0.0]);
+        // Another server takes over the video SSRC: its RTP time starts
+        // elsewhere. The old report would put its capture hours away.
+        let other = 1_000_000_000u32;
+        assert_eq!(sync.on_packet(Media::Video, VIDEO_SSRC, other, 101.2), Some([0.0, 0.0]));
+        assert_eq!(sync.capture_time(Media::Video, VIDEO_SSRC, other), None);
+        // Its first report restores the mapping, and the holds come back.
+        sync.on_report(SenderReport { ssrc: VIDEO_SSRC, unix_secs: 101.2, rtp_timestamp: other });
+        let mut change = None;
+        for i in 1..30 {
+            let secs = f64::from(i) / 30.0;
+            let video_ts = other.wrapping_add((secs * 90_000.0) as u32);
+            change = sync.on_packet(Media::Video, VIDEO_SSRC, video_ts, 101.2 + secs + 0.030).or(change);
+            let audio_ts = ts(Media::Audio, 1.2 + secs);
+            change = sync.on_packet(Media::Audio, AUDIO_SSRC, audio_ts, 101.2 + secs + 0.180).or(change);
+        }
+        assert_close(change.expect("holds set again"), [0.150, 0.0]);
+    }
+
+    #[test]
+    fn absurd_holds_are_not_applied() {
+        let mut sync = synced();
+        // Audio's report is off by a minute: no hold of a minute.
+        sync.on_report(SenderReport { ssrc: AUDIO_SSRC, unix_secs: 40.0, rtp_timestamp: 0 });
+        assert_eq!(feed(&mut sync, 0.0, 1.0, 0.030, 0.180), None);
+        assert_eq!(sync.offsets(), [0.0, 0.0]);
+    }
+
+    #[test]
     fn presented_buffers_trace_back_to_their_capture() {
         let mut p = Presentation::default();
         p.on_scheduled(Media::Video, 1_000_000_000, 50.0);
@@ -362,6 +420,9 @@ mod tests {
         // Nothing scheduled at or shortly before: no sample.
         assert_eq!(p.on_presented(Media::Video, 900_000_000, 50.2), None);
         assert_eq!(p.on_presented(Media::Video, 2_000_000_000, 51.2), None);
+        // A capture time hours away is a stale mapping, not a latency.
+        p.on_scheduled(Media::Video, 3_000_000_000, 50.0 - 7200.0);
+        assert_eq!(p.on_presented(Media::Video, 3_000_000_000, 50.3), None);
         let all = p.since(0.0);
         assert_eq!(all.skew_ms().map(f64::round), Some(20.0));
         assert_eq!(p.since(50.112), PresentationSummary { video_ms: all.video_ms.clone(), audio_ms: vec![] });

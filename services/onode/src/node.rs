@@ -88,6 +88,8 @@ fn gave_up(stream: &str) -> StreamDesc {
 /// How long a downstream that missed heartbeats keeps its branch (it may be
 /// a lossy link, not a dead node).
 const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
+/// How long a viewer's SETUP may wait for the upstream's GOP after a join.
+const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 
 struct State {
     routes: RouteTable,
@@ -612,12 +614,31 @@ impl Node {
         let (waiters, answer) = match result {
             Ok((desc, data_addr)) => {
                 st.upstream_data.insert(stream.clone(), data_addr);
-                let waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
+                let mut waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
                 let answer = Ok(st.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined"));
                 info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
+                // The upstream's last GOP is on its way before a viewer of
+                // this POP is answered: otherwise PLAY could come first, the
+                // viewer would get live packets from mid-GOP, and the GOP
+                // arriving after them would be too old for its jitter buffer
+                // (it would wait for the next keyframe). Neighbours are
+                // answered at once; they ask for their own refresh.
+                let viewers: Vec<_> = waiters
+                    .extract_if(.., |w| w.requester == Requester::Local)
+                    .filter_map(|w| st.waiters.remove(&w.ticket))
+                    .collect();
                 let me = self.clone();
-                let (stream2, to2) = (stream.clone(), to.clone());
-                self.tasks.spawn(async move { me.request_refresh(stream2, to2).await });
+                let (stream2, to2, answer2) = (stream.clone(), to.clone(), answer.clone());
+                self.tasks.spawn(async move {
+                    let mut refresh = Box::pin(me.request_refresh(stream2, to2));
+                    let done = tokio::time::timeout(VIEWER_REFRESH_WAIT, refresh.as_mut()).await.is_ok();
+                    for tx in viewers {
+                        let _ = tx.send(answer2.clone());
+                    }
+                    if !done {
+                        refresh.await;
+                    }
+                });
                 (waiters, answer)
             }
             Err(nak) => {
