@@ -98,8 +98,13 @@ struct Common {
     #[arg(long, default_value_t = 3000)]
     join_timeout_ms: u64,
     /// Neighbour heartbeat period (ms); three missed beats declare a neighbour lost.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "ONODE_HEARTBEAT_MS", default_value_t = 100)]
     heartbeat_ms: u64,
+    /// A stream silent this long (ms) gets its upstream pinged at once; an
+    /// upstream that does not answer is declared lost without waiting for
+    /// three heartbeats (0: off).
+    #[arg(long, env = "ONODE_SILENCE_MS", default_value_t = 150)]
+    silence_ms: u64,
     /// POPs: a client session not heard from for this long (s) is torn down.
     #[arg(long, default_value_t = 10)]
     session_timeout_s: u64,
@@ -215,6 +220,7 @@ fn settings(role: Role, c: &Common) -> Settings {
         tie_floor_us: c.tie_floor_us,
         join_timeout: Duration::from_millis(c.join_timeout_ms),
         heartbeat: Duration::from_millis(c.heartbeat_ms.max(10)),
+        silence: (c.silence_ms > 0).then(|| Duration::from_millis(c.silence_ms.max(20))),
         session_timeout: Duration::from_secs(c.session_timeout_s.max(1)),
     }
 }

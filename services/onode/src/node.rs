@@ -15,7 +15,7 @@ use overlay_core::session::Sessions;
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
-use relay::{Accept, ForwardTable, Relay, Route};
+use relay::{Accept, ForwardTable, Heard, Relay, Route};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,8 @@ pub struct Settings {
     pub join_timeout: Duration,
     /// Neighbour heartbeat period; three missed beats declare it lost.
     pub heartbeat: Duration,
+    /// A stream this silent gets its upstream checked at once (None: off).
+    pub silence: Option<Duration>,
     /// A client session not heard from for this long is torn down.
     pub session_timeout: Duration,
 }
@@ -90,6 +92,10 @@ fn gave_up(stream: &str) -> StreamDesc {
 const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
 /// How long a viewer's SETUP may wait for the upstream's GOP after a join.
 const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
+/// The shortest wait for a silent stream's upstream to answer a ping.
+const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
+/// An upstream checked for a silent stream is not checked again sooner.
+const SILENCE_RECHECK: Duration = Duration::from_secs(1);
 
 struct State {
     routes: RouteTable,
@@ -102,6 +108,10 @@ struct State {
     upstream_data: HashMap<String, SocketAddr>,
     pipelines: HashMap<String, StreamSource>,
     ping_misses: HashMap<String, u32>,
+    /// Per stream: the upstream it is heard from, and when it last was.
+    heard: HashMap<String, (Source, Heard)>,
+    /// Upstreams checked for a silent stream, and when they may be again.
+    silence_checks: HashMap<String, Instant>,
 }
 
 /// A running overlay node.
@@ -152,6 +162,8 @@ impl Node {
             upstream_data: HashMap::new(),
             pipelines: HashMap::new(),
             ping_misses: HashMap::new(),
+            heard: HashMap::new(),
+            silence_checks: HashMap::new(),
         };
         Ok(Arc::new(Node {
             id,
@@ -186,6 +198,10 @@ impl Node {
             .expect("spawn the relay thread");
         let me = self.clone();
         self.tasks.spawn(async move { me.ping_loop().await });
+        if let Some(silence) = self.settings.silence {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.silence_loop(silence).await });
+        }
         if self.id.server {
             let me = self.clone();
             self.tasks.spawn(async move { me.probe_loop().await });
@@ -280,6 +296,63 @@ impl Node {
             warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
             self.neighbour_lost(&neighbour, false);
         }
+    }
+
+    /// Watches the streams this node receives: one gone silent gets its
+    /// upstream pinged at once, with a timeout of a few link round trips;
+    /// no answer means the upstream (or the link) is lost, long before
+    /// three heartbeats would say so. An upstream that answers is left
+    /// alone (it may be repairing its own way up) and asked again later.
+    async fn silence_loop(self: Arc<Self>, silence: Duration) {
+        let mut tick = tokio::time::interval((silence / 3).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let checks: Vec<(String, Duration)> = {
+                let mut st = self.lock();
+                let st = &mut *st;
+                let heard = &st.heard;
+                let suspects = st.trees.silent_upstreams(
+                    |stream| heard.get(stream).and_then(|(_, h)| h.silent_ms()),
+                    silence.as_millis() as u64,
+                );
+                let mut checks = Vec::new();
+                for up in suspects {
+                    if st.routes.is_down(&up) || st.silence_checks.get(&up).is_some_and(|next| now < *next) {
+                        continue;
+                    }
+                    st.silence_checks.insert(up.clone(), now + SILENCE_RECHECK);
+                    let rtt = Duration::from_micros(2 * st.routes.link_delay_us(&up).unwrap_or(0));
+                    checks.push((up, (rtt * 3).max(SILENCE_PING_FLOOR)));
+                }
+                checks
+            };
+            for (up, limit) in checks {
+                let me = self.clone();
+                self.tasks.spawn(async move { me.check_silent_upstream(up, limit).await });
+            }
+        }
+    }
+
+    async fn check_silent_upstream(self: Arc<Self>, up: String, limit: Duration) {
+        let Some(mut client) = self.clients.get(&up).cloned() else { return };
+        let request = pb::PingRequest { sender: self.id.name.clone() };
+        if let Ok(Ok(_)) = tokio::time::timeout(limit, client.ping(request)).await {
+            debug!(node = %self.id.name, upstream = %up, "a stream went quiet but its upstream answers");
+            return;
+        }
+        if self.lock().routes.is_down(&up) {
+            return;
+        }
+        warn!(
+            node = %self.id.name, upstream = %up, timeout_ms = limit.as_millis() as u64,
+            "a stream went silent and its upstream does not answer: declared lost"
+        );
+        self.neighbour_lost(&up, false);
     }
 
     /// A neighbour (or the link to it) is gone: forget routes through it
@@ -835,8 +908,13 @@ impl Node {
     /// publishes it to the relay.
     fn republish(&self, st: &mut State) {
         let mut table = ForwardTable::default();
+        st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
         for branch in st.trees.active() {
             let stream = &branch.desc.stream;
+            // A new upstream starts unheard: silence is judged from its
+            // first packet on.
+            let heard =
+                st.heard.entry(stream.clone()).or_insert_with(|| (branch.source.clone(), Heard::default())).1.clone();
             let accept = match &branch.source {
                 Source::Local => Accept::Local,
                 Source::Neighbour(_) => match st.upstream_data.get(stream) {
@@ -857,7 +935,7 @@ impl Node {
                 // Every node keeps the video's last GOP for downstreams and
                 // viewers who start now.
                 let cache_gop = i == 0;
-                table.insert(*ssrc, Route { accept, downstream: downstream.clone(), cache_gop });
+                table.insert(*ssrc, Route { accept, downstream: downstream.clone(), cache_gop, heard: heard.clone() });
             }
         }
         self.relay.publish(table);

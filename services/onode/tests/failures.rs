@@ -1,6 +1,7 @@
 //! Failure recovery on loopback with real processes: tree repair around a
 //! killed server and a killed relay, a relay that cannot repair handing the
-//! job to its downstream, while a viewer keeps decoding.
+//! job to its downstream, and a wedged relay found by the silence of the
+//! stream it fed, while a viewer keeps decoding.
 
 mod common;
 
@@ -47,4 +48,36 @@ fn trees_repair_around_a_dead_server_and_a_dead_relay() {
     assert!(s["frames_decoded"].as_u64().unwrap() > 200, "the viewer kept decoding: {s}");
     let gap = s["longest_gap_ms"].as_f64().unwrap();
     assert!(gap < 5000.0, "media came back after each fault (longest gap {gap} ms)");
+}
+
+#[test]
+fn a_wedged_relay_is_found_by_the_silence_of_its_stream() {
+    // Heartbeats so slow that three missed ones take over ten seconds: only
+    // the silence of the stream can find the wedged relay in time.
+    let mut o = Overlay::start_with_env("silence", &seed_topology(), None, &[("ONODE_HEARTBEAT_MS", "3000")]);
+    let c = o.client("c", "test", Some("o5"), 12.0).spawn().unwrap();
+    o.wait_for("tree o5-o4-o8-s2", Duration::from_secs(10), |o| {
+        o.branch("o4", "test").is_some_and(|b| b["upstream"] == "o8")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    let t = Instant::now();
+    o.freeze("o8");
+    o.wait_for("o4 repaired through o3", Duration::from_secs(6), |o| {
+        o.branch("o4", "test").is_some_and(|b| b["upstream"] == "o3")
+    });
+    println!("wedged relay: o4 repaired {} ms after the freeze", t.elapsed().as_millis());
+    assert!(
+        o.log("o4").contains("went silent and its upstream does not answer"),
+        "o4 should have found o8 by its silence: {}",
+        o.log("o4")
+    );
+    o.thaw("o8");
+
+    let out = wait_output(c, Duration::from_secs(40));
+    assert!(out.status.success(), "client: {}", o.client_log("c"));
+    let s = o.stats("c");
+    let gap = s["longest_gap_ms"].as_f64().unwrap();
+    assert!(gap < 3000.0, "media came back long before heartbeats could notice (longest gap {gap} ms): {s}");
+    o.kill("o8");
 }

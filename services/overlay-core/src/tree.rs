@@ -415,6 +415,22 @@ impl Trees {
         }
     }
 
+    /// Upstream neighbours to check at once because a stream they feed has
+    /// gone quiet: `silent_ms` says how long each stream has been silent
+    /// (`None`: nothing received yet). Branches being repaired, orphaned or
+    /// fed by this node itself are not judged. Each neighbour once, sorted.
+    pub fn silent_upstreams(&self, silent_ms: impl Fn(&str) -> Option<u64>, limit_ms: u64) -> Vec<String> {
+        let silent: BTreeSet<String> = self
+            .active()
+            .filter(|b| !b.repairing && !b.orphaned)
+            .filter_map(|b| match &b.source {
+                Source::Neighbour(up) if silent_ms(&b.desc.stream).is_some_and(|ms| ms >= limit_ms) => Some(up.clone()),
+                _ => None,
+            })
+            .collect();
+        silent.into_iter().collect()
+    }
+
     /// Streams this node carries (has an active upstream for).
     pub fn carrying(&self) -> Vec<String> {
         self.active().map(|b| b.desc.stream.clone()).collect()
@@ -545,6 +561,27 @@ mod tests {
         t.request("test", Requester::Local, &[], 2, &r, now);
         assert_eq!(t.failed("test").len(), 2);
         assert!(t.joining().is_empty() && t.branch("test").is_none());
+    }
+
+    #[test]
+    fn a_quiet_stream_points_at_its_upstream_unless_already_repairing() {
+        let now = Instant::now();
+        let mut r = routes("o3", &["o2", "o4", "o9"]);
+        heard(&mut r, "s1", "o2", 2, now);
+        let mut t = Trees::new("o3", ["own".to_string()]);
+        t.request("test", n("o9"), &["o9".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        t.request("own", n("o9"), &["o9".into()], 2, &r, now);
+        let own = StreamDesc { stream: "own".into(), ..desc("o3", 0) };
+        t.joined(Source::Local, own);
+        let silence = |test: Option<u64>| move |s: &str| if s == "test" { test } else { Some(5_000) };
+        assert!(t.silent_upstreams(silence(None), 150).is_empty(), "nothing heard yet: not judged");
+        assert!(t.silent_upstreams(silence(Some(149)), 150).is_empty());
+        // Our own quiet stream is not a neighbour's fault.
+        assert_eq!(t.silent_upstreams(silence(Some(150)), 150), ["o2"]);
+        r.neighbour_down("o2");
+        t.neighbour_lost("o2");
+        assert!(t.silent_upstreams(silence(Some(900)), 150).is_empty(), "already repairing");
     }
 
     #[test]

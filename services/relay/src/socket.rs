@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::gop::GopCache;
-use crate::table::{decide, DropReason, ForwardTable, Verdict};
+use crate::table::{clock_ms, decide, DropReason, ForwardTable, Verdict};
 
 const BATCH: usize = 32;
 const MAX_OUT: usize = 512;
@@ -171,6 +171,7 @@ impl Relay {
         };
         for (src, bytes) in ready {
             if let Verdict::Forward { ssrc, route } = decide(table, &bytes, Some(src)) {
+                route.heard.mark(clock_ms());
                 if route.cache_gop {
                     self.remember(ssrc, &bytes);
                 }
@@ -265,6 +266,7 @@ impl Relay {
             }
             let n = n as usize;
             let table = self.table.load();
+            let now_ms = clock_ms();
             let mut in_bytes = 0u64;
             for i in 0..n {
                 let len = msgs[i].msg_len as usize;
@@ -272,6 +274,7 @@ impl Relay {
                 let src = from_storage(&names[i]);
                 match decide(&table, &bufs[i][..len], src) {
                     Verdict::Forward { ssrc, route } => {
+                        route.heard.mark(now_ms);
                         if route.cache_gop {
                             self.remember(ssrc, &bufs[i][..len]);
                         }
@@ -407,7 +410,7 @@ fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Accept, Route};
+    use crate::table::{Accept, Heard, Route};
     use overlay_core::rtp::write_header;
 
     #[test]
@@ -428,6 +431,7 @@ mod tests {
         for s in &sinks {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         }
+        let heard = Heard::default();
         let mut t = ForwardTable::default();
         t.insert(
             9,
@@ -435,8 +439,10 @@ mod tests {
                 accept: Accept::From(sender.local_addr().unwrap()),
                 downstream: sinks.iter().map(|s| s.local_addr().unwrap()).collect(),
                 cache_gop: false,
+                heard: heard.clone(),
             },
         );
+        assert_eq!(heard.silent_ms(), None);
         relay.publish(t);
         let stop = Arc::new(AtomicBool::new(false));
         let r = relay.clone();
@@ -461,6 +467,8 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
+        // The forwarded packets marked their stream as heard just now.
+        assert!(heard.silent_ms().is_some_and(|ms| ms < 60_000), "{:?}", heard.silent_ms());
         let c = relay.counters();
         assert_eq!(c.received, 12);
         assert_eq!(c.sent, 30);
@@ -491,6 +499,7 @@ mod tests {
             accept: Accept::From(sender.local_addr().unwrap()),
             downstream: vec![sink.local_addr().unwrap()],
             cache_gop: false,
+            heard: Heard::default(),
         };
         t.insert(77, route);
         relay.publish(t);

@@ -6,6 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use overlay_core::rtp::Packet;
 
@@ -27,7 +30,46 @@ pub struct Route {
     pub downstream: Vec<SocketAddr>,
     /// Keep the packets since the last keyframe (a POP's video SSRC).
     pub cache_gop: bool,
+    /// Marked whenever a packet of this SSRC is forwarded; the control
+    /// plane shares one per stream to notice a silent upstream.
+    pub heard: Heard,
 }
+
+/// Milliseconds on a process-wide monotonic clock (what [`Heard`] keeps).
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// When a stream's packets were last forwarded: written by the data plane
+/// (one relaxed store per packet), read by the control plane. Clones share
+/// the same marker.
+#[derive(Debug, Clone, Default)]
+pub struct Heard(Arc<AtomicU64>);
+
+impl Heard {
+    /// A packet went through at `now_ms` ([`clock_ms`]).
+    pub fn mark(&self, now_ms: u64) {
+        self.0.store(now_ms + 1, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last packet, `None` before the first.
+    pub fn silent_ms(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(clock_ms().saturating_sub(at - 1)),
+        }
+    }
+}
+
+impl PartialEq for Heard {
+    /// The same marker, not the same reading.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Heard {}
 
 /// SSRC → route. Built by the control plane, published whole, read by the
 /// data plane without locks.
@@ -119,8 +161,14 @@ mod tests {
         let other: SocketAddr = "10.0.0.9:7071".parse().unwrap();
         let down: Vec<SocketAddr> = vec!["10.0.1.2:7071".parse().unwrap(), "10.0.2.2:5000".parse().unwrap()];
         let mut t = ForwardTable::default();
-        t.insert(42, Route { accept: Accept::From(up), downstream: down.clone(), cache_gop: false });
-        t.insert(43, Route { accept: Accept::Local, downstream: down.clone(), cache_gop: false });
+        t.insert(
+            42,
+            Route { accept: Accept::From(up), downstream: down.clone(), cache_gop: false, heard: Heard::default() },
+        );
+        t.insert(
+            43,
+            Route { accept: Accept::Local, downstream: down.clone(), cache_gop: false, heard: Heard::default() },
+        );
         assert!(
             matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r } if r.downstream == down)
         );

@@ -281,6 +281,17 @@ impl Overlay {
         }
     }
 
+    /// SIGSTOP: the node hangs with its sockets open (no reset tells the
+    /// neighbours), like a wedged host.
+    pub fn freeze(&self, node: &str) {
+        unsafe { libc_kill(self.procs[node].id() as i32, 19) };
+    }
+
+    /// SIGCONT after [`Overlay::freeze`].
+    pub fn thaw(&self, node: &str) {
+        unsafe { libc_kill(self.procs[node].id() as i32, 18) };
+    }
+
     /// SIGTERM and wait: a clean stop.
     pub fn stop(&mut self, node: &str) -> std::process::ExitStatus {
         let mut c = self.procs.remove(node).expect("node running");
