@@ -182,22 +182,8 @@ fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
     let mut child = run::start_client(&st, bins, &run).expect("start a client");
     std::thread::sleep(Duration::from_secs(2));
     let overlay = lab.overlay.as_ref().expect("an overlay");
-    let inspect = |node: &str| -> serde_json::Value {
-        let n = overlay.nodes.iter().find(|n| n.name == node).expect("node");
-        let ns = ns_name(prefix, &lab.hosts[lab.host_of_node(node).expect("host")].name);
-        let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
-        let out = netlab::sys::output(
-            &["ip", "netns", "exec", &ns, &bins.onode.display().to_string(), "inspect", &addr],
-            None,
-        )
-        .expect("inspect");
-        serde_json::from_str(&out).expect("inspect JSON")
-    };
-    let upstream = |node: &str| -> Option<String> {
-        let v = inspect(node);
-        let b = v["streams"].as_array()?.iter().find(|b| b["stream"] == "test")?.clone();
-        b["upstream"].as_str().map(str::to_string)
-    };
+    let upstream =
+        |node: &str| branch(lab, prefix, bins, node).and_then(|b| b["upstream"].as_str().map(str::to_string));
     let pop = overlay
         .nodes
         .iter()
@@ -215,6 +201,117 @@ fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
     }
     println!("new SETUP at {pop} for {host}: tree {path:?} follows the routes");
     let _ = child.wait();
+}
+
+/// `onode inspect` of one node, run in its namespace.
+fn inspect(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> serde_json::Value {
+    let overlay = lab.overlay.as_ref().expect("an overlay");
+    let n = overlay.nodes.iter().find(|n| n.name == node).expect("node");
+    let ns = ns_name(prefix, &lab.hosts[lab.host_of_node(node).expect("host")].name);
+    let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
+    let out =
+        netlab::sys::output(&["ip", "netns", "exec", &ns, &bins.onode.display().to_string(), "inspect", &addr], None)
+            .expect("inspect");
+    serde_json::from_str(&out).expect("inspect JSON")
+}
+
+/// A node's branch of the stream `test`, if it carries it.
+fn branch(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> Option<serde_json::Value> {
+    let v = inspect(lab, prefix, bins, node);
+    v["streams"].as_array()?.iter().find(|b| b["stream"] == "test").cloned()
+}
+
+/// The tree of `test` from `pop` up to its server: the nodes in order.
+fn tree_up(lab: &Lab, prefix: &str, bins: &Bins, pop: &str) -> Vec<String> {
+    let mut path = vec![pop.to_string()];
+    let mut at = pop.to_string();
+    while let Some(up) = branch(lab, prefix, bins, &at).and_then(|b| b["upstream"].as_str().map(str::to_string)) {
+        if path.contains(&up) || path.len() > 12 {
+            break;
+        }
+        path.push(up.clone());
+        at = up;
+    }
+    path
+}
+
+/// The nodes of `tree` (POP first) whose upstream is not their next hop
+/// toward `server` in `want`.
+fn off_route(tree: &[String], server: &str, want: &Table) -> Vec<String> {
+    tree.windows(2)
+        .filter(|w| want.get(&w[0]).and_then(|m| m.get(server)) != Some(&w[1]))
+        .map(|w| {
+            format!(
+                "{} feeds from {}, its next hop toward {server} is {:?}",
+                w[0],
+                w[1],
+                want.get(&w[0]).and_then(|m| m.get(server))
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn seed_lab_established_tree_follows_a_slower_link() {
+    // A viewer on o7's LAN watches; then a link on its tree gets much
+    // slower. The tree it already has moves to the new best routes
+    // (make-before-break), not only trees built afterwards.
+    let Some((bins, _one)) = product_lab() else { return };
+    let lab = Lab::load(&lab_path("seed.json")).expect("lab validates");
+    let want = expected(&lab);
+    let (guard, st) = up(&lab, Some(&bins), None);
+    let prefix = guard.prefix.clone();
+    converge(&lab, &prefix, &bins, &want, Duration::from_secs(30), "after up");
+    let run = run::ClientRun {
+        host: "c5".into(),
+        stream: "test".into(),
+        duration_s: Some(24.0),
+        headless: true,
+        stats: st.dir().join("clients").join("established.json"),
+        log: Some(st.dir().join("logs").join("established-client.log")),
+    };
+    let mut child = run::start_client(&st, &bins, &run).expect("start a client");
+    std::thread::sleep(Duration::from_secs(3));
+    let before = tree_up(&lab, &prefix, &bins, "o7");
+    let server = before.last().expect("a tree").clone();
+    assert!(off_route(&before, &server, &want).is_empty(), "the tree should start on the routes: {before:?}");
+    // Raise a link the tree crosses, whichever server roots it.
+    let (link, raised_ms, mover, new_up) =
+        if server == "s1" { ("o2-o3", 25.0, "o3", "o9") } else { ("o8-o9", 60.0, "o3", "o4") };
+    let change = Impairment { delay_ms: Some(raised_ms), ..Impairment::default() };
+    run::link_set(&prefix, link, None, &change).expect("link-set");
+    let lab2 = LabState::load(&prefix).expect("state").lab().expect("lab");
+    let want2 = expected(&lab2);
+    assert_eq!(want2[mover][&server], new_up, "the computation should move {mover} toward {server} to {new_up}");
+    converge(&lab2, &prefix, &bins, &want2, PROBE_PERIOD * 10, "routes after the change");
+    let start = Instant::now();
+    let after = loop {
+        let tree = tree_up(&lab2, &prefix, &bins, "o7");
+        let wrong = off_route(&tree, &server, &want2);
+        if wrong.is_empty() && tree.last() == Some(&server) {
+            break tree;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the established tree did not follow the routes after {link} went to {raised_ms} ms: {tree:?}\n{}",
+            wrong.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!(
+        "{link} raised to {raised_ms} ms: tree {before:?} became {after:?} within {:.1} s of the routes",
+        start.elapsed().as_secs_f64()
+    );
+    assert_ne!(before, after, "the tree should have moved");
+    let status = child.wait().expect("client");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&run.stats).expect("client stats")).expect("stats JSON");
+    assert!(status.success(), "client: {stats}");
+    assert_eq!(stats["pop_name"], "o7");
+    let gap = stats["longest_gap_ms"].as_f64().unwrap_or(f64::INFINITY);
+    assert!(gap < 1000.0, "the viewer should not notice the move (longest gap {gap} ms)");
+    down_and_check_clean(guard);
+    remove_lab_folder(&prefix);
 }
 
 #[test]

@@ -96,6 +96,8 @@ const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
+/// A branch keeps a new upstream at least this long before it moves again.
+const SETTLE: Duration = Duration::from_secs(4);
 
 struct State {
     routes: RouteTable,
@@ -112,6 +114,9 @@ struct State {
     heard: HashMap<String, (Source, Heard)>,
     /// Upstreams checked for a silent stream, and when they may be again.
     silence_checks: HashMap<String, Instant>,
+    /// When each stream's branch last got a new upstream (join, repair,
+    /// move): it is not moved again before it settles.
+    changed: HashMap<String, Instant>,
 }
 
 /// A running overlay node.
@@ -164,6 +169,7 @@ impl Node {
             ping_misses: HashMap::new(),
             heard: HashMap::new(),
             silence_checks: HashMap::new(),
+            changed: HashMap::new(),
         };
         Ok(Arc::new(Node {
             id,
@@ -198,6 +204,8 @@ impl Node {
             .expect("spawn the relay thread");
         let me = self.clone();
         self.tasks.spawn(async move { me.ping_loop().await });
+        let me = self.clone();
+        self.tasks.spawn(async move { me.improve_loop().await });
         if let Some(silence) = self.settings.silence {
             let me = self.clone();
             self.tasks.spawn(async move { me.silence_loop(silence).await });
@@ -295,6 +303,86 @@ impl Node {
         if lost {
             warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
             self.neighbour_lost(&neighbour, false);
+        }
+    }
+
+    /// Keeps established trees on good routes: a branch whose routes now
+    /// offer a clearly better way to its server than its upstream (a link
+    /// got slower, a node came back) moves there, make-before-break: the
+    /// new upstream is joined first, then the old one left.
+    async fn improve_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval((self.id.probe_interval * 2).max(Duration::from_millis(500)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let moves: Vec<(String, String, String)> = {
+                let mut st = self.lock();
+                let st = &mut *st;
+                let mut moves = Vec::new();
+                for (stream, to) in st.trees.better_upstreams(&st.routes, now) {
+                    let changed = *st.changed.entry(stream.clone()).or_insert(now);
+                    let from = match st.trees.branch(&stream).map(|b| &b.source) {
+                        Some(Source::Neighbour(from)) => from.clone(),
+                        _ => continue,
+                    };
+                    if now.duration_since(changed) >= SETTLE {
+                        st.changed.insert(stream.clone(), now);
+                        moves.push((stream, from, to));
+                    }
+                }
+                moves
+            };
+            for (stream, from, to) in moves {
+                let me = self.clone();
+                self.tasks.spawn(async move { me.move_upstream(stream, from, to).await });
+            }
+        }
+    }
+
+    async fn move_upstream(self: Arc<Self>, stream: String, from: String, to: String) {
+        let started = Instant::now();
+        let (desc, data_addr) = match self.request_upstream(&stream, &to, vec![self.id.name.clone()]).await {
+            Ok(joined) => joined,
+            Err(nak) => {
+                debug!(node = %self.id.name, %stream, via = %to, "move to a better upstream refused: {}", nak.detail);
+                return;
+            }
+        };
+        let outcome = {
+            let mut st = self.lock();
+            // Meanwhile the branch may have been repaired, moved or pruned.
+            let still =
+                st.trees.branch(&stream).is_some_and(|b| !b.repairing && b.source == Source::Neighbour(from.clone()));
+            let out = if still { st.trees.repaired(&to, desc) } else { None };
+            if out.is_some() {
+                st.upstream_data.insert(stream.clone(), data_addr);
+                st.changed.insert(stream.clone(), Instant::now());
+                self.republish(&mut st);
+            }
+            out.and_then(|(down, old)| Some((down, old, st.trees.branch(&stream)?.desc.clone())))
+        };
+        let Some((downstream, old, desc)) = outcome else {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.send_leave(stream, to).await });
+            return;
+        };
+        info!(
+            node = %self.id.name, %stream, from = %from, upstream = %to,
+            took_ms = started.elapsed().as_millis() as u64, "moved to a better upstream"
+        );
+        if let Some(old) = old {
+            let me = self.clone();
+            let s2 = stream.clone();
+            self.tasks.spawn(async move { me.send_leave(s2, old).await });
+        }
+        for d in downstream {
+            let me = self.clone();
+            let desc = desc.clone();
+            self.tasks.spawn(async move { me.send_reroot(d, desc).await });
         }
     }
 
@@ -443,6 +531,7 @@ impl Node {
                         let out = st.trees.repaired(&to, desc);
                         if out.is_some() {
                             st.upstream_data.insert(stream.clone(), data_addr);
+                            st.changed.insert(stream.clone(), Instant::now());
                             self.republish(&mut st);
                         }
                         out.map(|(down, old)| (down, old, st.trees.branch(&stream).map(|b| b.desc.clone())))
@@ -687,6 +776,7 @@ impl Node {
         let (waiters, answer) = match result {
             Ok((desc, data_addr)) => {
                 st.upstream_data.insert(stream.clone(), data_addr);
+                st.changed.insert(stream.clone(), Instant::now());
                 let mut waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
                 let answer = Ok(st.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined"));
                 info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
@@ -909,6 +999,7 @@ impl Node {
     fn republish(&self, st: &mut State) {
         let mut table = ForwardTable::default();
         st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
+        st.changed.retain(|stream, _| st.trees.branch(stream).is_some());
         for branch in st.trees.active() {
             let stream = &branch.desc.stream;
             // A new upstream starts unheard: silence is judged from its

@@ -284,6 +284,28 @@ impl RouteTable {
         pick(&candidates, &self.config)
     }
 
+    /// The route toward `server` through `via`, while fresh.
+    pub fn route_via(&self, server: &str, via: &str, now: Instant) -> Option<Route> {
+        self.fresh(server, now).find(|(v, _)| v.as_str() == via).map(|(v, e)| Route {
+            via: v.clone(),
+            delay_us: e.delay_us,
+            hops: e.hops,
+        })
+    }
+
+    /// Whether moving from `current` to `candidate` is worth it by the
+    /// selection rule, with hysteresis so that noise never swings a tree
+    /// back and forth: a lower delay by more than twice the tie band, or a
+    /// delay within the band with fewer hops (hop counts are exact).
+    pub fn clearly_better(&self, candidate: &Route, current: &Route) -> bool {
+        let low = candidate.delay_us.min(current.delay_us);
+        let band = ((low as f64 * self.config.tie_ratio) as u64).max(self.config.tie_floor_us);
+        if current.delay_us > candidate.delay_us + 2 * band {
+            return true;
+        }
+        current.delay_us.abs_diff(candidate.delay_us) <= band && candidate.hops < current.hops
+    }
+
     /// Whether any known server offers `stream`.
     pub fn offered(&self, stream: &str) -> bool {
         self.offers.values().any(|s| s.contains(stream))
@@ -372,6 +394,17 @@ mod tests {
 
     fn cfg() -> RoutingConfig {
         RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() }
+    }
+
+    #[test]
+    fn only_a_clear_win_is_worth_moving_for() {
+        let t = RouteTable::new("o3", vec!["o2".into(), "o9".into()], cfg());
+        // Tie band 10% of the lower delay: 1 ms at 10 ms.
+        assert!(t.clearly_better(&route("o9", 10_000, 3), &route("o2", 31_000, 2)));
+        assert!(!t.clearly_better(&route("o9", 10_000, 3), &route("o2", 11_900, 2)), "within twice the band");
+        assert!(t.clearly_better(&route("o9", 10_500, 2), &route("o2", 10_000, 3)), "same delay, fewer hops");
+        assert!(!t.clearly_better(&route("o9", 10_000, 3), &route("o2", 10_500, 2)), "same delay, more hops");
+        assert!(!t.clearly_better(&route("o9", 10_000, 2), &route("o2", 10_000, 2)));
     }
 
     #[test]

@@ -415,6 +415,26 @@ impl Trees {
         }
     }
 
+    /// Established branches with a clearly better way to the same server
+    /// than their upstream's (see [`RouteTable::clearly_better`]): the
+    /// stream and the neighbour to move to. Never a downstream, never while
+    /// repairing; the root server stays the same (another server's stream
+    /// would restart the viewers' RTP timing).
+    pub fn better_upstreams(&self, routes: &RouteTable, now: Instant) -> Vec<(String, String)> {
+        self.active()
+            .filter(|b| !b.repairing && !b.orphaned)
+            .filter_map(|b| {
+                let Source::Neighbour(up) = &b.source else { return None };
+                let server = &b.desc.server;
+                let current = routes.route_via(server, up, now)?;
+                let mut exclude: Vec<&str> = b.downstream.iter().map(String::as_str).collect();
+                exclude.extend([up.as_str(), self.me.as_str()]);
+                let best = routes.best_next_hop(server, now, &exclude)?;
+                routes.clearly_better(&best, &current).then(|| (b.desc.stream.clone(), best.via))
+            })
+            .collect()
+    }
+
     /// Upstream neighbours to check at once because a stream they feed has
     /// gone quiet: `silent_ms` says how long each stream has been silent
     /// (`None`: nothing received yet). Branches being repaired, orphaned or
@@ -561,6 +581,53 @@ mod tests {
         t.request("test", Requester::Local, &[], 2, &r, now);
         assert_eq!(t.failed("test").len(), 2);
         assert!(t.joining().is_empty() && t.branch("test").is_none());
+    }
+
+    /// A probe from `server` through `via` that says `delay_us` to here.
+    fn heard_at(t: &mut RouteTable, server: &str, via: &str, hops: u32, delay_us: u64, seq: u64, now: Instant) {
+        let p = Probe {
+            server: server.into(),
+            seq,
+            send_time_unix_us: 0,
+            hops,
+            visited: vec![server.into(), via.into()],
+            path_delay_us: delay_us,
+            streams: vec!["test".into()],
+            sender: via.into(),
+        };
+        t.on_probe(&p, now, 0);
+    }
+
+    #[test]
+    fn an_established_branch_moves_only_for_a_clear_win_to_the_same_server() {
+        let now = Instant::now();
+        let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
+        let mut r = RouteTable::new("o3", ["o2", "o9", "o4", "o7"].map(String::from).to_vec(), cfg);
+        heard_at(&mut r, "s1", "o2", 2, 13_500, 1, now);
+        heard_at(&mut r, "s1", "o9", 3, 13_000, 1, now);
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o7"), &["o7".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        assert!(t.better_upstreams(&r, now).is_empty(), "within the tie band, o2 has fewer hops");
+        // o2-o3 gets slow: through o9 is now clearly better.
+        heard_at(&mut r, "s1", "o2", 2, 31_000, 2, now);
+        assert_eq!(t.better_upstreams(&r, now), [("test".to_string(), "o9".to_string())]);
+        // Never toward a downstream, however good.
+        t.request("test", n("o9"), &["o9".into()], 2, &r, now);
+        assert!(t.better_upstreams(&r, now).is_empty());
+        // Another server, however close, is not a move.
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o7"), &["o7".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o4".into()), desc("s2", 2));
+        heard_at(&mut r, "s2", "o4", 3, 40_000, 1, now);
+        assert!(t.better_upstreams(&r, now).is_empty());
+        // Nor while repairing.
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o7"), &["o7".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        r.neighbour_down("o2");
+        t.neighbour_lost("o2");
+        assert!(t.better_upstreams(&r, now).is_empty());
     }
 
     #[test]
