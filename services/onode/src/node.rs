@@ -500,6 +500,9 @@ impl Node {
         let started = Instant::now();
         let mut tried: Vec<String> = avoid.clone();
         let mut stuck = 0u32;
+        // Whether every way tried since the last round led back into this
+        // node's own subtree: then no later round will do better.
+        let mut only_loops = true;
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -516,9 +519,10 @@ impl Node {
                 Err(nak) => {
                     debug!(node = %self.id.name, %stream, "no repair target yet: {}", nak.detail);
                     stuck += 1;
-                    if stuck == 5 {
+                    if stuck == 5 || (only_loops && tried.len() > avoid.len()) {
                         self.orphan(&stream);
                     }
+                    only_loops = true;
                     tried = avoid.clone();
                     tokio::time::sleep(self.settings.heartbeat).await;
                     continue;
@@ -568,6 +572,7 @@ impl Node {
                 }
                 Err(nak) => {
                     debug!(node = %self.id.name, %stream, via = %to, "repair attempt refused: {}", nak.detail);
+                    only_loops &= nak.reason == NakReason::Loop;
                     tried.push(to);
                     stuck += 1;
                     if stuck == 5 {

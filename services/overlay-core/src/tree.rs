@@ -174,6 +174,15 @@ impl Trees {
                     if upstream || branch.desc.route.contains(r) {
                         return self.nak(NakReason::Loop, stream, "requester is upstream of this node");
                     }
+                    // Its route to the root is stale: a neighbour attached
+                    // now could close a loop through this node's own repair.
+                    if branch.repairing || branch.orphaned {
+                        return self.nak(
+                            NakReason::NoRoute,
+                            stream,
+                            "this node is itself looking for a way to the root",
+                        );
+                    }
                 }
                 branch.attach(&requester);
                 JoinDecision::Attached(branch.desc.clone())
@@ -649,6 +658,27 @@ mod tests {
         r.neighbour_down("o2");
         t.neighbour_lost("o2");
         assert!(t.silent_upstreams(silence(Some(900)), 150).is_empty(), "already repairing");
+    }
+
+    #[test]
+    fn a_repairing_branch_takes_no_new_neighbour() {
+        // o2 lost its server and is repairing: o9, asking on behalf of o3
+        // (o2's old downstream), must not be attached to o2's stale route,
+        // or o3 -> o9 -> o2 -> (nothing) becomes a loop with no root.
+        let now = Instant::now();
+        let mut r = routes("o2", &["s1", "o3", "o9"]);
+        heard(&mut r, "s1", "s1", 1, now);
+        let mut t = Trees::new("o2", []);
+        t.request("test", n("o3"), &["o3".into()], 1, &r, now);
+        t.joined(Source::Neighbour("s1".into()), desc("s1", 0));
+        r.neighbour_down("s1");
+        t.neighbour_lost("s1");
+        match t.request("test", n("o9"), &["o3".into(), "o9".into()], 2, &r, now) {
+            JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::NoRoute),
+            other => panic!("expected a NAK, got {other:?}"),
+        }
+        // The POP's own viewers still wait with the branch.
+        assert!(matches!(t.request("test", Requester::Local, &[], 3, &r, now), JoinDecision::Attached(_)));
     }
 
     #[test]
