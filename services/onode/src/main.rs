@@ -105,6 +105,10 @@ struct Common {
     /// three heartbeats (0: off).
     #[arg(long, env = "ONODE_SILENCE_MS", default_value_t = 150)]
     silence_ms: u64,
+    /// A branch keeps an upstream at least this long (s) before moving to a
+    /// clearly better route to the same server (0: trees never move).
+    #[arg(long, env = "ONODE_SETTLE_S", default_value_t = 30)]
+    settle_s: u64,
     /// POPs: a client session not heard from for this long (s) is torn down.
     #[arg(long, default_value_t = 10)]
     session_timeout_s: u64,
@@ -221,6 +225,7 @@ fn settings(role: Role, c: &Common) -> Settings {
         join_timeout: Duration::from_millis(c.join_timeout_ms),
         heartbeat: Duration::from_millis(c.heartbeat_ms.max(10)),
         silence: (c.silence_ms > 0).then(|| Duration::from_millis(c.silence_ms.max(20))),
+        settle: (c.settle_s > 0).then(|| Duration::from_secs(c.settle_s)),
         session_timeout: Duration::from_secs(c.session_timeout_s.max(1)),
     }
 }

@@ -57,6 +57,9 @@ pub struct Settings {
     pub heartbeat: Duration,
     /// A stream this silent gets its upstream checked at once (None: off).
     pub silence: Option<Duration>,
+    /// A branch keeps an upstream this long before it may move to a better
+    /// one (None: trees never move).
+    pub settle: Option<Duration>,
     /// A client session not heard from for this long is torn down.
     pub session_timeout: Duration,
 }
@@ -96,8 +99,6 @@ const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
-/// A branch keeps a new upstream at least this long before it moves again.
-const SETTLE: Duration = Duration::from_secs(4);
 
 struct State {
     routes: RouteTable,
@@ -204,8 +205,10 @@ impl Node {
             .expect("spawn the relay thread");
         let me = self.clone();
         self.tasks.spawn(async move { me.ping_loop().await });
-        let me = self.clone();
-        self.tasks.spawn(async move { me.improve_loop().await });
+        if let Some(settle) = self.settings.settle {
+            let me = self.clone();
+            self.tasks.spawn(async move { me.improve_loop(settle).await });
+        }
         if let Some(silence) = self.settings.silence {
             let me = self.clone();
             self.tasks.spawn(async move { me.silence_loop(silence).await });
@@ -310,7 +313,7 @@ impl Node {
     /// offer a clearly better way to its server than its upstream (a link
     /// got slower, a node came back) moves there, make-before-break: the
     /// new upstream is joined first, then the old one left.
-    async fn improve_loop(self: Arc<Self>) {
+    async fn improve_loop(self: Arc<Self>, settle: Duration) {
         let mut tick = tokio::time::interval((self.id.probe_interval * 2).max(Duration::from_millis(500)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -329,7 +332,7 @@ impl Node {
                         Some(Source::Neighbour(from)) => from.clone(),
                         _ => continue,
                     };
-                    if now.duration_since(changed) >= SETTLE {
+                    if now.duration_since(changed) >= settle {
                         st.changed.insert(stream.clone(), now);
                         moves.push((stream, from, to));
                     }
