@@ -100,6 +100,23 @@ const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
 
+/// The tick of one of the node's periodic tasks: [`Ticker::next`] waits
+/// for the next one and says false once the node is shutting down. A tick
+/// missed under load is delayed, not bunched with the next.
+struct Ticker<'a> {
+    interval: tokio::time::Interval,
+    cancel: &'a CancellationToken,
+}
+
+impl Ticker<'_> {
+    async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}
+
 struct State {
     routes: RouteTable,
     trees: Trees,
@@ -258,14 +275,16 @@ impl Node {
         self.relay_stop.store(true, Ordering::Relaxed);
     }
 
+    /// A period that ends with the node; see [`Ticker`].
+    fn ticker(&self, period: Duration) -> Ticker<'_> {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker { interval, cancel: &self.cancel }
+    }
+
     async fn ping_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.settings.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = self.ticker(self.settings.heartbeat);
+        while tick.next().await {
             for n in &self.id.neighbours {
                 let me = self.clone();
                 let name = n.name.clone();
@@ -314,13 +333,8 @@ impl Node {
     /// got slower, a node came back) moves there, make-before-break: the
     /// new upstream is joined first, then the old one left.
     async fn improve_loop(self: Arc<Self>, settle: Duration) {
-        let mut tick = tokio::time::interval((self.id.probe_interval * 2).max(Duration::from_millis(500)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = self.ticker((self.id.probe_interval * 2).max(Duration::from_millis(500)));
+        while tick.next().await {
             let now = Instant::now();
             let moves: Vec<(String, String, String)> = {
                 let mut st = self.lock();
@@ -395,13 +409,8 @@ impl Node {
     /// three heartbeats would say so. An upstream that answers is left
     /// alone (it may be repairing its own way up) and asked again later.
     async fn silence_loop(self: Arc<Self>, silence: Duration) {
-        let mut tick = tokio::time::interval((silence / 3).max(Duration::from_millis(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = self.ticker((silence / 3).max(Duration::from_millis(10)));
+        while tick.next().await {
             let now = Instant::now();
             let checks: Vec<(String, Duration)> = {
                 let mut st = self.lock();
@@ -643,12 +652,8 @@ impl Node {
     /// Tears down the sessions of clients that went silent (crashed, or
     /// lost their network) so their branches are pruned.
     async fn expire_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = self.ticker(Duration::from_secs(1));
+        while tick.next().await {
             let gone = self.with_sessions(|s| s.expire(Instant::now(), self.settings.session_timeout));
             for (id, session) in gone {
                 warn!(pop = %self.id.name, client = %session.client, session = &id[..8.min(id.len())], "client silent: session expired");
@@ -662,12 +667,8 @@ impl Node {
     async fn probe_loop(self: Arc<Self>) {
         let mut seq = net::unix_us();
         let streams: Vec<String> = self.catalogue.keys().cloned().collect();
-        let mut tick = tokio::time::interval(self.id.probe_interval);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = self.ticker(self.id.probe_interval);
+        while tick.next().await {
             seq += 1;
             let out = self.lock().routes.originate(seq, net::unix_us(), streams.clone());
             self.send_probes(out);
@@ -1056,7 +1057,7 @@ impl Node {
         };
         if let Some((ssrc, dest)) = burst {
             let n = self.relay.send_gop(ssrc, dest);
-            debug!(node = %self.id.name, %dest, packets = n, "sent the cached GOP");
+            info!(node = %self.id.name, %dest, "PLAY starts with the cached GOP: {n} packets");
         }
         let mut st = self.lock();
         self.republish(&mut st);
