@@ -102,17 +102,22 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMa
     };
     let mut background_child = Background(run::start_client(st, bins, &background)?);
     netlab::sys::sleep(Duration::from_secs(3))?;
-    let background_pop = pop_of(&dir.join("background.log"))?;
+    let mut warm = Vec::new();
     for _ in 0..runs {
         for host in &hosts {
             n += 1;
-            let start = watch(st, bins, host, &dir.join(format!("warm-{n}")))?;
-            let kind = if start.pop == background_pop { "2 warm at the POP" } else { "3 warm in the overlay" };
-            by_kind.entry(kind).or_default().push(start);
+            warm.push(watch(st, bins, host, &dir.join(format!("warm-{n}")))?);
             netlab::sys::sleep(PRUNE_PAUSE)?;
         }
     }
     background_child.stop();
+    // The background viewer's POP, from the stats it wrote on stopping.
+    let text = std::fs::read_to_string(&background.stats).context("the background viewer wrote no stats")?;
+    let background_pop = serde_json::from_str::<Value>(&text)?["pop_name"].as_str().unwrap_or_default().to_string();
+    for start in warm {
+        let kind = if start.pop == background_pop { "2 warm at the POP" } else { "3 warm in the overlay" };
+        by_kind.entry(kind).or_default().push(start);
+    }
     Ok(by_kind)
 }
 
@@ -133,32 +138,6 @@ impl Drop for Background {
             self.stop();
         }
     }
-}
-
-/// The POP a running client chose, from its log.
-fn pop_of(log: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
-    let line = text.lines().find(|l| l.contains("chose the POP")).context("the background viewer chose no POP yet")?;
-    let line = strip_ansi(line);
-    let after = line.split(" pop=").nth(1).context("no pop= in the log line")?;
-    Ok(after.split_whitespace().next().unwrap_or_default().to_string())
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One viewer on `host` watches for a few seconds; its start-up figures.
