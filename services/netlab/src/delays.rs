@@ -252,10 +252,9 @@ pub fn pick(cands: &[Choice], rule: &Rule) -> Option<Choice> {
 mod tests {
     use super::*;
     use crate::lab::LabSpec;
-    use std::path::Path;
 
     fn load(name: &str) -> Lab {
-        Lab::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs").join(name)).unwrap()
+        crate::lab::shipped(name)
     }
 
     fn with_delay(lab: &Lab, a: &str, b: &str, ms: f64) -> Lab {

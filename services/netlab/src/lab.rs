@@ -165,6 +165,13 @@ impl Impairment {
     }
 }
 
+impl From<linkem::Update> for Impairment {
+    fn from(u: linkem::Update) -> Self {
+        let linkem::Update { delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder } = u;
+        Impairment { delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder }
+    }
+}
+
 /// A LAN: a bridge joining several hosts on one subnet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -738,6 +745,13 @@ impl Lab {
     }
 }
 
+/// A lab shipped in `netns/labs`, for tests.
+#[cfg(test)]
+pub(crate) fn shipped(name: &str) -> Lab {
+    Lab::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs").join(name))
+        .unwrap_or_else(|e| panic!("netns/labs/{name}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -898,8 +912,7 @@ mod tests {
 
     #[test]
     fn seed_lab_is_valid_and_matches_the_overlay_file() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/seed.json");
-        let l = Lab::load(&path).unwrap();
+        let l = shipped("seed.json");
         assert_eq!(l.bootstrap, Some("10.0.25.10".parse().unwrap()));
         let clients: Vec<&Role> = l.roles.iter().filter(|r| r.kind == RoleKind::Client).collect();
         assert_eq!(clients.len(), 5);
@@ -921,8 +934,7 @@ mod tests {
 
     #[test]
     fn ring_lab_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/ring.json");
-        let l = Lab::load(&path).unwrap();
+        let l = shipped("ring.json");
         assert_eq!(l.overlay.as_ref().unwrap().edges().len(), 12);
         assert_eq!(l.roles.iter().filter(|r| r.kind == RoleKind::Client).count(), 3);
     }

@@ -216,8 +216,7 @@ mod tests {
     use super::*;
 
     fn seed() -> Lab {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/seed.json");
-        Lab::load(&path).unwrap()
+        crate::lab::shipped("seed.json")
     }
 
     #[test]

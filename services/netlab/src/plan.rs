@@ -282,8 +282,7 @@ mod tests {
     use std::path::Path;
 
     fn seed() -> Lab {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/seed.json");
-        Lab::load(&path).unwrap()
+        crate::lab::shipped("seed.json")
     }
 
     #[test]
@@ -298,8 +297,7 @@ mod tests {
     #[test]
     fn interface_names_fit_the_kernel_limit() {
         for path in ["seed.json", "ring.json"] {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs").join(path);
-            let lab = Lab::load(&p).unwrap();
+            let lab = crate::lab::shipped(path);
             for s in build(&lab, "abcdefghij") {
                 if let Step::Run { argv, .. } = &s {
                     if argv[..3] == ["ip", "link", "add"] {

@@ -134,15 +134,13 @@ pub fn trace(
 mod tests {
     use super::*;
     use crate::lab::{Lab, LabSpec};
-    use std::path::Path;
 
     fn names(lab: &Lab, path: &[usize]) -> Vec<String> {
         path.iter().map(|h| lab.hosts[*h].name.clone()).collect()
     }
 
     fn seed() -> Lab {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/seed.json");
-        Lab::load(&path).unwrap()
+        crate::lab::shipped("seed.json")
     }
 
     #[test]

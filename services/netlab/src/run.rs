@@ -771,8 +771,7 @@ mod tests {
 
     #[test]
     fn role_command_lines() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs/seed.json");
-        let lab = Lab::load(&path).unwrap();
+        let lab = crate::lab::shipped("seed.json");
         let bins = Bins { onode: "/b/onode".into(), oclient: "/b/oclient".into() };
         let boot = &lab.roles[0];
         let argv = role_argv(&lab, boot, &bins, Some(Path::new("/m")));

@@ -40,30 +40,25 @@ fn expected(lab: &Lab) -> Table {
 /// own namespace (all nodes at once).
 fn observed(lab: &Lab, prefix: &str, bins: &Bins) -> Table {
     let overlay = lab.overlay.as_ref().expect("an overlay");
-    let handles: Vec<_> = overlay
-        .nodes
-        .iter()
-        .map(|n| {
-            let host = lab.host_of_node(&n.name).expect("host");
-            let ns = ns_name(prefix, &lab.hosts[host].name);
-            let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
-            let onode = bins.onode.display().to_string();
-            let name = n.name.clone();
-            std::thread::spawn(move || {
-                let out = netlab::sys::output(&["ip", "netns", "exec", &ns, &onode, "inspect", &addr], None);
-                let v: serde_json::Value =
-                    out.ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(serde_json::Value::Null);
-                let routes: BTreeMap<String, String> = v["routes"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(s, r)| Some((s.clone(), r["best"].as_str()?.to_string())))
-                    .collect();
-                (name, routes)
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = overlay
+            .nodes
+            .iter()
+            .map(|n| {
+                scope.spawn(|| {
+                    let v = try_inspect(lab, prefix, bins, &n.name).unwrap_or_default();
+                    let routes: BTreeMap<String, String> = v["routes"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(s, r)| Some((s.clone(), r["best"].as_str()?.to_string())))
+                        .collect();
+                    (n.name.clone(), routes)
+                })
             })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("inspect thread")).filter(|(_, r)| !r.is_empty()).collect()
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("inspect thread")).filter(|(_, r)| !r.is_empty()).collect()
+    })
 }
 
 fn differences(want: &Table, got: &Table) -> Vec<String> {
@@ -203,16 +198,20 @@ fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
     let _ = child.wait();
 }
 
-/// `onode inspect` of one node, run in its namespace.
-fn inspect(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> serde_json::Value {
+/// `onode inspect` of one node, run in its namespace; None if it does not
+/// answer.
+fn try_inspect(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> Option<serde_json::Value> {
     let overlay = lab.overlay.as_ref().expect("an overlay");
     let n = overlay.nodes.iter().find(|n| n.name == node).expect("node");
     let ns = ns_name(prefix, &lab.hosts[lab.host_of_node(node).expect("host")].name);
     let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
-    let out =
-        netlab::sys::output(&["ip", "netns", "exec", &ns, &bins.onode.display().to_string(), "inspect", &addr], None)
-            .expect("inspect");
-    serde_json::from_str(&out).expect("inspect JSON")
+    let onode = bins.onode.display().to_string();
+    let out = netlab::sys::output(&["ip", "netns", "exec", &ns, &onode, "inspect", &addr], None).ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+fn inspect(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> serde_json::Value {
+    try_inspect(lab, prefix, bins, node).unwrap_or_else(|| panic!("onode inspect of {node} failed"))
 }
 
 /// A node's branch of the stream `test`, if it carries it.
