@@ -75,19 +75,8 @@ enum Cmd {
         /// a2b, b2a or both
         #[arg(long, default_value = "both")]
         dir: Dir,
-        #[arg(long)]
-        delay_ms: Option<f64>,
-        #[arg(long)]
-        jitter_ms: Option<f64>,
-        #[arg(long)]
-        loss_pct: Option<f64>,
-        /// 0: unlimited
-        #[arg(long)]
-        rate_kbit: Option<u64>,
-        #[arg(long)]
-        queue_ms: Option<f64>,
-        #[arg(long)]
-        reorder: Option<bool>,
+        #[command(flatten)]
+        update: Update,
     },
     /// Print a running linkem's counters and settings (JSON)
     Stats {
@@ -121,8 +110,7 @@ fn main() -> ExitCode {
                 driver::run(config)
             })()
         }
-        Cmd::Set { control, dir, delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder } => {
-            let update = Update { delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder };
+        Cmd::Set { control, dir, update } => {
             control::request(&control, &Request::Set { dir, update }, Duration::from_secs(3))
                 .map(|s| {
                     println!("a2b: {}\nb2a: {}", driver::describe(&s.a2b.settings), driver::describe(&s.b2a.settings))

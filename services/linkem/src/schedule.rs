@@ -42,20 +42,33 @@ impl Default for Settings {
     }
 }
 
-/// A change of some settings; unset fields stay as they are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// A change of some settings; unset fields stay as they are. Also the
+/// command-line options of every tool that changes a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Update {
+    /// One-way delay, ms
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<f64>,
+    /// Delay jitter, ms
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter_ms: Option<f64>,
+    /// Random loss, percent
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_pct: Option<f64>,
+    /// Rate limit, kbit/s (0: unlimited)
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_kbit: Option<u64>,
+    /// The rate limit's queue, ms at the rate
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<f64>,
+    /// Let jitter reorder packets
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reorder: Option<bool>,
 }

@@ -112,21 +112,8 @@ enum Cmd {
         /// Only what this host sends (default: both directions)
         #[arg(long)]
         from: Option<String>,
-        #[arg(long)]
-        delay_ms: Option<f64>,
-        #[arg(long)]
-        jitter_ms: Option<f64>,
-        #[arg(long)]
-        loss_pct: Option<f64>,
-        /// Rate limit, kbit/s (0: unlimited)
-        #[arg(long)]
-        rate_kbit: Option<u64>,
-        /// The rate limit's queue, ms at the rate
-        #[arg(long)]
-        queue_ms: Option<f64>,
-        /// Let jitter reorder packets
-        #[arg(long)]
-        reorder: Option<bool>,
+        #[command(flatten)]
+        change: linkem::Update,
     },
     /// Validate a lab file and print its hosts and routes (needs no root)
     Validate {
@@ -375,8 +362,8 @@ fn main() -> ExitCode {
         Cmd::Demo { lab, up, keep } => up.options(None, false).and_then(|o| cmd_demo(&lab, o, keep)),
         Cmd::Check { prefix } => cmd_check(prefix.as_deref()),
         Cmd::Validate { lab, routes } => cmd_validate(&lab, routes).map(|_| true),
-        Cmd::LinkSet { prefix, link, from, delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder } => {
-            let change = Impairment { delay_ms, jitter_ms, loss_pct, rate_kbit, queue_ms, reorder };
+        Cmd::LinkSet { prefix, link, from, change } => {
+            let change = Impairment::from(change);
             run::pick_prefix(prefix.as_deref()).and_then(|p| run::link_set(&p, &link, from.as_deref(), &change)).map(
                 |s| {
                     let (a, b) = s.name.split_once('-').unwrap_or(("a", "b"));
