@@ -28,11 +28,22 @@ fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
     });
     // One upstream copy serves both viewers of o5.
     assert_eq!(o.branch("o4", "test").unwrap()["downstream"], serde_json::json!(["o5"]));
+    // A viewer at another POP: o6 joins the tree at o4 mid-GOP and answers
+    // SETUP once o4's last GOP is on its way, so PLAY starts with it.
+    let c = o.client("c", "test", Some("o6"), 3.0).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2000));
     keys.write_all(b"p").unwrap();
     keys.flush().unwrap();
     let out_a = wait_output(a, Duration::from_secs(30));
     let out_b = wait_output(b, Duration::from_secs(30));
+    let out_c = wait_output(c, Duration::from_secs(30));
+    assert!(out_c.status.success(), "c: {}", o.client_log("c"));
+    assert!(f(&o.stats("c"), "frames_decoded") > 30.0, "c decoded: {}", o.stats("c"));
+    let burst = o.log("o6").lines().find_map(|l| {
+        let n = l.split("PLAY starts with the cached GOP: ").nth(1)?;
+        n.split_whitespace().next()?.parse::<u32>().ok()
+    });
+    assert!(burst.is_some_and(|n| n > 0), "o6 should start c with a GOP: {burst:?}\n{}", o.log("o6"));
     assert!(out_a.status.success(), "a: {}", o.client_log("a"));
     assert!(out_b.status.success(), "b: {}", o.client_log("b"));
     let (sa, sb) = (o.stats("a"), o.stats("b"));
