@@ -195,7 +195,12 @@ enum Key {
 }
 
 /// Reads p/space/q from standard input (raw mode on a terminal).
-fn spawn_keys() -> mpsc::UnboundedReceiver<Key> {
+/// Keys typed on the terminal; `None` when stdin is not a terminal (a
+/// script or a lab runs the client), so nothing waits on a closed input.
+fn spawn_keys() -> Option<mpsc::UnboundedReceiver<Key>> {
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         let _raw = RawMode::enable();
@@ -212,7 +217,15 @@ fn spawn_keys() -> mpsc::UnboundedReceiver<Key> {
             }
         }
     });
-    rx
+    Some(rx)
+}
+
+/// The next key, or never when there is no terminal (or it was closed).
+async fn next_key(keys: &mut Option<mpsc::UnboundedReceiver<Key>>) -> Option<Key> {
+    match keys {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Puts the terminal in non-canonical mode while alive.
@@ -557,6 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut pending_switch: Option<(Switch, Instant)> = None;
     let silence_limit = Duration::from_millis(cli.failover_ms.max(100));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let until_end = async {
             match deadline {
@@ -591,7 +605,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     player.push_rtp(&buf[..n]);
                 }
             }
-            key = keys.recv() => match key {
+            key = next_key(&mut keys) => match key {
                 Some(Key::TogglePause) => {
                     let request = pb::SessionRequest { session_id: session_id.clone() };
                     let r = if paused { session.play(request).await } else { session.pause(request).await };
@@ -605,7 +619,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 Some(Key::Quit) => break,
-                None => {}
+                None => keys = None,
             },
             _ = tick.tick() => {
                 let d = player.decoded();
@@ -663,7 +677,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             _ = until_end => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = term.recv() => break,
         }
     }
