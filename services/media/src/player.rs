@@ -456,8 +456,14 @@ fn describe(cfg: &PlayerConfig) -> String {
     // Sinks must not hold the live pipeline in PAUSED until every one of
     // them has prerolled: a kind that never arrives (a stream without
     // audio) would stall the others.
+    // Headless sinks drop what comes too late, as a real video sink
+    // does (QoS, 20 ms) and as an audio sink resynchronises, so a player
+    // that fell behind catches up with the live point.
     let (video_sink, audio_sink) = if cfg.headless {
-        ("fakesink name=video_sink sync=true async=false", "fakesink name=audio_sink sync=true async=false")
+        (
+            "fakesink name=video_sink sync=true async=false qos=true max-lateness=20000000",
+            "fakesink name=audio_sink sync=true async=false qos=true max-lateness=40000000",
+        )
     } else {
         ("autovideosink name=video_sink async-handling=true", "autoaudiosink name=audio_sink async-handling=true")
     };

@@ -200,11 +200,14 @@ impl std::fmt::Debug for StreamSource {
 }
 
 /// The built-in test stream: a moving ball with the stream name and a
-/// clock, and a 440 Hz tone.
+/// clock, and a 440 Hz tone. Live is live: when the overlay and encoder
+/// cannot keep up (a busy machine), the queue after the camera drops the
+/// oldest frames instead of letting a backlog (and the latency) grow.
 fn test_pipeline(stream: &str, on_packet: &PacketSink) -> Result<gst::Pipeline, MediaError> {
     let description = format!(
         "videotestsrc is-live=true pattern=ball \
            ! video/x-raw,format=I420,width=640,height=360,framerate=30/1 \
+           ! queue name=live_drop leaky=downstream max-size-buffers=2 max-size-bytes=0 max-size-time=0 \
            ! timeoverlay name=clock halignment=left valignment=top \
            ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 bitrate=1000 \
            ! rtph264pay name=video_pay config-interval=-1 pt={VIDEO_PT} mtu={RTP_MTU} \

@@ -5,6 +5,7 @@
 
 mod bootstrap;
 mod convert;
+mod link;
 mod net;
 mod node;
 mod services;

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::convert;
+use crate::link::{Incoming, Links};
 use crate::net;
 
 /// The role a node was started as.
@@ -127,7 +128,8 @@ struct State {
     /// Data address of each stream's upstream.
     upstream_data: HashMap<String, SocketAddr>,
     pipelines: HashMap<String, StreamSource>,
-    ping_misses: HashMap<String, u32>,
+    /// Neighbours whose control connection is open (or being opened).
+    connected: std::collections::HashSet<String>,
     /// Per stream: the upstream it is heard from, and when it last was.
     heard: HashMap<String, (Source, Heard)>,
     /// Upstreams checked for a silent stream, and when they may be again.
@@ -147,6 +149,7 @@ pub struct Node {
     pub tasks: TaskTracker,
     state: Mutex<State>,
     clients: HashMap<String, OverlayClient<Channel>>,
+    links: Links,
     tickets: AtomicU64,
     relay_stop: Arc<AtomicBool>,
     started: Instant,
@@ -162,6 +165,10 @@ impl Node {
         let data_addr = SocketAddr::new(settings.bind, settings.data_port);
         let relay = Relay::bind(data_addr)
             .map_err(|e| anyhow::anyhow!("node {}: cannot bind the data socket {data_addr}: {e}", id.name))?;
+        let link_addr = SocketAddr::new(settings.bind, settings.control_port);
+        let links = Links::bind(link_addr, &id.name, &id.neighbours, settings.control_port).map_err(|e| {
+            anyhow::anyhow!("node {}: cannot bind the heartbeat socket {link_addr} (udp): {e}", id.name)
+        })?;
         let config = RoutingConfig {
             tie_floor_us: settings.tie_floor_us,
             stale_after: id.probe_interval * 3 + Duration::from_millis(200),
@@ -184,7 +191,7 @@ impl Node {
             data_ports: HashMap::new(),
             upstream_data: HashMap::new(),
             pipelines: HashMap::new(),
-            ping_misses: HashMap::new(),
+            connected: Default::default(),
             heard: HashMap::new(),
             silence_checks: HashMap::new(),
             changed: HashMap::new(),
@@ -198,6 +205,7 @@ impl Node {
             tasks: TaskTracker::new(),
             state: Mutex::new(state),
             clients,
+            links,
             tickets: AtomicU64::new(1),
             relay_stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
@@ -221,7 +229,11 @@ impl Node {
             .spawn(move || relay.run(&stop))
             .expect("spawn the relay thread");
         let me = self.clone();
-        self.tasks.spawn(async move { me.ping_loop().await });
+        self.tasks.spawn(async move { me.heartbeat_loop().await });
+        let me = self.clone();
+        self.tasks.spawn(async move { me.expiry_loop().await });
+        let me = self.clone();
+        self.tasks.spawn(async move { me.datagram_loop().await });
         if let Some(settle) = self.settings.settle {
             let me = self.clone();
             self.tasks.spawn(async move { me.improve_loop(settle).await });
@@ -282,49 +294,89 @@ impl Node {
         Ticker { interval, cancel: &self.cancel }
     }
 
-    async fn ping_loop(self: Arc<Self>) {
+    /// Sends the periodic heartbeat to every neighbour.
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(250));
         let mut tick = self.ticker(self.settings.heartbeat);
         while tick.next().await {
-            for n in &self.id.neighbours {
-                let me = self.clone();
-                let name = n.name.clone();
-                self.tasks.spawn(async move { me.ping(name).await });
+            self.links.beat_all(Instant::now(), limit);
+        }
+    }
+
+    /// Ends heartbeats whose time is up: a neighbour that missed three in
+    /// a row is lost.
+    async fn expiry_loop(self: Arc<Self>) {
+        loop {
+            let deadline = self.links.next_deadline();
+            let until = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.links.deadline_changed.notified() => continue,
+                _ = until => {}
+            }
+            for neighbour in self.links.expire(Instant::now()) {
+                if self.lock().routes.is_down(&neighbour) {
+                    continue;
+                }
+                warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
+                self.neighbour_lost(&neighbour, false);
             }
         }
     }
 
-    async fn ping(self: Arc<Self>, neighbour: String) {
-        let Some(mut client) = self.clients.get(&neighbour).cloned() else {
-            return;
-        };
-        let started = Instant::now();
-        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(250));
-        let request = pb::PingRequest { sender: self.id.name.clone() };
-        let result = tokio::time::timeout(limit, client.ping(request)).await;
-        let rtt = started.elapsed();
-        let lost = {
-            let mut st = self.lock();
-            match result {
-                Ok(Ok(reply)) => {
-                    st.routes.on_link_rtt(&neighbour, rtt.as_micros() as u64);
-                    st.routes.set_carrying(&neighbour, reply.into_inner().carrying);
-                    st.ping_misses.insert(neighbour.clone(), 0);
-                    if st.routes.is_down(&neighbour) {
-                        st.routes.neighbour_up(&neighbour);
-                        info!(node = %self.id.name, %neighbour, "neighbour answers again");
-                    }
-                    false
-                }
-                Ok(Err(_)) | Err(_) => {
-                    let misses = st.ping_misses.entry(neighbour.clone()).or_insert(0);
-                    *misses += 1;
-                    *misses == 3
+    /// Takes in the neighbours' datagrams: answers heartbeats, learns link
+    /// delays and carried streams from the answers, floods probes on.
+    async fn datagram_loop(self: Arc<Self>) {
+        let mut buf = Vec::new();
+        loop {
+            let incoming = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.links.recv(&mut buf) => r,
+            };
+            match incoming {
+                Ok(Incoming::Heartbeat { seq, reply_to }) => self.links.answer(reply_to, seq, self.carrying()),
+                Ok(Incoming::Answer { from, answer, carrying }) => self.on_answer(&from, answer.rtt, carrying),
+                Ok(Incoming::Probe(probe)) => self.on_probe(probe),
+                Err(e) => {
+                    warn!(node = %self.id.name, "heartbeat socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+
+    /// A neighbour answered a heartbeat after `rtt`.
+    fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
+        let connect = {
+            let mut st = self.lock();
+            st.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
+            st.routes.set_carrying(neighbour, carrying);
+            if st.routes.is_down(neighbour) {
+                st.routes.neighbour_up(neighbour);
+                info!(node = %self.id.name, %neighbour, "neighbour answers again");
+            }
+            st.connected.insert(neighbour.to_string())
         };
-        if lost {
-            warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
-            self.neighbour_lost(&neighbour, false);
+        if connect {
+            let me = self.clone();
+            let neighbour = neighbour.to_string();
+            self.tasks.spawn(async move { me.open_control(neighbour).await });
+        }
+    }
+
+    /// Opens the control connection to a neighbour that answers
+    /// heartbeats, so that a stream request does not wait for handshakes.
+    async fn open_control(self: Arc<Self>, neighbour: String) {
+        let Some(mut client) = self.clients.get(&neighbour).cloned() else { return };
+        let request = pb::PingRequest { sender: self.id.name.clone() };
+        if let Err(e) = client.ping(request).await {
+            debug!(node = %self.id.name, %neighbour, "control connection not open yet: {}", e.message());
+            self.lock().connected.remove(&neighbour);
         }
     }
 
@@ -439,9 +491,7 @@ impl Node {
     }
 
     async fn check_silent_upstream(self: Arc<Self>, up: String, limit: Duration) {
-        let Some(mut client) = self.clients.get(&up).cloned() else { return };
-        let request = pb::PingRequest { sender: self.id.name.clone() };
-        if let Ok(Ok(_)) = tokio::time::timeout(limit, client.ping(request)).await {
+        if self.links.check(&up, limit).await {
             debug!(node = %self.id.name, upstream = %up, "a stream went quiet but its upstream answers");
             return;
         }
@@ -464,7 +514,8 @@ impl Node {
         let repairs = {
             let mut st = self.lock();
             st.routes.neighbour_down(neighbour);
-            st.ping_misses.insert(neighbour.to_string(), 3);
+            st.connected.remove(neighbour);
+            self.links.mark_lost(neighbour);
             st.trees.upstream_lost(neighbour)
         };
         for stream in repairs {
@@ -675,16 +726,9 @@ impl Node {
         }
     }
 
-    fn send_probes(self: &Arc<Self>, out: Vec<(String, overlay_core::routing::Probe)>) {
+    fn send_probes(&self, out: Vec<(String, overlay_core::routing::Probe)>) {
         for (to, probe) in out {
-            let Some(mut client) = self.clients.get(&to).cloned() else {
-                continue;
-            };
-            let wire = convert::probe_to_wire(probe);
-            let limit = self.id.probe_interval;
-            self.tasks.spawn(async move {
-                let _ = tokio::time::timeout(limit, client.status(wire)).await;
-            });
+            self.links.send_probe(&to, convert::probe_to_wire(probe));
         }
     }
 
@@ -695,7 +739,7 @@ impl Node {
         self.send_probes(out);
     }
 
-    /// Streams this node carries, for ping replies.
+    /// Streams this node carries, for heartbeat answers.
     pub fn carrying(&self) -> Vec<String> {
         self.lock().trees.carrying()
     }
@@ -985,16 +1029,15 @@ impl Node {
     /// to the bootstrapper (a partition): a neighbour is asked once more,
     /// and one that answers is believed over the notice.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
-        let Some(mut client) = self.clients.get(node).cloned() else {
+        if self.neighbour(node).is_none() {
             self.lock().routes.node_failed(node);
             return;
-        };
+        }
         let me = self.clone();
         let node = node.to_string();
         self.tasks.spawn(async move {
             let limit = (me.settings.heartbeat * 2).max(Duration::from_millis(250));
-            let request = pb::PingRequest { sender: me.id.name.clone() };
-            if let Ok(Ok(_)) = tokio::time::timeout(limit, client.ping(request)).await {
+            if me.links.check(&node, limit).await {
                 warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
                 return;
             }
@@ -1148,6 +1191,7 @@ impl Node {
             "pipelines": pipelines,
             "catalogue": self.catalogue.keys().collect::<Vec<_>>(),
             "relay": self.relay.counters(),
+            "datagrams": self.links.counters_json(),
         })
     }
 }

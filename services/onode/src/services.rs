@@ -18,13 +18,8 @@ pub struct OverlayService(pub Arc<Node>);
 
 #[tonic::async_trait]
 impl pb::overlay_server::Overlay for OverlayService {
-    async fn status(&self, request: Request<pb::Probe>) -> Result<Response<pb::ProbeAck>, Status> {
-        self.0.on_probe(request.into_inner());
-        Ok(Response::new(pb::ProbeAck {}))
-    }
-
     async fn ping(&self, _request: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
-        Ok(Response::new(pb::PingReply { name: self.0.id.name.clone(), carrying: self.0.carrying() }))
+        Ok(Response::new(pb::PingReply { name: self.0.id.name.clone() }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {

@@ -4,6 +4,7 @@
 //! drivers in `onode` and `relay` feed inputs (with the time) and carry out
 //! the outputs.
 
+pub mod liveness;
 pub mod membership;
 pub mod routing;
 pub mod rtp;
