@@ -195,12 +195,9 @@ enum Key {
 }
 
 /// Reads p/space/q from standard input (raw mode on a terminal).
-/// Keys typed on the terminal; `None` when stdin is not a terminal (a
-/// script or a lab runs the client), so nothing waits on a closed input.
+/// Keys read from stdin (a terminal, or a pipe from a script); the
+/// channel closes at the end of input.
 fn spawn_keys() -> Option<mpsc::UnboundedReceiver<Key>> {
-    if !std::io::stdin().is_terminal() {
-        return None;
-    }
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         let _raw = RawMode::enable();
@@ -220,7 +217,7 @@ fn spawn_keys() -> Option<mpsc::UnboundedReceiver<Key>> {
     Some(rx)
 }
 
-/// The next key, or never when there is no terminal (or it was closed).
+/// The next key; never, once the input has ended (`keys` is then None).
 async fn next_key(keys: &mut Option<mpsc::UnboundedReceiver<Key>>) -> Option<Key> {
     match keys {
         Some(rx) => rx.recv().await,
