@@ -52,9 +52,9 @@ lab-exec HOST +CMD:
 client HOST STREAM="test":
     netns/lab.sh client {{HOST}} {{STREAM}}
 
-# The demo: default lab, five headless clients on two streams, a report, teardown.
-demo LAB="netns/labs/seed.json": build
-    netns/lab.sh demo {{LAB}}
+# The demo: default lab, five headless clients on two streams, a report, teardown (optimised binaries, as a user runs them).
+demo LAB="netns/labs/seed.json": release
+    NETLAB_BIN_DIR="$PWD/target/release" netns/lab.sh demo {{LAB}}
 
 # Format and lint.
 fmt:

@@ -17,7 +17,8 @@ usage: netns/lab.sh COMMAND [ARGS]
   validate [LAB]                 check a lab file and print its routes (no root)
 LAB is a lab file or a name in netns/labs/ (default: seed).
 NETLAB_PREFIX names the lab (default: a new prefix for up and demo; otherwise
-the only lab that is up). OPTIONS are netlab's: see `netlab help up`.
+the only lab that is up). NETLAB_BIN_DIR picks the binaries (default: the
+newest of target/debug and target/release). OPTIONS are netlab's: see `netlab help up`.
 EOF
 }
 
@@ -35,7 +36,12 @@ newest() {
     printf '%s' "$best"
 }
 
+# A binary: from $NETLAB_BIN_DIR when it has it, else the newest build.
 find_bin() {
+    if [[ -n "${NETLAB_BIN_DIR:-}" && -x "$NETLAB_BIN_DIR/$1" ]]; then
+        printf '%s' "$NETLAB_BIN_DIR/$1"
+        return
+    fi
     newest "$target/debug/$1" "$target/release/$1" "$root/target/debug/$1" "$root/target/release/$1"
 }
 

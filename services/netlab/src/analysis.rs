@@ -47,6 +47,8 @@ pub struct ClientStats {
     pub glass_to_glass_ms: Option<Latency>,
     /// How far the sound trails (positive) or leads the picture, ms.
     pub av_skew_ms: Option<f64>,
+    /// CPU the client used, µs per second of its run.
+    pub cpu_us_per_s: Option<f64>,
 }
 
 /// Audio may trail the picture by this much (ms) before viewers notice
@@ -152,6 +154,36 @@ pub fn client_problems(clients: &[ClientOutcome]) -> Vec<String> {
 /// Whether any client got no frame (the demo's exit status).
 pub fn any_without_frames(clients: &[ClientOutcome]) -> bool {
     clients.iter().any(|c| c.stats.as_ref().is_none_or(|s| s.frames_decoded == 0))
+}
+
+/// Warm starts slower than the cold one: a viewer at a POP that already
+/// carried the stream (an earlier viewer of it chose the same POP) must get
+/// its first frame, from its request at the POP, no later than the first
+/// viewer of the stream, for whom the tree had to be built.
+pub fn warm_start_problems(clients: &[ClientOutcome]) -> Vec<String> {
+    let mut out = Vec::new();
+    let from_request = |c: &ClientOutcome| c.stats.as_ref().and_then(|s| s.request_to_first_frame_ms);
+    let mut sorted: Vec<&ClientOutcome> = clients.iter().collect();
+    sorted.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    let streams: BTreeSet<&str> = sorted.iter().map(|c| c.stream.as_str()).collect();
+    for stream in streams {
+        let viewers: Vec<&&ClientOutcome> = sorted.iter().filter(|c| c.stream == stream).collect();
+        let Some(cold) = viewers.first() else { continue };
+        let Some(cold_ms) = from_request(cold) else { continue };
+        for (i, c) in viewers.iter().enumerate().skip(1) {
+            let pop = c.pop_node.as_deref();
+            let carried = pop.is_some() && viewers[..i].iter().any(|e| e.pop_node.as_deref() == pop);
+            let Some(ms) = from_request(c).filter(|ms| carried && *ms > cold_ms) else { continue };
+            out.push(format!(
+                "client {} ({stream}): first frame {ms:.0} ms after its request at {}, which already carried \
+                 the stream, later than the cold start of {} ({cold_ms:.0} ms)",
+                c.label,
+                pop.unwrap_or("?"),
+                cold.label
+            ));
+        }
+    }
+    out
 }
 
 /// One viewer's time to first frame.
@@ -414,6 +446,26 @@ mod tests {
             failure: None,
             path_delay_ms: None,
         }
+    }
+
+    #[test]
+    fn a_warm_start_at_a_pop_that_carries_the_stream_is_no_slower_than_the_cold_one() {
+        let with_request = |mut c: ClientOutcome, ms: f64| {
+            c.stats.as_mut().unwrap().request_to_first_frame_ms = Some(ms);
+            c
+        };
+        let cs = vec![
+            with_request(outcome("c2", "test", 0.0, 250, "10.0.7.2", 300.0), 120.0),
+            // Another POP: joins the tree, may take as long as it takes.
+            with_request(outcome("c1", "test", 3.0, 250, "10.0.6.2", 300.0), 150.0),
+            // c2's POP already carries it: must be quicker than c2.
+            with_request(outcome("c3", "test", 5.0, 250, "10.0.7.2", 300.0), 130.0),
+        ];
+        let p = warm_start_problems(&cs);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("client c3 (test): first frame 130 ms after its request at o6"), "{}", p[0]);
+        let fine = vec![cs[0].clone(), with_request(cs[2].clone(), 10.0)];
+        assert!(warm_start_problems(&fine).is_empty());
     }
 
     #[test]

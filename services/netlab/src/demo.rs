@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::analysis::{self, ClientOutcome, ClientStats, TreeReport};
+use crate::cpu;
 use crate::lab::{Lab, RoleKind};
 use crate::media::{self, LinkCount};
 use crate::run::{self, Bins, ClientRun};
@@ -98,15 +99,88 @@ pub struct Scenario {
     /// Counts over the steady window, when the schedule left one.
     pub window: Option<(f64, Vec<LinkCount>)>,
     pub trees: TreeReport,
+    /// CPU per process over the clients' run (lab roles, link emulators
+    /// and clients).
+    pub cpu: Vec<cpu::Usage>,
+    /// Busy share of the whole machine over the same time (0..1).
+    pub machine_busy: f64,
 }
 
 impl Scenario {
-    /// Every problem found: clients, then trees.
+    /// Every problem found: clients, warm starts, then trees.
     pub fn problems(&self) -> Vec<String> {
         let mut p = analysis::client_problems(&self.clients);
+        p.extend(analysis::warm_start_problems(&self.clients));
         p.extend(self.trees.problems.iter().cloned());
         p
     }
+}
+
+/// A lab process whose CPU is measured, with what it is.
+struct Measured {
+    name: String,
+    role: Option<RoleKind>,
+    pid: i32,
+    /// CPU ticks at the start, then used over the run.
+    ticks: Option<u64>,
+}
+
+/// The lab's roles and link emulators, with their CPU time so far.
+fn measure_start(st: &LabState) -> Vec<Measured> {
+    let roles = st.processes.iter().filter(|p| p.role != RoleKind::Client).map(|p| Measured {
+        name: p.name.clone(),
+        role: Some(p.role),
+        pid: p.pid,
+        ticks: cpu::read_ticks(p.pid),
+    });
+    let links = st.emulators.iter().map(|e| Measured {
+        name: format!("link {}", e.link),
+        role: None,
+        pid: e.pid,
+        ticks: cpu::read_ticks(e.pid),
+    });
+    roles.chain(links).collect()
+}
+
+/// Replaces each process's starting ticks by the ticks it used since.
+fn measure_used(measured: Vec<Measured>) -> Vec<Measured> {
+    measured
+        .into_iter()
+        .map(|m| {
+            let used = m.ticks.zip(cpu::read_ticks(m.pid)).map(|(before, after)| after.saturating_sub(before));
+            Measured { ticks: used, ..m }
+        })
+        .collect()
+}
+
+/// CPU per second of each measured process from the ticks it used over
+/// `wall`; relays count as forwarding when a tree runs through them.
+fn measure_end(
+    measured: &[Measured],
+    wall: Duration,
+    trees: &TreeReport,
+    clients: &[ClientOutcome],
+) -> Vec<cpu::Usage> {
+    let tps = cpu::ticks_per_s();
+    let on_tree = |name: &str| trees.trees.iter().flat_map(|t| &t.links).any(|(d, _, _)| d.from == name || d.to == name);
+    let mut out: Vec<cpu::Usage> = measured
+        .iter()
+        .filter_map(|m| {
+            let kind = match m.role {
+                Some(RoleKind::Node) if on_tree(&m.name) => cpu::Kind::RelayForwarding,
+                Some(RoleKind::Node) => cpu::Kind::RelayIdle,
+                Some(RoleKind::Pop) => cpu::Kind::Pop,
+                Some(_) => cpu::Kind::Server,
+                None => cpu::Kind::LinkEmulator,
+            };
+            Some(cpu::Usage { name: m.name.clone(), kind, us_per_s: cpu::rate(0, m.ticks?, tps, wall) })
+        })
+        .collect();
+    out.extend(clients.iter().filter_map(|c| {
+        let us_per_s = c.stats.as_ref()?.cpu_us_per_s?;
+        Some(cpu::Usage { name: c.label.clone(), kind: cpu::Kind::Client, us_per_s })
+    }));
+    out
 }
 
 enum Event {
@@ -173,6 +247,8 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
     let has_window = win_end - win_start >= 2.0;
 
     let before = media::read(lab, &st.prefix, &ids)?;
+    let measured = measure_start(st);
+    let machine_before = cpu::machine_ticks();
     let t0 = Instant::now();
     let at = |s: f64| t0 + Duration::from_secs_f64(s);
     let sleep_until = |t: Instant| sys::sleep(t.saturating_duration_since(Instant::now()));
@@ -231,6 +307,9 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
         }
         Ok(())
     })();
+    let cpu_wall = t0.elapsed();
+    let machine_busy = machine_before.zip(cpu::machine_ticks()).map(|(a, b)| cpu::machine_busy(a, b)).unwrap_or(0.0);
+    let measured = measure_used(measured);
     for p in &mut planned {
         let Some(mut child) = p.child.take() else {
             continue;
@@ -298,7 +377,8 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
             c.path_delay_ms = tree.zip(c.pop_node.as_deref()).and_then(|(t, pop)| path_delay_ms(t, pop, &delays));
         }
     }
-    Ok(Scenario { streams, clients, whole, window, trees })
+    let cpu = measure_end(&measured, cpu_wall, &trees, &clients);
+    Ok(Scenario { streams, clients, whole, window, trees, cpu, machine_busy })
 }
 
 /// Walks up a stream's tree from `pop` to the root, summing the link
@@ -444,14 +524,28 @@ pub fn report(sc: &Scenario) -> String {
         }
     }
 
+    let _ = writeln!(
+        out,
+        "\n== CPU while the clients ran (µs of CPU per second; machine {:.0}% busy on {} cores)",
+        sc.machine_busy * 100.0,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let _ = write!(out, "{}", cpu::table(&sc.cpu));
+
     let problems = sc.problems();
     let _ = writeln!(out, "\n== Checks");
     if problems.is_empty() {
-        let _ = writeln!(out, "ok: every client decoded from the POP on its LAN; each stream crossed each overlay link at most once; links off the trees carried no media");
+        let _ = writeln!(out, "ok: every client decoded from the POP on its LAN; warm starts no slower than cold ones; each stream crossed each overlay link at most once; links off the trees carried no media");
     } else {
         for p in &problems {
             let _ = writeln!(out, "PROBLEM: {p}");
         }
+        let _ = writeln!(
+            out,
+            "(while the clients ran the machine was {:.0}% busy; busiest processes: {})",
+            sc.machine_busy * 100.0,
+            cpu::busiest(&sc.cpu, 5)
+        );
     }
     out
 }

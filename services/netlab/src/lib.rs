@@ -9,10 +9,12 @@
 //! the roles,
 //! [`media`] counts RTP bytes per overlay link and stream with nftables,
 //! [`analysis`] checks the distribution trees from those counts, and
-//! [`demo`] plays the whole scenario and prints the report.
+//! [`cpu`] accounts for the CPU each process uses, and [`demo`] plays the
+//! whole scenario and prints the report.
 
 pub mod addr;
 pub mod analysis;
+pub mod cpu;
 pub mod delays;
 pub mod demo;
 pub mod faults;

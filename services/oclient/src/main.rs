@@ -121,6 +121,9 @@ struct Report {
     av_skew_ms: Option<f64>,
     /// How long lip sync held each kind back at the end, ms.
     lip_sync_hold_ms: LipSyncHold,
+    /// CPU this process used (user and system), in microseconds per second
+    /// of its run: what watching cost on this machine.
+    cpu_us_per_s: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -215,6 +218,17 @@ fn spawn_keys() -> Option<mpsc::UnboundedReceiver<Key>> {
         }
     });
     Some(rx)
+}
+
+/// CPU time (user and system) this process has used so far, µs.
+fn process_cpu_us() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 /// The next key; never, once the input has ended (`keys` is then None).
@@ -705,6 +719,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.jitter_ms = s.jitter_ms;
     report.first_frame_ms = decoded.first_frame.map(|t| t.duration_since(started).as_secs_f64() * 1000.0);
     report.request_to_first_frame_ms = report.first_frame_ms.map(|ms| ms - report.startup.pop_chosen_ms);
+    report.cpu_us_per_s = process_cpu_us() / started.elapsed().as_secs_f64().max(1e-3);
     let json = serde_json::to_string_pretty(&report)?;
     match &cli.stats_json {
         Some(path) => std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?,

@@ -18,7 +18,7 @@ use overlay_core::liveness::{Answer, BeatKind, Expired, Liveness};
 use overlay_proto as pb;
 use prost::Message;
 use tokio::net::UdpSocket;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::node::Neighbour;
@@ -59,8 +59,6 @@ pub struct Links {
     by_ip: HashMap<IpAddr, String>,
     liveness: Mutex<Liveness>,
     checks: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
-    /// Woken when a beat with an earlier deadline may have been sent.
-    pub deadline_changed: Notify,
     pub counters: LinkCounters,
 }
 
@@ -81,13 +79,16 @@ impl Links {
             by_ip,
             liveness: Mutex::new(Liveness::new(first_seq)),
             checks: Mutex::new(HashMap::new()),
-            deadline_changed: Notify::new(),
             counters: LinkCounters::default(),
         })
     }
 
     fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
         self.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<bool>>> {
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn send(&self, to: SocketAddr, body: pb::link_datagram::Body) {
@@ -112,7 +113,6 @@ impl Links {
                 self.send(*addr, pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq }));
             }
         }
-        self.deadline_changed.notify_one();
     }
 
     /// Asks `neighbour` once whether it is there: true if it answers within
@@ -123,10 +123,11 @@ impl Links {
         let Some(seq) = self.liveness().send(neighbour, BeatKind::Check, Instant::now(), timeout) else {
             return false;
         };
-        self.checks.lock().unwrap_or_else(|p| p.into_inner()).insert(seq, tx);
+        self.waiters().insert(seq, tx);
         self.send(addr, pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq }));
-        self.deadline_changed.notify_one();
-        rx.await.unwrap_or(false)
+        let answered = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)));
+        self.waiters().remove(&seq);
+        answered
     }
 
     /// Answers a heartbeat.
@@ -141,21 +142,12 @@ impl Links {
         }
     }
 
-    /// Ends what expired by `now`: failed checks are told, and the
-    /// neighbours that just missed too many beats are returned.
+    /// Ends the beats whose time is up at `now` and returns the neighbours
+    /// that just missed too many in a row. (A check's asker has its own
+    /// timeout; its expired beat is only forgotten here.)
     pub fn expire(&self, now: Instant) -> Vec<String> {
-        let Expired { checks, lost } = self.liveness().expire(now);
-        let mut waiters = self.checks.lock().unwrap_or_else(|p| p.into_inner());
-        for seq in checks {
-            if let Some(tx) = waiters.remove(&seq) {
-                let _ = tx.send(false);
-            }
-        }
+        let Expired { lost, .. } = self.liveness().expire(now);
         lost
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.liveness().next_deadline()
     }
 
     /// The neighbour was declared lost another way; see
@@ -199,7 +191,7 @@ impl Links {
                     return None;
                 };
                 if answer.kind == BeatKind::Check {
-                    if let Some(tx) = self.checks.lock().unwrap_or_else(|p| p.into_inner()).remove(&answer.seq) {
+                    if let Some(tx) = self.waiters().remove(&answer.seq) {
                         let _ = tx.send(true);
                     }
                 }

@@ -231,8 +231,6 @@ impl Node {
         let me = self.clone();
         self.tasks.spawn(async move { me.heartbeat_loop().await });
         let me = self.clone();
-        self.tasks.spawn(async move { me.expiry_loop().await });
-        let me = self.clone();
         self.tasks.spawn(async move { me.datagram_loop().await });
         if let Some(settle) = self.settings.settle {
             let me = self.clone();
@@ -294,38 +292,23 @@ impl Node {
         Ticker { interval, cancel: &self.cancel }
     }
 
-    /// Sends the periodic heartbeat to every neighbour.
+    /// Sends the periodic heartbeat to every neighbour and, on the same
+    /// tick, ends the beats whose time is up: a neighbour that missed three
+    /// in a row is lost. (One tick for both keeps a node at rest to a few
+    /// wake-ups a second.)
     async fn heartbeat_loop(self: Arc<Self>) {
         let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(250));
         let mut tick = self.ticker(self.settings.heartbeat);
         while tick.next().await {
-            self.links.beat_all(Instant::now(), limit);
-        }
-    }
-
-    /// Ends heartbeats whose time is up: a neighbour that missed three in
-    /// a row is lost.
-    async fn expiry_loop(self: Arc<Self>) {
-        loop {
-            let deadline = self.links.next_deadline();
-            let until = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = self.links.deadline_changed.notified() => continue,
-                _ = until => {}
-            }
-            for neighbour in self.links.expire(Instant::now()) {
+            let now = Instant::now();
+            for neighbour in self.links.expire(now) {
                 if self.lock().routes.is_down(&neighbour) {
                     continue;
                 }
                 warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
                 self.neighbour_lost(&neighbour, false);
             }
+            self.links.beat_all(now, limit);
         }
     }
 
