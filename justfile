@@ -23,12 +23,11 @@ test: build
 topology-check FILE="netns/labs/seed-overlay.json": build
     target/debug/onode topology check {{FILE}}
 
-# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, failover gaps, time to first frame.
-bench ROUNDS="3": build
-    cargo build --release -p relay --bin relay-bench
+# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, CPU per process kind in a lab at rest and streaming, failover gaps, time to first frame.
+bench ROUNDS="3": build release
     python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
-    cargo build --release -p linkem --bins
     target/release/linkem-bench
+    target/release/cpubench netns/labs/seed.json 10
     target/debug/faultbench netns/labs/seed.json {{ROUNDS}}
     target/debug/startbench netns/labs/seed.json {{ROUNDS}}
 

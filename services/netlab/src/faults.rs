@@ -81,19 +81,47 @@ impl FaultRun {
         self.clients.iter().filter(|c| c.affected).map(|c| c.longest_gap_ms).fold(0.0, f64::max)
     }
 
-    /// Problems: clients not decoding at the end of the run, and what the
-    /// bootstrapper should show but does not.
+    /// Problems: clients not decoding at the end of the run (see
+    /// [`decoding_problem`]), and what the bootstrapper should show but
+    /// does not.
     pub fn problems(&self) -> Vec<String> {
         self.clients
             .iter()
-            // Decoding: at least half the frame rate on average over the
-            // last seconds (a decoder starved of CPU for a second catches
-            // up the next: the machine is shared by every decoder).
-            .filter(|c| c.final_fps.len() < 2 || c.final_fps.iter().sum::<u64>() < 15 * c.final_fps.len() as u64)
-            .map(|c| format!("{}: not decoding after the fault (last seconds: {:?} fps)", c.host, c.final_fps))
+            .filter_map(|c| decoding_problem(&c.final_fps, c.longest_gap_ms).map(|p| format!("{}: {p}", c.host)))
             .chain(self.membership.clone())
             .collect()
     }
+}
+
+/// The test stream's frame rate.
+pub const STREAM_FPS: u64 = 30;
+/// Longest media gap a fault may cause a viewer before the run fails (ms):
+/// repair takes well under a second; this bound is for the verdict, the
+/// gap itself is a benchmark figure (`faultbench`).
+pub const MAX_GAP_MS: f64 = 5000.0;
+
+/// What is wrong with a viewer after a fault, judged so that a busy
+/// machine does not change the verdict: new frames must be decoded in
+/// every one of the last seconds, at no less than a third of the stream's
+/// pace on average (a decoder starved of CPU catches up later, or drops
+/// late frames), and no media gap may exceed [`MAX_GAP_MS`].
+pub fn decoding_problem(final_fps: &[u64], longest_gap_ms: f64) -> Option<String> {
+    if final_fps.len() < 2 {
+        return Some(format!("watched too briefly to judge (last seconds: {final_fps:?} fps)"));
+    }
+    if final_fps.contains(&0) {
+        return Some(format!("stopped decoding after the fault (last seconds: {final_fps:?} fps)"));
+    }
+    let total: u64 = final_fps.iter().sum();
+    if total * 3 < STREAM_FPS * final_fps.len() as u64 {
+        return Some(format!(
+            "decodes under a third of the stream's {STREAM_FPS} fps after the fault (last seconds: {final_fps:?} fps)"
+        ));
+    }
+    if !(longest_gap_ms <= MAX_GAP_MS) {
+        return Some(format!("a media gap of {longest_gap_ms:.0} ms, over the {MAX_GAP_MS:.0} ms limit"));
+    }
+    None
 }
 
 /// A node of the overlay as the lab runs it.
@@ -120,6 +148,18 @@ fn nodes(lab: &Lab) -> BTreeMap<String, NodeRef> {
         }
     }
     out
+}
+
+/// Overlay nodes that carry at least one stream now (by `onode inspect`).
+pub fn carrying_nodes(lab: &Lab, st: &LabState, bins: &Bins) -> Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    for (name, n) in nodes(lab) {
+        let state = inspect(st, bins, &n.host, &n.addr)?;
+        if state["streams"].as_array().is_some_and(|s| !s.is_empty()) {
+            out.insert(name);
+        }
+    }
+    Ok(out)
 }
 
 /// Tree edges (upstream, downstream) of `stream`, walked up from every POP.
@@ -372,4 +412,21 @@ pub fn run_in_fresh_lab(lab: &Lab, bins: &Bins, fault: Fault, prefix: &str, medi
     let out = result?;
     down?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewers_are_judged_by_frames_still_coming_and_the_longest_gap() {
+        assert_eq!(decoding_problem(&[30, 29, 31, 30], 700.0), None);
+        // A busy machine: slow but steady decoding is not a failure.
+        assert_eq!(decoding_problem(&[13, 18, 14, 15], 900.0), None);
+        assert!(decoding_problem(&[30, 30, 0, 0], 700.0).unwrap().starts_with("stopped decoding"));
+        assert!(decoding_problem(&[5, 6, 4, 5], 700.0).unwrap().contains("under a third"));
+        assert!(decoding_problem(&[30, 30, 30, 30], 6000.0).unwrap().contains("6000 ms"));
+        assert!(decoding_problem(&[30, 30, 30, 30], f64::INFINITY).is_some());
+        assert!(decoding_problem(&[30], 100.0).is_some());
+    }
 }
