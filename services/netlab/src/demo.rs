@@ -162,7 +162,8 @@ fn measure_end(
     clients: &[ClientOutcome],
 ) -> Vec<cpu::Usage> {
     let tps = cpu::ticks_per_s();
-    let on_tree = |name: &str| trees.trees.iter().flat_map(|t| &t.links).any(|(d, _, _)| d.from == name || d.to == name);
+    let on_tree =
+        |name: &str| trees.trees.iter().flat_map(|t| &t.links).any(|(d, _, _)| d.from == name || d.to == name);
     let mut out: Vec<cpu::Usage> = measured
         .iter()
         .filter_map(|m| {

@@ -181,9 +181,7 @@ impl Links {
         }
         let from_name = datagram.sender;
         match datagram.body? {
-            pb::link_datagram::Body::Heartbeat(h) => {
-                Some(Incoming::Heartbeat { seq: h.seq, reply_to: from })
-            }
+            pb::link_datagram::Body::Heartbeat(h) => Some(Incoming::Heartbeat { seq: h.seq, reply_to: from }),
             pb::link_datagram::Body::HeartbeatReply(r) => {
                 let answer = self.liveness().on_reply(&from_name, r.seq, Instant::now());
                 let Some(answer) = answer else {

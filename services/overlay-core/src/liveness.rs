@@ -76,7 +76,8 @@ impl Liveness {
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
-        self.outstanding.insert(seq, Beat { neighbour: neighbour.to_string(), sent: now, deadline: now + timeout, kind });
+        self.outstanding
+            .insert(seq, Beat { neighbour: neighbour.to_string(), sent: now, deadline: now + timeout, kind });
         Some(seq)
     }
 

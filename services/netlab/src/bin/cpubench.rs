@@ -46,7 +46,11 @@ fn main() -> Result<()> {
     let down = run::down(&prefix);
     let (rest, streaming) = result?;
     down?;
-    println!("CPU per process kind, lab {}, binaries {} (µs of CPU per second of wall time)", lab_file.display(), bins.dir().display());
+    println!(
+        "CPU per process kind, lab {}, binaries {} (µs of CPU per second of wall time)",
+        lab_file.display(),
+        bins.dir().display()
+    );
     println!(" at rest ({secs} s, no stream):");
     print!("{}", cpu::table(&rest));
     println!(" streaming ({secs} s, viewers {VIEWERS:?}):");
@@ -91,7 +95,11 @@ fn usage(starts: &[Start], began: Instant, forwarding: &std::collections::BTreeS
                 Some(_) => Kind::Server,
                 None => Kind::LinkEmulator,
             };
-            Some(Usage { name: s.name.clone(), kind, us_per_s: cpu::rate(s.ticks?, cpu::read_ticks(s.pid)?, tps, wall) })
+            Some(Usage {
+                name: s.name.clone(),
+                kind,
+                us_per_s: cpu::rate(s.ticks?, cpu::read_ticks(s.pid)?, tps, wall),
+            })
         })
         .collect()
 }
@@ -126,7 +134,8 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, window: Duration) -> Result<(V
     let mut streaming = usage(&s, began, &forwarding);
     for (mut child, run) in children.into_iter().zip(&runs) {
         let _ = child.wait();
-        let text = std::fs::read_to_string(&run.stats).with_context(|| format!("client on {} wrote no stats", run.host))?;
+        let text =
+            std::fs::read_to_string(&run.stats).with_context(|| format!("client on {} wrote no stats", run.host))?;
         let stats: serde_json::Value = serde_json::from_str(&text)?;
         if let Some(us) = stats["cpu_us_per_s"].as_f64() {
             streaming.push(Usage { name: run.host.clone(), kind: Kind::Client, us_per_s: us });
