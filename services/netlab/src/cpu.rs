@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::lab::RoleKind;
+use crate::state::LabState;
+
 /// What a process does in the lab, for grouping its CPU figure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -100,6 +103,63 @@ pub fn busiest(usages: &[Usage], n: usize) -> String {
     let mut sorted: Vec<&Usage> = usages.iter().collect();
     sorted.sort_by(|a, b| b.us_per_s.total_cmp(&a.us_per_s));
     sorted.iter().take(n).map(|u| format!("{} {:.0} ms/s", u.name, u.us_per_s / 1000.0)).collect::<Vec<_>>().join(", ")
+}
+
+/// A lab process (a role other than a client, or a link emulator) and its
+/// CPU ticks when the window began.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    name: String,
+    role: Option<RoleKind>,
+    pid: i32,
+    start: Option<u64>,
+}
+
+/// A tracked process's CPU over the window, not yet grouped by kind.
+#[derive(Debug, Clone)]
+pub struct Spent {
+    name: String,
+    role: Option<RoleKind>,
+    us_per_s: Option<f64>,
+}
+
+/// Starts a window over the lab's roles (clients excepted: they report
+/// their own CPU) and link emulators.
+pub fn track(st: &LabState) -> Vec<Tracked> {
+    let roles =
+        st.processes.iter().filter(|p| p.role != RoleKind::Client).map(|p| (p.name.clone(), Some(p.role), p.pid));
+    let links = st.emulators.iter().map(|e| (format!("link {}", e.link), None, e.pid));
+    roles.chain(links).map(|(name, role, pid)| Tracked { name, role, pid, start: read_ticks(pid) }).collect()
+}
+
+/// Ends the window, `wall` after [`track`].
+pub fn spent(tracked: Vec<Tracked>, wall: Duration) -> Vec<Spent> {
+    let tps = ticks_per_s();
+    tracked
+        .into_iter()
+        .map(|t| {
+            let us_per_s = t.start.zip(read_ticks(t.pid)).map(|(a, b)| rate(a, b, tps, wall));
+            Spent { name: t.name, role: t.role, us_per_s }
+        })
+        .collect()
+}
+
+/// Groups what was spent by kind; relays are forwarding when `forwarding`
+/// says so of their name.
+pub fn classify(spent: &[Spent], forwarding: impl Fn(&str) -> bool) -> Vec<Usage> {
+    spent
+        .iter()
+        .filter_map(|s| {
+            let kind = match s.role {
+                Some(RoleKind::Node) if forwarding(&s.name) => Kind::RelayForwarding,
+                Some(RoleKind::Node) => Kind::RelayIdle,
+                Some(RoleKind::Pop) => Kind::Pop,
+                Some(_) => Kind::Server,
+                None => Kind::LinkEmulator,
+            };
+            Some(Usage { name: s.name.clone(), kind, us_per_s: s.us_per_s? })
+        })
+        .collect()
 }
 
 /// User plus system CPU time of a process, in clock ticks; `None` once it

@@ -116,67 +116,12 @@ impl Scenario {
     }
 }
 
-/// A lab process whose CPU is measured, with what it is.
-struct Measured {
-    name: String,
-    role: Option<RoleKind>,
-    pid: i32,
-    /// CPU ticks at the start, then used over the run.
-    ticks: Option<u64>,
-}
-
-/// The lab's roles and link emulators, with their CPU time so far.
-fn measure_start(st: &LabState) -> Vec<Measured> {
-    let roles = st.processes.iter().filter(|p| p.role != RoleKind::Client).map(|p| Measured {
-        name: p.name.clone(),
-        role: Some(p.role),
-        pid: p.pid,
-        ticks: cpu::read_ticks(p.pid),
-    });
-    let links = st.emulators.iter().map(|e| Measured {
-        name: format!("link {}", e.link),
-        role: None,
-        pid: e.pid,
-        ticks: cpu::read_ticks(e.pid),
-    });
-    roles.chain(links).collect()
-}
-
-/// Replaces each process's starting ticks by the ticks it used since.
-fn measure_used(measured: Vec<Measured>) -> Vec<Measured> {
-    measured
-        .into_iter()
-        .map(|m| {
-            let used = m.ticks.zip(cpu::read_ticks(m.pid)).map(|(before, after)| after.saturating_sub(before));
-            Measured { ticks: used, ..m }
-        })
-        .collect()
-}
-
-/// CPU per second of each measured process from the ticks it used over
-/// `wall`; relays count as forwarding when a tree runs through them.
-fn measure_end(
-    measured: &[Measured],
-    wall: Duration,
-    trees: &TreeReport,
-    clients: &[ClientOutcome],
-) -> Vec<cpu::Usage> {
-    let tps = cpu::ticks_per_s();
+/// CPU per process over the clients' run: the lab's processes, and the
+/// clients' own reports.
+fn cpu_usage(spent: &[cpu::Spent], trees: &TreeReport, clients: &[ClientOutcome]) -> Vec<cpu::Usage> {
     let on_tree =
         |name: &str| trees.trees.iter().flat_map(|t| &t.links).any(|(d, _, _)| d.from == name || d.to == name);
-    let mut out: Vec<cpu::Usage> = measured
-        .iter()
-        .filter_map(|m| {
-            let kind = match m.role {
-                Some(RoleKind::Node) if on_tree(&m.name) => cpu::Kind::RelayForwarding,
-                Some(RoleKind::Node) => cpu::Kind::RelayIdle,
-                Some(RoleKind::Pop) => cpu::Kind::Pop,
-                Some(_) => cpu::Kind::Server,
-                None => cpu::Kind::LinkEmulator,
-            };
-            Some(cpu::Usage { name: m.name.clone(), kind, us_per_s: cpu::rate(0, m.ticks?, tps, wall) })
-        })
-        .collect();
+    let mut out = cpu::classify(spent, on_tree);
     out.extend(clients.iter().filter_map(|c| {
         let us_per_s = c.stats.as_ref()?.cpu_us_per_s?;
         Some(cpu::Usage { name: c.label.clone(), kind: cpu::Kind::Client, us_per_s })
@@ -248,7 +193,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
     let has_window = win_end - win_start >= 2.0;
 
     let before = media::read(lab, &st.prefix, &ids)?;
-    let measured = measure_start(st);
+    let tracked = cpu::track(st);
     let machine_before = cpu::machine_ticks();
     let t0 = Instant::now();
     let at = |s: f64| t0 + Duration::from_secs_f64(s);
@@ -310,7 +255,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
     })();
     let cpu_wall = t0.elapsed();
     let machine_busy = machine_before.zip(cpu::machine_ticks()).map(|(a, b)| cpu::machine_busy(a, b)).unwrap_or(0.0);
-    let measured = measure_used(measured);
+    let spent = cpu::spent(tracked, cpu_wall);
     for p in &mut planned {
         let Some(mut child) = p.child.take() else {
             continue;
@@ -378,7 +323,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
             c.path_delay_ms = tree.zip(c.pop_node.as_deref()).and_then(|(t, pop)| path_delay_ms(t, pop, &delays));
         }
     }
-    let cpu = measure_end(&measured, cpu_wall, &trees, &clients);
+    let cpu = cpu_usage(&spent, &trees, &clients);
     Ok(Scenario { streams, clients, whole, window, trees, cpu, machine_busy })
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use netlab::cpu::{self, Kind, Usage};
-use netlab::lab::{Lab, RoleKind};
+use netlab::lab::Lab;
 use netlab::run::{self, Bins, ClientRun};
 use netlab::state::LabState;
 
@@ -58,58 +58,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A lab process with its CPU ticks at the start of a window.
-struct Start {
-    name: String,
-    role: Option<RoleKind>,
-    pid: i32,
-    ticks: Option<u64>,
-}
-
-fn start(st: &LabState) -> Vec<Start> {
-    let roles = st.processes.iter().filter(|p| p.role != RoleKind::Client).map(|p| Start {
-        name: p.name.clone(),
-        role: Some(p.role),
-        pid: p.pid,
-        ticks: cpu::read_ticks(p.pid),
-    });
-    let links = st.emulators.iter().map(|e| Start {
-        name: format!("link {}", e.link),
-        role: None,
-        pid: e.pid,
-        ticks: cpu::read_ticks(e.pid),
-    });
-    roles.chain(links).collect()
-}
-
-fn usage(starts: &[Start], began: Instant, forwarding: &std::collections::BTreeSet<String>) -> Vec<Usage> {
-    let wall = began.elapsed();
-    let tps = cpu::ticks_per_s();
-    starts
-        .iter()
-        .filter_map(|s| {
-            let kind = match s.role {
-                Some(RoleKind::Node) if forwarding.contains(&s.name) => Kind::RelayForwarding,
-                Some(RoleKind::Node) => Kind::RelayIdle,
-                Some(RoleKind::Pop) => Kind::Pop,
-                Some(_) => Kind::Server,
-                None => Kind::LinkEmulator,
-            };
-            Some(Usage {
-                name: s.name.clone(),
-                kind,
-                us_per_s: cpu::rate(s.ticks?, cpu::read_ticks(s.pid)?, tps, wall),
-            })
-        })
-        .collect()
-}
-
 fn measure(lab: &Lab, st: &LabState, bins: &Bins, window: Duration) -> Result<(Vec<Usage>, Vec<Usage>)> {
     netlab::sys::sleep(Duration::from_secs(2))?;
     let began = Instant::now();
-    let s = start(st);
+    let tracked = cpu::track(st);
     netlab::sys::sleep(window)?;
-    let rest = usage(&s, began, &Default::default());
+    let rest = cpu::classify(&cpu::spent(tracked, began.elapsed()), |_| false);
 
     let dir = st.dir().join("cpubench");
     let mut children = Vec::new();
@@ -129,9 +83,9 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, window: Duration) -> Result<(V
     netlab::sys::sleep(SETTLE)?;
     let forwarding = netlab::faults::carrying_nodes(lab, st, bins)?;
     let began = Instant::now();
-    let s = start(st);
+    let tracked = cpu::track(st);
     netlab::sys::sleep(window)?;
-    let mut streaming = usage(&s, began, &forwarding);
+    let mut streaming = cpu::classify(&cpu::spent(tracked, began.elapsed()), |name| forwarding.contains(name));
     for (mut child, run) in children.into_iter().zip(&runs) {
         let _ = child.wait();
         let text =
