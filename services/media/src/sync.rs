@@ -31,6 +31,11 @@ pub const SYNC_STEP_SECS: f64 = 0.008;
 /// Holds longer than this (seconds) are never right: the mapping behind
 /// them is stale, so nothing is held.
 pub const MAX_HOLD_SECS: f64 = 1.0;
+/// Once set, a hold changes by at most this much (seconds) per second of
+/// media: a floor that keeps climbing (a queue building somewhere on one
+/// kind's path) is followed slowly, never chased, and a real path change
+/// still settles within a few seconds.
+pub const MAX_SLEW_PER_SEC: f64 = 0.1;
 /// RTP time and arrival time of one stream drifting apart by more than
 /// this (seconds) between two packets means another sender took over the
 /// SSRC (a tree re-rooted at another server): its old sender report no
@@ -129,6 +134,8 @@ pub struct LipSync {
     arrivals: [Arrivals; 2],
     /// Hold applied to each kind (seconds, never negative).
     offsets: [f64; 2],
+    /// When the holds last changed (arrival time), once they have been set.
+    moved_at: Option<f64>,
 }
 
 impl LipSync {
@@ -161,14 +168,37 @@ impl LipSync {
             kind.floor.push(arrival, arrival - capture);
             kind.last_seen = Some(arrival);
         }
-        let target = self.target(arrival);
-        let moved = target.iter().zip(&self.offsets).any(|(t, o)| (t - o).abs() > SYNC_STEP_SECS);
-        let cleared = target == [0.0; 2] && self.offsets != [0.0; 2];
-        if moved || cleared {
-            self.offsets = target;
-            return Some(target);
+        let Some(target) = self.target(arrival) else {
+            // No usable mapping (any more): nothing is held, at once.
+            self.moved_at = None;
+            if self.offsets == [0.0; 2] {
+                return None;
+            }
+            self.offsets = [0.0; 2];
+            return Some(self.offsets);
+        };
+        if !target.iter().zip(&self.offsets).any(|(t, o)| (t - o).abs() > SYNC_STEP_SECS) {
+            return None;
         }
-        None
+        let next = match self.moved_at {
+            // The first holds of a mapping apply at once: nothing has been
+            // presented against another offset yet.
+            None => target,
+            Some(at) => {
+                let room = MAX_SLEW_PER_SEC * (arrival - at).max(0.0);
+                if room < SYNC_STEP_SECS {
+                    return None;
+                }
+                let mut next = self.offsets;
+                for (n, t) in next.iter_mut().zip(target) {
+                    *n += (t - *n).clamp(-room, room);
+                }
+                next
+            }
+        };
+        self.offsets = next;
+        self.moved_at = Some(arrival);
+        Some(next)
     }
 
     /// The holds applied now `[video, audio]`, seconds.
@@ -178,7 +208,7 @@ impl LipSync {
 
     /// The holds that would present both kinds equally late; none while
     /// one kind is missing (a stream without audio plays as it comes).
-    fn target(&self, now: f64) -> [f64; 2] {
+    fn target(&self, now: f64) -> Option<[f64; 2]> {
         let floor = |media: Media| {
             let kind = &self.arrivals[media as usize];
             kind.last_seen.filter(|seen| now - seen < SYNC_WINDOW_SECS).and(kind.floor.min())
@@ -186,9 +216,9 @@ impl LipSync {
         match (floor(Media::Video), floor(Media::Audio)) {
             (Some(video), Some(audio)) if (video - audio).abs() <= MAX_HOLD_SECS => {
                 let latest = video.max(audio);
-                [latest - video, latest - audio]
+                Some([latest - video, latest - audio])
             }
-            _ => [0.0; 2],
+            _ => None,
         }
     }
 }
@@ -357,6 +387,32 @@ mod tests {
         assert_close(sync.offsets(), [0.050, 0.0]);
         // A change smaller than a step leaves the holds alone.
         assert_eq!(feed(&mut sync, 6.0, 3.0, 0.134, 0.180), None);
+    }
+
+    #[test]
+    fn a_climbing_floor_is_followed_slowly_not_chased() {
+        let mut sync = synced();
+        feed(&mut sync, 0.0, 2.0, 0.030, 0.080);
+        assert_close(sync.offsets(), [0.050, 0.0]);
+        // Video's lateness climbs 300 ms per second for two seconds (a
+        // queue building before its encoder): its hold may drop toward the
+        // target and audio's grow, but by no more than the slew allows.
+        let mut t = 2.0;
+        let mut worst: f64 = 0.0;
+        while t < 4.0 {
+            let late = 0.030 + (t - 2.0) * 0.3;
+            let video = sync.on_packet(Media::Video, VIDEO_SSRC, ts(Media::Video, t), 100.0 + t + late);
+            let audio = sync.on_packet(Media::Audio, AUDIO_SSRC, ts(Media::Audio, t), 100.0 + t + 0.080);
+            for holds in video.into_iter().chain(audio) {
+                worst = worst.max(holds[1]);
+            }
+            t += 0.02;
+        }
+        assert!(worst <= 2.0 * MAX_SLEW_PER_SEC + SYNC_STEP_SECS, "audio hold reached {worst} in 2 s");
+        // Once the path is stable again the holds settle on the new floors.
+        feed(&mut sync, 4.0, 8.0, 0.630, 0.080);
+        let holds = sync.offsets();
+        assert!(holds[0] == 0.0 && (holds[1] - 0.550).abs() <= SYNC_STEP_SECS, "holds {holds:?}");
     }
 
     #[test]

@@ -112,8 +112,14 @@ fn a_client_setup_is_one_trace_from_client_to_server() {
     client.envs(env);
     let child = client.spawn().unwrap();
     o.wait_for("o5 carries test", Duration::from_secs(10), |o| o.branch("o5", "test").is_some());
+    // On loopback every link is as fast as the next, so which server and
+    // which relays the join takes is measurement noise (o8 may go to s2
+    // directly or through o9 to s1): the trace is checked against the path
+    // the tree really took.
     let path = join_path(&o, "o5", "test");
-    assert_eq!(path, ["o5", "o4", "o8", "s2"], "join path of a viewer at o5 on a fresh overlay");
+    assert!(path.len() >= 4, "join path {path:?}: o5 has no server within two hops");
+    assert_eq!(&path[..2], ["o5", "o4"], "join path {path:?}: o5's only neighbour is o4");
+    assert!(["s1", "s2"].contains(&path.last().unwrap().as_str()), "join path {path:?} ends at no server");
     let out = wait_output(child, Duration::from_secs(30));
     assert!(out.status.success(), "client failed: {}", o.client_log("tracer"));
 
