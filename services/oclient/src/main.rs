@@ -18,7 +18,7 @@ use overlay_proto::session_client::SessionClient;
 use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, warn, Instrument};
 
 #[derive(Parser)]
@@ -75,6 +75,14 @@ struct Cli {
     /// Print a stats line every second.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     stats_line: bool,
+    /// The overlay's TLS folder (only its ca.pem is read): talk TLS to the
+    /// bootstrapper and the POP, and check that they hold the overlay's
+    /// certificates.
+    #[arg(long, env = "OVERLAY_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Viewer token (from `onode token`), for POPs that require one.
+    #[arg(long, env = "OVERLAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -175,9 +183,16 @@ fn main() -> ExitCode {
     })
 }
 
-fn endpoint(addr: SocketAddr) -> anyhow::Result<Channel> {
+fn endpoint(addr: SocketAddr, ca: Option<&[u8]>) -> anyhow::Result<Channel> {
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(ca) = ca {
+        // Overlay certificates name every address of their node.
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(addr.ip().to_string());
+        endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
+    }
     // A connect must survive one lost SYN (retransmitted after 1 s).
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    Ok(endpoint
         .connect_timeout(Duration::from_millis(2500))
         .timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -383,7 +398,14 @@ async fn open_session(
 ) -> anyhow::Result<Open> {
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
     let mut startup = Startup::default();
-    let mut boot = BootstrapClient::new(endpoint(bootstrap)?);
+    let ca = match &cli.tls_dir {
+        Some(dir) => {
+            let path = dir.join("ca.pem");
+            Some(std::fs::read(&path).with_context(|| format!("--tls-dir: cannot read {}", path.display()))?)
+        }
+        None => None,
+    };
+    let mut boot = BootstrapClient::new(endpoint(bootstrap, ca.as_deref())?);
     let login = boot
         .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
         .await
@@ -449,7 +471,7 @@ async fn open_session(
     };
     info!(pop = %chosen.name, addr = %chosen.addr, rtt_ms = format!("{:.3}", chosen.rtt_ms), on_link = chosen.on_link, "chose the POP with the lowest round trip");
 
-    let mut session = SessionClient::new(endpoint(chosen.addr)?);
+    let mut session = SessionClient::new(endpoint(chosen.addr, ca.as_deref())?);
     let connect = session
         .connect_pop(pb::ConnectRequest { client: cli.name.clone() })
         .await
@@ -462,9 +484,16 @@ async fn open_session(
         rtp_host: if cli.bind.is_unspecified() { String::new() } else { cli.bind.to_string() },
     });
     telemetry::inject(setup.metadata_mut());
+    if let Some(token) = &cli.token {
+        let value = format!("Bearer {token}").parse().context("--token holds characters a header cannot carry")?;
+        setup.metadata_mut().insert("authorization", value);
+    }
     let setup = match session.setup(setup).await {
         Ok(r) => r.into_inner(),
         Err(s) => match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                bail!("{} refused to show {:?}: {}", chosen.name, cli.stream, s.message())
+            }
             tonic::Code::NotFound => bail!("stream {:?} is unknown: {}", cli.stream, s.message()),
             tonic::Code::Unavailable => bail!("stream {:?} cannot be reached: {}", cli.stream, s.message()),
             _ => bail!("SETUP of {:?} at {} failed: {}", cli.stream, chosen.name, s.message()),

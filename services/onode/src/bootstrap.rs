@@ -15,6 +15,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::node::{Identity, Neighbour};
+use crate::services::{check_name, operator, shown, MAX_CLIENT_NAME};
+use crate::tls::Peer;
 
 pub struct Bootstrapper {
     topology: Topology,
@@ -22,6 +24,8 @@ pub struct Bootstrapper {
     events: broadcast::Sender<pb::OverlayEvent>,
     probe_interval: Duration,
     control_port: u16,
+    /// Whether callers are authenticated by TLS certificates.
+    tls: bool,
 }
 
 fn event(change: &Change) -> pb::OverlayEvent {
@@ -67,7 +71,7 @@ pub fn check_role(spec: &NodeSpec, role: &str) -> Result<(), String> {
 }
 
 impl Bootstrapper {
-    pub fn new(topology: Topology, probe_interval: Duration, control_port: u16) -> Arc<Self> {
+    pub fn new(topology: Topology, probe_interval: Duration, control_port: u16, tls: bool) -> Arc<Self> {
         let declared = topology.nodes().map(|n| n.name.clone());
         let (events, _) = broadcast::channel(256);
         Arc::new(Bootstrapper {
@@ -76,6 +80,7 @@ impl Bootstrapper {
             events,
             probe_interval,
             control_port,
+            tls,
         })
     }
 
@@ -109,6 +114,29 @@ impl Bootstrapper {
         }
     }
 
+    /// The node a Register or Watch comes from. With TLS it is the node its
+    /// certificate names, and a name in the request must be the same one.
+    /// Without TLS, an explicit name is taken as given (NAT, containers),
+    /// else the node owning the request's source address.
+    fn caller<T>(&self, request: &Request<T>, name: &str) -> Result<&NodeSpec, Status> {
+        if self.tls {
+            return match Peer::of(request) {
+                Peer::Node(cert) if name.is_empty() || name == cert => self
+                    .topology
+                    .node(&cert)
+                    .ok_or_else(|| Status::permission_denied(format!("node {cert} is not in the topology"))),
+                Peer::Node(cert) => {
+                    Err(Status::permission_denied(format!("the caller is node {cert} but asks as {}", shown(name))))
+                }
+                other => Err(Status::unauthenticated(format!(
+                    "only overlay nodes may register or watch, and the caller is {other}"
+                ))),
+            };
+        }
+        check_name("node name", name).or_else(|e| if name.is_empty() { Ok(()) } else { Err(e) })?;
+        self.identify(name, request.remote_addr().map(|a| a.ip()))
+    }
+
     /// Finds the registering node by explicit name or by the address the
     /// request came from.
     fn identify(&self, name: &str, peer: Option<IpAddr>) -> Result<&NodeSpec, Status> {
@@ -130,10 +158,12 @@ pub struct BootstrapService(pub Arc<Bootstrapper>);
 #[tonic::async_trait]
 impl pb::bootstrap_server::Bootstrap for BootstrapService {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterReply>, Status> {
-        let peer = request.remote_addr().map(|a| a.ip());
-        let req = request.into_inner();
         let b = &self.0;
-        let spec = b.identify(&req.name, peer)?;
+        let spec = b.caller(&request, &request.get_ref().name)?;
+        let req = request.get_ref();
+        if req.role.len() > 16 {
+            return Err(Status::invalid_argument(format!("role {} is not server, node or pop", shown(&req.role))));
+        }
         check_role(spec, &req.role).map_err(Status::failed_precondition)?;
         let id = identity(spec, b.probe_interval);
         b.register(&spec.name);
@@ -156,7 +186,7 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
     type WatchStream = ReceiverStream<Result<pb::OverlayEvent, Status>>;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let name = request.into_inner().name;
+        let name = self.0.caller(&request, &request.get_ref().name)?.name.clone();
         let generation = self
             .0
             .lock()
@@ -183,6 +213,15 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
         let req = request.into_inner();
+        if req.client.len() > MAX_CLIENT_NAME || req.client.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "client name {} is longer than {MAX_CLIENT_NAME} bytes or holds control characters",
+                shown(&req.client)
+            )));
+        }
+        if !req.stream.is_empty() {
+            check_name("stream", &req.stream)?;
+        }
         let m = self.0.lock();
         let pops: Vec<pb::Pop> = self
             .0
@@ -195,7 +234,8 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
         Ok(Response::new(pb::LoginReply { pops, control_port: u32::from(self.0.control_port) }))
     }
 
-    async fn overview(&self, _request: Request<pb::OverviewRequest>) -> Result<Response<pb::OverviewReply>, Status> {
+    async fn overview(&self, request: Request<pb::OverviewRequest>) -> Result<Response<pb::OverviewReply>, Status> {
+        operator(self.0.tls, "the bootstrapper", &request)?;
         let m = self.0.lock();
         Ok(Response::new(pb::OverviewReply {
             ready: m.is_ready(),

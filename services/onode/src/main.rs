@@ -9,6 +9,7 @@ mod link;
 mod net;
 mod node;
 mod services;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -58,18 +59,62 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
-    /// Print a running node's state (routes, trees, sessions, counters) as JSON.
+    /// Print a running node's state (routes, trees, sessions, counters) as
+    /// JSON. With TLS on, this needs the operator certificate.
     Inspect {
         /// The node's control address, IP or IP:PORT.
         addr: String,
+        #[command(flatten)]
+        tls: ToolTls,
     },
-    /// Print the bootstrapper's view of the overlay as JSON.
+    /// Print the bootstrapper's view of the overlay as JSON. With TLS on,
+    /// this needs the operator certificate.
     Overview {
         /// The bootstrapper's address, IP or IP:PORT.
         addr: String,
+        #[command(flatten)]
+        tls: ToolTls,
+    },
+    /// Create the overlay's CA (or reuse the one in OUT) and issue a
+    /// certificate to every node of the topology and to the operator.
+    ///
+    /// Writes OUT/ca.pem and OUT/ca.key (keep this one private: whoever has
+    /// it can add nodes), OUT/NAME.pem and OUT/NAME.key for every node, and
+    /// OUT/operator.pem and OUT/operator.key for `onode inspect` and
+    /// `onode overview`. Give each node the folder (or a copy holding
+    /// ca.pem and its own two files) with --tls-dir; viewers need ca.pem only.
+    Certs {
+        /// The overlay topology file (original JSON format).
+        #[arg(long)]
+        topology: PathBuf,
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the node and operator certificates are valid (the CA: ten times as long).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Make a new CA even if OUT holds one (every certificate issued before stops being valid).
+        #[arg(long)]
+        new_ca: bool,
     },
     /// Print the two RTP SSRCs (video, audio) a stream is sent with.
     StreamSsrcs { stream: String },
+}
+
+#[derive(Args, Clone)]
+struct ToolTls {
+    /// TLS folder made by `onode certs`: the tools use its operator certificate.
+    #[arg(long, env = "OVERLAY_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+}
+
+impl ToolTls {
+    /// A channel to `addr` for an operator tool.
+    fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = self.tls_dir.as_deref().map(|d| tls::Tls::load(d, tls::OPERATOR)).transpose()?;
+        let server_name = addr.ip().to_string();
+        net::channel(addr, None, Duration::from_secs(3), tls.as_ref().map(|t| (t, server_name.as_str())))
+    }
 }
 
 #[derive(Subcommand)]
@@ -113,6 +158,28 @@ struct Common {
     /// POPs: a client session not heard from for this long (s) is torn down.
     #[arg(long, default_value_t = 10)]
     session_timeout_s: u64,
+    /// POPs: most open sessions from one client address.
+    #[arg(long, default_value_t = 16)]
+    max_sessions_per_address: usize,
+    /// POPs: most open sessions in total.
+    #[arg(long, default_value_t = 1024)]
+    max_sessions: usize,
+    /// TLS folder made by `onode certs`: the control plane runs over TLS,
+    /// this node proves its name with NAME.pem and accepts overlay calls
+    /// only from nodes holding the CA's certificates. Needs --name.
+    /// Without it, nothing on the control plane is authenticated.
+    #[arg(long, env = "OVERLAY_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+}
+
+impl Common {
+    /// This node's TLS material, when a TLS folder is given.
+    fn tls(&self) -> anyhow::Result<Option<tls::Tls>> {
+        let Some(dir) = &self.tls_dir else { return Ok(None) };
+        let name =
+            self.name.as_deref().context("--tls-dir needs --name: the node's certificate is picked by its name")?;
+        tls::Tls::load(dir, name).map(Some)
+    }
 }
 
 #[derive(Args)]
@@ -172,18 +239,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{v} {a}");
             Ok(())
         }
-        Command::Inspect { addr } => {
+        Command::Certs { topology, out, days, new_ca } => {
+            let topo = load_topology(&topology)?;
+            let issued = tls::issue(&topo, &out, days, new_ca)?;
+            let ca = if issued.new_ca { "a new CA" } else { "the CA already there" };
+            println!(
+                "{}: {} certificates issued by {ca}, valid {days} days: {}",
+                issued.dir.display(),
+                issued.names.len(),
+                issued.names.join(" ")
+            );
+            Ok(())
+        }
+        Command::Inspect { addr, tls } => {
             let addr = net::parse_addr(&addr, 7070)?;
-            let mut client =
-                overlay_proto::overlay_client::OverlayClient::new(net::channel(addr, None, Duration::from_secs(3))?);
+            let mut client = overlay_proto::overlay_client::OverlayClient::new(tls.channel(addr)?);
             let reply = client.inspect(pb::InspectRequest {}).await.with_context(|| format!("inspect {addr}"))?;
             let value: serde_json::Value = serde_json::from_str(&reply.into_inner().json)?;
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(())
         }
-        Command::Overview { addr } => {
+        Command::Overview { addr, tls } => {
             let addr = net::parse_addr(&addr, 7070)?;
-            let mut client = BootstrapClient::new(net::channel(addr, None, Duration::from_secs(3))?);
+            let mut client = BootstrapClient::new(tls.channel(addr)?);
             let o =
                 client.overview(pb::OverviewRequest {}).await.with_context(|| format!("overview {addr}"))?.into_inner();
             let value = serde_json::json!({"ready": o.ready, "registered": o.registered, "failed": o.failed, "missing": o.missing});
@@ -216,8 +294,13 @@ fn load_topology(file: &std::path::Path) -> anyhow::Result<Topology> {
     Topology::parse(&text).with_context(|| format!("topology file {}", file.display()))
 }
 
-fn settings(role: Role, c: &Common) -> Settings {
+fn settings(role: Role, c: &Common, tls: Option<tls::Tls>) -> Settings {
     Settings {
+        tls,
+        session_limits: overlay_core::session::SessionLimits {
+            per_address: c.max_sessions_per_address.max(1),
+            total: c.max_sessions.max(1),
+        },
         role,
         bind: c.bind,
         control_port: c.control_port,
@@ -259,13 +342,29 @@ async fn serve(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let pop = node.settings.role == Role::Pop;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &node.settings.tls {
+        builder = builder.tls_config(tls.server_config()?).context("TLS configuration")?;
+    } else {
+        warn!(node = %node.id.name, "no --tls-dir: the control plane is not authenticated, anyone who reaches this node can send it overlay calls");
+    }
+    use services::{BOOTSTRAP_MAX_MESSAGE, OVERLAY_MAX_MESSAGE, SESSION_MAX_MESSAGE};
+    let router = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)))
-        .add_service(pb::overlay_server::OverlayServer::new(OverlayService(node.clone())))
-        .add_optional_service(pop.then(|| pb::session_server::SessionServer::new(SessionService(node.clone()))))
-        .add_optional_service(bootstrapper.map(|b| pb::bootstrap_server::BootstrapServer::new(BootstrapService(b))));
+        .add_service(
+            pb::overlay_server::OverlayServer::new(OverlayService(node.clone()))
+                .max_decoding_message_size(OVERLAY_MAX_MESSAGE),
+        )
+        .add_optional_service(pop.then(|| {
+            pb::session_server::SessionServer::new(SessionService(node.clone()))
+                .max_decoding_message_size(SESSION_MAX_MESSAGE)
+        }))
+        .add_optional_service(bootstrapper.map(|b| {
+            pb::bootstrap_server::BootstrapServer::new(BootstrapService(b))
+                .max_decoding_message_size(BOOTSTRAP_MAX_MESSAGE)
+        }));
     let shutdown = cancel.clone();
     let server = tokio::spawn(
         router
@@ -300,13 +399,16 @@ async fn run_bootstrapper(
     };
     let spec = topology.node(&name).with_context(|| format!("node {name:?} is not in the topology"))?;
     bootstrap::check_role(spec, "server").map_err(anyhow::Error::msg)?;
+    let mut common = common;
+    common.name = Some(name.clone());
+    let tls = common.tls()?;
     let telemetry = telemetry::init(&format!("onode-bootstrapper-{name}"));
     let identity = bootstrap::identity(spec, probe_interval);
     let listener = bind_control(&common).await?;
-    let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port);
+    let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port, tls.is_some());
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
-    let node = Node::new(identity, settings(Role::Server, &common), catalogue, cancel.clone())?;
+    let node = Node::new(identity, settings(Role::Server, &common, tls), catalogue, cancel.clone())?;
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -347,7 +449,10 @@ async fn register(
     streams: &[String],
     cancel: &CancellationToken,
 ) -> anyhow::Result<(BootstrapClient<tonic::transport::Channel>, pb::RegisterReply)> {
-    let mut client = BootstrapClient::new(net::channel(bootstrap, Some(common.bind), Duration::from_secs(3))?);
+    let tls = common.tls()?;
+    let server_name = bootstrap.ip().to_string();
+    let tls = tls.as_ref().map(|t| (t, server_name.as_str()));
+    let mut client = BootstrapClient::new(net::channel(bootstrap, Some(common.bind), Duration::from_secs(3), tls)?);
     let request = pb::RegisterRequest {
         name: common.name.clone().unwrap_or_default(),
         role: role.as_str().into(),
@@ -402,6 +507,7 @@ async fn run_member(
     catalogue: BTreeMap<String, SourceSpec>,
 ) -> anyhow::Result<()> {
     let bootstrap = net::parse_addr(bootstrap, common.control_port).context("--bootstrap")?;
+    let tls = common.tls()?;
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
     let listener = bind_control(&common).await?;
@@ -410,7 +516,16 @@ async fn run_member(
     let identity = identity_from(&reply)?;
     let telemetry = telemetry::init(&format!("onode-{}-{}", role.as_str(), identity.name));
     info!(node = %identity.name, %bootstrap, ready = reply.ready, "registered with the bootstrapper");
-    let node = Node::new(identity, settings(role, &common), catalogue, cancel.clone())?;
+    if let Some(tls) = &tls {
+        if tls.name.as_deref() != Some(identity.name.as_str()) {
+            bail!(
+                "the bootstrapper registered this node as {} but its certificate names {:?}",
+                identity.name,
+                tls.name
+            );
+        }
+    }
+    let node = Node::new(identity, settings(role, &common, tls), catalogue, cancel.clone())?;
     let watcher = node.clone();
     let common2 = common.clone();
     node.tasks.spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });

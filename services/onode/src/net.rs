@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::Tls;
+
 /// Parses "IP" or "IP:PORT"; a bare IP gets `default_port`.
 pub fn parse_addr(text: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
     if let Ok(sa) = text.parse::<SocketAddr>() {
@@ -19,9 +21,21 @@ pub fn parse_addr(text: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
 
 /// A lazily connected gRPC channel to `addr`, sending from `local` when it
 /// is a specific address (so the peer sees which of our names we use).
-pub fn channel(addr: SocketAddr, local: Option<IpAddr>, timeout: Duration) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad endpoint {addr}"))?
+/// With `tls`, the connection is TLS and the server must prove it is
+/// `server_name` (the peer's topology name or the address dialled).
+pub fn channel(
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    timeout: Duration,
+    tls: Option<(&Tls, &str)>,
+) -> anyhow::Result<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).with_context(|| format!("bad endpoint {addr}"))?;
+    if let Some((tls, server_name)) = tls {
+        endpoint = endpoint.tls_config(tls.client_config(server_name)).context("TLS configuration")?;
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_millis(800))
         .timeout(timeout)
         .tcp_nodelay(true)

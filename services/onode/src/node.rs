@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use media::{SourceSpec, StreamSource};
 use overlay_core::routing::{RouteTable, RoutingConfig};
-use overlay_core::session::Sessions;
+use overlay_core::session::{SessionLimits, Sessions};
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
@@ -26,6 +26,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::convert;
 use crate::link::{Incoming, Links};
 use crate::net;
+use crate::tls::Tls;
 
 /// The role a node was started as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,11 @@ pub struct Settings {
     pub settle: Option<Duration>,
     /// A client session not heard from for this long is torn down.
     pub session_timeout: Duration,
+    /// This node's certificate and the overlay's CA (None: plain TCP and
+    /// nobody is authenticated).
+    pub tls: Option<Tls>,
+    /// Bounds on client sessions (POPs).
+    pub session_limits: SessionLimits,
 }
 
 /// A neighbour as the node reaches it.
@@ -181,12 +187,13 @@ impl Node {
         for n in &id.neighbours {
             let addr = SocketAddr::new(n.address, settings.control_port);
             let timeout = settings.join_timeout.max(Duration::from_secs(2));
-            clients.insert(n.name.clone(), OverlayClient::new(net::channel(addr, local, timeout)?));
+            let tls = settings.tls.as_ref().map(|t| (t, n.name.as_str()));
+            clients.insert(n.name.clone(), OverlayClient::new(net::channel(addr, local, timeout, tls)?));
         }
         let state = State {
             routes: RouteTable::new(id.name.clone(), names, config),
             trees: Trees::new(id.name.clone(), offered),
-            sessions: Sessions::default(),
+            sessions: Sessions::new(settings.session_limits),
             waiters: HashMap::new(),
             data_ports: HashMap::new(),
             upstream_data: HashMap::new(),

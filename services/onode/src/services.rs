@@ -9,30 +9,134 @@ use overlay_core::tree::Requester;
 use overlay_proto as pb;
 use rand::RngCore;
 use tonic::{Request, Response, Status};
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::convert;
 use crate::node::Node;
+use crate::tls::Peer;
+use overlay_core::session::short_id;
+
+/// Largest message each service takes: a few hundred bytes are real use;
+/// the margin is for long paths and stream lists.
+pub const OVERLAY_MAX_MESSAGE: usize = 64 * 1024;
+pub const SESSION_MAX_MESSAGE: usize = 8 * 1024;
+pub const BOOTSTRAP_MAX_MESSAGE: usize = 64 * 1024;
+
+/// Longest node or stream name taken.
+pub const MAX_NAME: usize = 64;
+/// Longest free-form client name kept.
+pub const MAX_CLIENT_NAME: usize = 64;
+/// Most nodes a join path or reroot route may list.
+pub const MAX_PATH: usize = 64;
+/// How much of a rejected value an error or a log line shows.
+const SHOWN: usize = 32;
+
+/// At most [`SHOWN`] characters of `text`, marked when cut.
+pub fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{:?}… ({} bytes)", &text[..at], text.len()),
+        None => format!("{text:?}"),
+    }
+}
+
+/// Checks a node or stream name: short, and only letters, digits, `.`,
+/// `_` and `-`, so that it is safe in logs, paths and URLs.
+pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is empty")));
+    }
+    if name.len() > MAX_NAME {
+        return Err(Status::invalid_argument(format!("{what} {} is longer than {MAX_NAME} bytes", shown(name))));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err(Status::invalid_argument(format!(
+            "{what} {} may hold only letters, digits, '.', '_' and '-'",
+            shown(name)
+        )));
+    }
+    Ok(())
+}
+
+fn check_path(what: &str, path: &[String]) -> Result<(), Status> {
+    if path.len() > MAX_PATH {
+        return Err(Status::invalid_argument(format!("{what} lists {} nodes, at most {MAX_PATH}", path.len())));
+    }
+    path.iter().try_for_each(|n| check_name(what, n))
+}
+
+/// Which neighbour is calling: with TLS the certificate says, and the
+/// name the request claims must be the same; without TLS the request must
+/// come from the address this node knows that neighbour by.
+fn neighbour<T>(node: &Node, request: &Request<T>, claimed: &str) -> Result<String, Status> {
+    let me = &node.id.name;
+    let name = if node.settings.tls.is_some() {
+        match Peer::of(request) {
+            Peer::Node(name) => {
+                if !claimed.is_empty() && claimed != name {
+                    return Err(Status::permission_denied(format!(
+                        "node {me}: the caller is node {name} but claims to be {}",
+                        shown(claimed)
+                    )));
+                }
+                name
+            }
+            other => {
+                return Err(Status::unauthenticated(format!(
+                    "node {me}: the overlay service answers overlay nodes only, and the caller is {other}"
+                )))
+            }
+        }
+    } else {
+        let peer = request.remote_addr().map(|a| a.ip());
+        let known = node.id.neighbours.iter().find(|n| n.name == claimed).map(|n| n.address);
+        if known.is_some() && known != peer {
+            return Err(Status::permission_denied(format!(
+                "node {me}: {} is reached at {}, but the request came from {}",
+                shown(claimed),
+                known.map(|a| a.to_string()).unwrap_or_default(),
+                peer.map(|a| a.to_string()).unwrap_or_else(|| "an unknown address".into())
+            )));
+        }
+        claimed.to_string()
+    };
+    if node.id.neighbours.iter().all(|n| n.name != name) {
+        return Err(Status::permission_denied(format!("node {me}: {} is not a neighbour", shown(&name))));
+    }
+    Ok(name)
+}
+
+/// Operator-only calls: with TLS, a certificate of the overlay's CA held
+/// by an operator.
+pub fn operator<T>(tls: bool, me: &str, request: &Request<T>) -> Result<(), Status> {
+    if !tls {
+        return Ok(());
+    }
+    match Peer::of(request) {
+        Peer::Operator(_) => Ok(()),
+        other => Err(Status::permission_denied(format!(
+            "{me}: this call is for the overlay's operators (the operator certificate), and the caller is {other}"
+        ))),
+    }
+}
 
 pub struct OverlayService(pub Arc<Node>);
 
 #[tonic::async_trait]
 impl pb::overlay_server::Overlay for OverlayService {
-    async fn ping(&self, _request: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
+    async fn ping(&self, request: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
+        neighbour(&self.0, &request, &request.get_ref().sender)?;
         Ok(Response::new(pb::PingReply { name: self.0.id.name.clone() }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let span = telemetry::server_span("Join", request.metadata());
-        let req = request.into_inner();
+        let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
+        let mut req = request.into_inner();
+        req.sender = sender;
+        check_name("stream", &req.stream)?;
+        check_path("path", &req.path)?;
         let node = self.0.clone();
         async move {
-            if node.id.neighbours.iter().all(|n| n.name != req.sender) {
-                return Err(Status::permission_denied(format!(
-                    "node {}: {:?} is not a neighbour",
-                    node.id.name, req.sender
-                )));
-            }
             let port = u16::try_from(req.data_port)
                 .ok()
                 .filter(|p| *p != 0)
@@ -49,24 +153,33 @@ impl pb::overlay_server::Overlay for OverlayService {
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveReply>, Status> {
+        let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
-        self.0.leave(&req.stream, Requester::Neighbour(req.sender));
+        check_name("stream", &req.stream)?;
+        self.0.leave(&req.stream, Requester::Neighbour(sender));
         Ok(Response::new(pb::LeaveReply {}))
     }
 
     async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshReply>, Status> {
+        let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
-        let packets = self.0.refresh(&req.stream, &req.sender) as u32;
+        check_name("stream", &req.stream)?;
+        let packets = self.0.refresh(&req.stream, &sender) as u32;
         Ok(Response::new(pb::RefreshReply { packets }))
     }
 
     async fn reroot(&self, request: Request<pb::RerootRequest>) -> Result<Response<pb::RerootReply>, Status> {
+        let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
-        self.0.rerooted(&req.stream, &req.sender, &req.server, &req.route);
+        check_name("stream", &req.stream)?;
+        check_name("server", &req.server)?;
+        check_path("route", &req.route)?;
+        self.0.rerooted(&req.stream, &sender, &req.server, &req.route);
         Ok(Response::new(pb::RerootReply {}))
     }
 
-    async fn inspect(&self, _request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectReply>, Status> {
+    async fn inspect(&self, request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectReply>, Status> {
+        operator(self.0.settings.tls.is_some(), &format!("node {}", self.0.id.name), &request)?;
         Ok(Response::new(pb::InspectReply { json: self.0.inspect().to_string() }))
     }
 }
@@ -77,17 +190,33 @@ fn session_status(e: overlay_core::session::SessionError) -> Status {
     match e {
         overlay_core::session::SessionError::Unknown(_) => Status::not_found(e.to_string()),
         overlay_core::session::SessionError::BadPhase { .. } => Status::failed_precondition(e.to_string()),
+        overlay_core::session::SessionError::ForeignDestination { .. } => Status::permission_denied(e.to_string()),
+        overlay_core::session::SessionError::TooMany { .. }
+        | overlay_core::session::SessionError::TooManyFromAddress { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 
 #[tonic::async_trait]
 impl pb::session_server::Session for SessionService {
     async fn connect_pop(&self, request: Request<pb::ConnectRequest>) -> Result<Response<pb::ConnectReply>, Status> {
+        let peer =
+            request.remote_addr().map(|a| a.ip()).ok_or_else(|| Status::internal("the client's address is unknown"))?;
         let client = request.into_inner().client;
+        if client.len() > MAX_CLIENT_NAME || client.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "client name {} is longer than {MAX_CLIENT_NAME} bytes or holds control characters",
+                shown(&client)
+            )));
+        }
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.0.with_sessions(|s| s.connect(id.clone(), client.clone(), std::time::Instant::now()));
+        self.0.with_sessions(|s| s.connect(id.clone(), client.clone(), peer, std::time::Instant::now())).map_err(
+            |e| {
+                warn!(pop = %self.0.id.name, %peer, "session refused: {e}");
+                session_status(e)
+            },
+        )?;
         info!(pop = %self.0.id.name, %client, session = &id[..8], "client connected");
         Ok(Response::new(pb::ConnectReply { session_id: id, pop: self.0.id.name.clone() }))
     }
@@ -98,19 +227,25 @@ impl pb::session_server::Session for SessionService {
         let req = request.into_inner();
         let node = self.0.clone();
         async move {
+            let peer = peer.map(|p| p.ip()).ok_or_else(|| Status::internal("the client's address is unknown"))?;
             let host = if req.rtp_host.is_empty() {
-                peer.map(|p| p.ip()).ok_or_else(|| Status::invalid_argument("rtp_host is empty and the peer address is unknown"))?
+                peer
             } else {
-                req.rtp_host.parse().map_err(|_| Status::invalid_argument(format!("rtp_host {:?} is not an IP address", req.rtp_host)))?
+                req.rtp_host
+                    .parse()
+                    .map_err(|_| Status::invalid_argument(format!("rtp_host {} is not an IP address", shown(&req.rtp_host))))?
             };
             let port = u16::try_from(req.rtp_port)
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| Status::invalid_argument(format!("rtp_port {} is not a UDP port", req.rtp_port)))?;
-            if req.stream.is_empty() {
-                return Err(Status::invalid_argument("stream is empty"));
-            }
-            node.with_sessions(|s| s.check_setup(&req.session_id)).map_err(session_status)?;
+            check_name("stream", &req.stream)?;
+            node.with_sessions(|s| s.check_setup_to(&req.session_id, host)).map_err(|e| {
+                if matches!(e, overlay_core::session::SessionError::ForeignDestination { .. }) {
+                    warn!(pop = %node.id.name, %peer, "SETUP refused: {e}");
+                }
+                session_status(e)
+            })?;
             let desc = node
                 .join(&req.stream, Requester::Local, Vec::new(), node.settings.data_port)
                 .await
@@ -120,7 +255,7 @@ impl pb::session_server::Session for SessionService {
                 node.leave(&req.stream, Requester::Local);
                 return Err(session_status(e));
             }
-            info!(pop = %node.id.name, stream = %req.stream, %dest, session = &req.session_id[..8.min(req.session_id.len())], "session set up");
+            info!(pop = %node.id.name, stream = %req.stream, %dest, session = short_id(&req.session_id), "session set up");
             let source_ip = node.id.pop_addresses.first().copied().unwrap_or(node.settings.bind);
             Ok(Response::new(pb::SetupReply {
                 stream: Some(convert::desc_to_wire(&desc, node.settings.data_port)),
@@ -134,14 +269,14 @@ impl pb::session_server::Session for SessionService {
     async fn play(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
         let phase = self.0.play(&id).map_err(session_status)?;
-        info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "PLAY");
+        info!(pop = %self.0.id.name, session = short_id(&id), "PLAY");
         Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
     }
 
     async fn pause(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
         let phase = self.0.with_sessions(|s| s.pause(&id)).map_err(session_status)?;
-        info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "PAUSE");
+        info!(pop = %self.0.id.name, session = short_id(&id), "PAUSE");
         Ok(Response::new(pb::SessionReply { state: phase.to_string() }))
     }
 
@@ -154,7 +289,7 @@ impl pb::session_server::Session for SessionService {
     async fn teardown(&self, request: Request<pb::SessionRequest>) -> Result<Response<pb::SessionReply>, Status> {
         let id = request.into_inner().session_id;
         let session = self.0.with_sessions(|s| s.teardown(&id)).map_err(session_status)?;
-        info!(pop = %self.0.id.name, session = &id[..8.min(id.len())], "TEARDOWN");
+        info!(pop = %self.0.id.name, session = short_id(&id), "TEARDOWN");
         if let Some(stream) = session.stream {
             self.0.leave(&stream, Requester::Local);
         }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -32,17 +32,51 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Session ids are 32 hex digits; anything sent as one is shown by at
+/// most this many characters in errors and logs.
+pub const ID_SHOWN: usize = 8;
+
+/// The first [`ID_SHOWN`] characters of a session id, for messages.
+pub fn short_id(id: &str) -> &str {
+    match id.char_indices().nth(ID_SHOWN) {
+        Some((at, _)) => &id[..at],
+        None => id,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SessionError {
-    #[error("session {0}: no such session")]
+    #[error("session {}: no such session", short_id(.0))]
     Unknown(String),
-    #[error("session {id}: cannot {op} while {phase}")]
+    #[error("session {}: cannot {op} while {phase}", short_id(.id))]
     BadPhase { id: String, op: &'static str, phase: Phase },
+    /// RTP may only go to the host that asked for it (RFC 7826 §21).
+    #[error("session {}: media may only go to the address the session was opened from ({peer}), not {dest}", short_id(.id))]
+    ForeignDestination { id: String, peer: IpAddr, dest: IpAddr },
+    #[error("too many sessions from {peer}: at most {limit} per client address")]
+    TooManyFromAddress { peer: IpAddr, limit: usize },
+    #[error("too many sessions at this POP: at most {limit}")]
+    TooMany { limit: usize },
+}
+
+/// Bounds on open sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub per_address: usize,
+    pub total: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits { per_address: 16, total: 1024 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub client: String,
+    /// The address the session was opened from: its media goes there only.
+    pub peer: IpAddr,
     pub phase: Phase,
     pub stream: Option<String>,
     pub rtp_dest: Option<SocketAddr>,
@@ -53,12 +87,34 @@ pub struct Session {
 #[derive(Debug, Clone, Default)]
 pub struct Sessions {
     sessions: BTreeMap<String, Session>,
+    limits: SessionLimits,
 }
 
 impl Sessions {
-    pub fn connect(&mut self, id: String, client: String, now: Instant) {
-        let session = Session { client, phase: Phase::Connected, stream: None, rtp_dest: None, last_seen: now };
+    pub fn new(limits: SessionLimits) -> Sessions {
+        Sessions { sessions: BTreeMap::new(), limits }
+    }
+
+    /// Opens a session for a client at `peer`, within the limits.
+    pub fn connect(&mut self, id: String, client: String, peer: IpAddr, now: Instant) -> Result<(), SessionError> {
+        if self.sessions.len() >= self.limits.total {
+            return Err(SessionError::TooMany { limit: self.limits.total });
+        }
+        if self.sessions.values().filter(|s| s.peer == peer).count() >= self.limits.per_address {
+            return Err(SessionError::TooManyFromAddress { peer, limit: self.limits.per_address });
+        }
+        let session = Session { client, peer, phase: Phase::Connected, stream: None, rtp_dest: None, last_seen: now };
         self.sessions.insert(id, session);
+        Ok(())
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
     }
 
     /// The client is still there.
@@ -97,9 +153,22 @@ impl Sessions {
         self.expect(id, "SETUP", &[Phase::Connected]).map(|_| ())
     }
 
+    /// Checks that SETUP may proceed (the tree join happens in between):
+    /// the session is fresh and its media would go back to its own host.
+    pub fn check_setup_to(&mut self, id: &str, dest: IpAddr) -> Result<(), SessionError> {
+        let s = self.expect(id, "SETUP", &[Phase::Connected])?;
+        if s.peer != dest {
+            return Err(SessionError::ForeignDestination { id: id.to_string(), peer: s.peer, dest });
+        }
+        Ok(())
+    }
+
     /// SETUP succeeded: the POP carries `stream`.
     pub fn set_up(&mut self, id: &str, stream: String, dest: SocketAddr) -> Result<(), SessionError> {
         let s = self.expect(id, "SETUP", &[Phase::Connected])?;
+        if s.peer != dest.ip() {
+            return Err(SessionError::ForeignDestination { id: id.to_string(), peer: s.peer, dest: dest.ip() });
+        }
         s.phase = Phase::Ready;
         s.stream = Some(stream);
         s.rtp_dest = Some(dest);
@@ -145,7 +214,7 @@ mod tests {
     fn life_of_a_session() {
         let mut s = Sessions::default();
         let dest: SocketAddr = "10.0.6.20:5000".parse().unwrap();
-        s.connect("a".into(), "c1".into(), Instant::now());
+        s.connect("a".into(), "c1".into(), dest.ip(), Instant::now()).unwrap();
         assert_eq!(s.play("a").unwrap_err().to_string(), "session a: cannot PLAY while connected");
         s.check_setup("a").unwrap();
         s.set_up("a", "test".into(), dest).unwrap();
@@ -165,8 +234,9 @@ mod tests {
     fn silent_clients_expire() {
         let t0 = Instant::now();
         let mut s = Sessions::default();
-        s.connect("a".into(), "c1".into(), t0);
-        s.connect("b".into(), "c2".into(), t0);
+        let ip: IpAddr = "10.0.6.20".parse().unwrap();
+        s.connect("a".into(), "c1".into(), ip, t0).unwrap();
+        s.connect("b".into(), "c2".into(), ip, t0).unwrap();
         s.set_up("a", "test".into(), "10.0.6.20:5000".parse().unwrap()).unwrap();
         s.touch("b", t0 + Duration::from_secs(8)).unwrap();
         assert!(s.expire(t0 + Duration::from_secs(9), Duration::from_secs(10)).is_empty());
@@ -175,5 +245,47 @@ mod tests {
         assert_eq!((gone[0].0.as_str(), gone[0].1.stream.as_deref()), ("a", Some("test")));
         assert!(s.touch("a", t0).is_err());
         assert_eq!(s.touch("b", t0 + Duration::from_secs(12)), Ok(Phase::Connected));
+    }
+
+    #[test]
+    fn media_goes_only_to_the_host_that_asked() {
+        let mut s = Sessions::default();
+        let me: IpAddr = "10.0.6.20".parse().unwrap();
+        s.connect("a".repeat(32), "c1".into(), me, Instant::now()).unwrap();
+        let id = "a".repeat(32);
+        let victim: IpAddr = "10.0.7.20".parse().unwrap();
+        let err = s.check_setup_to(&id, victim).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "session aaaaaaaa: media may only go to the address the session was opened from (10.0.6.20), not 10.0.7.20"
+        );
+        assert!(s.set_up(&id, "test".into(), SocketAddr::new(victim, 5000)).is_err());
+        s.check_setup_to(&id, me).unwrap();
+        s.set_up(&id, "test".into(), SocketAddr::new(me, 5000)).unwrap();
+    }
+
+    #[test]
+    fn sessions_are_bounded_per_address_and_in_total() {
+        let mut s = Sessions::new(SessionLimits { per_address: 2, total: 3 });
+        let (a, b): (IpAddr, IpAddr) = ("10.0.6.20".parse().unwrap(), "10.0.6.21".parse().unwrap());
+        let now = Instant::now();
+        s.connect("1".into(), "c".into(), a, now).unwrap();
+        s.connect("2".into(), "c".into(), a, now).unwrap();
+        assert_eq!(
+            s.connect("3".into(), "c".into(), a, now),
+            Err(SessionError::TooManyFromAddress { peer: a, limit: 2 })
+        );
+        s.connect("3".into(), "c".into(), b, now).unwrap();
+        assert_eq!(s.connect("4".into(), "c".into(), b, now), Err(SessionError::TooMany { limit: 3 }));
+        s.teardown("1").unwrap();
+        s.connect("4".into(), "c".into(), a, now).unwrap();
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn errors_show_only_a_prefix_of_what_was_sent() {
+        let mut s = Sessions::default();
+        let huge = "x".repeat(1 << 20);
+        assert_eq!(s.play(&huge).unwrap_err().to_string(), "session xxxxxxxx: no such session");
     }
 }

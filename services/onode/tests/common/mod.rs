@@ -165,6 +165,17 @@ impl Overlay {
         let (topology, addr) = loopback_topology(original, net);
         let dir = tempdir::Dir::new(tag);
         std::fs::write(dir.path().join("topology.json"), serde_json::to_string_pretty(&topology).unwrap()).unwrap();
+        // The control plane runs over TLS with certificates of a CA made
+        // for this overlay alone, as `onode certs` makes them for users.
+        let certs = Command::new(bin("onode"))
+            .arg("certs")
+            .arg("--topology")
+            .arg(dir.path().join("topology.json"))
+            .arg("--out")
+            .arg(dir.path().join("tls"))
+            .output()
+            .unwrap();
+        assert!(certs.status.success(), "onode certs: {}", String::from_utf8_lossy(&certs.stderr));
         let mut o = Overlay {
             _serial: serial,
             dir,
@@ -220,12 +231,26 @@ impl Overlay {
             }
         }
         // Loopback delays are all noise: let hop counts decide.
-        cmd.args(["--bind", &ip, "--tie-floor-us", "20000", "--session-timeout-s", "3"]);
+        cmd.args(["--bind", &ip, "--tie-floor-us", "20000", "--session-timeout-s", "3", "--name", node]);
+        cmd.arg("--tls-dir").arg(self.tls_dir());
         let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
         cmd.stdout(Stdio::null()).stderr(log).env("RUST_LOG", "info");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().unwrap();
         self.procs.insert(node.to_string(), child);
+    }
+
+    /// The overlay's TLS folder (CA, node and operator certificates).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// An `onode` tool command (inspect, overview) with the operator's
+    /// certificate.
+    pub fn onode_tool(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("onode"));
+        cmd.args(args).arg("--tls-dir").arg(self.tls_dir());
+        cmd
     }
 
     pub fn log(&self, node: &str) -> String {
@@ -235,10 +260,8 @@ impl Overlay {
     fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
         loop {
-            if let Some(o) = self.overview() {
-                if o["ready"] == true {
-                    break;
-                }
+            if self.overview().is_some_and(|o| o["ready"] == true) && self.routes_settled() {
+                break;
             }
             assert!(
                 start.elapsed() < limit,
@@ -249,13 +272,33 @@ impl Overlay {
         }
     }
 
+    /// Every node's best route to every server has as few hops as the
+    /// topology allows: the probes have been everywhere, so trees built
+    /// from now on follow hop counts (the tie floor makes loopback delays
+    /// a tie) and not the order in which probes happened to arrive.
+    fn routes_settled(&self) -> bool {
+        let servers: Vec<&String> = self.addr.keys().filter(|n| n.starts_with('s')).collect();
+        servers.iter().all(|server| {
+            let hops = hops_to(&self.topology, server);
+            self.addr.keys().filter(|n| !n.starts_with('s')).all(|n| {
+                let Some(state) = self.try_inspect(n) else { return false };
+                state["routes"][server.as_str()]["hops"].as_u64() == Some(u64::from(hops[n]))
+            })
+        })
+    }
+
+    pub fn try_inspect(&self, node: &str) -> Option<Value> {
+        let out = self.onode_tool(&["inspect", &self.addr[node].to_string()]).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
     pub fn overview(&self) -> Option<Value> {
-        let out = Command::new(bin("onode")).args(["overview", &self.bootstrapper().to_string()]).output().ok()?;
+        let out = self.onode_tool(&["overview", &self.bootstrapper().to_string()]).output().ok()?;
         serde_json::from_slice(&out.stdout).ok()
     }
 
     pub fn inspect(&self, node: &str) -> Value {
-        let out = Command::new(bin("onode")).args(["inspect", &self.addr[node].to_string()]).output().unwrap();
+        let out = self.onode_tool(&["inspect", &self.addr[node].to_string()]).output().unwrap();
         assert!(out.status.success(), "inspect {node}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -315,6 +358,7 @@ impl Overlay {
         cmd.args(["--bootstrap", &self.bootstrapper().to_string(), stream, "--headless", "--name", name]);
         cmd.args(["--duration", &secs.to_string(), "--stats-line", "false"]);
         cmd.arg("--stats-json").arg(self.stats_path(name));
+        cmd.arg("--tls-dir").arg(self.tls_dir());
         if let Some(p) = pop {
             cmd.args(["--pop", &self.addr[p].to_string()]);
         }
