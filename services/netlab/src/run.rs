@@ -163,8 +163,49 @@ pub fn up(lab: &Lab, opts: &UpOptions) -> Result<LabState> {
     let Some(bins) = bins else {
         return Ok(st);
     };
+    issue_certificates(lab, &st, &bins)?;
     start_roles(lab, &mut st, &bins, opts)?;
     Ok(st)
+}
+
+/// The lab's control plane runs over TLS: a CA of its own and a
+/// certificate for every node and for the operator, made with `onode
+/// certs` in the lab's folder. Every process netlab starts (nodes, clients,
+/// the tools) finds the folder in `OVERLAY_TLS_DIR`.
+fn issue_certificates(lab: &Lab, st: &LabState, bins: &Bins) -> Result<()> {
+    let Some(topology) = &lab.overlay_path else { return Ok(()) };
+    let dir = tls_dir(&st.prefix);
+    let topology = topology.display().to_string();
+    let out = sys::output(
+        &[
+            &bins.onode.display().to_string(),
+            "certs",
+            "--topology",
+            &topology,
+            "--out",
+            &dir.display().to_string(),
+            "--new-ca",
+        ],
+        None,
+    )
+    .context("onode certs")?;
+    eprintln!("netlab: lab {}: {}", st.prefix, out.trim());
+    use_tls_dir(&st.prefix);
+    Ok(())
+}
+
+/// The TLS folder of lab `prefix`.
+pub fn tls_dir(prefix: &str) -> PathBuf {
+    state::lab_dir(prefix).join("tls")
+}
+
+/// Points this process and its children at the lab's TLS folder, when the
+/// lab has one.
+pub fn use_tls_dir(prefix: &str) {
+    let dir = tls_dir(prefix);
+    if dir.join("ca.pem").exists() {
+        std::env::set_var("OVERLAY_TLS_DIR", &dir);
+    }
 }
 
 /// The command line of an overlay role.
@@ -445,6 +486,8 @@ pub fn down(prefix: &str) -> Result<DownReport> {
     plan::check_prefix(prefix).map_err(|e| anyhow!(e))?;
     let mut namespaces = sys::lab_namespaces(prefix)?;
     let recorded = LabState::load(prefix).ok();
+    // The lab's CA key and certificates go with it.
+    let _ = std::fs::remove_dir_all(tls_dir(prefix));
     if let Some(st) = &recorded {
         for ns in &st.namespaces {
             if !namespaces.contains(ns) && Path::new("/run/netns").join(ns).exists() {

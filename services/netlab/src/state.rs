@@ -138,7 +138,9 @@ impl LabState {
         let p = state_path(prefix);
         let text = std::fs::read_to_string(&p)
             .with_context(|| format!("no lab {prefix} is up ({} is missing)", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+        let st: LabState = serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))?;
+        crate::run::use_tls_dir(prefix);
+        Ok(st)
     }
 
     /// Removes the state file (the logs stay).

@@ -246,7 +246,7 @@ mod tests {
     fn topology() -> Topology {
         Topology::parse(
             r#"{"s1": {"neighbours": ["10.0.0.2"], "names": ["10.0.0.1"]},
-                "o1": {"neighbours": ["10.0.0.1s"], "names": ["10.0.0.2"], "pop": ["10.0.1.1"]}}"#,
+                "o1": {"neighbours": ["10.0.0.1s"], "names": ["10.0.0.2", "10.0.1.1"], "pop": ["10.0.1.1"]}}"#,
         )
         .unwrap()
     }
