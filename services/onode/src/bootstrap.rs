@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::node::{Identity, Neighbour};
-use crate::services::{check_name, operator, shown, MAX_CLIENT_NAME};
+use crate::services::{check_client_name, check_name, operator, shown};
 use crate::tls::Peer;
 
 pub struct Bootstrapper {
@@ -133,7 +133,9 @@ impl Bootstrapper {
                 ))),
             };
         }
-        check_name("node name", name).or_else(|e| if name.is_empty() { Ok(()) } else { Err(e) })?;
+        if !name.is_empty() {
+            check_name("node name", name)?;
+        }
         self.identify(name, request.remote_addr().map(|a| a.ip()))
     }
 
@@ -213,12 +215,7 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
         let req = request.into_inner();
-        if req.client.len() > MAX_CLIENT_NAME || req.client.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
-                "client name {} is longer than {MAX_CLIENT_NAME} bytes or holds control characters",
-                shown(&req.client)
-            )));
-        }
+        check_client_name(&req.client)?;
         if !req.stream.is_empty() {
             check_name("stream", &req.stream)?;
         }

@@ -57,6 +57,18 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Checks a free-form client name (kept for logs): short, no control
+/// characters.
+pub fn check_client_name(client: &str) -> Result<(), Status> {
+    if client.len() > MAX_CLIENT_NAME || client.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "client name {} is longer than {MAX_CLIENT_NAME} bytes or holds control characters",
+            shown(client)
+        )));
+    }
+    Ok(())
+}
+
 fn check_path(what: &str, path: &[String]) -> Result<(), Status> {
     if path.len() > MAX_PATH {
         return Err(Status::invalid_argument(format!("{what} lists {} nodes, at most {MAX_PATH}", path.len())));
@@ -202,12 +214,7 @@ impl pb::session_server::Session for SessionService {
         let peer =
             request.remote_addr().map(|a| a.ip()).ok_or_else(|| Status::internal("the client's address is unknown"))?;
         let client = request.into_inner().client;
-        if client.len() > MAX_CLIENT_NAME || client.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
-                "client name {} is longer than {MAX_CLIENT_NAME} bytes or holds control characters",
-                shown(&client)
-            )));
-        }
+        check_client_name(&client)?;
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

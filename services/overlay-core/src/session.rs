@@ -148,11 +148,6 @@ impl Sessions {
         Ok(s)
     }
 
-    /// Checks that SETUP may proceed (the tree join happens in between).
-    pub fn check_setup(&mut self, id: &str) -> Result<(), SessionError> {
-        self.expect(id, "SETUP", &[Phase::Connected]).map(|_| ())
-    }
-
     /// Checks that SETUP may proceed (the tree join happens in between):
     /// the session is fresh and its media would go back to its own host.
     pub fn check_setup_to(&mut self, id: &str, dest: IpAddr) -> Result<(), SessionError> {
@@ -216,7 +211,7 @@ mod tests {
         let dest: SocketAddr = "10.0.6.20:5000".parse().unwrap();
         s.connect("a".into(), "c1".into(), dest.ip(), Instant::now()).unwrap();
         assert_eq!(s.play("a").unwrap_err().to_string(), "session a: cannot PLAY while connected");
-        s.check_setup("a").unwrap();
+        s.check_setup_to("a", dest.ip()).unwrap();
         s.set_up("a", "test".into(), dest).unwrap();
         assert_eq!(s.playing("test").count(), 0);
         s.play("a").unwrap();
@@ -224,7 +219,7 @@ mod tests {
         s.pause("a").unwrap();
         assert_eq!(s.playing("test").count(), 0);
         s.play("a").unwrap();
-        assert!(s.check_setup("a").is_err());
+        assert!(s.check_setup_to("a", dest.ip()).is_err());
         let gone = s.teardown("a").unwrap();
         assert_eq!(gone.stream.as_deref(), Some("test"));
         assert_eq!(s.teardown("a").unwrap_err(), SessionError::Unknown("a".into()));
