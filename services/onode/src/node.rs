@@ -663,7 +663,18 @@ impl Node {
             route: desc.route,
             server: desc.server,
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.reroot(request)).await;
+        match tokio::time::timeout(Duration::from_secs(2), client.reroot(request)).await {
+            Ok(Ok(_)) => {}
+            // A refusal is a bug or a misconfiguration, never the network:
+            // say so, or the downstream waits for a notice that never comes.
+            Ok(Err(status)) if status.code() != tonic::Code::Unavailable => {
+                warn!(node = %self.id.name, downstream = %to, "reroot notice refused: {}", status.message())
+            }
+            Ok(Err(status)) => {
+                debug!(node = %self.id.name, downstream = %to, "reroot notice not delivered: {}", status.message())
+            }
+            Err(_) => debug!(node = %self.id.name, downstream = %to, "reroot notice timed out"),
+        }
     }
 
     /// The upstream's route to the root changed: update ours, pass it on.

@@ -76,6 +76,16 @@ fn check_path(what: &str, path: &[String]) -> Result<(), Status> {
     path.iter().try_for_each(|n| check_name(what, n))
 }
 
+/// Checks a reroot notice's fields. An empty route says "I found no way to
+/// the root" and names no server.
+fn check_reroot(req: &pb::RerootRequest) -> Result<(), Status> {
+    check_name("stream", &req.stream)?;
+    if !req.route.is_empty() || !req.server.is_empty() {
+        check_name("server", &req.server)?;
+    }
+    check_path("route", &req.route)
+}
+
 /// Which neighbour is calling: with TLS the certificate says, and the
 /// name the request claims must be the same; without TLS the request must
 /// come from the address this node knows that neighbour by.
@@ -183,9 +193,7 @@ impl pb::overlay_server::Overlay for OverlayService {
     async fn reroot(&self, request: Request<pb::RerootRequest>) -> Result<Response<pb::RerootReply>, Status> {
         let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
-        check_name("stream", &req.stream)?;
-        check_name("server", &req.server)?;
-        check_path("route", &req.route)?;
+        check_reroot(&req)?;
         self.0.rerooted(&req.stream, &sender, &req.server, &req.route);
         Ok(Response::new(pb::RerootReply {}))
     }
@@ -301,5 +309,33 @@ impl pb::session_server::Session for SessionService {
             self.0.leave(&stream, Requester::Local);
         }
         Ok(Response::new(pb::SessionReply { state: "closed".into() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reroot(server: &str, route: &[&str]) -> pb::RerootRequest {
+        pb::RerootRequest {
+            stream: "test".into(),
+            sender: "o8".into(),
+            server: server.into(),
+            route: route.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_give_up_notice_names_no_server_and_is_taken() {
+        assert!(check_reroot(&reroot("", &[])).is_ok());
+        assert!(check_reroot(&reroot("s1", &["o2", "s1"])).is_ok());
+    }
+
+    #[test]
+    fn a_route_without_its_server_or_a_bad_name_is_refused() {
+        let err = check_reroot(&reroot("", &["o2", "s1"])).unwrap_err();
+        assert!(err.message().contains("server is empty"), "{}", err.message());
+        let err = check_reroot(&reroot("s1", &["o2", "bad name"])).unwrap_err();
+        assert!(err.message().contains("route"), "{}", err.message());
     }
 }
