@@ -10,6 +10,7 @@ mod net;
 mod node;
 mod services;
 mod tls;
+mod token;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -97,8 +98,49 @@ enum Command {
         #[arg(long)]
         new_ca: bool,
     },
+    /// Viewer and publisher tokens (JWT): make a signing key, sign tokens.
+    ///
+    /// POPs and servers given --token-key take media requests only with a
+    /// token that grants the stream; viewers pass it with `oclient --token`.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print the two RTP SSRCs (video, audio) a stream is sent with.
     StreamSsrcs { stream: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Write a new random shared secret (HS256) to FILE, readable by its
+    /// owner only. Nodes check tokens with it (--token-key FILE) and
+    /// `onode token mint --key FILE` signs with it.
+    NewSecret { file: PathBuf },
+    /// Write a new Ed25519 key pair into OUT: token.key signs tokens (keep
+    /// it with whoever mints), token.pub checks them (give it to the nodes
+    /// with --token-key). Nodes holding only the public key cannot mint.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a token and print it.
+    Mint {
+        /// The signing key: a shared secret file or token.key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Who holds the token (shown in the nodes' logs).
+        #[arg(long, default_value = "viewer")]
+        sub: String,
+        /// A stream name pattern it may watch (`*` matches any run of characters); repeatable.
+        #[arg(long = "read", value_name = "PATTERN")]
+        read: Vec<String>,
+        /// A stream name pattern it may publish; repeatable.
+        #[arg(long = "publish", value_name = "PATTERN")]
+        publish: Vec<String>,
+        /// How long it is valid, in seconds from now.
+        #[arg(long, default_value_t = 3600)]
+        valid_for_s: u64,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -170,6 +212,11 @@ struct Common {
     /// Without it, nothing on the control plane is authenticated.
     #[arg(long, env = "OVERLAY_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+    /// POPs: viewers need a token that grants the stream (`onode token`):
+    /// FILE is the shared secret or the public key (token.pub) tokens are
+    /// checked with. Without it, any client may watch any stream.
+    #[arg(long, env = "OVERLAY_TOKEN_KEY", value_name = "FILE")]
+    token_key: Option<PathBuf>,
 }
 
 impl Common {
@@ -251,6 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Token { command } => run_token(command),
         Command::Inspect { addr, tls } => {
             let addr = net::parse_addr(&addr, 7070)?;
             let mut client = overlay_proto::overlay_client::OverlayClient::new(tls.channel(addr)?);
@@ -288,15 +336,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn run_token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::NewSecret { file } => {
+            tls::write_private(&file, &format!("{}\n", token::new_secret()))?;
+            println!("{}: a new shared secret (HS256); give it to the nodes with --token-key", file.display());
+        }
+        TokenCommand::Keygen { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let (private, public) = token::new_key_pair()?;
+            tls::write_private(&out.join("token.key"), &private)?;
+            let public_file = out.join("token.pub");
+            std::fs::write(&public_file, public).with_context(|| format!("cannot write {}", public_file.display()))?;
+            println!(
+                "{}: token.key signs tokens (keep it private), token.pub checks them (give it to the nodes with --token-key)",
+                out.display()
+            );
+        }
+        TokenCommand::Mint { key, sub, read, publish, valid_for_s } => {
+            if read.is_empty() && publish.is_empty() {
+                bail!("a token that grants nothing is of no use: give --read PATTERN and/or --publish PATTERN");
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let claims = token::Claims { sub, iat: now, exp: now.saturating_add(valid_for_s), read, publish };
+            println!("{}", token::mint(&key, &claims)?);
+        }
+    }
+    Ok(())
+}
+
 fn load_topology(file: &std::path::Path) -> anyhow::Result<Topology> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read topology file {}", file.display()))?;
     Topology::parse(&text).with_context(|| format!("topology file {}", file.display()))
 }
 
-fn settings(role: Role, c: &Common, tls: Option<tls::Tls>) -> Settings {
-    Settings {
+fn settings(role: Role, c: &Common, tls: Option<tls::Tls>) -> anyhow::Result<Settings> {
+    let tokens = c.token_key.as_deref().map(token::Verifier::from_file).transpose()?.map(Arc::new);
+    Ok(Settings {
         tls,
+        tokens,
         session_limits: overlay_core::session::SessionLimits {
             per_address: c.max_sessions_per_address.max(1),
             total: c.max_sessions.max(1),
@@ -311,7 +390,7 @@ fn settings(role: Role, c: &Common, tls: Option<tls::Tls>) -> Settings {
         silence: (c.silence_ms > 0).then(|| Duration::from_millis(c.silence_ms.max(20))),
         settle: (c.settle_s > 0).then(|| Duration::from_secs(c.settle_s)),
         session_timeout: Duration::from_secs(c.session_timeout_s.max(1)),
-    }
+    })
 }
 
 async fn bind_control(c: &Common) -> anyhow::Result<TcpListener> {
@@ -408,7 +487,7 @@ async fn run_bootstrapper(
     let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port, tls.is_some());
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
-    let node = Node::new(identity, settings(Role::Server, &common, tls), catalogue, cancel.clone())?;
+    let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -525,7 +604,7 @@ async fn run_member(
             );
         }
     }
-    let node = Node::new(identity, settings(role, &common, tls), catalogue, cancel.clone())?;
+    let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
     let watcher = node.clone();
     let common2 = common.clone();
     node.tasks.spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });

@@ -69,6 +69,8 @@ pub struct Settings {
     pub tls: Option<Tls>,
     /// Bounds on client sessions (POPs).
     pub session_limits: SessionLimits,
+    /// Checks viewers' tokens (None: anyone may watch).
+    pub tokens: Option<Arc<crate::token::Verifier>>,
 }
 
 /// A neighbour as the node reaches it.

@@ -14,6 +14,7 @@ use tracing::{info, warn, Instrument};
 use crate::convert;
 use crate::node::Node;
 use crate::tls::Peer;
+use crate::token::{Action, TokenError};
 use overlay_core::session::short_id;
 
 /// Largest message each service takes: a few hundred bytes are real use;
@@ -239,10 +240,31 @@ impl pb::session_server::Session for SessionService {
     async fn setup(&self, request: Request<pb::SetupRequest>) -> Result<Response<pb::SetupReply>, Status> {
         let span = telemetry::server_span("Setup", request.metadata());
         let peer = request.remote_addr();
+        let token = crate::token::bearer(request.metadata()).map(str::to_string);
         let req = request.into_inner();
         let node = self.0.clone();
         async move {
             let peer = peer.map(|p| p.ip()).ok_or_else(|| Status::internal("the client's address is unknown"))?;
+            check_name("stream", &req.stream)?;
+            if let Some(verifier) = &node.settings.tokens {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                match verifier.check(token.as_deref(), Action::Read, &req.stream, now) {
+                    Ok(claims) => {
+                        info!(pop = %node.id.name, stream = %req.stream, viewer = %shown(&claims.sub), "token accepted")
+                    }
+                    Err(e) => {
+                        warn!(pop = %node.id.name, %peer, stream = %req.stream, "SETUP refused: {e}");
+                        let message = format!("POP {}: stream {}: {e}", node.id.name, req.stream);
+                        return Err(match e {
+                            TokenError::NotGranted { .. } => Status::permission_denied(message),
+                            _ => Status::unauthenticated(message),
+                        });
+                    }
+                }
+            }
             let host = if req.rtp_host.is_empty() {
                 peer
             } else {
@@ -254,7 +276,6 @@ impl pb::session_server::Session for SessionService {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| Status::invalid_argument(format!("rtp_port {} is not a UDP port", req.rtp_port)))?;
-            check_name("stream", &req.stream)?;
             node.with_sessions(|s| s.check_setup_to(&req.session_id, host)).map_err(|e| {
                 if matches!(e, overlay_core::session::SessionError::ForeignDestination { .. }) {
                     warn!(pop = %node.id.name, %peer, "SETUP refused: {e}");

@@ -53,3 +53,53 @@ fn strangers_get_no_admin_answers_and_no_traffic_cannon() {
     assert!(out.status.success(), "viewer: {}", o.client_log("viewer"));
     assert!(o.stats("viewer")["frames_decoded"].as_u64().unwrap() > 0, "{}", o.stats("viewer"));
 }
+
+/// `onode token mint` with the given key and arguments; the token.
+fn mint(key: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(bin("onode")).args(["token", "mint", "--key"]).arg(key).args(args).output().unwrap();
+    assert!(out.status.success(), "onode token mint: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn with_a_token_key_pops_serve_only_viewers_whose_token_grants_the_stream() {
+    // The operator makes a key pair; nodes get only the public half.
+    let keys = common::tempdir::Dir::new("trust-keys");
+    let made = Command::new(bin("onode")).args(["token", "keygen", "--out"]).arg(keys.path()).output().unwrap();
+    assert!(made.status.success(), "onode token keygen: {}", String::from_utf8_lossy(&made.stderr));
+    let public = keys.path().join("token.pub");
+    let private = keys.path().join("token.key");
+    let o =
+        Overlay::start_with_env("tokens", &seed_topology(), None, &[("OVERLAY_TOKEN_KEY", public.to_str().unwrap())]);
+
+    let refused = |name: &str, token: Option<&str>, expect: &str| {
+        let mut c = o.client(name, "test", Some("o5"), 2.0);
+        if let Some(t) = token {
+            c.args(["--token", t]);
+        }
+        let out = wait_output(c.spawn().unwrap(), Duration::from_secs(30));
+        let log = o.client_log(name);
+        assert!(!out.status.success(), "{name} was served; log:\n{log}");
+        assert!(log.contains(expect), "{name}: expected {expect:?} in the client log:\n{log}");
+    };
+    refused("no-token", None, "a token is required");
+    let other_stream = mint(&private, &["--sub", "bob", "--read", "clip*"]);
+    refused("wrong-stream", Some(&other_stream), "does not grant read on stream \"test\"");
+    // Minted by another operator's key: same claims, wrong signature.
+    let stranger = common::tempdir::Dir::new("trust-stranger");
+    let secret = stranger.path().join("secret");
+    let made = Command::new(bin("onode")).args(["token", "new-secret"]).arg(&secret).output().unwrap();
+    assert!(made.status.success(), "onode token new-secret: {}", String::from_utf8_lossy(&made.stderr));
+    let forged = mint(&secret, &["--sub", "mallory", "--read", "*"]);
+    refused("forged", Some(&forged), "not valid here");
+    // Nothing of the refused requests reached the tree.
+    assert!(o.branch("o5", "test").is_none(), "o5 joined test for refused viewers: {}", o.inspect("o5"));
+
+    let good = mint(&private, &["--sub", "alice", "--read", "te*"]);
+    let viewer = o.client("alice", "test", Some("o5"), 3.0).args(["--token", &good]).spawn().unwrap();
+    let out = wait_output(viewer, Duration::from_secs(30));
+    assert!(out.status.success(), "alice: {}", o.client_log("alice"));
+    assert!(o.stats("alice")["frames_decoded"].as_u64().unwrap() > 0, "{}", o.stats("alice"));
+    let log = o.log("o5");
+    assert!(log.contains("token accepted") && log.contains("\"alice\""), "o5 did not log alice's token:\n{log}");
+}
