@@ -108,6 +108,11 @@ const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
+/// A stream silent this long while its upstream answers pings is no
+/// longer fed (the upstream dropped the branch, or lost its own state):
+/// it is joined again. Longer than an upstream's own repair usually takes,
+/// shorter than the 3.6 s after which viewers leave a POP that answers.
+const REJOIN_SILENCE: Duration = Duration::from_secs(2);
 
 /// The tick of one of the node's periodic tasks: [`Ticker::next`] waits
 /// for the next one and says false once the node is shutting down. A tick
@@ -464,6 +469,23 @@ impl Node {
                     |stream| heard.get(stream).and_then(|(_, h)| h.silent_ms()),
                     silence.as_millis() as u64,
                 );
+                let limit = REJOIN_SILENCE.as_millis() as u64;
+                let stale: Vec<(String, String)> = st
+                    .trees
+                    .silent_branches(|stream| heard.get(stream).and_then(|(_, h)| h.silent_ms()), limit)
+                    .into_iter()
+                    .filter(|(_, up)| !st.routes.is_down(up))
+                    .collect();
+                for (stream, up) in stale {
+                    if st.trees.upstream_abandoned(&stream, &up) {
+                        warn!(
+                            node = %self.id.name, %stream, upstream = %up, silent_ms = REJOIN_SILENCE.as_millis() as u64,
+                            "upstream answers but no longer feeds the stream: joining again"
+                        );
+                        let me = self.clone();
+                        self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
+                    }
+                }
                 let mut checks = Vec::new();
                 for up in suspects {
                     if st.routes.is_down(&up) || st.silence_checks.get(&up).is_some_and(|next| now < *next) {
@@ -1170,6 +1192,7 @@ impl Node {
                     "ssrcs": b.desc.ssrcs,
                     "upstream": match &b.source { Source::Local => None, Source::Neighbour(n) => Some(n.clone()) },
                     "downstream": b.downstream,
+                    "repairing": b.repairing,
                     "local_viewers": b.local_viewers,
                     "playing_clients": st.sessions.playing(&b.desc.stream).count(),
                 })

@@ -449,15 +449,26 @@ impl Trees {
     /// (`None`: nothing received yet). Branches being repaired, orphaned or
     /// fed by this node itself are not judged. Each neighbour once, sorted.
     pub fn silent_upstreams(&self, silent_ms: impl Fn(&str) -> Option<u64>, limit_ms: u64) -> Vec<String> {
-        let silent: BTreeSet<String> = self
-            .active()
+        let silent: BTreeSet<String> =
+            self.silent_branches(silent_ms, limit_ms).into_iter().map(|(_, up)| up).collect();
+        silent.into_iter().collect()
+    }
+
+    /// The branches fed by a neighbour that have been silent at least
+    /// `limit_ms`, as (stream, upstream), judged as in
+    /// [`Trees::silent_upstreams`]. A branch silent far longer than a
+    /// ping takes, while its upstream answers, is no longer fed (the
+    /// upstream lost or dropped it): it should be joined again.
+    pub fn silent_branches(&self, silent_ms: impl Fn(&str) -> Option<u64>, limit_ms: u64) -> Vec<(String, String)> {
+        self.active()
             .filter(|b| !b.repairing && !b.orphaned)
             .filter_map(|b| match &b.source {
-                Source::Neighbour(up) if silent_ms(&b.desc.stream).is_some_and(|ms| ms >= limit_ms) => Some(up.clone()),
+                Source::Neighbour(up) if silent_ms(&b.desc.stream).is_some_and(|ms| ms >= limit_ms) => {
+                    Some((b.desc.stream.clone(), up.clone()))
+                }
                 _ => None,
             })
-            .collect();
-        silent.into_iter().collect()
+            .collect()
     }
 
     /// Streams this node carries (has an active upstream for).
@@ -655,6 +666,12 @@ mod tests {
         assert!(t.silent_upstreams(silence(Some(149)), 150).is_empty());
         // Our own quiet stream is not a neighbour's fault.
         assert_eq!(t.silent_upstreams(silence(Some(150)), 150), ["o2"]);
+        assert_eq!(t.silent_branches(silence(Some(150)), 150), [("test".to_string(), "o2".to_string())]);
+        // Once marked for a rejoin, the branch is repairing and not judged again.
+        assert!(t.upstream_abandoned("test", "o2"));
+        assert!(t.silent_branches(silence(Some(5_000)), 150).is_empty());
+        assert!(t.silent_upstreams(silence(Some(5_000)), 150).is_empty());
+        t.repaired("o2", desc("s1", 1));
         r.neighbour_down("o2");
         t.neighbour_lost("o2");
         assert!(t.silent_upstreams(silence(Some(900)), 150).is_empty(), "already repairing");
