@@ -163,7 +163,7 @@ pub fn carrying_nodes(lab: &Lab, st: &LabState, bins: &Bins) -> Result<std::coll
 }
 
 /// Tree edges (upstream, downstream) of `stream`, walked up from every POP.
-fn tree(lab: &Lab, st: &LabState, bins: &Bins, stream: &str) -> Result<Vec<(String, String)>> {
+pub fn tree(lab: &Lab, st: &LabState, bins: &Bins, stream: &str) -> Result<Vec<(String, String)>> {
     let nodes = nodes(lab);
     let mut edges = Vec::new();
     let pops: Vec<String> = lab.roles.iter().filter(|r| r.kind == RoleKind::Pop).map(|r| r.name.clone()).collect();
