@@ -2,11 +2,14 @@
 # Runs the compose deployment of the original topology (deploy/compose.yml)
 # as the project `overlay` (COMPOSE_PROJECT_NAME to change it).
 #
-#   up [--traces]   make the servers' media files, start everything, wait until
-#                   the overlay is ready; --traces also starts Jaeger (profile
+#   up [--traces]   make the servers' media files and the TLS certificates
+#                   (./tls: a new CA and one certificate per node, the
+#                   operator's), start everything, wait until the overlay is
+#                   ready; --traces also starts Jaeger (profile
 #                   `traces`; its image must be available) and points every
 #                   node and client at it
-#   down            remove every container, network and volume of the project
+#   down            remove every container, network and volume of the project,
+#                   and ./tls
 #   traces          print the Jaeger URL
 #   stats CLIENT    print a client's statistics (JSON) once it has finished
 #   wait CLIENT [S] wait up to S seconds (default 120) for a client to finish;
@@ -45,6 +48,19 @@ make_media() {
     done
 }
 
+# Issues ./tls with the server image's onode: a new CA for this deployment,
+# certificates for every node of the topology and for the operator.
+make_certs() {
+    local topology
+    topology=$(sed -n 's/^x-topology: *"\(.*\)"$/\1/p' "$deploy/compose.yml")
+    [[ -n $topology ]] || { echo "compose: compose.yml names no x-topology: regenerate it (deploy/gen-compose.py)" >&2; exit 1; }
+    rm -rf "$deploy/tls"
+    mkdir -p "$deploy/tls"
+    docker run --rm --user 0 --entrypoint onode \
+        -v "$(cd "$deploy" && realpath "$topology"):/topology.json:ro" -v "$deploy/tls:/out" \
+        "overlay-server:${TAG:-latest}" certs --topology /topology.json --out /out --new-ca
+}
+
 container_of() {
     local id
     id=$(compose ps -q "$1" 2>/dev/null || true)
@@ -61,6 +77,7 @@ up)
             || { echo "compose: image overlay-$role:${TAG:-latest} is missing: run \`just images\`" >&2; exit 1; }
     done
     make_media
+    make_certs
     if [[ $traces == 1 ]]; then
         # Never an implicit pull: say what is missing instead.
         jaeger=$(COMPOSE_PROFILES=traces compose config | sed -n 's/^ *image: *\(.*jaeger.*\)$/\1/p' | head -1)
@@ -72,11 +89,12 @@ up)
     fi
     # Clients start once the bootstrapper is healthy (every node registered).
     compose up -d --quiet-pull
-    compose exec -T s1 onode overview 127.0.0.1
+    compose exec -T s1 onode overview "$(sed -n 's/^x-bootstrap: *"\(.*\)"$/\1/p' "$deploy/compose.yml")"
     [[ $traces == 0 ]] || echo "compose: traces in Jaeger at $jaeger_ui"
     ;;
 down)
     compose --profile traces down --volumes --remove-orphans --timeout 5
+    rm -rf "$deploy/tls"
     ;;
 traces)
     if [[ -n $(COMPOSE_PROFILES=traces compose ps -q jaeger 2>/dev/null) ]]; then

@@ -6,6 +6,9 @@
 #   OVERLAY_ROUTES        "DEST via HOP, DEST via HOP, ...": routes to install
 #                         (needs the container to start as root with NET_ADMIN)
 #   OVERLAY_START_DELAY_S seconds to wait before COMMAND starts (staggered clients)
+#   OVERLAY_TLS_DIR       where onode and oclient find their TLS files: those
+#                         mounted in /etc/overlay/tls are copied there, owned
+#                         by `overlay`, keys readable by it alone
 set -euo pipefail
 
 if [[ $# -eq 0 || $1 == -h || $1 == --help ]]; then
@@ -35,6 +38,16 @@ if [[ -n ${OVERLAY_ROUTES:-} ]]; then
             fi
             sleep 0.2
         done
+    done
+fi
+
+if [[ -n ${OVERLAY_TLS_DIR:-} && -d /etc/overlay/tls && $(id -u) == 0 ]]; then
+    install -d -m 0700 -o overlay -g overlay "$OVERLAY_TLS_DIR"
+    for f in /etc/overlay/tls/*; do
+        [[ -f $f ]] || { echo "overlay-entrypoint: $f is not a file (run deploy/compose.sh up: it makes ./tls)" >&2; exit 1; }
+        mode=0644
+        [[ $f == *.key ]] && mode=0600
+        install -m "$mode" -o overlay -g overlay "$f" "$OVERLAY_TLS_DIR/"
     done
 fi
 

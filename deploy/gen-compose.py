@@ -11,6 +11,13 @@ unit-tested), installed by each container's entry point from
 OVERLAY_ROUTES. A `telemetry` network joins every onode and oclient
 container to the Jaeger service of the `traces` profile.
 
+The control plane runs over mutual TLS: every node container gets the
+overlay's CA certificate and its own certificate and key from ./tls
+(deploy/compose.sh makes them with `onode certs` before `up`), the
+bootstrapper also the operator's (its health check calls Overview), and
+clients only the CA's. The entry point copies them where the unprivileged
+user can read them (OVERLAY_TLS_DIR).
+
 --check exits 1 when FILE differs from what would be written.
 """
 
@@ -30,6 +37,10 @@ JAEGER_ADDR = "10.99.0.2"
 JAEGER_IMAGE = "jaegertracing/all-in-one:1.62.0"
 BUILTIN_STREAM = "test"
 CLIENT_DURATION_S = 12
+# Where containers find the TLS files compose mounts, and where the entry
+# point copies them for the user `overlay`.
+TLS_MOUNT = "/etc/overlay/tls"
+TLS_DIR = "/run/overlay-tls"
 
 
 def netlab_routes(netlab, lab_path):
@@ -112,6 +123,10 @@ def generate(lab_path, netlab):
     w.append("# not this file. Run it with deploy/compose.sh (just compose-up, compose-down).")
     w.append('version: "2.4"')
     w.append("")
+    w.append("# The topology the TLS certificates are issued for, and the bootstrapper.")
+    w.append(f"x-topology: {q(overlay)}")
+    w.append(f"x-bootstrap: {q(bootstrap)}")
+    w.append("")
     w.append("# Streams the servers serve from files in ./media (deploy/compose.sh makes them).")
     w.append(f"x-media-streams: {q(' '.join(file_streams))}")
     w.append("")
@@ -153,6 +168,7 @@ def generate(lab_path, netlab):
         healthcheck = None
         depends = []
         volumes = []
+        tls = []
         if role == "router":
             w.append("    image: overlay-node:${TAG:-latest}")
             w.append('    entrypoint: ["overlay-entrypoint", "sleep", "infinity"]')
@@ -162,8 +178,10 @@ def generate(lab_path, netlab):
             cmd = ["--topology", "/etc/overlay/topology.json", "--name", node_name, "--media", "/media"] + extra
             w.append(f"    command: [{', '.join(q(c) for c in cmd)}]")
             volumes = [f"{overlay}:/etc/overlay/topology.json:ro", "./media:/media:ro"]
-            # Clients wait for this: every node has registered.
-            healthcheck = "[\"CMD-SHELL\", \"onode overview 127.0.0.1 | grep -q '\\\"ready\\\": true'\"]"
+            tls = ["ca.pem", f"{node_name}.pem", f"{node_name}.key", "operator.pem", "operator.key"]
+            # Clients wait for this: every node has registered. Dialled at
+            # an address its certificate names, with the operator's.
+            healthcheck = f"[\"CMD-SHELL\", \"onode overview {bootstrap} | grep -q '\\\"ready\\\": true'\"]"
         elif role in ("server", "node", "pop"):
             image = "server" if role == "server" else role
             w.append(f"    image: overlay-{image}:${{TAG:-latest}}")
@@ -173,6 +191,7 @@ def generate(lab_path, netlab):
                 volumes = ["./media:/media:ro"]
             cmd += extra
             w.append(f"    command: [{', '.join(q(c) for c in cmd)}]")
+            tls = ["ca.pem", f"{node_name}.pem", f"{node_name}.key"]
             depends = [(bootstrap_host(roles), "service_started")]
         elif role == "client":
             r = roles[h]
@@ -185,6 +204,7 @@ def generate(lab_path, netlab):
             w.append(f"    command: [{', '.join(q(c) for c in cmd)}]")
             env["OVERLAY_START_DELAY_S"] = str(r.get("start_s", 0))
             volumes = ["stats:/stats"]
+            tls = ["ca.pem"]
             depends = [(bootstrap_host(roles), "service_healthy")]
             w.append('    restart: "no"')
         else:
@@ -192,6 +212,9 @@ def generate(lab_path, netlab):
         w.append(f"    hostname: {h}")
         if h in telemetry_addr:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+        if tls:
+            env["OVERLAY_TLS_DIR"] = TLS_DIR
+            volumes += [f"./tls/{f}:{TLS_MOUNT}/{f}:ro" for f in tls]
         w.append("    environment:")
         for k, v in env.items():
             if k == "OVERLAY_ROUTES" and v:

@@ -2,6 +2,8 @@
 //! compose-up` brings the original topology up as a compose project, every
 //! client container decodes frames (c2 of the `test` stream), and `just
 //! compose-down` leaves no container, network or volume of the project.
+//! The deployment's control plane runs over mutual TLS with certificates
+//! compose-up issues.
 //! Skipped, saying so, where no Docker daemon runs.
 //!
 //! The images are built from the binaries this test run built (BIN_DIR):
@@ -122,6 +124,17 @@ fn compose_deployment_of_the_original_topology() {
     let overview = String::from_utf8_lossy(&up.stdout);
     assert!(overview.contains("\"ready\": true"), "the overlay is not ready after compose-up:\n{overview}");
     let up_done = started.elapsed();
+    // The control plane is mutual TLS: without the operator's certificate
+    // the bootstrapper answers nothing.
+    let bare = Command::new("docker")
+        .args(["exec", &format!("{PROJECT}_s1_1"), "env", "-u", "OVERLAY_TLS_DIR", "onode", "overview", "10.0.25.10"])
+        .output()
+        .unwrap();
+    assert!(
+        !bare.status.success(),
+        "overview without a certificate was answered:\n{}",
+        String::from_utf8_lossy(&bare.stdout)
+    );
 
     let compose = repo().join("deploy/compose.sh");
     for (client, stream) in CLIENTS {
@@ -143,6 +156,7 @@ fn compose_deployment_of_the_original_topology() {
     deployment.down();
     let left = leftovers();
     assert!(left.trim().is_empty(), "compose-down left these behind:\n{left}");
+    assert!(!repo().join("deploy/tls").exists(), "compose-down left deploy/tls behind");
     eprintln!(
         "images {:.0} s, up {:.0} s, clients {:.0} s, down {:.0} s",
         images_done.as_secs_f64(),
