@@ -406,6 +406,7 @@ pub fn run_in_fresh_lab(lab: &Lab, bins: &Bins, fault: Fault, prefix: &str, medi
         media_dir: media.map(Path::to_path_buf),
         network_only: false,
         ready_timeout: Duration::from_secs(60),
+        plain_control: false,
     };
     let result = run::up(lab, &opts).and_then(|mut st| run_fault(lab, &mut st, bins, fault, "test"));
     let down = run::down(prefix);

@@ -135,6 +135,10 @@ struct UpArgs {
     /// Seconds to wait for the overlay to be ready
     #[arg(long, default_value_t = 60)]
     ready_timeout: u64,
+    /// Control plane over plain TCP with nobody authenticated (default:
+    /// mutual TLS with certificates made for this lab); for comparisons
+    #[arg(long)]
+    plain_control: bool,
 }
 
 impl UpArgs {
@@ -147,6 +151,7 @@ impl UpArgs {
             media_dir: media,
             network_only,
             ready_timeout: Duration::from_secs(self.ready_timeout),
+            plain_control: self.plain_control,
         })
     }
 }

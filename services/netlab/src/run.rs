@@ -107,6 +107,9 @@ pub struct UpOptions {
     pub network_only: bool,
     /// How long to wait for the overlay to say it is ready.
     pub ready_timeout: Duration,
+    /// Run the control plane over plain TCP, nobody authenticated (to
+    /// measure what TLS costs); by default it is mutual TLS.
+    pub plain_control: bool,
 }
 
 /// Builds the lab's network and starts its roles. On error the lab is left
@@ -163,7 +166,13 @@ pub fn up(lab: &Lab, opts: &UpOptions) -> Result<LabState> {
     let Some(bins) = bins else {
         return Ok(st);
     };
-    issue_certificates(lab, &st, &bins)?;
+    if opts.plain_control {
+        // Nothing of another lab's TLS folder may leak into this one.
+        std::env::remove_var("OVERLAY_TLS_DIR");
+        eprintln!("netlab: lab {}: control plane over plain TCP, nobody authenticated", opts.prefix);
+    } else {
+        issue_certificates(lab, &st, &bins)?;
+    }
     start_roles(lab, &mut st, &bins, opts)?;
     Ok(st)
 }

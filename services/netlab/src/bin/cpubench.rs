@@ -40,6 +40,7 @@ fn main() -> Result<()> {
         media_dir: None,
         network_only: false,
         ready_timeout: Duration::from_secs(60),
+        plain_control: false,
     };
     let window = Duration::from_secs(secs);
     let result = run::up(&lab, &opts).and_then(|st| measure(&lab, &st, &bins, window));

@@ -8,6 +8,10 @@
 //! - warm in the overlay: the stream flows to another POP; this one joins
 //!   the existing tree.
 //!
+//! Each is measured twice, in one lab with the control plane over mutual
+//! TLS (the default) and in one over plain TCP, to show what TLS costs;
+//! the time from starting the roles to a ready overlay is shown for both.
+//!
 //! usage: startbench [LAB] [RUNS]   (default: netns/labs/seed.json, 3)
 
 use std::collections::BTreeMap;
@@ -53,26 +57,53 @@ fn main() -> Result<()> {
     let lab = Lab::load(&lab_file)?;
     let bins = Bins::find(None)?;
     netlab::sys::catch_interrupts();
-    let prefix = format!("sb{}", std::process::id() % 100_000);
-    let opts = run::UpOptions {
-        prefix: prefix.clone(),
-        bin_dir: Some(bins.dir()),
-        media_dir: None,
-        network_only: false,
-        ready_timeout: Duration::from_secs(60),
-    };
-    let result = run::up(&lab, &opts).and_then(|st| measure(&lab, &st, &bins, runs));
-    let down = run::down(&prefix);
-    let by_kind = result?;
-    down?;
-    println!(
-        "time to first frame of {STREAM:?}, lab {}, one viewer at a time (ms; median, min-max)",
-        lab_file.display()
-    );
-    for (kind, starts) in &by_kind {
-        print_kind(kind, starts);
+    let mut medians: Vec<BTreeMap<&'static str, f64>> = Vec::new();
+    for (mode, plain) in [("mutual TLS", false), ("plain TCP", true)] {
+        let prefix = format!("sb{}{}", std::process::id() % 100_000, if plain { "p" } else { "t" });
+        let opts = run::UpOptions {
+            prefix: prefix.clone(),
+            bin_dir: Some(bins.dir()),
+            media_dir: None,
+            network_only: false,
+            ready_timeout: Duration::from_secs(60),
+            plain_control: plain,
+        };
+        let started = std::time::Instant::now();
+        let result = run::up(&lab, &opts).and_then(|st| {
+            let ready = started.elapsed();
+            measure(&lab, &st, &bins, runs).map(|m| (ready, m))
+        });
+        let down = run::down(&prefix);
+        let (ready, by_kind) = result?;
+        down?;
+        println!(
+            "time to first frame of {STREAM:?}, lab {}, control plane over {mode}, one viewer at a time (ms; median, min-max)",
+            lab_file.display()
+        );
+        println!(
+            "  lab up to overlay ready (network, certificates, roles, registration): {:.0} ms",
+            ready.as_secs_f64() * 1e3
+        );
+        let mut m = BTreeMap::new();
+        for (kind, starts) in &by_kind {
+            print_kind(kind, starts);
+            m.insert(*kind, median(starts.iter().map(|s| s.first_frame_ms)));
+        }
+        medians.push(m);
+    }
+    println!("TLS against plain TCP, median first frame from the client's start (same run):");
+    for (kind, tls) in &medians[0] {
+        if let Some(plain) = medians[1].get(kind) {
+            println!("  {:24} {tls:.0} ms / {plain:.0} ms = {:.2}x", &kind[2..], tls / plain);
+        }
     }
     Ok(())
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs the cold starts, then the warm ones beside a background viewer.

@@ -93,6 +93,7 @@ pub fn up(lab: &Lab, bins: Option<&Bins>, media: Option<PathBuf>) -> (LabGuard, 
         media_dir: media,
         network_only: bins.is_none(),
         ready_timeout: Duration::from_secs(60),
+        plain_control: false,
     };
     let st = run::up(lab, &opts).unwrap_or_else(|e| panic!("lab up failed: {e:#}"));
     (guard, st)
