@@ -148,7 +148,9 @@ pub fn sender_report(ssrc: u32, unix_secs: f64, rtp_timestamp: u32, packets: u32
     b[2..4].copy_from_slice(&6u16.to_be_bytes());
     b[4..8].copy_from_slice(&ssrc.to_be_bytes());
     let secs = unix_secs.max(0.0);
-    let whole = secs.trunc() as u64 + NTP_UNIX_OFFSET;
+    // NTP seconds are sent modulo 2^32 (one era), so the sum may wrap too:
+    // a time beyond u64 seconds (or infinite) must not overflow.
+    let whole = (secs.trunc() as u64).wrapping_add(NTP_UNIX_OFFSET);
     let frac = (secs.fract() * 4_294_967_296.0) as u64;
     b[8..12].copy_from_slice(&(whole as u32).to_be_bytes());
     b[12..16].copy_from_slice(&(frac as u32).to_be_bytes());
