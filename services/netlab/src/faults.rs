@@ -400,14 +400,8 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
 /// Brings `lab` up under `prefix`, runs one fault, and tears the lab down
 /// (also on error).
 pub fn run_in_fresh_lab(lab: &Lab, bins: &Bins, fault: Fault, prefix: &str, media: Option<&Path>) -> Result<FaultRun> {
-    let opts = run::UpOptions {
-        prefix: prefix.to_string(),
-        bin_dir: Some(bins.dir()),
-        media_dir: media.map(Path::to_path_buf),
-        network_only: false,
-        ready_timeout: Duration::from_secs(60),
-        plain_control: false,
-    };
+    let opts =
+        run::UpOptions { media_dir: media.map(Path::to_path_buf), ..run::UpOptions::new(prefix, Some(bins.dir())) };
     let result = run::up(lab, &opts).and_then(|mut st| run_fault(lab, &mut st, bins, fault, "test"));
     let down = run::down(prefix);
     let out = result?;

@@ -112,6 +112,21 @@ pub struct UpOptions {
     pub plain_control: bool,
 }
 
+impl UpOptions {
+    /// A whole lab (network and roles) under `prefix` with the binaries in
+    /// `bin_dir`: no media folder, TLS on, a minute to get ready.
+    pub fn new(prefix: &str, bin_dir: Option<PathBuf>) -> UpOptions {
+        UpOptions {
+            prefix: prefix.to_string(),
+            bin_dir,
+            media_dir: None,
+            network_only: false,
+            ready_timeout: Duration::from_secs(60),
+            plain_control: false,
+        }
+    }
+}
+
 /// Builds the lab's network and starts its roles. On error the lab is left
 /// as it is (the caller tears it down); the state file always tells what
 /// exists.

@@ -357,7 +357,7 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             if read.is_empty() && publish.is_empty() {
                 bail!("a token that grants nothing is of no use: give --read PATTERN and/or --publish PATTERN");
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let now = net::unix_us() / 1_000_000;
             let claims = token::Claims { sub, iat: now, exp: now.saturating_add(valid_for_s), read, publish };
             println!("{}", token::mint(&key, &claims)?);
         }

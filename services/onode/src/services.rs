@@ -247,10 +247,7 @@ impl pb::session_server::Session for SessionService {
             let peer = peer.map(|p| p.ip()).ok_or_else(|| Status::internal("the client's address is unknown"))?;
             check_name("stream", &req.stream)?;
             if let Some(verifier) = &node.settings.tokens {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default();
+                let now = crate::net::unix_us() / 1_000_000;
                 match verifier.check(token.as_deref(), Action::Read, &req.stream, now) {
                     Ok(claims) => {
                         info!(pop = %node.id.name, stream = %req.stream, viewer = %shown(&claims.sub), "token accepted")

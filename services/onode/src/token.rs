@@ -150,12 +150,14 @@ impl Verifier {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Verifier> {
-        let (key, alg) = if is_pem(bytes, "PRIVATE KEY") {
-            bail!("this is a private key: give nodes the public key (token.pub), keep the private one with the minter")
-        } else if is_pem(bytes, "PUBLIC KEY") {
-            (DecodingKey::from_ed_pem(bytes).context("not an Ed25519 public key")?, Algorithm::EdDSA)
-        } else {
-            (DecodingKey::from_secret(secret(bytes)?)?, Algorithm::HS256)
+        let (key, alg) = match KeyFile::of(bytes)? {
+            KeyFile::Private => bail!(
+                "this is a private key: give nodes the public key (token.pub), keep the private one with the minter"
+            ),
+            KeyFile::Public => {
+                (DecodingKey::from_ed_pem(bytes).context("not an Ed25519 public key")?, Algorithm::EdDSA)
+            }
+            KeyFile::Secret(secret) => (DecodingKey::from_secret(secret)?, Algorithm::HS256),
         };
         let mut validation = Validation::new(alg);
         // Expiry is checked by `check` against the time it is given.
@@ -188,21 +190,38 @@ impl Verifier {
     }
 }
 
-fn is_pem(bytes: &[u8], label: &str) -> bool {
-    let text = String::from_utf8_lossy(bytes);
-    text.trim_start().starts_with("-----BEGIN") && text.lines().next().is_some_and(|l| l.contains(label))
+/// What a key file holds; both signing and checking take any of them
+/// and refuse the half that is not theirs.
+enum KeyFile<'a> {
+    /// An Ed25519 private key (PEM).
+    Private,
+    /// An Ed25519 public key (PEM).
+    Public,
+    /// A shared secret: the file's bytes without surrounding white space.
+    Secret(&'a [u8]),
 }
 
-/// The secret in a secret file: its bytes, without surrounding white space.
-fn secret(bytes: &[u8]) -> anyhow::Result<&[u8]> {
-    let text = bytes.trim_ascii();
-    if text.len() < MIN_SECRET {
-        bail!(
-            "a shared secret must be at least {MIN_SECRET} bytes long, this one is {} (make one with `onode token new-secret`)",
-            text.len()
-        );
+impl KeyFile<'_> {
+    fn of(bytes: &[u8]) -> anyhow::Result<KeyFile<'_>> {
+        let text = bytes.trim_ascii();
+        let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
+        if first.starts_with(b"-----BEGIN") {
+            let label = String::from_utf8_lossy(first);
+            if label.contains("PRIVATE KEY") {
+                return Ok(KeyFile::Private);
+            }
+            if label.contains("PUBLIC KEY") {
+                return Ok(KeyFile::Public);
+            }
+        }
+        if text.len() < MIN_SECRET {
+            bail!(
+                "a shared secret must be at least {MIN_SECRET} bytes long, this one is {} (make one with `onode token new-secret`)",
+                text.len()
+            );
+        }
+        Ok(KeyFile::Secret(text))
     }
-    Ok(text)
 }
 
 /// Signs `claims` with a key file: a shared secret, or an Ed25519 private
@@ -218,12 +237,10 @@ pub fn mint_with(key: &[u8], claims: &Claims) -> anyhow::Result<String> {
             bail!("stream pattern {p:?} may hold only letters, digits, '.', '_', '-' and '*'");
         }
     }
-    let (key, alg) = if is_pem(key, "PUBLIC KEY") {
-        bail!("this is a public key: tokens are signed with the private key (token.key)")
-    } else if is_pem(key, "PRIVATE KEY") {
-        (EncodingKey::from_ed_pem(key).context("not an Ed25519 private key")?, Algorithm::EdDSA)
-    } else {
-        (EncodingKey::from_secret(secret(key)?)?, Algorithm::HS256)
+    let (key, alg) = match KeyFile::of(key)? {
+        KeyFile::Public => bail!("this is a public key: tokens are signed with the private key (token.key)"),
+        KeyFile::Private => (EncodingKey::from_ed_pem(key).context("not an Ed25519 private key")?, Algorithm::EdDSA),
+        KeyFile::Secret(secret) => (EncodingKey::from_secret(secret)?, Algorithm::HS256),
     };
     jsonwebtoken::encode(&Header::new(alg), claims, &key).context("cannot sign the token")
 }

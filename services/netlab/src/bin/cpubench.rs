@@ -34,14 +34,7 @@ fn main() -> Result<()> {
     let bins = Bins::find(None)?;
     netlab::sys::catch_interrupts();
     let prefix = format!("cb{}", std::process::id() % 100_000);
-    let opts = run::UpOptions {
-        prefix: prefix.clone(),
-        bin_dir: Some(bins.dir()),
-        media_dir: None,
-        network_only: false,
-        ready_timeout: Duration::from_secs(60),
-        plain_control: false,
-    };
+    let opts = run::UpOptions::new(&prefix, Some(bins.dir()));
     let window = Duration::from_secs(secs);
     let result = run::up(&lab, &opts).and_then(|st| measure(&lab, &st, &bins, window));
     let down = run::down(&prefix);

@@ -60,14 +60,7 @@ fn main() -> Result<()> {
     let mut medians: Vec<BTreeMap<&'static str, f64>> = Vec::new();
     for (mode, plain) in [("mutual TLS", false), ("plain TCP", true)] {
         let prefix = format!("sb{}{}", std::process::id() % 100_000, if plain { "p" } else { "t" });
-        let opts = run::UpOptions {
-            prefix: prefix.clone(),
-            bin_dir: Some(bins.dir()),
-            media_dir: None,
-            network_only: false,
-            ready_timeout: Duration::from_secs(60),
-            plain_control: plain,
-        };
+        let opts = run::UpOptions { plain_control: plain, ..run::UpOptions::new(&prefix, Some(bins.dir())) };
         let started = std::time::Instant::now();
         let result = run::up(&lab, &opts).and_then(|st| {
             let ready = started.elapsed();

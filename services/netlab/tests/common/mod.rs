@@ -87,14 +87,8 @@ impl Drop for LabGuard {
 pub fn up(lab: &Lab, bins: Option<&Bins>, media: Option<PathBuf>) -> (LabGuard, LabState) {
     let prefix = test_prefix();
     let guard = LabGuard { prefix: prefix.clone() };
-    let opts = UpOptions {
-        prefix,
-        bin_dir: bins.map(Bins::dir),
-        media_dir: media,
-        network_only: bins.is_none(),
-        ready_timeout: Duration::from_secs(60),
-        plain_control: false,
-    };
+    let opts =
+        UpOptions { media_dir: media, network_only: bins.is_none(), ..UpOptions::new(&prefix, bins.map(Bins::dir)) };
     let st = run::up(lab, &opts).unwrap_or_else(|e| panic!("lab up failed: {e:#}"));
     (guard, st)
 }
