@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::link::LinkMaster;
 use crate::node::{Identity, Neighbour};
 use crate::services::{check_client_name, check_name, operator, shown};
 use crate::tls::Peer;
@@ -26,6 +27,9 @@ pub struct Bootstrapper {
     control_port: u16,
     /// Whether callers are authenticated by TLS certificates.
     tls: bool,
+    /// Where the links' datagram keys come from (with TLS only: a key sent
+    /// in the clear would protect nothing).
+    links: Option<LinkMaster>,
 }
 
 fn event(change: &Change) -> pb::OverlayEvent {
@@ -38,8 +42,9 @@ fn event(change: &Change) -> pb::OverlayEvent {
     pb::OverlayEvent { event: Some(event) }
 }
 
-/// Builds a node's identity from its topology entry.
-pub fn identity(spec: &NodeSpec, probe_interval: Duration) -> Identity {
+/// Builds a node's identity from its topology entry, with the keys of its
+/// links if there is a `master`.
+pub fn identity(spec: &NodeSpec, probe_interval: Duration, master: Option<&LinkMaster>) -> Identity {
     Identity {
         name: spec.name.clone(),
         names: spec.names.clone(),
@@ -48,7 +53,12 @@ pub fn identity(spec: &NodeSpec, probe_interval: Duration) -> Identity {
         neighbours: spec
             .neighbours
             .iter()
-            .map(|n| Neighbour { name: n.name.clone(), address: n.address, server: n.server })
+            .map(|n| Neighbour {
+                name: n.name.clone(),
+                address: n.address,
+                server: n.server,
+                link_key: master.map(|m| m.key(&spec.name, &n.name)),
+            })
             .collect(),
         probe_interval,
     }
@@ -71,7 +81,13 @@ pub fn check_role(spec: &NodeSpec, role: &str) -> Result<(), String> {
 }
 
 impl Bootstrapper {
-    pub fn new(topology: Topology, probe_interval: Duration, control_port: u16, tls: bool) -> Arc<Self> {
+    /// A bootstrapper; `links` is given with TLS, to hand out link keys.
+    pub fn new(
+        topology: Topology,
+        probe_interval: Duration,
+        control_port: u16,
+        links: Option<LinkMaster>,
+    ) -> Arc<Self> {
         let declared = topology.nodes().map(|n| n.name.clone());
         let (events, _) = broadcast::channel(256);
         Arc::new(Bootstrapper {
@@ -80,7 +96,8 @@ impl Bootstrapper {
             events,
             probe_interval,
             control_port,
-            tls,
+            tls: links.is_some(),
+            links,
         })
     }
 
@@ -167,7 +184,7 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
             return Err(Status::invalid_argument(format!("role {} is not server, node or pop", shown(&req.role))));
         }
         check_role(spec, &req.role).map_err(Status::failed_precondition)?;
-        let id = identity(spec, b.probe_interval);
+        let id = identity(spec, b.probe_interval, b.links.as_ref());
         b.register(&spec.name);
         let ready = b.lock().is_ready();
         Ok(Response::new(pb::RegisterReply {
@@ -178,7 +195,12 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
             neighbours: id
                 .neighbours
                 .iter()
-                .map(|n| pb::Neighbour { name: n.name.clone(), address: n.address.to_string(), server: n.server })
+                .map(|n| pb::Neighbour {
+                    name: n.name.clone(),
+                    address: n.address.to_string(),
+                    server: n.server,
+                    link_key: n.link_key.as_ref().map(|k| k.0.to_vec()).unwrap_or_default(),
+                })
                 .collect(),
             probe_interval_ms: b.probe_interval.as_millis() as u32,
             ready,

@@ -7,6 +7,13 @@
 //!
 //! Sends never wait: a datagram the kernel cannot take at once is dropped
 //! and counted, as a lost packet would be.
+//!
+//! On a control plane with mutual TLS every link has a key, handed to both
+//! ends by the bootstrapper (see [`LinkMaster`]), and each datagram ends in
+//! an HMAC over the rest: a host that forges a neighbour's source address
+//! still cannot fake a beat, an answer or a probe. Replays are harmless:
+//! beats are answered to the neighbour itself, an answer counts once (its
+//! sequence number is spent), and a probe is taken once per (server, seq).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +24,7 @@ use std::time::{Duration, Instant};
 use overlay_core::liveness::{Answer, BeatKind, Expired, Liveness};
 use overlay_proto as pb;
 use prost::Message;
+use ring::hmac;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -25,6 +33,82 @@ use crate::node::Neighbour;
 
 /// Largest datagram taken in.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Bytes of the MAC kept in a datagram (of HMAC-SHA256's 32).
+const MAC_LEN: usize = 16;
+/// The MAC field as it ends a datagram: tag of field 5 (length-delimited),
+/// length, MAC.
+const MAC_FIELD: [u8; 2] = [(5 << 3) | 2, MAC_LEN as u8];
+
+/// The 32-byte key of one link, known to its two ends.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkKey(pub [u8; 32]);
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkKey(..)")
+    }
+}
+
+impl LinkKey {
+    /// The key as sent in a `Neighbour` (32 bytes), or `None` if absent.
+    pub fn from_wire(bytes: &[u8]) -> Result<Option<LinkKey>, String> {
+        match bytes.len() {
+            0 => Ok(None),
+            32 => Ok(Some(LinkKey(bytes.try_into().expect("32 bytes")))),
+            n => Err(format!("a link key has 32 bytes, not {n}")),
+        }
+    }
+
+    fn hmac(&self) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &self.0)
+    }
+}
+
+/// The bootstrapper's source of link keys: one secret, from which the key
+/// of each link is derived by the names of its two ends. Derived from the
+/// bootstrapper's private key, so a restarted bootstrapper hands out the
+/// same keys and nodes that registered before keep talking.
+pub struct LinkMaster(hmac::Key);
+
+impl LinkMaster {
+    pub fn from_secret(secret: &[u8]) -> LinkMaster {
+        let seed = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), b"overlay link datagram key v1");
+        LinkMaster(hmac::Key::new(hmac::HMAC_SHA256, seed.as_ref()))
+    }
+
+    /// The key of the link between `a` and `b` (the same either way round).
+    pub fn key(&self, a: &str, b: &str) -> LinkKey {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let mut ctx = hmac::Context::with_key(&self.0);
+        // Lengths first, so that no two pairs of names give the same input.
+        ctx.update(&(lo.len() as u64).to_be_bytes());
+        ctx.update(lo.as_bytes());
+        ctx.update(hi.as_bytes());
+        LinkKey(ctx.sign().as_ref().try_into().expect("SHA-256 output has 32 bytes"))
+    }
+}
+
+/// Appends the MAC field to an encoded datagram.
+fn seal(key: &hmac::Key, datagram: &mut Vec<u8>) {
+    let tag = hmac::sign(key, datagram);
+    datagram.extend_from_slice(&MAC_FIELD);
+    datagram.extend_from_slice(&tag.as_ref()[..MAC_LEN]);
+}
+
+/// Checks the MAC that ends `datagram`; the datagram as received (its MAC
+/// field is ignored by the decoder) if right.
+fn open<'a>(key: &hmac::Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
+    let body_len = datagram.len().checked_sub(MAC_FIELD.len() + MAC_LEN)?;
+    let (body, field) = datagram.split_at(body_len);
+    if field[..2] != MAC_FIELD {
+        return None;
+    }
+    let tag = hmac::sign(key, body);
+    // Constant-time comparison of the truncated tags.
+    let diff = tag.as_ref()[..MAC_LEN].iter().zip(&field[2..]).fold(0u8, |d, (a, b)| d | (a ^ b));
+    (diff == 0).then_some(datagram)
+}
 
 /// What arrived from a neighbour.
 #[derive(Debug)]
@@ -44,6 +128,8 @@ pub struct LinkCounters {
     pub received: AtomicU64,
     /// From an address that is no neighbour's, or naming another sender.
     pub foreign: AtomicU64,
+    /// From a neighbour's address on a keyed link, without the right MAC.
+    pub unauthenticated: AtomicU64,
     pub undecodable: AtomicU64,
     /// Answers to no beat of ours (late or duplicated).
     pub stale: AtomicU64,
@@ -57,6 +143,8 @@ pub struct Links {
     socket: UdpSocket,
     peers: HashMap<String, SocketAddr>,
     by_ip: HashMap<IpAddr, String>,
+    /// Keys of the links that have one, by neighbour.
+    keys: HashMap<String, hmac::Key>,
     liveness: Mutex<Liveness>,
     checks: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
     pub counters: LinkCounters,
@@ -71,12 +159,14 @@ impl Links {
         let socket = UdpSocket::from_std(socket)?;
         let peers = neighbours.iter().map(|n| (n.name.clone(), SocketAddr::new(n.address, port))).collect();
         let by_ip = neighbours.iter().map(|n| (n.address, n.name.clone())).collect();
+        let keys = neighbours.iter().filter_map(|n| n.link_key.as_ref().map(|k| (n.name.clone(), k.hmac()))).collect();
         let first_seq = crate::net::unix_us();
         Ok(Links {
             me: me.to_string(),
             socket,
             peers,
             by_ip,
+            keys,
             liveness: Mutex::new(Liveness::new(first_seq)),
             checks: Mutex::new(HashMap::new()),
             counters: LinkCounters::default(),
@@ -92,8 +182,12 @@ impl Links {
     }
 
     fn send(&self, to: SocketAddr, body: pb::link_datagram::Body) {
-        let datagram = pb::LinkDatagram { sender: self.me.clone(), body: Some(body) };
-        match self.socket.try_send_to(&datagram.encode_to_vec(), to) {
+        let datagram = pb::LinkDatagram { sender: self.me.clone(), body: Some(body), mac: Vec::new() };
+        let mut bytes = datagram.encode_to_vec();
+        if let Some(key) = self.by_ip.get(&to.ip()).and_then(|n| self.keys.get(n)) {
+            seal(key, &mut bytes);
+        }
+        match self.socket.try_send_to(&bytes, to) {
             Ok(_) => {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -170,13 +264,29 @@ impl Links {
 
     /// Decodes and checks one datagram; `None` (counted) if refused.
     fn take(&self, bytes: &[u8], from: SocketAddr) -> Option<Incoming> {
+        let Some(neighbour) = self.by_ip.get(&from.ip()) else {
+            self.counters.foreign.fetch_add(1, Ordering::Relaxed);
+            debug!(node = %self.me, %from, "datagram from no neighbour's address: dropped");
+            return None;
+        };
+        let bytes = match self.keys.get(neighbour) {
+            None => bytes,
+            Some(key) => match open(key, bytes) {
+                Some(bytes) => bytes,
+                None => {
+                    self.counters.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                    debug!(node = %self.me, %from, %neighbour, "datagram without the link's MAC: dropped");
+                    return None;
+                }
+            },
+        };
         let Ok(datagram) = pb::LinkDatagram::decode(bytes) else {
             self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        if self.by_ip.get(&from.ip()) != Some(&datagram.sender) {
+        if *neighbour != datagram.sender {
             self.counters.foreign.fetch_add(1, Ordering::Relaxed);
-            debug!(node = %self.me, %from, sender = %datagram.sender.chars().take(64).collect::<String>(), "datagram from no neighbour's address: dropped");
+            debug!(node = %self.me, %from, sender = %datagram.sender.chars().take(64).collect::<String>(), "datagram naming another sender than its address says: dropped");
             return None;
         }
         let from_name = datagram.sender;
@@ -211,9 +321,115 @@ impl Links {
             "sent": get(&c.sent),
             "received": get(&c.received),
             "foreign": get(&c.foreign),
+            "unauthenticated": get(&c.unauthenticated),
             "undecodable": get(&c.undecodable),
             "stale": get(&c.stale),
             "send_drops": get(&c.send_drops),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat(sender: &str, seq: u64) -> Vec<u8> {
+        let body = pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq });
+        pb::LinkDatagram { sender: sender.into(), body: Some(body), mac: Vec::new() }.encode_to_vec()
+    }
+
+    #[test]
+    fn a_sealed_datagram_opens_with_its_key_and_decodes_as_before() {
+        let key = LinkMaster::from_secret(b"secret").key("o1", "o2").hmac();
+        let mut bytes = heartbeat("o1", 7);
+        seal(&key, &mut bytes);
+        let opened = open(&key, &bytes).expect("opens");
+        let d = pb::LinkDatagram::decode(opened).unwrap();
+        assert_eq!(d.sender, "o1");
+        assert_eq!(d.mac.len(), MAC_LEN);
+        assert!(matches!(d.body, Some(pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq: 7 }))));
+    }
+
+    #[test]
+    fn a_changed_truncated_unsealed_or_foreign_keyed_datagram_does_not_open() {
+        let master = LinkMaster::from_secret(b"secret");
+        let key = master.key("o1", "o2").hmac();
+        let mut bytes = heartbeat("o1", 7);
+        seal(&key, &mut bytes);
+        for i in 0..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[i] ^= 0x01;
+            assert!(open(&key, &changed).is_none(), "byte {i} changed");
+        }
+        assert!(open(&key, &bytes[..bytes.len() - 1]).is_none());
+        assert!(open(&key, &heartbeat("o1", 7)).is_none());
+        assert!(open(&key, &[]).is_none());
+        assert!(open(&master.key("o1", "o3").hmac(), &bytes).is_none());
+        assert!(open(&LinkMaster::from_secret(b"other").key("o1", "o2").hmac(), &bytes).is_none());
+    }
+
+    #[test]
+    fn each_link_has_its_own_key_the_same_from_both_ends() {
+        let m = LinkMaster::from_secret(b"secret");
+        assert_eq!(m.key("o1", "o2"), m.key("o2", "o1"));
+        assert_ne!(m.key("o1", "o2"), m.key("o1", "o3"));
+        // Names are length-prefixed: "ab"+"c" is not "a"+"bc".
+        assert_ne!(m.key("ab", "c"), m.key("a", "bc"));
+        assert_eq!(LinkMaster::from_secret(b"secret").key("o1", "o2"), m.key("o1", "o2"), "stable across restarts");
+    }
+
+    #[test]
+    fn a_key_on_the_wire_has_32_bytes_or_none() {
+        assert_eq!(LinkKey::from_wire(&[]), Ok(None));
+        assert!(LinkKey::from_wire(&[1; 32]).unwrap().is_some());
+        assert!(LinkKey::from_wire(&[1; 31]).unwrap_err().contains("31"));
+    }
+
+    /// Two nodes on 127.0.0.1 and 127.0.0.2 and a forger sending from
+    /// 127.0.0.2 (the neighbour's address) with its own socket.
+    #[tokio::test]
+    async fn a_datagram_from_a_neighbours_address_without_the_links_mac_is_dropped() {
+        let master = LinkMaster::from_secret(b"secret");
+        let n = |name: &str, ip: [u8; 4], keyed: bool| Neighbour {
+            name: name.into(),
+            address: IpAddr::from(ip),
+            server: false,
+            link_key: keyed.then(|| master.key("a", "b")),
+        };
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let a =
+            Links::bind(SocketAddr::from(([127, 0, 0, 1], port)), "a", &[n("b", [127, 0, 0, 2], true)], port).unwrap();
+        let b =
+            Links::bind(SocketAddr::from(([127, 0, 0, 2], port)), "b", &[n("a", [127, 0, 0, 1], true)], port).unwrap();
+        let forger = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        let to_a = SocketAddr::from(([127, 0, 0, 1], port));
+        forger.send_to(&heartbeat("b", 1), to_a).unwrap();
+        let mut forged = heartbeat("b", 2);
+        seal(&master.key("b", "c").hmac(), &mut forged);
+        forger.send_to(&forged, to_a).unwrap();
+        // Sends never wait: let the runtime learn the new sockets are writable.
+        b.socket.writable().await.unwrap();
+        a.socket.writable().await.unwrap();
+        b.beat_all(Instant::now(), Duration::from_secs(5));
+        let mut buf = Vec::new();
+        let got = tokio::time::timeout(Duration::from_secs(10), a.recv(&mut buf)).await.unwrap().unwrap();
+        let Incoming::Heartbeat { seq, reply_to } = got else { panic!("{got:?}") };
+        assert!(seq > 2, "the real beat (seq {seq}) is the first taken");
+        assert_eq!(reply_to.port(), port);
+        assert_eq!(a.counters.unauthenticated.load(Ordering::Relaxed), 2);
+        // The answer is sealed too, and b takes it as the answer to its beat.
+        a.answer(reply_to, seq, vec!["test".into()]);
+        let got = tokio::time::timeout(Duration::from_secs(10), b.recv(&mut buf)).await.unwrap().unwrap();
+        let Incoming::Answer { from, carrying, .. } = got else { panic!("{got:?}") };
+        assert_eq!((from.as_str(), carrying), ("a", vec!["test".to_string()]));
+
+        // Without keys (a plain control plane) the same unsealed datagram is taken.
+        let c =
+            Links::bind(SocketAddr::from(([127, 0, 0, 3], 0)), "c", &[n("b", [127, 0, 0, 2], false)], port).unwrap();
+        forger.send_to(&heartbeat("b", 3), c.socket.local_addr().unwrap()).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), c.recv(&mut buf)).await.unwrap().unwrap();
+        assert!(matches!(got, Incoming::Heartbeat { seq: 3, .. }), "{got:?}");
     }
 }

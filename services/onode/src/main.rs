@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bootstrap::{BootstrapService, Bootstrapper};
+use crate::link::{LinkKey, LinkMaster};
 use crate::node::{Identity, Neighbour, Node, Role, Settings};
 use crate::services::{OverlayService, SessionService};
 
@@ -482,9 +483,10 @@ async fn run_bootstrapper(
     common.name = Some(name.clone());
     let tls = common.tls()?;
     let telemetry = telemetry::init(&format!("onode-bootstrapper-{name}"));
-    let identity = bootstrap::identity(spec, probe_interval);
+    let master = || tls.as_ref().map(|t| LinkMaster::from_secret(t.private_key()));
+    let identity = bootstrap::identity(spec, probe_interval, master().as_ref());
     let listener = bind_control(&common).await?;
-    let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port, tls.is_some());
+    let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port, master());
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
     let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
@@ -573,7 +575,11 @@ fn identity_from(reply: &pb::RegisterReply) -> anyhow::Result<Identity> {
         neighbours: reply
             .neighbours
             .iter()
-            .map(|n| Ok(Neighbour { name: n.name.clone(), address: ip(&n.address)?, server: n.server }))
+            .map(|n| {
+                let link_key = LinkKey::from_wire(&n.link_key)
+                    .map_err(|e| anyhow::anyhow!("bootstrapper sent a bad key for the link to {}: {e}", n.name))?;
+                Ok(Neighbour { name: n.name.clone(), address: ip(&n.address)?, server: n.server, link_key })
+            })
             .collect::<anyhow::Result<_>>()?,
         probe_interval: Duration::from_millis(u64::from(reply.probe_interval_ms.max(50))),
     })

@@ -79,6 +79,8 @@ pub struct Neighbour {
     pub name: String,
     pub address: IpAddr,
     pub server: bool,
+    /// Key of the link to it, when the control plane runs over mutual TLS.
+    pub link_key: Option<crate::link::LinkKey>,
 }
 
 /// What the bootstrapper told the node about itself.

@@ -128,6 +128,12 @@ impl Tls {
         Ok(tls)
     }
 
+    /// The private key's PEM text (empty without an identity): the secret
+    /// the bootstrapper derives link keys from.
+    pub fn private_key(&self) -> &[u8] {
+        self.identity.as_ref().map(|(_, key)| key.as_slice()).unwrap_or_default()
+    }
+
     /// Server side: our certificate; callers may present one of the CA's.
     pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
         let (cert, key) = self.identity.as_ref().context("a TLS server needs a certificate")?;
