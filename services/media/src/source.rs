@@ -209,7 +209,7 @@ fn test_pipeline(stream: &str, on_packet: &PacketSink) -> Result<gst::Pipeline, 
            ! video/x-raw,format=I420,width=640,height=360,framerate=30/1 \
            ! queue name=live_drop leaky=downstream max-size-buffers=2 max-size-bytes=0 max-size-time=0 \
            ! timeoverlay name=clock halignment=left valignment=top \
-           ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 bitrate=1000 \
+           ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 bitrate=1000 threads=1 \
            ! rtph264pay name=video_pay config-interval=-1 pt={VIDEO_PT} mtu={RTP_MTU} \
            ! appsink name=video_out sync=false \
          audiotestsrc is-live=true wave=sine freq=440 volume=0.2 \
@@ -556,6 +556,10 @@ fn x264enc(context: &str) -> Result<gst::Element, MediaError> {
     encoder.set_property_from_str("speed-preset", "ultrafast");
     encoder.set_property("key-int-max", 30u32);
     encoder.set_property("bitrate", 1000u32);
+    // One slice per picture: with sliced threads rtph264pay puts the SPS
+    // and PPS before each IDR slice, in the middle of the access unit, and
+    // ffmpeg's parser then splits every keyframe in two (half concealed).
+    encoder.set_property("threads", 1u32);
     Ok(encoder)
 }
 

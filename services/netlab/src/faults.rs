@@ -192,7 +192,8 @@ fn role_kind(lab: &Lab, node: &str) -> Option<RoleKind> {
     lab.roles.iter().find(|r| r.name == node).map(|r| r.kind)
 }
 
-fn kill_node(st: &LabState, host: &str) -> Result<()> {
+/// Kills every process on `host` (SIGKILL): a crash.
+pub fn kill_node(st: &LabState, host: &str) -> Result<()> {
     let pids = sys::ns_pids(&ns_name(&st.prefix, host));
     if pids.is_empty() {
         bail!("no process runs on {host}");

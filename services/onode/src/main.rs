@@ -8,6 +8,7 @@ mod convert;
 mod link;
 mod net;
 mod node;
+mod rtsp;
 mod services;
 mod tls;
 mod token;
@@ -207,6 +208,9 @@ struct Common {
     /// POPs: most open sessions in total.
     #[arg(long, default_value_t = 1024)]
     max_sessions: usize,
+    /// POPs: TCP port of the RTSP server for players (rtsp://POP:PORT/STREAM); 0 turns it off.
+    #[arg(long, env = "ONODE_RTSP_PORT", default_value_t = 8554)]
+    rtsp_port: u16,
     /// TLS folder made by `onode certs`: the control plane runs over TLS,
     /// this node proves its name with NAME.pem and accepts overlay calls
     /// only from nodes holding the CA's certificates. Needs --name.
@@ -610,7 +614,20 @@ async fn run_member(
             );
         }
     }
+    let rtsp = if role == Role::Pop && common.rtsp_port != 0 {
+        let addr = SocketAddr::new(common.bind, common.rtsp_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for RTSP (--rtsp-port 0 turns it off)"))?;
+        Some(listener)
+    } else {
+        None
+    };
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
+    if let Some(listener) = rtsp {
+        info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
+        node.tasks.spawn(rtsp::serve(node.clone(), listener));
+    }
     let watcher = node.clone();
     let common2 = common.clone();
     node.tasks.spawn(async move { watch(watcher, client, bootstrap, role, common2, streams).await });

@@ -15,7 +15,7 @@ use overlay_core::session::{SessionLimits, Sessions};
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
-use relay::{Accept, ForwardTable, Heard, Relay, Route};
+use relay::{Accept, ForwardTable, Heard, Relay, Route, SplitDest};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -1101,11 +1101,15 @@ impl Node {
                 })
                 .collect();
             downstream.extend(st.sessions.playing(stream));
+            let tracks: Vec<_> = st.sessions.playing_tracks(stream).collect();
             for (i, ssrc) in branch.desc.ssrcs.iter().enumerate() {
                 // Every node keeps the video's last GOP for downstreams and
                 // viewers who start now.
                 let cache_gop = i == 0;
-                table.insert(*ssrc, Route { accept, downstream: downstream.clone(), cache_gop, heard: heard.clone() });
+                let split =
+                    tracks.iter().filter(|t| t.track == i).map(|t| SplitDest { rtp: t.rtp, rtcp: t.rtcp }).collect();
+                let route = Route { accept, downstream: downstream.clone(), split, cache_gop, heard: heard.clone() };
+                table.insert(*ssrc, route);
             }
         }
         self.relay.publish(table);
@@ -1121,17 +1125,28 @@ impl Node {
             let session = st.sessions.iter().find(|(sid, _)| *sid == id).map(|(_, s)| s.clone());
             let burst = session.and_then(|s| {
                 let branch = st.trees.branch(s.stream.as_deref()?)?;
-                Some((*branch.desc.ssrcs.first()?, s.rtp_dest?))
+                let video = s.tracks.iter().find(|t| t.track == 0);
+                let dest = match (s.rtp_dest, video) {
+                    (Some(d), _) => SplitDest { rtp: d, rtcp: d },
+                    (None, Some(t)) => SplitDest { rtp: t.rtp, rtcp: t.rtcp },
+                    (None, None) => return None,
+                };
+                Some((*branch.desc.ssrcs.first()?, dest))
             });
             (phase, burst)
         };
         if let Some((ssrc, dest)) = burst {
-            let n = self.relay.send_gop(ssrc, dest);
-            info!(node = %self.id.name, %dest, "PLAY starts with the cached GOP: {n} packets");
+            let n = self.relay.send_gop_split(ssrc, dest);
+            info!(node = %self.id.name, dest = %dest.rtp, "PLAY starts with the cached GOP: {n} packets");
         }
         let mut st = self.lock();
         self.republish(&mut st);
         Ok(phase)
+    }
+
+    /// The stream as this node carries it now, if it does.
+    pub fn desc(&self, stream: &str) -> Option<overlay_core::tree::StreamDesc> {
+        self.lock().trees.branch(stream).map(|b| b.desc.clone())
     }
 
     /// Runs `f` on the session table and republishes the forwarding table.

@@ -72,6 +72,16 @@ impl Default for SessionLimits {
     }
 }
 
+/// Where one track of a stream goes for a player that takes RTP and RTCP
+/// on two ports (RTSP over UDP). `track` indexes the stream's SSRCs
+/// (video first, then audio).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackDest {
+    pub track: usize,
+    pub rtp: SocketAddr,
+    pub rtcp: SocketAddr,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub client: String,
@@ -80,6 +90,8 @@ pub struct Session {
     pub phase: Phase,
     pub stream: Option<String>,
     pub rtp_dest: Option<SocketAddr>,
+    /// Per-track destinations (RTSP players), instead of `rtp_dest`.
+    pub tracks: Vec<TrackDest>,
     /// The last time the client was heard (any request, or a keepalive).
     pub last_seen: Instant,
 }
@@ -103,7 +115,15 @@ impl Sessions {
         if self.sessions.values().filter(|s| s.peer == peer).count() >= self.limits.per_address {
             return Err(SessionError::TooManyFromAddress { peer, limit: self.limits.per_address });
         }
-        let session = Session { client, peer, phase: Phase::Connected, stream: None, rtp_dest: None, last_seen: now };
+        let session = Session {
+            client,
+            peer,
+            phase: Phase::Connected,
+            stream: None,
+            rtp_dest: None,
+            tracks: Vec::new(),
+            last_seen: now,
+        };
         self.sessions.insert(id, session);
         Ok(())
     }
@@ -170,6 +190,25 @@ impl Sessions {
         Ok(())
     }
 
+    /// SETUP of one track (RTSP): the first binds the session to `stream`,
+    /// later ones add tracks of the same stream (or replace one).
+    pub fn set_up_track(&mut self, id: &str, stream: &str, dest: TrackDest) -> Result<(), SessionError> {
+        let s = self.expect(id, "SETUP", &[Phase::Connected, Phase::Ready])?;
+        for ip in [dest.rtp.ip(), dest.rtcp.ip()] {
+            if s.peer != ip {
+                return Err(SessionError::ForeignDestination { id: id.to_string(), peer: s.peer, dest: ip });
+            }
+        }
+        if s.phase == Phase::Ready && s.stream.as_deref() != Some(stream) {
+            return Err(SessionError::BadPhase { id: id.to_string(), op: "SETUP of another stream", phase: s.phase });
+        }
+        s.phase = Phase::Ready;
+        s.stream = Some(stream.to_string());
+        s.tracks.retain(|t| t.track != dest.track);
+        s.tracks.push(dest);
+        Ok(())
+    }
+
     pub fn play(&mut self, id: &str) -> Result<Phase, SessionError> {
         let s = self.expect(id, "PLAY", &[Phase::Ready, Phase::Paused, Phase::Playing])?;
         s.phase = Phase::Playing;
@@ -194,6 +233,19 @@ impl Sessions {
             .values()
             .filter(move |s| s.phase == Phase::Playing && s.stream.as_deref() == Some(stream.as_str()))
             .filter_map(|s| s.rtp_dest)
+    }
+
+    /// Per-track destinations of the sessions playing `stream`.
+    pub fn playing_tracks(&self, stream: &str) -> impl Iterator<Item = TrackDest> + '_ {
+        let stream = stream.to_string();
+        self.sessions
+            .values()
+            .filter(move |s| s.phase == Phase::Playing && s.stream.as_deref() == Some(stream.as_str()))
+            .flat_map(|s| s.tracks.iter().copied())
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Session> {
+        self.sessions.get(id)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Session)> {
@@ -223,6 +275,33 @@ mod tests {
         let gone = s.teardown("a").unwrap();
         assert_eq!(gone.stream.as_deref(), Some("test"));
         assert_eq!(s.teardown("a").unwrap_err(), SessionError::Unknown("a".into()));
+    }
+
+    #[test]
+    fn an_rtsp_session_sets_up_each_track_of_one_stream_to_its_own_host() {
+        let mut s = Sessions::default();
+        let me: IpAddr = "10.0.6.20".parse().unwrap();
+        s.connect("r".into(), "rtsp".into(), me, Instant::now()).unwrap();
+        let track = |track, port: u16, ip: IpAddr| TrackDest {
+            track,
+            rtp: SocketAddr::new(ip, port),
+            rtcp: SocketAddr::new(ip, port + 1),
+        };
+        let other: IpAddr = "10.0.7.20".parse().unwrap();
+        assert!(matches!(
+            s.set_up_track("r", "test", track(0, 5000, other)),
+            Err(SessionError::ForeignDestination { .. })
+        ));
+        s.set_up_track("r", "test", track(0, 5000, me)).unwrap();
+        s.set_up_track("r", "test", track(1, 5002, me)).unwrap();
+        assert!(s.set_up_track("r", "clip", track(1, 5002, me)).is_err(), "one stream per session");
+        assert_eq!(s.playing_tracks("test").count(), 0);
+        s.play("r").unwrap();
+        assert_eq!(s.playing_tracks("test").collect::<Vec<_>>(), [track(0, 5000, me), track(1, 5002, me)]);
+        assert_eq!(s.playing("test").count(), 0, "no one-port destination");
+        assert!(s.set_up_track("r", "test", track(0, 5004, me)).is_err(), "no SETUP while playing");
+        s.pause("r").unwrap();
+        assert_eq!(s.playing_tracks("test").count(), 0);
     }
 
     #[test]

@@ -77,6 +77,41 @@ impl GopCache {
     }
 }
 
+const NAL_PPS: u8 = 8;
+
+/// The H.264 SPS and PPS (NAL units, no start codes) found in RTP packets
+/// of a stream, as single-NAL packets or inside STAP-A aggregates: what a
+/// stream description needs (sprop-parameter-sets). The last of each wins.
+pub fn parameter_sets<'a>(packets: impl IntoIterator<Item = &'a [u8]>) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (mut sps, mut pps) = (None, None);
+    let mut take = |nal: &[u8]| match nal.first().map(|b| b & 0x1f) {
+        Some(NAL_SPS) => sps = Some(nal.to_vec()),
+        Some(NAL_PPS) => pps = Some(nal.to_vec()),
+        _ => {}
+    };
+    for bytes in packets {
+        let Ok(packet) = Packet::parse(bytes) else { continue };
+        if packet.kind() != Kind::Rtp {
+            continue;
+        }
+        let payload = &bytes[rtp_header_len(bytes)..];
+        match payload.first().map(|b| b & 0x1f) {
+            Some(STAP_A) => {
+                let mut rest = &payload[1..];
+                while rest.len() >= 2 {
+                    let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                    let Some(nal) = rest.get(2..2 + len) else { break };
+                    take(nal);
+                    rest = &rest[2 + len..];
+                }
+            }
+            Some(_) => take(payload),
+            None => {}
+        }
+    }
+    Some((sps?, pps?))
+}
+
 fn rtp_header_len(bytes: &[u8]) -> usize {
     let mut len = 12 + 4 * usize::from(bytes[0] & 0x0f);
     if bytes[0] & 0x10 != 0 && bytes.len() >= len + 4 {
@@ -107,6 +142,18 @@ mod tests {
         assert!(!starts_keyframe(&[0x7c, 0x81]), "a P slice fragment");
         assert!(!starts_keyframe(&[0x41, 0x9a]));
         assert!(!starts_keyframe(&[]));
+    }
+
+    #[test]
+    fn finds_the_parameter_sets_alone_or_aggregated() {
+        let single = [pkt(1, 0, &[0x67, 0x42, 0xc0, 0x1f]), pkt(2, 0, &[0x68, 0xce]), pkt(3, 0, &[0x65, 1])];
+        let (sps, pps) = parameter_sets(single.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!((sps, pps), (vec![0x67, 0x42, 0xc0, 0x1f], vec![0x68, 0xce]));
+        let stap = pkt(4, 0, &[0x78, 0, 3, 0x67, 0x4d, 0x00, 0, 2, 0x68, 0xee, 0, 9]);
+        let (sps, pps) = parameter_sets([stap.as_slice()]).unwrap();
+        assert_eq!((sps, pps), (vec![0x67, 0x4d, 0x00], vec![0x68, 0xee]), "a truncated tail is ignored");
+        assert!(parameter_sets([pkt(5, 0, &[0x41, 1]).as_slice()]).is_none());
+        assert!(parameter_sets(single[..1].iter().map(Vec::as_slice)).is_none(), "no PPS");
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod socket;
 pub mod table;
 
 pub use socket::{CounterSnapshot, Relay};
-pub use table::{clock_ms, decide, Accept, DropReason, ForwardTable, Heard, Route, Verdict};
+pub use table::{clock_ms, decide, Accept, DropReason, ForwardTable, Heard, Route, SplitDest, Verdict};

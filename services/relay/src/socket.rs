@@ -17,7 +17,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::gop::GopCache;
-use crate::table::{clock_ms, decide, DropReason, ForwardTable, Verdict};
+use crate::table::{clock_ms, decide, DropReason, ForwardTable, SplitDest, Verdict};
+use overlay_core::rtp::{Kind, Packet};
 
 const BATCH: usize = 32;
 const MAX_OUT: usize = 512;
@@ -170,12 +171,12 @@ impl Relay {
             ready.into_iter().map(|(_, _, src, bytes)| (src, bytes)).collect()
         };
         for (src, bytes) in ready {
-            if let Verdict::Forward { ssrc, route } = decide(table, &bytes, Some(src)) {
+            if let Verdict::Forward { ssrc, route, rtcp } = decide(table, &bytes, Some(src)) {
                 route.heard.mark(clock_ms());
                 if route.cache_gop {
                     self.remember(ssrc, &bytes);
                 }
-                for d in &route.downstream {
+                for d in route.targets(rtcp) {
                     if self.socket.send_to(&bytes, d).is_ok() {
                         self.counters.sent.fetch_add(1, Ordering::Relaxed);
                         self.counters.sent_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -198,14 +199,25 @@ impl Relay {
     /// Sends the cached GOP of `ssrc` (packets since its last keyframe) to
     /// `dest`, so a viewer starting now decodes at once. Returns the count.
     pub fn send_gop(&self, ssrc: u32, dest: SocketAddr) -> usize {
-        let packets: Vec<Vec<u8>> =
-            self.gops().get(&ssrc).map(|c| c.packets().map(<[u8]>::to_vec).collect()).unwrap_or_default();
+        self.send_gop_split(ssrc, SplitDest { rtp: dest, rtcp: dest })
+    }
+
+    /// [`Relay::send_gop`] to a destination with a port for RTP and one for
+    /// RTCP.
+    pub fn send_gop_split(&self, ssrc: u32, dest: SplitDest) -> usize {
+        let packets = self.gop(ssrc);
         for p in &packets {
-            if self.socket.send_to(p, dest).is_err() {
+            let rtcp = Packet::parse(p).is_ok_and(|p| p.kind() == Kind::Rtcp);
+            if self.socket.send_to(p, if rtcp { dest.rtcp } else { dest.rtp }).is_err() {
                 self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         packets.len()
+    }
+
+    /// A copy of the cached GOP of `ssrc` (empty if none).
+    pub fn gop(&self, ssrc: u32) -> Vec<Vec<u8>> {
+        self.gops().get(&ssrc).map(|c| c.packets().map(<[u8]>::to_vec).collect()).unwrap_or_default()
     }
 
     pub fn counters(&self) -> CounterSnapshot {
@@ -217,11 +229,11 @@ impl Relay {
         let table = self.table.load();
         self.counters.injected.fetch_add(1, Ordering::Relaxed);
         match decide(&table, bytes, None) {
-            Verdict::Forward { ssrc, route } => {
+            Verdict::Forward { ssrc, route, rtcp } => {
                 if route.cache_gop {
                     self.remember(ssrc, bytes);
                 }
-                for d in &route.downstream {
+                for d in route.targets(rtcp) {
                     match self.socket.send_to(bytes, d) {
                         Ok(n) => {
                             self.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -273,12 +285,12 @@ impl Relay {
                 in_bytes += len as u64;
                 let src = from_storage(&names[i]);
                 match decide(&table, &bufs[i][..len], src) {
-                    Verdict::Forward { ssrc, route } => {
+                    Verdict::Forward { ssrc, route, rtcp } => {
                         route.heard.mark(now_ms);
                         if route.cache_gop {
                             self.remember(ssrc, &bufs[i][..len]);
                         }
-                        for d in &route.downstream {
+                        for d in route.targets(rtcp) {
                             if out.is_full() {
                                 out.flush(fd, &self.counters);
                             }
@@ -438,6 +450,7 @@ mod tests {
             Route {
                 accept: Accept::From(sender.local_addr().unwrap()),
                 downstream: sinks.iter().map(|s| s.local_addr().unwrap()).collect(),
+                split: Vec::new(),
                 cache_gop: false,
                 heard: heard.clone(),
             },
@@ -498,6 +511,7 @@ mod tests {
         let route = Route {
             accept: Accept::From(sender.local_addr().unwrap()),
             downstream: vec![sink.local_addr().unwrap()],
+            split: Vec::new(),
             cache_gop: false,
             heard: Heard::default(),
         };
@@ -510,6 +524,52 @@ mod tests {
         }
         let n = sink.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], &sr[..], "the early sender report follows");
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
+    }
+
+    #[test]
+    fn a_split_destination_gets_rtp_on_one_port_and_rtcp_on_the_other() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (rtp, rtcp, mux) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        for s in [&rtp, &rtcp, &mux] {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let mut t = ForwardTable::default();
+        let split = SplitDest { rtp: rtp.local_addr().unwrap(), rtcp: rtcp.local_addr().unwrap() };
+        let route = Route {
+            accept: Accept::From(sender.local_addr().unwrap()),
+            downstream: vec![mux.local_addr().unwrap()],
+            split: vec![split],
+            cache_gop: true,
+            heard: Heard::default(),
+        };
+        t.insert(77, route);
+        relay.publish(t);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s2) = (relay.clone(), stop.clone());
+        let th = std::thread::spawn(move || r.run(&s2));
+        let mut pkt = [0u8; 100];
+        write_header(&mut pkt, 96, 5, 0, 77);
+        let sr = overlay_core::rtp::sender_report(77, 1.0e9, 0, 3, 300);
+        sender.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
+        sender.send_to(&sr, relay.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2048];
+        let n = rtp.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &pkt[..]);
+        let n = rtcp.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &sr[..]);
+        for want in [&pkt[..], &sr[..]] {
+            let n = mux.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want, "the one-port destination gets both");
+        }
+        rtp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        assert!(rtp.recv(&mut buf).is_err(), "no RTCP on the RTP port");
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
     }

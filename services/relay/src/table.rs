@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use overlay_core::rtp::Packet;
+use overlay_core::rtp::{Kind, Packet};
 
 /// Where packets of an SSRC may come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +23,22 @@ pub enum Accept {
     Any,
 }
 
+/// A destination that takes RTP and RTCP on two ports (an RTSP player
+/// over UDP), where a [`Route::downstream`] takes both on one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitDest {
+    pub rtp: SocketAddr,
+    pub rtcp: SocketAddr,
+}
+
 /// One SSRC's forwarding entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub accept: Accept,
+    /// Destinations taking RTP and RTCP on one port (RFC 5761).
     pub downstream: Vec<SocketAddr>,
+    /// Destinations with a port for each.
+    pub split: Vec<SplitDest>,
     /// Keep the packets since the last keyframe (a POP's video SSRC).
     pub cache_gop: bool,
     /// Marked whenever a packet of this SSRC is forwarded; the control
@@ -70,6 +81,13 @@ impl PartialEq for Heard {
 }
 
 impl Eq for Heard {}
+
+impl Route {
+    /// Every address a packet goes to (`rtcp`: the packet is control).
+    pub fn targets(&self, rtcp: bool) -> impl Iterator<Item = &SocketAddr> {
+        self.downstream.iter().chain(self.split.iter().map(move |s| if rtcp { &s.rtcp } else { &s.rtp }))
+    }
+}
 
 /// SSRC → route. Built by the control plane, published whole, read by the
 /// data plane without locks.
@@ -114,10 +132,12 @@ pub enum DropReason {
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    /// Send to the route's downstream; `ssrc` is the packet's.
+    /// Send to the route's downstream; `ssrc` is the packet's, `rtcp`
+    /// whether it is control.
     Forward {
         ssrc: u32,
         route: &'a Route,
+        rtcp: bool,
     },
     Drop(DropReason),
 }
@@ -138,7 +158,7 @@ pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>
         _ => false,
     };
     if allowed {
-        Verdict::Forward { ssrc: packet.ssrc(), route }
+        Verdict::Forward { ssrc: packet.ssrc(), route, rtcp: packet.kind() == Kind::Rtcp }
     } else {
         Verdict::Drop(DropReason::WrongSource)
     }
@@ -163,19 +183,31 @@ mod tests {
         let mut t = ForwardTable::default();
         t.insert(
             42,
-            Route { accept: Accept::From(up), downstream: down.clone(), cache_gop: false, heard: Heard::default() },
+            Route {
+                accept: Accept::From(up),
+                downstream: down.clone(),
+                cache_gop: false,
+                heard: Heard::default(),
+                split: Vec::new(),
+            },
         );
         t.insert(
             43,
-            Route { accept: Accept::Local, downstream: down.clone(), cache_gop: false, heard: Heard::default() },
+            Route {
+                accept: Accept::Local,
+                downstream: down.clone(),
+                cache_gop: false,
+                heard: Heard::default(),
+                split: Vec::new(),
+            },
         );
         assert!(
-            matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r } if r.downstream == down)
+            matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r, rtcp: false } if r.downstream == down)
         );
         assert_eq!(decide(&t, &packet(42), Some(other)), Verdict::Drop(DropReason::WrongSource));
         assert_eq!(decide(&t, &packet(42), None), Verdict::Drop(DropReason::WrongSource));
         assert!(
-            matches!(decide(&t, &packet(43), None), Verdict::Forward { ssrc: 43, route: r } if r.downstream == down)
+            matches!(decide(&t, &packet(43), None), Verdict::Forward { ssrc: 43, route: r, rtcp: false } if r.downstream == down)
         );
         assert_eq!(decide(&t, &packet(43), Some(up)), Verdict::Drop(DropReason::WrongSource));
         assert_eq!(decide(&t, &packet(44), Some(up)), Verdict::Drop(DropReason::UnknownSsrc(44)));

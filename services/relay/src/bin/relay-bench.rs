@@ -22,7 +22,10 @@ fn main() {
     let relay = Relay::bind(([127, 0, 0, 1], listen).into()).expect("bind the listen port");
     let mut table = ForwardTable::default();
     let downstream = (0..k).map(|j| ([127, 0, 0, 1], first + j).into()).collect();
-    table.insert(ssrc, Route { accept: Accept::Any, downstream, cache_gop: false, heard: Default::default() });
+    table.insert(
+        ssrc,
+        Route { accept: Accept::Any, downstream, split: Vec::new(), cache_gop: false, heard: Default::default() },
+    );
     relay.publish(table);
     let stop = Arc::new(AtomicBool::new(false));
     relay.run(&stop);

@@ -1,0 +1,405 @@
+//! RTSP at a POP (`rtsp://POP:8554/STREAM`): any player watches any stream
+//! of the overlay. The requests are parsed and answered by [`machine`];
+//! this driver owns the TCP connections and carries the commands out on
+//! the node: DESCRIBE joins the stream's tree as our own client's SETUP
+//! does, SETUP opens a session in the POP's session table (the same limits
+//! and timeout), PLAY adds the player's ports to the POP's fan-out and
+//! starts it with the cached GOP. The media path stays the relay's: an
+//! RTSP viewer is one more destination, RTP to its RTP port and RTCP
+//! (the servers' sender reports) to its RTCP port.
+//!
+//! A connection's sessions and joins end with it.
+
+mod machine;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use overlay_core::session::{short_id, SessionError, TrackDest};
+use overlay_core::tree::{NakReason, Requester};
+use rand::RngCore;
+use rtsp_types::{headers, Message, ParseError, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::node::Node;
+use crate::token::{Action, TokenError};
+use machine::{encode, refusal, reply, Command, Parsed, Refusal, MAX_REQUEST};
+
+/// Most RTSP connections open at once at one POP.
+const MAX_CONNECTIONS: usize = 512;
+/// Most streams one connection may DESCRIBE.
+const MAX_DESCRIBED: usize = 4;
+/// How long DESCRIBE waits for a new stream's first keyframe (its SDP
+/// needs the parameter sets).
+const KEYFRAME_WAIT: Duration = Duration::from_secs(4);
+
+/// Serves RTSP on `listener` until the node stops.
+pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(pop = %node.id.name, "RTSP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(pop = %node.id.name, %peer, "RTSP connection refused: {MAX_CONNECTIONS} already open");
+            let mut stream = stream;
+            let busy = refusal("0", &Refusal::new(StatusCode::ServiceUnavailable, "too many RTSP connections"));
+            let _ = stream.write_all(&encode(&busy)).await;
+            continue;
+        };
+        let node = node.clone();
+        node.tasks.clone().spawn(async move {
+            let _slot = slot;
+            connection(node, stream, peer).await;
+        });
+    }
+}
+
+async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().map(|a| a.ip()).unwrap_or(node.settings.bind);
+    let mut conn = Conn {
+        node: node.clone(),
+        peer,
+        local,
+        session: None,
+        ssrcs: Vec::new(),
+        described: Vec::new(),
+        granted: Vec::new(),
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // A player that says nothing for this long (no keepalive) is gone.
+    let idle = node.settings.session_timeout * 2;
+    'conn: loop {
+        loop {
+            if buf.first() != Some(&b'$') {
+                if let Some(r) = machine::too_many_headers(&buf) {
+                    warn!(pop = %node.id.name, %peer, "RTSP: {}; closing the connection", r.reason);
+                    let _ = stream.write_all(&encode(&refusal("0", &r))).await;
+                    break 'conn;
+                }
+            }
+            match Message::<Vec<u8>>::parse(&buf) {
+                Ok((msg, used)) => {
+                    buf.drain(..used);
+                    // Interleaved data and responses from the player are not used.
+                    let Message::Request(req) = msg else { continue };
+                    let resp = conn.handle(req).await;
+                    if stream.write_all(&encode(&resp)).await.is_err() {
+                        break 'conn;
+                    }
+                }
+                Err(ParseError::Incomplete(_)) => break,
+                Err(ParseError::Error) => {
+                    let bad = Refusal::new(StatusCode::BadRequest, "malformed RTSP request");
+                    warn!(pop = %node.id.name, %peer, "RTSP: malformed request; closing the connection");
+                    let _ = stream.write_all(&encode(&refusal("0", &bad))).await;
+                    break 'conn;
+                }
+            }
+        }
+        if buf.len() > MAX_REQUEST {
+            let big = Refusal::new(
+                StatusCode::RequestMessageBodyTooLarge,
+                format!("request larger than {MAX_REQUEST} bytes"),
+            );
+            warn!(pop = %node.id.name, %peer, "RTSP: request over {MAX_REQUEST} bytes; closing the connection");
+            let _ = stream.write_all(&encode(&refusal("0", &big))).await;
+            break;
+        }
+        let read = tokio::select! {
+            _ = node.cancel.cancelled() => break,
+            r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                info!(pop = %node.id.name, %peer, "RTSP: player silent for {} s; closing", idle.as_secs());
+                break;
+            }
+        }
+    }
+    conn.close();
+}
+
+/// One RTSP connection's state.
+struct Conn {
+    node: Arc<Node>,
+    peer: SocketAddr,
+    /// The POP's address the player reached.
+    local: IpAddr,
+    /// The session set up on this connection (one at a time).
+    session: Option<String>,
+    /// SSRCs of the session's stream (video, then audio).
+    ssrcs: Vec<u32>,
+    /// Streams joined for a DESCRIBE, held until the connection ends.
+    described: Vec<String>,
+    /// Streams a token was accepted for on this connection.
+    granted: Vec<String>,
+}
+
+impl Conn {
+    async fn handle(&mut self, req: rtsp_types::Request<Vec<u8>>) -> Response<Vec<u8>> {
+        let cseq = req.header(&headers::CSEQ).map(|v| v.as_str().trim().chars().take(10).collect::<String>());
+        let parsed = match machine::parse(&req, self.peer.ip()) {
+            Ok(p) => p,
+            Err(r) => {
+                debug!(pop = %self.node.id.name, peer = %self.peer, "RTSP request refused: {} {}", u16::from(r.status), r.reason);
+                return refusal(cseq.as_deref().unwrap_or("0"), &r);
+            }
+        };
+        let base = match req.request_uri() {
+            Some(u) => format!("rtsp://{}", &u.as_str()[url_host_range(u)]),
+            None => format!("rtsp://{}", self.local),
+        };
+        let cseq = parsed.cseq.clone();
+        match self.carry_out(parsed, &base).await {
+            Ok(resp) => resp,
+            Err(r) => {
+                info!(pop = %self.node.id.name, peer = %self.peer, "RTSP: {} {}", u16::from(r.status), r.reason);
+                refusal(&cseq, &r)
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, p: Parsed, base: &str) -> Result<Response<Vec<u8>>, Refusal> {
+        if let Some(id) = &p.session {
+            if self.session.as_deref() != Some(id.as_str()) {
+                return Err(Refusal::new(StatusCode::SessionNotFound, "no such session on this connection"));
+            }
+            self.node.with_sessions(|s| s.touch(id, Instant::now())).map_err(session_refusal)?;
+        }
+        let ok = || reply(&p.cseq, StatusCode::Ok, None);
+        match p.command {
+            Command::Options => Ok(ok().header(headers::PUBLIC, machine::PUBLIC).build(Vec::new())),
+            Command::KeepAlive => Ok(ok().build(Vec::new())),
+            Command::Describe { stream } => {
+                self.authorize(&stream, p.token.as_deref())?;
+                let sdp = self.describe(&stream).await?;
+                Ok(ok()
+                    .header(headers::CONTENT_TYPE, "application/sdp")
+                    .header(headers::CONTENT_BASE, format!("{base}/{stream}/"))
+                    .build(sdp.into_bytes()))
+            }
+            Command::Setup { stream, track, rtp_port, rtcp_port } => {
+                self.authorize(&stream, p.token.as_deref())?;
+                let id = self.set_up(&stream, track, rtp_port, rtcp_port).await?;
+                let ssrc = self.ssrcs[track];
+                let data_port = self.node.settings.data_port;
+                let transport = format!(
+                    "RTP/AVP;unicast;client_port={rtp_port}-{rtcp_port};server_port={data_port}-{};ssrc={ssrc:08X}",
+                    data_port.saturating_add(1)
+                );
+                Ok(ok()
+                    .header(headers::TRANSPORT, transport)
+                    .header(headers::SESSION, format!("{id};timeout={}", self.node.settings.session_timeout.as_secs()))
+                    .build(Vec::new()))
+            }
+            Command::Play => {
+                let id = self.session.clone().expect("checked above");
+                // Where the player's video starts: the cached GOP's first packet.
+                let first = self.ssrcs.first().and_then(|s| {
+                    self.node.relay.gop(*s).into_iter().find_map(|p| {
+                        let pk = overlay_core::rtp::Packet::parse(&p).ok()?;
+                        (pk.kind() == overlay_core::rtp::Kind::Rtp).then(|| (pk.sequence(), pk.timestamp()))
+                    })
+                });
+                self.node.play(&id).map_err(session_refusal)?;
+                let stream = self.node.with_sessions(|s| s.get(&id).and_then(|s| s.stream.clone())).unwrap_or_default();
+                info!(pop = %self.node.id.name, peer = %self.peer, %stream, session = short_id(&id), "RTSP PLAY");
+                let mut b = ok().header(headers::SESSION, id.clone()).header(headers::RANGE, "npt=now-");
+                if let Some((seq, ts)) = first {
+                    b = b.header(headers::RTP_INFO, format!("url={base}/{stream}/trackID=0;seq={seq};rtptime={ts}"));
+                }
+                Ok(b.build(Vec::new()))
+            }
+            Command::Pause => {
+                let id = self.session.clone().expect("checked above");
+                self.node.with_sessions(|s| s.pause(&id)).map_err(session_refusal)?;
+                Ok(ok().header(headers::SESSION, id).build(Vec::new()))
+            }
+            Command::Teardown => {
+                self.end_session();
+                Ok(ok().build(Vec::new()))
+            }
+        }
+    }
+
+    /// Checks the viewer's token when the POP requires one; a token
+    /// accepted once for a stream holds for the connection.
+    fn authorize(&mut self, stream: &str, token: Option<&str>) -> Result<(), Refusal> {
+        let Some(verifier) = &self.node.settings.tokens else { return Ok(()) };
+        if token.is_none() && self.granted.iter().any(|s| s == stream) {
+            return Ok(());
+        }
+        let now = crate::net::unix_us() / 1_000_000;
+        match verifier.check(token, Action::Read, stream, now) {
+            Ok(claims) => {
+                info!(pop = %self.node.id.name, peer = %self.peer, %stream, viewer = %crate::services::shown(&claims.sub), "RTSP: token accepted");
+                if !self.granted.iter().any(|s| s == stream) {
+                    self.granted.push(stream.to_string());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!(pop = %self.node.id.name, peer = %self.peer, %stream, "RTSP refused: {e}");
+                let status = if matches!(e, TokenError::NotGranted { .. }) {
+                    StatusCode::Forbidden
+                } else {
+                    StatusCode::Unauthorized
+                };
+                Err(Refusal::new(status, e.to_string()))
+            }
+        }
+    }
+
+    /// Joins `stream` (held until the connection ends) and describes it.
+    async fn describe(&mut self, stream: &str) -> Result<String, Refusal> {
+        let ssrcs = if self.described.iter().any(|s| s == stream) {
+            self.node.desc(stream).map(|d| d.ssrcs).unwrap_or_default()
+        } else {
+            if self.described.len() >= MAX_DESCRIBED {
+                return Err(Refusal::new(
+                    StatusCode::BadRequest,
+                    format!("at most {MAX_DESCRIBED} streams may be described on one connection"),
+                ));
+            }
+            let desc = self.join(stream).await?;
+            self.described.push(stream.to_string());
+            desc.ssrcs
+        };
+        let video =
+            *ssrcs.first().ok_or_else(|| Refusal::new(StatusCode::ServiceUnavailable, "the stream has no tracks"))?;
+        let until = Instant::now() + KEYFRAME_WAIT;
+        let (sps, pps, pt) = loop {
+            let gop = self.node.relay.gop(video);
+            if let Some((sps, pps)) = relay::gop::parameter_sets(gop.iter().map(Vec::as_slice)) {
+                let pt = gop.iter().find_map(|p| {
+                    overlay_core::rtp::Packet::parse(p)
+                        .ok()
+                        .filter(|p| p.kind() == overlay_core::rtp::Kind::Rtp)
+                        .map(|p| p.payload_type())
+                });
+                break (sps, pps, pt.unwrap_or(media::VIDEO_PT));
+            }
+            if Instant::now() >= until {
+                return Err(Refusal::new(
+                    StatusCode::ServiceUnavailable,
+                    format!("stream {stream} has sent no keyframe in {} s; try again", KEYFRAME_WAIT.as_secs()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let audio_pt = (ssrcs.len() > 1).then_some(media::AUDIO_PT);
+        Ok(machine::sdp(&machine::Description {
+            stream: stream.to_string(),
+            origin: self.local,
+            video_pt: pt,
+            sps,
+            pps,
+            audio_pt,
+        }))
+    }
+
+    /// Joins the stream's tree as a local viewer.
+    async fn join(&self, stream: &str) -> Result<overlay_core::tree::StreamDesc, Refusal> {
+        let node = &self.node;
+        node.join(stream, Requester::Local, Vec::new(), node.settings.data_port).await.map_err(|nak| {
+            let status = match nak.reason {
+                NakReason::UnknownStream => StatusCode::NotFound,
+                NakReason::NoRoute | NakReason::Loop | NakReason::Timeout => StatusCode::ServiceUnavailable,
+            };
+            let why = match nak.reason {
+                NakReason::UnknownStream => format!("no server of the overlay offers stream {stream}"),
+                NakReason::NoRoute | NakReason::Loop => format!("no route to a server of stream {stream} right now"),
+                NakReason::Timeout => format!("the overlay did not answer for stream {stream} in time"),
+            };
+            Refusal::new(status, why)
+        })
+    }
+
+    /// SETUP of one track: the first opens the session and joins the tree.
+    async fn set_up(&mut self, stream: &str, track: usize, rtp_port: u16, rtcp_port: u16) -> Result<String, Refusal> {
+        let ip = self.peer.ip();
+        let id = match &self.session {
+            Some(id) => id.clone(),
+            None => {
+                let mut bytes = [0u8; 16];
+                rand::rng().fill_bytes(&mut bytes);
+                let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                let client = format!("rtsp {}", self.peer);
+                self.node
+                    .with_sessions(|s| s.connect(id.clone(), client, ip, Instant::now()))
+                    .map_err(session_refusal)?;
+                match self.join(stream).await {
+                    Ok(desc) => self.ssrcs = desc.ssrcs,
+                    Err(r) => {
+                        let _ = self.node.with_sessions(|s| s.teardown(&id));
+                        return Err(r);
+                    }
+                }
+                self.session = Some(id.clone());
+                info!(pop = %self.node.id.name, peer = %self.peer, %stream, session = short_id(&id), "RTSP session set up");
+                id
+            }
+        };
+        if track >= self.ssrcs.len() {
+            return Err(Refusal::new(StatusCode::NotFound, format!("stream {stream} has {} tracks", self.ssrcs.len())));
+        }
+        let dest = TrackDest { track, rtp: SocketAddr::new(ip, rtp_port), rtcp: SocketAddr::new(ip, rtcp_port) };
+        self.node.with_sessions(|s| s.set_up_track(&id, stream, dest)).map_err(session_refusal)?;
+        Ok(id)
+    }
+
+    /// Ends the connection's session, if it still has one, and its join.
+    fn end_session(&mut self) {
+        let Some(id) = self.session.take() else { return };
+        self.ssrcs.clear();
+        // The POP may have timed it out already (and left its stream then).
+        if let Ok(gone) = self.node.with_sessions(|s| s.teardown(&id)) {
+            info!(pop = %self.node.id.name, peer = %self.peer, session = short_id(&id), "RTSP TEARDOWN");
+            if let Some(stream) = gone.stream {
+                self.node.leave(&stream, Requester::Local);
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.end_session();
+        for stream in self.described.drain(..) {
+            self.node.leave(&stream, Requester::Local);
+        }
+    }
+}
+
+/// The part of a URL after `rtsp://` up to the path: host and port.
+fn url_host_range(u: &rtsp_types::Url) -> std::ops::Range<usize> {
+    let start = u.scheme().len() + 3;
+    let start = u.as_str()[start..].find('@').map_or(start, |at| start + at + 1);
+    let end = start + u.as_str()[start..].find(['/', '?']).unwrap_or(u.as_str().len() - start);
+    start..end
+}
+
+fn session_refusal(e: SessionError) -> Refusal {
+    let status = match &e {
+        SessionError::Unknown(_) => StatusCode::SessionNotFound,
+        SessionError::BadPhase { .. } => StatusCode::MethodNotValidInThisState,
+        SessionError::ForeignDestination { .. } => StatusCode::Forbidden,
+        SessionError::TooMany { .. } | SessionError::TooManyFromAddress { .. } => StatusCode::ServiceUnavailable,
+    };
+    Refusal::new(status, e.to_string())
+}
