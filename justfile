@@ -15,9 +15,19 @@ build:
 release:
     cargo build --workspace --release
 
-# Run the whole test suite (unit, loopback integration, netns lab tests; lab tests need root).
+# Run the whole test suite (unit, loopback integration, netns lab tests; lab tests need root),
+# then a short run of every fuzz target over its committed corpus.
 test: build
     cargo test --workspace -- --test-threads=2
+    just fuzz-smoke
+
+# Run every fuzz target for SECS seconds, growing its corpus (services/fuzz/corpus).
+fuzz SECS="60":
+    services/fuzz/run.sh {{SECS}}
+
+# A few seconds of each fuzz target, the corpus left as it is (skipped without nightly and cargo-fuzz).
+fuzz-smoke SECS="5":
+    if cargo +nightly fuzz --version >/dev/null 2>&1; then services/fuzz/run.sh --smoke {{SECS}}; else echo "fuzz smoke skipped: needs the nightly toolchain and cargo-fuzz (.ci/deps installs them)"; fi
 
 # Validate an overlay topology file (default: the original example).
 topology-check FILE="netns/labs/seed-overlay.json": build

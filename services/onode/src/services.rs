@@ -23,39 +23,15 @@ pub const OVERLAY_MAX_MESSAGE: usize = 64 * 1024;
 pub const SESSION_MAX_MESSAGE: usize = 8 * 1024;
 pub const BOOTSTRAP_MAX_MESSAGE: usize = 64 * 1024;
 
-/// Longest node or stream name taken.
-pub const MAX_NAME: usize = 64;
+pub use overlay_core::names::shown;
 /// Longest free-form client name kept.
 pub const MAX_CLIENT_NAME: usize = 64;
 /// Most nodes a join path or reroot route may list.
 pub const MAX_PATH: usize = 64;
-/// How much of a rejected value an error or a log line shows.
-const SHOWN: usize = 32;
 
-/// At most [`SHOWN`] characters of `text`, marked when cut.
-pub fn shown(text: &str) -> String {
-    match text.char_indices().nth(SHOWN) {
-        Some((at, _)) => format!("{:?}… ({} bytes)", &text[..at], text.len()),
-        None => format!("{text:?}"),
-    }
-}
-
-/// Checks a node or stream name: short, and only letters, digits, `.`,
-/// `_` and `-`, so that it is safe in logs, paths and URLs.
+/// Checks a node or stream name ([`overlay_core::names::check_name`]).
 pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
-    if name.is_empty() {
-        return Err(Status::invalid_argument(format!("{what} is empty")));
-    }
-    if name.len() > MAX_NAME {
-        return Err(Status::invalid_argument(format!("{what} {} is longer than {MAX_NAME} bytes", shown(name))));
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(Status::invalid_argument(format!(
-            "{what} {} may hold only letters, digits, '.', '_' and '-'",
-            shown(name)
-        )));
-    }
-    Ok(())
+    overlay_core::names::check_name(what, name).map_err(Status::invalid_argument)
 }
 
 /// Checks a free-form client name (kept for logs): short, no control

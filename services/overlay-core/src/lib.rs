@@ -6,6 +6,7 @@
 
 pub mod liveness;
 pub mod membership;
+pub mod names;
 pub mod routing;
 pub mod rtp;
 pub mod session;

@@ -91,7 +91,7 @@ fn target(req: &Request<Vec<u8>>) -> Result<(Option<String>, Option<usize>), Ref
         return Err(Refusal::new(StatusCode::NotFound, format!("path {} has too many parts", shown(url.path()))));
     }
     if let Some(s) = &stream {
-        crate::services::check_name("stream", s).map_err(|e| Refusal::new(StatusCode::BadRequest, e.message()))?;
+        overlay_core::names::check_name("stream", s).map_err(|e| Refusal::new(StatusCode::BadRequest, e))?;
     }
     Ok((stream, track))
 }
