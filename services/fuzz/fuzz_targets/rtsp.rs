@@ -17,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
     match machine::parse(&req, "10.0.6.20".parse().unwrap()) {
         Ok(p) => {
             assert!(!p.cseq.is_empty() && p.cseq.len() <= 10);
-            if let machine::Command::Setup { rtp_port, track, .. } = p.command {
-                assert!(rtp_port != 0 && track < usize::MAX);
+            if let machine::Command::Setup { delivery: machine::Delivery::Udp { rtp_port, .. }, .. } = p.command {
+                assert!(rtp_port != 0);
             }
         }
         Err(r) => {

@@ -126,10 +126,47 @@ fn a_stranger_on_a_client_lan_takes_nothing_and_viewers_keep_playing() {
             }
         }
     }
+    // The POP's RTSP edge wants a token too, the way players give one.
+    let narrow =
+        onode(&bins, &["token", "mint", "--key", secret.to_str().unwrap(), "--sub", "narrow", "--read", "other-*"]);
+    let rtsp = |url: String| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns_name(&prefix, "c3"), "timeout", "30", "ffmpeg", "-hide_banner", "-nostats"])
+            .args(["-rtsp_transport", "udp", "-i", &url, "-t", "3", "-map", "0:v", "-f", "null", "-"])
+            .args(["-progress", "pipe:1"])
+            .output()
+            .expect("ffmpeg runs (.ci/deps installs it)");
+        let frames: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("frame="))
+            .filter_map(|v| v.trim().parse().ok())
+            .last()
+            .unwrap_or(0);
+        (out.status.success(), frames, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let base = format!("{pop_addr}:8554/test");
+    let mut rtsp_problems = Vec::new();
+    for (what, url, want) in [
+        ("no token", format!("rtsp://{base}"), "401"),
+        ("a token for other streams", format!("rtsp://{base}?token={narrow}"), "403"),
+        ("the token in the URL", format!("rtsp://{base}?token={token}"), ""),
+        // (ffmpeg keeps at most 127 characters of credentials, too few for
+        // a JWT: the token as the URL's password is for other players.)
+    ] {
+        let (ok, frames, log) = rtsp(url);
+        println!("RTSP with {what}: {} ({frames} frames)", if ok { "played" } else { "refused" });
+        let right = if want.is_empty() { ok && frames >= 30 } else { !ok && frames == 0 && log.contains(want) };
+        if !right {
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            rtsp_problems.push(format!("RTSP with {what}: played {ok}, {frames} frames, expected {want:?}: {tail:?}"));
+        }
+    }
+
     let rss_after = rss_kib(pop_pid);
     println!("POP o6 resident memory: {rss_before} KiB before, {rss_after} KiB after the attacks");
 
     let mut problems = taken;
+    problems.extend(rtsp_problems);
     if rss_after.saturating_sub(rss_before) > RSS_BOUND_KIB {
         problems.push(format!("POP o6 grew by {} KiB under attack (bound {RSS_BOUND_KIB})", rss_after - rss_before));
     }

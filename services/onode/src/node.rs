@@ -15,7 +15,7 @@ use overlay_core::session::{SessionLimits, Sessions};
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
-use relay::{Accept, ForwardTable, Heard, Relay, Route, SplitDest};
+use relay::{Accept, ForwardTable, Heard, Relay, Route, SharedContinuity, SplitDest};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -147,6 +147,9 @@ struct State {
     connected: std::collections::HashSet<String>,
     /// Per stream: the upstream it is heard from, and when it last was.
     heard: HashMap<String, (Source, Heard)>,
+    /// Per stream and track: the one RTP line RTSP players see, whatever
+    /// upstream or server the stream comes from.
+    lines: HashMap<(String, usize), SharedContinuity>,
     /// Upstreams checked for a silent stream, and when they may be again.
     silence_checks: HashMap<String, Instant>,
     /// When each stream's branch last got a new upstream (join, repair,
@@ -168,6 +171,13 @@ pub struct Node {
     tickets: AtomicU64,
     relay_stop: Arc<AtomicBool>,
     started: Instant,
+}
+
+/// The RTP line of a track of `stream` (made on first use): video runs on
+/// a 90 kHz clock, sound (Opus) on 48 kHz.
+fn line(lines: &mut HashMap<(String, usize), SharedContinuity>, stream: &str, track: usize) -> SharedContinuity {
+    let clock = if track == 0 { 90_000 } else { 48_000 };
+    lines.entry((stream.to_string(), track)).or_insert_with(|| SharedContinuity::new(clock)).clone()
 }
 
 impl Node {
@@ -209,6 +219,7 @@ impl Node {
             pipelines: HashMap::new(),
             connected: Default::default(),
             heard: HashMap::new(),
+            lines: HashMap::new(),
             silence_checks: HashMap::new(),
             changed: HashMap::new(),
         };
@@ -1079,6 +1090,11 @@ impl Node {
         let mut table = ForwardTable::default();
         st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
         st.changed.retain(|stream, _| st.trees.branch(stream).is_some());
+        // A line outlives a repair (the branch may be gone meanwhile): it
+        // ends when no session watches its stream any more.
+        let watched: std::collections::HashSet<&str> =
+            st.sessions.iter().filter_map(|(_, s)| s.stream.as_deref()).collect();
+        st.lines.retain(|(stream, _), _| watched.contains(stream.as_str()));
         for branch in st.trees.active() {
             let stream = &branch.desc.stream;
             // A new upstream starts unheard: silence is judged from its
@@ -1106,9 +1122,17 @@ impl Node {
                 // Every node keeps the video's last GOP for downstreams and
                 // viewers who start now.
                 let cache_gop = i == 0;
-                let split =
+                let split: Vec<SplitDest> =
                     tracks.iter().filter(|t| t.track == i).map(|t| SplitDest { rtp: t.rtp, rtcp: t.rtcp }).collect();
-                let route = Route { accept, downstream: downstream.clone(), split, cache_gop, heard: heard.clone() };
+                let continuity = (!split.is_empty()).then(|| line(&mut st.lines, stream, i));
+                let route = Route {
+                    accept,
+                    downstream: downstream.clone(),
+                    split,
+                    continuity,
+                    cache_gop,
+                    heard: heard.clone(),
+                };
                 table.insert(*ssrc, route);
             }
         }
@@ -1124,24 +1148,51 @@ impl Node {
             let phase = st.sessions.play(id)?;
             let session = st.sessions.iter().find(|(sid, _)| *sid == id).map(|(_, s)| s.clone());
             let burst = session.and_then(|s| {
-                let branch = st.trees.branch(s.stream.as_deref()?)?;
+                let stream = s.stream.as_deref()?;
+                let ssrc = *st.trees.branch(stream)?.desc.ssrcs.first()?;
                 let video = s.tracks.iter().find(|t| t.track == 0);
-                let dest = match (s.rtp_dest, video) {
-                    (Some(d), _) => SplitDest { rtp: d, rtcp: d },
-                    (None, Some(t)) => SplitDest { rtp: t.rtp, rtcp: t.rtcp },
-                    (None, None) => return None,
-                };
-                Some((*branch.desc.ssrcs.first()?, dest))
+                match (s.rtp_dest, video) {
+                    (Some(d), _) => Some((ssrc, SplitDest { rtp: d, rtcp: d }, None)),
+                    (None, Some(t)) => {
+                        Some((ssrc, SplitDest { rtp: t.rtp, rtcp: t.rtcp }, Some(line(&mut st.lines, stream, 0))))
+                    }
+                    (None, None) => None,
+                }
             });
             (phase, burst)
         };
-        if let Some((ssrc, dest)) = burst {
-            let n = self.relay.send_gop_split(ssrc, dest);
+        if let Some((ssrc, dest, line)) = burst {
+            let n = self.relay.send_gop_on(ssrc, dest, line.as_ref());
             info!(node = %self.id.name, dest = %dest.rtp, "PLAY starts with the cached GOP: {n} packets");
         }
         let mut st = self.lock();
         self.republish(&mut st);
         Ok(phase)
+    }
+
+    /// What RTSP players of `stream` see: per track, the SSRC of its line
+    /// (None before its first packet went out).
+    pub fn line_ssrcs(&self, stream: &str, tracks: usize) -> Vec<Option<u32>> {
+        let st = self.lock();
+        (0..tracks).map(|t| st.lines.get(&(stream.to_string(), t)).and_then(|l| l.lock().ssrc())).collect()
+    }
+
+    /// Where a player starting now picks up the video line of `stream`:
+    /// the sequence number and timestamp of the cached GOP's first packet
+    /// on it (for RTP-Info).
+    pub fn line_start(&self, stream: &str) -> Option<(u16, u32)> {
+        let (ssrc, line) = {
+            let mut st = self.lock();
+            let ssrc = *st.trees.branch(stream)?.desc.ssrcs.first()?;
+            (ssrc, line(&mut st.lines, stream, 0))
+        };
+        let mut first =
+            self.relay.gop(ssrc).into_iter().find(|p| {
+                overlay_core::rtp::Packet::parse(p).is_ok_and(|p| p.kind() == overlay_core::rtp::Kind::Rtp)
+            })?;
+        let rewritten = line.lock().rewrite(&mut first);
+        let p = overlay_core::rtp::Packet::parse(&first).ok().filter(|_| rewritten)?;
+        Some((p.sequence(), p.timestamp()))
     }
 
     /// The stream as this node carries it now, if it does.

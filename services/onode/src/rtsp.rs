@@ -36,6 +36,16 @@ const MAX_DESCRIBED: usize = 4;
 /// How long DESCRIBE waits for a new stream's first keyframe (its SDP
 /// needs the parameter sets).
 const KEYFRAME_WAIT: Duration = Duration::from_secs(4);
+/// A TCP player whose connection takes no data for this long is dropped.
+const SLOW_PLAYER: Duration = Duration::from_secs(2);
+
+/// The next datagram on the connection's loopback socket; never, without one.
+async fn recv_from_sink(sink: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match sink {
+        Some(s) => s.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Serves RTSP on `listener` until the node stops.
 pub async fn serve(node: Arc<Node>, listener: TcpListener) {
@@ -79,8 +89,14 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
         ssrcs: Vec::new(),
         described: Vec::new(),
         granted: Vec::new(),
+        sink: None,
+        channels: Vec::new(),
+        stream: None,
+        line: Vec::new(),
+        line_checked: None,
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut packet = vec![0u8; 65_536];
     // A player that says nothing for this long (no keepalive) is gone.
     let idle = node.settings.session_timeout * 2;
     'conn: loop {
@@ -123,9 +139,33 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
         let read = tokio::select! {
             _ = node.cancel.cancelled() => break,
             r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
+            p = recv_from_sink(conn.sink.as_ref(), &mut packet) => {
+                let Some(frame) = p.ok().and_then(|n| conn.frame(&packet[..n])) else { continue };
+                // A player that does not take its data within this long
+                // is cut loose: the relay never waits for it (its loopback
+                // socket drops what overflows meanwhile).
+                match tokio::time::timeout(SLOW_PLAYER, stream.write_all(&frame)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => {
+                        debug!(pop = %node.id.name, %peer, "RTSP: writing to the player failed: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        warn!(pop = %node.id.name, %peer, "RTSP player over TCP too slow (a write took over {} s): cut loose", SLOW_PLAYER.as_secs());
+                        break;
+                    }
+                }
+            }
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(0)) => {
+                debug!(pop = %node.id.name, %peer, "RTSP: the player closed the connection");
+                break;
+            }
+            Ok(Err(e)) => {
+                debug!(pop = %node.id.name, %peer, "RTSP: reading from the player failed: {e}");
+                break;
+            }
             Ok(Ok(_)) => {}
             Err(_) => {
                 info!(pop = %node.id.name, %peer, "RTSP: player silent for {} s; closing", idle.as_secs());
@@ -150,6 +190,15 @@ struct Conn {
     described: Vec<String>,
     /// Streams a token was accepted for on this connection.
     granted: Vec<String>,
+    /// RTP/AVP/TCP: the loopback socket the relay sends this player's
+    /// packets to, and the channels of each track (track, RTP, RTCP).
+    sink: Option<tokio::net::UdpSocket>,
+    channels: Vec<(usize, u8, u8)>,
+    /// The session's stream, and the SSRCs of the POP's line per track
+    /// (looked up again at most every 100 ms when a packet matches none).
+    stream: Option<String>,
+    line: Vec<Option<u32>>,
+    line_checked: Option<Instant>,
 }
 
 impl Conn {
@@ -195,15 +244,12 @@ impl Conn {
                     .header(headers::CONTENT_BASE, format!("{base}/{stream}/"))
                     .build(sdp.into_bytes()))
             }
-            Command::Setup { stream, track, rtp_port, rtcp_port } => {
+            Command::Setup { stream, track, delivery } => {
                 self.authorize(&stream, p.token.as_deref())?;
-                let id = self.set_up(&stream, track, rtp_port, rtcp_port).await?;
-                let ssrc = self.ssrcs[track];
-                let data_port = self.node.settings.data_port;
-                let transport = format!(
-                    "RTP/AVP;unicast;client_port={rtp_port}-{rtcp_port};server_port={data_port}-{};ssrc={ssrc:08X}",
-                    data_port.saturating_add(1)
-                );
+                let id = self.set_up(&stream, track, delivery).await?;
+                let line = self.node.line_ssrcs(&stream, self.ssrcs.len());
+                let ssrc = line.get(track).copied().flatten().unwrap_or(self.ssrcs[track]);
+                let transport = delivery.transport_reply(self.node.settings.data_port, ssrc);
                 Ok(ok()
                     .header(headers::TRANSPORT, transport)
                     .header(headers::SESSION, format!("{id};timeout={}", self.node.settings.session_timeout.as_secs()))
@@ -211,15 +257,11 @@ impl Conn {
             }
             Command::Play => {
                 let id = self.session.clone().expect("checked above");
-                // Where the player's video starts: the cached GOP's first packet.
-                let first = self.ssrcs.first().and_then(|s| {
-                    self.node.relay.gop(*s).into_iter().find_map(|p| {
-                        let pk = overlay_core::rtp::Packet::parse(&p).ok()?;
-                        (pk.kind() == overlay_core::rtp::Kind::Rtp).then(|| (pk.sequence(), pk.timestamp()))
-                    })
-                });
                 self.node.play(&id).map_err(session_refusal)?;
                 let stream = self.node.with_sessions(|s| s.get(&id).and_then(|s| s.stream.clone())).unwrap_or_default();
+                // Where the player's video starts: the cached GOP's first
+                // packet, on the line players of this POP see.
+                let first = self.node.line_start(&stream);
                 info!(pop = %self.node.id.name, peer = %self.peer, %stream, session = short_id(&id), "RTSP PLAY");
                 let mut b = ok().header(headers::SESSION, id.clone()).header(headers::RANGE, "npt=now-");
                 if let Some((seq, ts)) = first {
@@ -333,7 +375,7 @@ impl Conn {
     }
 
     /// SETUP of one track: the first opens the session and joins the tree.
-    async fn set_up(&mut self, stream: &str, track: usize, rtp_port: u16, rtcp_port: u16) -> Result<String, Refusal> {
+    async fn set_up(&mut self, stream: &str, track: usize, delivery: machine::Delivery) -> Result<String, Refusal> {
         let ip = self.peer.ip();
         let id = match &self.session {
             Some(id) => id.clone(),
@@ -353,6 +395,7 @@ impl Conn {
                     }
                 }
                 self.session = Some(id.clone());
+                self.stream = Some(stream.to_string());
                 info!(pop = %self.node.id.name, peer = %self.peer, %stream, session = short_id(&id), "RTSP session set up");
                 id
             }
@@ -360,15 +403,62 @@ impl Conn {
         if track >= self.ssrcs.len() {
             return Err(Refusal::new(StatusCode::NotFound, format!("stream {stream} has {} tracks", self.ssrcs.len())));
         }
-        let dest = TrackDest { track, rtp: SocketAddr::new(ip, rtp_port), rtcp: SocketAddr::new(ip, rtcp_port) };
+        let dest = match delivery {
+            machine::Delivery::Udp { rtp_port, rtcp_port } => TrackDest {
+                track,
+                rtp: SocketAddr::new(ip, rtp_port),
+                rtcp: SocketAddr::new(ip, rtcp_port),
+                interleaved: false,
+            },
+            machine::Delivery::Tcp { rtp_channel, rtcp_channel } => {
+                if self.sink.is_none() {
+                    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.map_err(|e| {
+                        Refusal::new(StatusCode::InternalServerError, format!("no socket for TCP delivery: {e}"))
+                    })?;
+                    self.sink = Some(sink);
+                }
+                let addr = self.sink.as_ref().and_then(|s| s.local_addr().ok()).expect("bound above");
+                self.channels.retain(|(t, ..)| *t != track);
+                self.channels.push((track, rtp_channel, rtcp_channel));
+                TrackDest { track, rtp: addr, rtcp: addr, interleaved: true }
+            }
+        };
         self.node.with_sessions(|s| s.set_up_track(&id, stream, dest)).map_err(session_refusal)?;
         Ok(id)
+    }
+
+    /// A packet from the loopback socket framed for the RTSP connection
+    /// (`$`, channel, length), by its SSRC's track and its kind.
+    fn frame(&mut self, packet: &[u8]) -> Option<Vec<u8>> {
+        let p = overlay_core::rtp::Packet::parse(packet).ok()?;
+        // Packets come on the POP's line for each track: its SSRCs are those
+        // of the stream when the line began, which may be an earlier source.
+        let mut track = self.line.iter().position(|s| *s == Some(p.ssrc()));
+        if track.is_none() && self.line_checked.is_none_or(|at| at.elapsed() > Duration::from_millis(100)) {
+            self.line_checked = Some(Instant::now());
+            if let Some(stream) = &self.stream {
+                self.line = self.node.line_ssrcs(stream, self.ssrcs.len());
+            }
+            track = self.line.iter().position(|s| *s == Some(p.ssrc()));
+        }
+        let track = track?;
+        let &(_, rtp, rtcp) = self.channels.iter().find(|(t, ..)| *t == track)?;
+        let channel = if p.kind() == overlay_core::rtp::Kind::Rtcp { rtcp } else { rtp };
+        let len = u16::try_from(packet.len()).ok()?;
+        let mut out = Vec::with_capacity(4 + packet.len());
+        out.extend_from_slice(&[b'$', channel]);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(packet);
+        Some(out)
     }
 
     /// Ends the connection's session, if it still has one, and its join.
     fn end_session(&mut self) {
         let Some(id) = self.session.take() else { return };
         self.ssrcs.clear();
+        self.channels.clear();
+        self.stream = None;
+        self.line.clear();
         // The POP may have timed it out already (and left its stream then).
         if let Ok(gone) = self.node.with_sessions(|s| s.teardown(&id)) {
             info!(pop = %self.node.id.name, peer = %self.peer, session = short_id(&id), "RTSP TEARDOWN");

@@ -80,6 +80,9 @@ pub struct TrackDest {
     pub track: usize,
     pub rtp: SocketAddr,
     pub rtcp: SocketAddr,
+    /// The packets go to a loopback socket of the POP's own, which writes
+    /// them into the player's RTSP connection (RTP/AVP/TCP).
+    pub interleaved: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +198,10 @@ impl Sessions {
     pub fn set_up_track(&mut self, id: &str, stream: &str, dest: TrackDest) -> Result<(), SessionError> {
         let s = self.expect(id, "SETUP", &[Phase::Connected, Phase::Ready])?;
         for ip in [dest.rtp.ip(), dest.rtcp.ip()] {
-            if s.peer != ip {
+            // Interleaved: the POP's own loopback socket, bound to the
+            // player's connection, is the only other place media may go.
+            let own = dest.interleaved && ip.is_loopback();
+            if s.peer != ip && !own {
                 return Err(SessionError::ForeignDestination { id: id.to_string(), peer: s.peer, dest: ip });
             }
         }
@@ -286,6 +292,7 @@ mod tests {
             track,
             rtp: SocketAddr::new(ip, port),
             rtcp: SocketAddr::new(ip, port + 1),
+            interleaved: false,
         };
         let other: IpAddr = "10.0.7.20".parse().unwrap();
         assert!(matches!(
@@ -302,6 +309,17 @@ mod tests {
         assert!(s.set_up_track("r", "test", track(0, 5004, me)).is_err(), "no SETUP while playing");
         s.pause("r").unwrap();
         assert_eq!(s.playing_tracks("test").count(), 0);
+
+        // Interleaved: the POP's own loopback socket, and nothing else.
+        s.connect("t".into(), "rtsp".into(), me, Instant::now()).unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut inner = track(0, 40000, lo);
+        assert!(s.set_up_track("t", "test", inner).is_err(), "loopback only when interleaved");
+        inner.interleaved = true;
+        s.set_up_track("t", "test", inner).unwrap();
+        let mut foreign = track(1, 5000, other);
+        foreign.interleaved = true;
+        assert!(s.set_up_track("t", "test", foreign).is_err(), "interleaved does not open other hosts");
     }
 
     #[test]

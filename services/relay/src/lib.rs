@@ -3,9 +3,11 @@
 //! [`table`] holds the pure per-packet decision; [`socket`] the batched
 //! socket loop that carries it out.
 
+pub mod continuity;
 pub mod gop;
 pub mod socket;
 pub mod table;
 
+pub use continuity::{Continuity, SharedContinuity};
 pub use socket::{CounterSnapshot, Relay};
 pub use table::{clock_ms, decide, Accept, DropReason, ForwardTable, Heard, Route, SplitDest, Verdict};

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::continuity::SharedContinuity;
 use crate::gop::GopCache;
 use crate::table::{clock_ms, decide, DropReason, ForwardTable, SplitDest, Verdict};
 use overlay_core::rtp::{Kind, Packet};
@@ -176,10 +177,14 @@ impl Relay {
                 if route.cache_gop {
                     self.remember(ssrc, &bytes);
                 }
-                for d in route.targets(rtcp) {
-                    if self.socket.send_to(&bytes, d).is_ok() {
+                let mut scratch = vec![0u8; bytes.len()];
+                let split = route.for_split(&bytes, &mut scratch);
+                let copies = route.downstream.iter().map(|d| (&bytes[..], d));
+                let split = split.into_iter().flat_map(|b| route.split_targets(rtcp).map(move |d| (b, d)));
+                for (b, d) in copies.chain(split) {
+                    if self.socket.send_to(b, d).is_ok() {
                         self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                        self.counters.sent_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        self.counters.sent_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -205,7 +210,17 @@ impl Relay {
     /// [`Relay::send_gop`] to a destination with a port for RTP and one for
     /// RTCP.
     pub fn send_gop_split(&self, ssrc: u32, dest: SplitDest) -> usize {
-        let packets = self.gop(ssrc);
+        self.send_gop_on(ssrc, dest, None)
+    }
+
+    /// [`Relay::send_gop_split`] with each packet rewritten onto a
+    /// continuity line first (RTSP players).
+    pub fn send_gop_on(&self, ssrc: u32, dest: SplitDest, line: Option<&SharedContinuity>) -> usize {
+        let mut packets = self.gop(ssrc);
+        if let Some(line) = line {
+            let mut line = line.lock();
+            packets.retain_mut(|p| line.rewrite(p));
+        }
         for p in &packets {
             let rtcp = Packet::parse(p).is_ok_and(|p| p.kind() == Kind::Rtcp);
             if self.socket.send_to(p, if rtcp { dest.rtcp } else { dest.rtp }).is_err() {
@@ -233,8 +248,12 @@ impl Relay {
                 if route.cache_gop {
                     self.remember(ssrc, bytes);
                 }
-                for d in route.targets(rtcp) {
-                    match self.socket.send_to(bytes, d) {
+                let mut scratch = vec![0u8; bytes.len()];
+                let split = route.for_split(bytes, &mut scratch);
+                let copies = route.downstream.iter().map(|d| (bytes, d));
+                let split = split.into_iter().flat_map(|b| route.split_targets(rtcp).map(move |d| (b, d)));
+                for (b, d) in copies.chain(split) {
+                    match self.socket.send_to(b, d) {
                         Ok(n) => {
                             self.counters.sent.fetch_add(1, Ordering::Relaxed);
                             self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -256,6 +275,7 @@ impl Relay {
     pub fn run(&self, stop: &AtomicBool) {
         let fd = self.socket.as_raw_fd();
         let mut bufs = vec![[0u8; BUF]; BATCH];
+        let mut rewritten = vec![[0u8; BUF]; BATCH];
         let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
         let mut iovs: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
@@ -290,11 +310,23 @@ impl Relay {
                         if route.cache_gop {
                             self.remember(ssrc, &bufs[i][..len]);
                         }
-                        for d in route.targets(rtcp) {
+                        for d in &route.downstream {
                             if out.is_full() {
                                 out.flush(fd, &self.counters);
                             }
                             out.push(&bufs[i][..len], d);
+                        }
+                        if !route.split.is_empty() {
+                            // Copies for players go from their own buffer,
+                            // alive until the batch is flushed.
+                            if let Some(b) = route.for_split(&bufs[i][..len], &mut rewritten[i]) {
+                                for d in route.split_targets(rtcp) {
+                                    if out.is_full() {
+                                        out.flush(fd, &self.counters);
+                                    }
+                                    out.push(b, d);
+                                }
+                            }
                         }
                     }
                     Verdict::Drop(reason) => {
@@ -451,6 +483,7 @@ mod tests {
                 accept: Accept::From(sender.local_addr().unwrap()),
                 downstream: sinks.iter().map(|s| s.local_addr().unwrap()).collect(),
                 split: Vec::new(),
+                continuity: None,
                 cache_gop: false,
                 heard: heard.clone(),
             },
@@ -512,6 +545,7 @@ mod tests {
             accept: Accept::From(sender.local_addr().unwrap()),
             downstream: vec![sink.local_addr().unwrap()],
             split: Vec::new(),
+            continuity: None,
             cache_gop: false,
             heard: Heard::default(),
         };
@@ -546,6 +580,7 @@ mod tests {
             accept: Accept::From(sender.local_addr().unwrap()),
             downstream: vec![mux.local_addr().unwrap()],
             split: vec![split],
+            continuity: None,
             cache_gop: true,
             heard: Heard::default(),
         };
@@ -570,6 +605,54 @@ mod tests {
         }
         rtp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         assert!(rtp.recv(&mut buf).is_err(), "no RTCP on the RTP port");
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
+    }
+
+    #[test]
+    fn players_on_a_line_see_one_stream_when_the_source_changes() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (up1, up2) = (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
+        let player = UdpSocket::bind("127.0.0.1:0").unwrap();
+        player.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let line = SharedContinuity::new(90_000);
+        let split = vec![SplitDest { rtp: player.local_addr().unwrap(), rtcp: player.local_addr().unwrap() }];
+        let route = |from: &UdpSocket| Route {
+            accept: Accept::From(from.local_addr().unwrap()),
+            downstream: Vec::new(),
+            split: split.clone(),
+            continuity: Some(line.clone()),
+            cache_gop: false,
+            heard: Heard::default(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s2) = (relay.clone(), stop.clone());
+        let th = std::thread::spawn(move || r.run(&s2));
+        let mut t = ForwardTable::default();
+        t.insert(7, route(&up1));
+        relay.publish(t);
+        let mut pkt = [0u8; 100];
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        for seq in [100u16, 101] {
+            write_header(&mut pkt, 96, seq, u32::from(seq) * 3000, 7);
+            up1.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
+            let n = player.recv(&mut buf).unwrap();
+            let p = Packet::parse(&buf[..n]).unwrap();
+            got.push((p.ssrc(), p.sequence()));
+        }
+        // The tree re-roots: another server's SSRC, far-off numbers.
+        let mut t = ForwardTable::default();
+        t.insert(9, route(&up2));
+        relay.publish(t);
+        for seq in [7u16, 8] {
+            write_header(&mut pkt, 96, seq, 55, 9);
+            up2.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
+            let n = player.recv(&mut buf).unwrap();
+            let p = Packet::parse(&buf[..n]).unwrap();
+            got.push((p.ssrc(), p.sequence()));
+        }
+        assert_eq!(got, [(7, 100), (7, 101), (7, 102), (7, 103)]);
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
     }

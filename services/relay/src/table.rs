@@ -37,8 +37,10 @@ pub struct Route {
     pub accept: Accept,
     /// Destinations taking RTP and RTCP on one port (RFC 5761).
     pub downstream: Vec<SocketAddr>,
-    /// Destinations with a port for each.
+    /// Destinations with a port for each (RTSP players): they get copies
+    /// rewritten onto `continuity`'s line when there is one.
     pub split: Vec<SplitDest>,
+    pub continuity: Option<crate::continuity::SharedContinuity>,
     /// Keep the packets since the last keyframe (a POP's video SSRC).
     pub cache_gop: bool,
     /// Marked whenever a packet of this SSRC is forwarded; the control
@@ -83,9 +85,22 @@ impl PartialEq for Heard {
 impl Eq for Heard {}
 
 impl Route {
-    /// Every address a packet goes to (`rtcp`: the packet is control).
-    pub fn targets(&self, rtcp: bool) -> impl Iterator<Item = &SocketAddr> {
-        self.downstream.iter().chain(self.split.iter().map(move |s| if rtcp { &s.rtcp } else { &s.rtp }))
+    /// The split destinations' addresses for a packet (`rtcp`: control).
+    pub fn split_targets(&self, rtcp: bool) -> impl Iterator<Item = &SocketAddr> {
+        self.split.iter().map(move |s| if rtcp { &s.rtcp } else { &s.rtp })
+    }
+
+    /// The copy split destinations get: `bytes` itself, or rewritten into
+    /// `scratch` (None: it must not go to them).
+    pub fn for_split<'b>(&self, bytes: &'b [u8], scratch: &'b mut [u8]) -> Option<&'b [u8]> {
+        match &self.continuity {
+            None => Some(bytes),
+            Some(c) => {
+                let copy = &mut scratch[..bytes.len()];
+                copy.copy_from_slice(bytes);
+                c.lock().rewrite(copy).then_some(&*copy)
+            }
+        }
     }
 }
 
@@ -189,6 +204,7 @@ mod tests {
                 cache_gop: false,
                 heard: Heard::default(),
                 split: Vec::new(),
+                continuity: None,
             },
         );
         t.insert(
@@ -199,6 +215,7 @@ mod tests {
                 cache_gop: false,
                 heard: Heard::default(),
                 split: Vec::new(),
+                continuity: None,
             },
         );
         assert!(

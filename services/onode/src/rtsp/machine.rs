@@ -47,12 +47,11 @@ pub enum Command {
         stream: String,
     },
     /// SETUP of track `track` (index into the stream's SSRCs: 0 video,
-    /// 1 audio) to the player's UDP ports.
+    /// 1 audio), delivered as asked.
     Setup {
         stream: String,
         track: usize,
-        rtp_port: u16,
-        rtcp_port: u16,
+        delivery: Delivery,
     },
     Play,
     Pause,
@@ -110,23 +109,41 @@ fn token(req: &Request<Vec<u8>>) -> Option<String> {
     Some(text.split_once(':')?.1.to_string())
 }
 
-/// The player's UDP ports from a SETUP's Transport header: the first
-/// unicast RTP/AVP over UDP offer. `peer` is where the request came from:
-/// a `destination` naming another host is refused (RFC 7826 §21).
-fn transport(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<(u16, u16), Refusal> {
+/// How a track's packets reach the player.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// RTP and RTCP datagrams to these UDP ports of the player's address.
+    Udp { rtp_port: u16, rtcp_port: u16 },
+    /// Interleaved in the RTSP connection on these channels (RTP/AVP/TCP).
+    Tcp { rtp_channel: u8, rtcp_channel: u8 },
+}
+
+impl Delivery {
+    /// The Transport header that answers a SETUP with this delivery.
+    pub fn transport_reply(&self, data_port: u16, ssrc: u32) -> String {
+        match self {
+            Delivery::Udp { rtp_port, rtcp_port } => format!(
+                "RTP/AVP;unicast;client_port={rtp_port}-{rtcp_port};server_port={data_port}-{};ssrc={ssrc:08X}",
+                data_port.saturating_add(1)
+            ),
+            Delivery::Tcp { rtp_channel, rtcp_channel } => {
+                format!("RTP/AVP/TCP;unicast;interleaved={rtp_channel}-{rtcp_channel};ssrc={ssrc:08X}")
+            }
+        }
+    }
+}
+
+/// The delivery a SETUP's Transport header asks for: the first unicast
+/// RTP/AVP offer over UDP or TCP (interleaved). `peer` is where the request
+/// came from: a `destination` naming another host is refused (RFC 7826 §21).
+fn transport(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<Delivery, Refusal> {
     let transports = req
         .typed_header::<Transports>()
         .map_err(|_| Refusal::new(StatusCode::BadRequest, "the Transport header cannot be parsed"))?
         .ok_or_else(|| Refusal::new(StatusCode::BadRequest, "SETUP needs a Transport header"))?;
-    let mut tcp_asked = false;
     for t in transports.iter() {
         let Transport::Rtp(rtp) = t else { continue };
-        let udp = matches!(rtp.lower_transport, None | Some(headers::RtpLowerTransport::Udp));
-        if !udp {
-            tcp_asked = true;
-            continue;
-        }
-        if rtp.params.multicast {
+        if rtp.params.multicast || rtp.profile != headers::RtpProfile::Avp {
             continue;
         }
         if let Some(dest) = &rtp.params.destination {
@@ -137,21 +154,24 @@ fn transport(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<(u16, u16), Refusal
                 ));
             }
         }
+        if rtp.lower_transport == Some(headers::RtpLowerTransport::Tcp) {
+            let Some((rtp_channel, rtcp_channel)) = rtp.params.interleaved else {
+                return Err(Refusal::new(StatusCode::BadRequest, "RTP/AVP/TCP needs interleaved=RTP-RTCP channels"));
+            };
+            let rtcp_channel = rtcp_channel.unwrap_or(rtp_channel.saturating_add(1));
+            return Ok(Delivery::Tcp { rtp_channel, rtcp_channel });
+        }
         let Some((rtp_port, rtcp_port)) = rtp.params.client_port else {
             return Err(Refusal::new(StatusCode::BadRequest, "the UDP transport has no client_port"));
         };
         if rtp_port == 0 {
             return Err(Refusal::new(StatusCode::BadRequest, "client_port 0 is not a UDP port"));
         }
-        return Ok((rtp_port, rtcp_port.unwrap_or(rtp_port.saturating_add(1))));
+        return Ok(Delivery::Udp { rtp_port, rtcp_port: rtcp_port.unwrap_or(rtp_port.saturating_add(1)) });
     }
     Err(Refusal::new(
         StatusCode::UnsupportedTransport,
-        if tcp_asked {
-            "this POP serves RTP over UDP only for now (player option: -rtsp_transport udp)"
-        } else {
-            "no unicast RTP/AVP over UDP among the offered transports"
-        },
+        "no unicast RTP/AVP over UDP or TCP among the offered transports",
     ))
 }
 
@@ -185,8 +205,8 @@ pub fn parse(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<Parsed, Refusal> {
         Method::Describe => Command::Describe { stream: need_stream()? },
         Method::Setup => {
             let stream = need_stream()?;
-            let (rtp_port, rtcp_port) = transport(req, peer)?;
-            Command::Setup { stream, track: track.unwrap_or(0), rtp_port, rtcp_port }
+            let delivery = transport(req, peer)?;
+            Command::Setup { stream, track: track.unwrap_or(0), delivery }
         }
         Method::Play => Command::Play,
         Method::Pause => Command::Pause,
@@ -359,8 +379,22 @@ mod tests {
              Transport: RTP/AVP/UDP;unicast;client_port=5002-5003\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(p.command, Command::Setup { stream: "test".into(), track: 1, rtp_port: 5002, rtcp_port: 5003 });
         assert_eq!(p.session.as_deref(), Some("ab12"));
+        let udp = Delivery::Udp { rtp_port: 5002, rtcp_port: 5003 };
+        assert_eq!(p.command, Command::Setup { stream: "test".into(), track: 1, delivery: udp });
+        assert_eq!(
+            udp.transport_reply(7071, 0xab),
+            "RTP/AVP;unicast;client_port=5002-5003;server_port=7071-7072;ssrc=000000AB"
+        );
+        let p = parsed(
+            "SETUP rtsp://10.0.6.2:8554/test/trackID=0 RTSP/1.0\r\nCSeq: 3\r\n\
+             Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n",
+        )
+        .unwrap();
+        let tcp = Delivery::Tcp { rtp_channel: 0, rtcp_channel: 1 };
+        assert_eq!(p.command, Command::Setup { stream: "test".into(), track: 0, delivery: tcp });
+        assert_eq!(tcp.transport_reply(7071, 0xab), "RTP/AVP/TCP;unicast;interleaved=0-1;ssrc=000000AB");
+        assert_eq!(p.session, None);
         let p = parsed("PLAY rtsp://10.0.6.2:8554/test/ RTSP/1.0\r\nCSeq: 4\r\nSession: ab12\r\nRange: npt=0-\r\n\r\n")
             .unwrap();
         assert_eq!(p.command, Command::Play);
@@ -421,7 +455,7 @@ mod tests {
         );
         assert!(parsed(&own).is_ok());
         let r = parsed(
-            "SETUP rtsp://h/test/trackID=0 RTSP/1.0\r\nCSeq: 3\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n",
+            "SETUP rtsp://h/test/trackID=0 RTSP/1.0\r\nCSeq: 3\r\nTransport: RTP/AVP;multicast;port=5000-5001\r\n\r\n",
         )
         .unwrap_err();
         assert_eq!(r.status, StatusCode::UnsupportedTransport);

@@ -24,7 +24,14 @@ fn main() {
     let downstream = (0..k).map(|j| ([127, 0, 0, 1], first + j).into()).collect();
     table.insert(
         ssrc,
-        Route { accept: Accept::Any, downstream, split: Vec::new(), cache_gop: false, heard: Default::default() },
+        Route {
+            accept: Accept::Any,
+            downstream,
+            split: Vec::new(),
+            continuity: None,
+            cache_gop: false,
+            heard: Default::default(),
+        },
     );
     relay.publish(table);
     let stop = Arc::new(AtomicBool::new(false));
