@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::continuity::SharedContinuity;
 use crate::gop::GopCache;
-use crate::table::{clock_ms, decide, DropReason, ForwardTable, SplitDest, Verdict};
+use crate::table::{clock_ms, decide, DropReason, ForwardTable, Route, SplitDest, Verdict};
 use overlay_core::rtp::{Kind, Packet};
 
 const BATCH: usize = 32;
@@ -177,16 +177,7 @@ impl Relay {
                 if route.cache_gop {
                     self.remember(ssrc, &bytes);
                 }
-                let mut scratch = vec![0u8; bytes.len()];
-                let split = route.for_split(&bytes, &mut scratch);
-                let copies = route.downstream.iter().map(|d| (&bytes[..], d));
-                let split = split.into_iter().flat_map(|b| route.split_targets(rtcp).map(move |d| (b, d)));
-                for (b, d) in copies.chain(split) {
-                    if self.socket.send_to(b, d).is_ok() {
-                        self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                        self.counters.sent_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    }
-                }
+                self.send_along(&bytes, route, rtcp);
             }
         }
     }
@@ -239,6 +230,33 @@ impl Relay {
         self.counters.snapshot()
     }
 
+    /// Sends one packet to every target of its route, a send at a time (the
+    /// paths outside the batched loop). A copy is made only for players on
+    /// a continuity line.
+    fn send_along(&self, bytes: &[u8], route: &Route, rtcp: bool) {
+        let send = |b: &[u8], d: &SocketAddr| match self.socket.send_to(b, d) {
+            Ok(n) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        for d in &route.downstream {
+            send(bytes, d);
+        }
+        if route.split.is_empty() {
+            return;
+        }
+        let mut scratch = if route.continuity.is_some() { vec![0u8; bytes.len()] } else { Vec::new() };
+        if let Some(b) = route.for_split(bytes, &mut scratch) {
+            for d in route.split_targets(rtcp) {
+                send(b, d);
+            }
+        }
+    }
+
     /// Forwards a packet made by this node's own pipeline.
     pub fn inject(&self, bytes: &[u8]) {
         let table = self.table.load();
@@ -248,21 +266,7 @@ impl Relay {
                 if route.cache_gop {
                     self.remember(ssrc, bytes);
                 }
-                let mut scratch = vec![0u8; bytes.len()];
-                let split = route.for_split(bytes, &mut scratch);
-                let copies = route.downstream.iter().map(|d| (bytes, d));
-                let split = split.into_iter().flat_map(|b| route.split_targets(rtcp).map(move |d| (b, d)));
-                for (b, d) in copies.chain(split) {
-                    match self.socket.send_to(b, d) {
-                        Ok(n) => {
-                            self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                            self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+                self.send_along(bytes, route, rtcp);
             }
             Verdict::Drop(reason) => {
                 self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
@@ -454,7 +458,7 @@ fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Accept, Heard, Route};
+    use crate::table::{Accept, Heard};
     use overlay_core::rtp::write_header;
 
     #[test]
