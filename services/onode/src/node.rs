@@ -97,6 +97,13 @@ pub struct Identity {
 type JoinResult = Result<StreamDesc, Nak>;
 
 /// The reroot notice that says "I found no way to the root" (empty route).
+/// How long a ping to neighbour `up` may take: a few link round trips,
+/// never less than [`SILENCE_PING_FLOOR`].
+fn ping_limit(st: &State, up: &str) -> Duration {
+    let rtt = Duration::from_micros(2 * st.routes.link_delay_us(up).unwrap_or(0));
+    (rtt * 3).max(SILENCE_PING_FLOOR)
+}
+
 fn gave_up(stream: &str) -> StreamDesc {
     StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
 }
@@ -108,6 +115,12 @@ const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
 const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 /// The shortest wait for a silent stream's upstream to answer a ping.
 const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
+/// How long a stream request waits for its answer before its upstream is
+/// pinged (and pinged again while the wait goes on).
+const JOIN_WATCH: Duration = Duration::from_millis(250);
+/// A failed stream request is tried another way only if this much of its
+/// time is left.
+const JOIN_RETRY_FLOOR: Duration = Duration::from_millis(100);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
 /// A stream silent this long while its upstream answers pings is no
@@ -424,7 +437,7 @@ impl Node {
 
     async fn move_upstream(self: Arc<Self>, stream: String, from: String, to: String) {
         let started = Instant::now();
-        let (desc, data_addr) = match self.request_upstream(&stream, &to, vec![self.id.name.clone()]).await {
+        let (desc, data_addr) = match self.request_upstream(&stream, &to, vec![self.id.name.clone()], self.settings.join_timeout).await {
             Ok(joined) => joined,
             Err(nak) => {
                 debug!(node = %self.id.name, %stream, via = %to, "move to a better upstream refused: {}", nak.detail);
@@ -505,8 +518,7 @@ impl Node {
                         continue;
                     }
                     st.silence_checks.insert(up.clone(), now + SILENCE_RECHECK);
-                    let rtt = Duration::from_micros(2 * st.routes.link_delay_us(&up).unwrap_or(0));
-                    checks.push((up, (rtt * 3).max(SILENCE_PING_FLOOR)));
+                    checks.push((up.clone(), ping_limit(st, &up)));
                 }
                 checks
             };
@@ -618,7 +630,7 @@ impl Node {
                     continue;
                 }
             };
-            match self.request_upstream(&stream, &to, path).await {
+            match self.request_upstream(&stream, &to, path, self.settings.join_timeout).await {
                 Ok((desc, data_addr)) => {
                     let outcome = {
                         let mut st = self.lock();
@@ -860,8 +872,26 @@ impl Node {
         }
     }
 
-    async fn forward_join(self: Arc<Self>, stream: String, to: String, path: Vec<String>) {
-        let result = self.request_upstream(&stream, &to, path).await;
+    async fn forward_join(self: Arc<Self>, stream: String, mut to: String, path: Vec<String>) {
+        // The requester waits for one join timeout: ways that fail inside
+        // it (a refusal, or an upstream that stopped answering) are tried
+        // one after another, each neighbour once.
+        let deadline = Instant::now() + self.settings.join_timeout;
+        let mut tried = Vec::new();
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = self.request_upstream(&stream, &to, path.clone(), left).await;
+            let Err(nak) = &result else { break result };
+            tried.push(to.clone());
+            let mut st = self.lock();
+            let st = &mut *st;
+            let next = (deadline.saturating_duration_since(Instant::now()) > JOIN_RETRY_FLOOR)
+                .then(|| st.trees.redirect(&stream, &path, &tried, &st.routes, Instant::now()))
+                .flatten();
+            let Some(next) = next else { break result };
+            info!(node = %self.id.name, %stream, failed = %to, upstream = %next, "stream request failed ({}): trying another way", nak.detail);
+            to = next;
+        };
         let mut st = self.lock();
         let st = &mut *st;
         let (waiters, answer) = match result {
@@ -913,6 +943,7 @@ impl Node {
         stream: &str,
         to: &str,
         path: Vec<String>,
+        timeout: Duration,
     ) -> Result<(StreamDesc, SocketAddr), Nak> {
         let nak =
             |reason, why: String| Nak { reason, detail: format!("node {}: stream {stream:?}: {why}", self.id.name) };
@@ -926,8 +957,31 @@ impl Node {
             data_port: u32::from(self.settings.data_port),
         });
         telemetry::inject(request.metadata_mut());
-        request.set_timeout(self.settings.join_timeout);
-        match client.join(request).await {
+        request.set_timeout(timeout);
+        let answer = client.join(request);
+        tokio::pin!(answer);
+        // An upstream that is wedged (stopped, or its control plane stuck)
+        // would hold the request for the whole timeout, and every node
+        // below with it: while no answer comes, it is pinged, and two pings
+        // in a row without an answer end the wait.
+        let mut unanswered = 0;
+        let reply = loop {
+            if unanswered == 0 {
+                tokio::select! {
+                    r = &mut answer => break r,
+                    _ = tokio::time::sleep(JOIN_WATCH) => {}
+                }
+            }
+            let limit = ping_limit(&self.lock(), to) * 2;
+            tokio::select! {
+                r = &mut answer => break r,
+                alive = self.links.check(to, limit) => unanswered = if alive { 0 } else { unanswered + 1 },
+            }
+            if unanswered == 2 {
+                return Err(nak(NakReason::Timeout, format!("{to} does not answer pings while the stream request waits")));
+            }
+        };
+        match reply {
             Ok(reply) => match reply.into_inner().result {
                 Some(pb::join_reply::Result::Joined(info)) => {
                     let addr = SocketAddr::new(neighbour.address, info.data_port as u16);

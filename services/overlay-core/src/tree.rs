@@ -247,6 +247,26 @@ impl Trees {
         waiters
     }
 
+    /// The join under way through its upstream failed (refused, timed out,
+    /// or that upstream stopped answering): the next way to the root that
+    /// avoids the request's `path` and every neighbour in `tried`, which
+    /// the join now goes through. None: no way is left, and the caller
+    /// refuses the waiters with [`Trees::failed`].
+    pub fn redirect(
+        &mut self,
+        stream: &str,
+        path: &[String],
+        tried: &[String],
+        routes: &RouteTable,
+        now: Instant,
+    ) -> Option<String> {
+        let Some(State::Joining { via: Some(via), .. }) = self.streams.get_mut(stream) else { return None };
+        let exclude: Vec<&str> = path.iter().chain(tried).map(String::as_str).collect();
+        let next = routes.upstream_for(stream, now, &exclude).ok()?.via().to_string();
+        *via = next.clone();
+        Some(next)
+    }
+
     /// The join under way failed; every waiter gets the NAK.
     pub fn failed(&mut self, stream: &str) -> Vec<Waiter> {
         match self.streams.get(stream) {
@@ -541,6 +561,27 @@ mod tests {
             t.request("test", n("o3"), &["o7".into(), "o3".into()], 3, &r, now),
             JoinDecision::Attached(_)
         ));
+    }
+
+    #[test]
+    fn a_failed_join_goes_around_the_upstream_that_failed_it() {
+        // o9 joins through o8, which carries the stream but is wedged;
+        // the next way is s1 itself, and after that there is none.
+        let now = Instant::now();
+        let mut r = routes("o9", &["o3", "o8", "s1"]);
+        r.set_carrying("o8", ["test".to_string()]);
+        heard(&mut r, "s1", "s1", 1, now);
+        let mut t = Trees::new("o9", []);
+        let path = vec!["o4".to_string(), "o3".to_string()];
+        let JoinDecision::Forward { to, path } = t.request("test", n("o3"), &path, 1, &r, now) else { panic!() };
+        assert_eq!(to, "o8", "an existing carrier is preferred");
+        let mut tried = vec![to];
+        let next = t.redirect("test", &path, &tried, &r, now);
+        assert_eq!(next.as_deref(), Some("s1"));
+        tried.push(next.unwrap());
+        assert_eq!(t.redirect("test", &path, &tried, &r, now), None, "no way left");
+        assert_eq!(t.failed("test").iter().map(|w| w.ticket).collect::<Vec<_>>(), [1]);
+        assert_eq!(t.redirect("test", &path, &[], &r, now), None, "nothing is joining any more");
     }
 
     #[test]

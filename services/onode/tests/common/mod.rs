@@ -137,7 +137,8 @@ pub mod tempdir {
 
     impl Drop for Dir {
         fn drop(&mut self) {
-            if std::env::var_os("KEEP_TEST_DIRS").is_none() {
+            // A failed test keeps its logs for whoever reads its message.
+            if std::env::var_os("KEEP_TEST_DIRS").is_none() && !std::thread::panicking() {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
@@ -257,6 +258,25 @@ impl Overlay {
         std::fs::read_to_string(self.dir.path().join(format!("{node}.log"))).unwrap_or_default()
     }
 
+    /// The last `n` lines above DEBUG of every node's log, colours stripped.
+    pub fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for node in self.addr.keys() {
+            let text = self.log(node);
+            let lines: Vec<String> = text
+                .lines()
+                .map(strip_colours)
+                .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+                .collect();
+            out.push_str(&format!("---- {node}.log (last {n} lines)\n"));
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
         loop {
@@ -307,7 +327,11 @@ impl Overlay {
     pub fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut(&Overlay) -> bool) {
         let start = Instant::now();
         while !check(self) {
-            assert!(start.elapsed() < limit, "{what}: not true after {limit:?}; logs in {}", self.dir.path().display());
+            if start.elapsed() >= limit {
+                // CI keeps only the test's output: what the nodes said goes there.
+                eprintln!("{}", self.log_tails(12));
+                panic!("{what}: not true after {limit:?}; logs in {}", self.dir.path().display());
+            }
             std::thread::sleep(Duration::from_millis(150));
         }
     }
@@ -409,4 +433,22 @@ impl Drop for Overlay {
             let _ = c.wait();
         }
     }
+}
+
+/// `line` without its ANSI colour sequences (ESC [ ... m).
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
