@@ -41,11 +41,11 @@ ENV GST_REGISTRY_1_0=/var/cache/gstreamer-1.0/registry.bin
 RUN for element in \
       appsrc rtpjitterbuffer rtph264depay h264parse avdec_h264 rtpopusdepay opusparse \
       opusdec videoconvert audioconvert audioresample fakesink tee queue matroskamux \
-      filesink; do \
+      filesink rtspsrc; do \
       gst-inspect-1.0 "$element" >/dev/null || { echo "GStreamer element $element is missing" >&2; exit 1; }; \
     done \
  && chmod 0644 "$GST_REGISTRY_1_0"
-COPY oclient overlay-entrypoint overlay-client-health /usr/local/bin/
+COPY oclient rtspwatch overlay-entrypoint overlay-client-health /usr/local/bin/
 # Where compose mounts the stats volume (oclient --stats-json /stats/NAME.json).
 RUN mkdir /stats && chown overlay:overlay /stats
 USER overlay

@@ -7,7 +7,7 @@
 #   BASE      base image (default overlay-base:bookworm, made when missing;
 #             any other is used as given, e.g. debian:bookworm-slim)
 #   TAG       image tag (default latest)
-#   BIN_DIR   take onode and oclient from here instead of `cargo build --release`
+#   BIN_DIR   take onode, oclient and rtspwatch from here instead of `cargo build --release`
 set -euo pipefail
 
 usage() { echo "usage: deploy/images.sh [ROLE...]   (roles: server node pop client; default all)" >&2; }
@@ -39,7 +39,7 @@ fi
 context=$(mktemp -d /tmp/overlay-images.XXXXXX)
 cleanup() { rm -rf "$context"; }
 trap cleanup EXIT
-for bin in onode oclient; do
+for bin in onode oclient rtspwatch; do
     [[ -x $BIN_DIR/$bin ]] || { echo "images: $BIN_DIR/$bin is missing" >&2; exit 1; }
     strip -o "$context/$bin" "$BIN_DIR/$bin"
 done

@@ -1,7 +1,8 @@
 //! The RTSP request path of a POP: whatever bytes a player sends, parsing
 //! and the POP's decision never panic, the header bound holds, and every
 //! refusal is one well-formed RTSP response (nothing a player sent can add
-//! headers or lines to it).
+//! headers or lines to it). The same bytes as a player's RTCP: reading
+//! its receiver reports never panics and takes a bounded number of blocks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,6 +12,9 @@ use libfuzzer_sys::fuzz_target;
 mod machine;
 
 fuzz_target!(|data: &[u8]| {
+    if let Some(blocks) = machine::report_blocks(data) {
+        assert!(blocks.len() <= 62);
+    }
     let _ = machine::too_many_headers(data);
     let Ok((rtsp_types::Message::Request(req), used)) = rtsp_types::Message::<Vec<u8>>::parse(data) else { return };
     assert!(used <= data.len());

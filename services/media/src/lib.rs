@@ -12,6 +12,7 @@
 mod catalogue;
 mod error;
 mod player;
+mod rtsp_watch;
 mod source;
 mod stats;
 mod sync;
@@ -23,6 +24,7 @@ use gstreamer as gst;
 pub use catalogue::{catalogue, SourceSpec, TEST_STREAM};
 pub use error::MediaError;
 pub use player::{DecodeCounts, Player, PlayerConfig, DEFAULT_LATENCY_MS};
+pub use rtsp_watch::{watch_rtsp, RtspTransport, RtspWatch};
 pub use source::StreamSource;
 pub use stats::{RtpStats, RtpSummary};
 pub use sync::{median, LipSync, Media, Presentation, PresentationSummary};

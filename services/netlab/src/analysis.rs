@@ -156,10 +156,16 @@ pub fn any_without_frames(clients: &[ClientOutcome]) -> bool {
     clients.iter().any(|c| c.stats.as_ref().is_none_or(|s| s.frames_decoded == 0))
 }
 
+/// How much later than the cold start a warm one may come before it is a
+/// problem: a busy machine moves both by tens of ms; a warm start that
+/// missed the POP's cached GOP waits for the next keyframe, hundreds more.
+pub const WARM_START_MARGIN_MS: f64 = 250.0;
+
 /// Warm starts slower than the cold one: a viewer at a POP that already
 /// carried the stream (an earlier viewer of it chose the same POP) must get
 /// its first frame, from its request at the POP, no later than the first
-/// viewer of the stream, for whom the tree had to be built.
+/// viewer of the stream, for whom the tree had to be built (give or take
+/// [`WARM_START_MARGIN_MS`]).
 pub fn warm_start_problems(clients: &[ClientOutcome]) -> Vec<String> {
     let mut out = Vec::new();
     let from_request = |c: &ClientOutcome| c.stats.as_ref().and_then(|s| s.request_to_first_frame_ms);
@@ -173,10 +179,12 @@ pub fn warm_start_problems(clients: &[ClientOutcome]) -> Vec<String> {
         for (i, c) in viewers.iter().enumerate().skip(1) {
             let pop = c.pop_node.as_deref();
             let carried = pop.is_some() && viewers[..i].iter().any(|e| e.pop_node.as_deref() == pop);
-            let Some(ms) = from_request(c).filter(|ms| carried && *ms > cold_ms) else { continue };
+            let Some(ms) = from_request(c).filter(|ms| carried && *ms > cold_ms + WARM_START_MARGIN_MS) else {
+                continue;
+            };
             out.push(format!(
                 "client {} ({stream}): first frame {ms:.0} ms after its request at {}, which already carried \
-                 the stream, later than the cold start of {} ({cold_ms:.0} ms)",
+                 the stream, over {WARM_START_MARGIN_MS:.0} ms later than the cold start of {} ({cold_ms:.0} ms)",
                 c.label,
                 pop.unwrap_or("?"),
                 cold.label
@@ -458,14 +466,18 @@ mod tests {
             with_request(outcome("c2", "test", 0.0, 250, "10.0.7.2", 300.0), 120.0),
             // Another POP: joins the tree, may take as long as it takes.
             with_request(outcome("c1", "test", 3.0, 250, "10.0.6.2", 300.0), 150.0),
-            // c2's POP already carries it: must be quicker than c2.
-            with_request(outcome("c3", "test", 5.0, 250, "10.0.7.2", 300.0), 130.0),
+            // c2's POP already carries it: may not be much slower than c2
+            // (this one waited for a keyframe).
+            with_request(outcome("c3", "test", 5.0, 250, "10.0.7.2", 300.0), 620.0),
         ];
         let p = warm_start_problems(&cs);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].starts_with("client c3 (test): first frame 130 ms after its request at o6"), "{}", p[0]);
-        let fine = vec![cs[0].clone(), with_request(cs[2].clone(), 10.0)];
-        assert!(warm_start_problems(&fine).is_empty());
+        assert!(p[0].starts_with("client c3 (test): first frame 620 ms after its request at o6"), "{}", p[0]);
+        // Quicker, or later only by what a busy machine adds: fine.
+        for ms in [10.0, 120.0, 300.0] {
+            let fine = vec![cs[0].clone(), with_request(cs[2].clone(), ms)];
+            assert!(warm_start_problems(&fine).is_empty(), "{ms} ms");
+        }
     }
 
     #[test]

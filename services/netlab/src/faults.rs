@@ -150,6 +150,13 @@ fn nodes(lab: &Lab) -> BTreeMap<String, NodeRef> {
     out
 }
 
+/// `onode inspect` of the overlay node `name`, from its own host.
+pub fn inspect_node(lab: &Lab, st: &LabState, bins: &Bins, name: &str) -> Result<Value> {
+    let nodes = nodes(lab);
+    let n = nodes.get(name).with_context(|| format!("the lab has no overlay node {name}"))?;
+    inspect(st, bins, &n.host, &n.addr)
+}
+
 /// Overlay nodes that carry at least one stream now (by `onode inspect`).
 pub fn carrying_nodes(lab: &Lab, st: &LabState, bins: &Bins) -> Result<std::collections::BTreeSet<String>> {
     let mut out = std::collections::BTreeSet::new();

@@ -619,14 +619,20 @@ async fn run_member(
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for RTSP (--rtsp-port 0 turns it off)"))?;
-        Some(listener)
+        // Players send their RTCP to the second port of the server_port
+        // pair the POP announces: the one after the data port.
+        let rtcp_addr = SocketAddr::new(common.bind, common.data_port.saturating_add(1));
+        let rtcp = tokio::net::UdpSocket::bind(rtcp_addr).await.with_context(|| {
+            format!("cannot bind {rtcp_addr} (udp) for the RTSP players' RTCP (the port after --data-port)")
+        })?;
+        Some((listener, rtcp))
     } else {
         None
     };
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
-    if let Some(listener) = rtsp {
+    if let Some((listener, rtcp)) = rtsp {
         info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
-        node.tasks.spawn(rtsp::serve(node.clone(), listener));
+        node.tasks.spawn(rtsp::serve(node.clone(), listener, rtcp));
     }
     let watcher = node.clone();
     let common2 = common.clone();

@@ -184,6 +184,8 @@ pub struct Node {
     tickets: AtomicU64,
     relay_stop: Arc<AtomicBool>,
     started: Instant,
+    /// What came to the RTSP edge's RTCP port.
+    pub rtcp_intake: crate::rtsp::RtcpCounters,
 }
 
 /// The RTP line of a track of `stream` (made on first use): video runs on
@@ -249,6 +251,7 @@ impl Node {
             tickets: AtomicU64::new(1),
             relay_stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
+            rtcp_intake: Default::default(),
         }))
     }
 
@@ -1255,6 +1258,12 @@ impl Node {
     }
 
     /// Runs `f` on the session table and republishes the forwarding table.
+    /// [`Node::with_sessions`] for changes that leave every destination
+    /// as it was (keepalives, reports): the forwarding table stays.
+    pub fn note_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
+        f(&mut self.lock().sessions)
+    }
+
     pub fn with_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
         let mut st = self.lock();
         let out = f(&mut st.sessions);
@@ -1323,7 +1332,26 @@ impl Node {
         let sessions: Vec<_> = st
             .sessions
             .iter()
-            .map(|(id, s)| json!({"id": &id[..8.min(id.len())], "client": s.client, "phase": s.phase.to_string(), "stream": s.stream}))
+            .map(|(id, s)| {
+                let reception: serde_json::Map<String, serde_json::Value> = s
+                    .reception
+                    .iter()
+                    .map(|(track, r)| {
+                        let figures = json!({
+                            "reports": r.reports,
+                            "fraction_lost": f64::from(r.fraction_lost) / 256.0,
+                            "cumulative_lost": r.cumulative_lost,
+                            "highest_seq": r.highest_seq,
+                            "jitter_ms": r.jitter_us as f64 / 1000.0,
+                        });
+                        (track.to_string(), figures)
+                    })
+                    .collect();
+                json!({
+                    "id": &id[..8.min(id.len())], "client": s.client, "phase": s.phase.to_string(),
+                    "stream": s.stream, "reception": reception,
+                })
+            })
             .collect();
         let mut pipelines: Vec<&String> = st.pipelines.keys().collect();
         pipelines.sort();
@@ -1340,6 +1368,7 @@ impl Node {
             "catalogue": self.catalogue.keys().collect::<Vec<_>>(),
             "relay": self.relay.counters(),
             "datagrams": self.links.counters_json(),
+            "rtcp_intake": self.rtcp_intake.json(),
         })
     }
 }

@@ -8,11 +8,17 @@
 //! RTSP viewer is one more destination, RTP to its RTP port and RTCP
 //! (the servers' sender reports) to its RTCP port.
 //!
+//! Players' RTCP (receiver reports) comes to the port after the data
+//! port (the `server_port` pair of the Transport reply) or, over TCP, on a
+//! track's RTCP channel: it is read here for the session's reception
+//! figures, keeps the session alive, and never goes into the overlay.
+//!
 //! A connection's sessions and joins end with it.
 
 mod machine;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +27,7 @@ use overlay_core::tree::{NakReason, Requester};
 use rand::RngCore;
 use rtsp_types::{headers, Message, ParseError, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -47,8 +53,76 @@ async fn recv_from_sink(sink: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) ->
     }
 }
 
-/// Serves RTSP on `listener` until the node stops.
-pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+/// What came in as players' RTCP.
+#[derive(Debug, Default)]
+pub struct RtcpCounters {
+    /// Report blocks taken in for a session's track.
+    pub blocks: AtomicU64,
+    /// RTCP from an address and port no session's track sends from.
+    pub unmatched: AtomicU64,
+    /// Datagrams (or interleaved frames) that are not RTCP.
+    pub garbage: AtomicU64,
+}
+
+impl RtcpCounters {
+    pub fn json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "report_blocks": get(&self.blocks), "unmatched": get(&self.unmatched), "not_rtcp": get(&self.garbage),
+        })
+    }
+}
+
+/// Takes a player's RTCP for track `track` of session `id` (or, with
+/// `None`, the session whose track sends from `from`).
+fn take_rtcp(node: &Node, from: SocketAddr, at: Option<(&str, usize)>, data: &[u8]) {
+    let counters = &node.rtcp_intake;
+    let Some(blocks) = machine::report_blocks(data) else {
+        counters.garbage.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let now = Instant::now();
+    let taken = node.note_sessions(|s| {
+        let (id, track) = match at {
+            Some((id, track)) => (id.to_string(), track),
+            None => s.track_by_rtcp(from)?,
+        };
+        // A report with no block (a player that got nothing yet) still
+        // says the player is there.
+        let _ = s.touch(&id, now);
+        for b in &blocks {
+            let _ = s.report(&id, track, b, machine::clock_rate(track), now);
+        }
+        Some(blocks.len())
+    });
+    match taken {
+        Some(n) => counters.blocks.fetch_add(n as u64, Ordering::Relaxed),
+        None => counters.unmatched.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+/// Reads the RTCP UDP players send to the POP's RTCP port.
+async fn rtcp_intake(node: Arc<Node>, socket: UdpSocket) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let got = tokio::select! {
+            _ = node.cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        match got {
+            Ok((n, from)) => take_rtcp(&node, from, None, &buf[..n]),
+            Err(e) => {
+                debug!(pop = %node.id.name, "RTCP intake: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Serves RTSP on `listener` until the node stops; players' RTCP over UDP
+/// comes to `rtcp`.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, rtcp: UdpSocket) {
+    node.tasks.spawn(rtcp_intake(node.clone(), rtcp));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -110,9 +184,20 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
             }
             match Message::<Vec<u8>>::parse(&buf) {
                 Ok((msg, used)) => {
+                    let req = match msg {
+                        Message::Request(req) => req,
+                        // Interleaved: the player's RTCP on a track's RTCP channel.
+                        Message::Data(data) => {
+                            conn.interleaved_rtcp(data.channel_id(), data.as_slice());
+                            buf.drain(..used);
+                            continue;
+                        }
+                        Message::Response(_) => {
+                            buf.drain(..used);
+                            continue;
+                        }
+                    };
                     buf.drain(..used);
-                    // Interleaved data and responses from the player are not used.
-                    let Message::Request(req) = msg else { continue };
                     let resp = conn.handle(req).await;
                     if stream.write_all(&encode(&resp)).await.is_err() {
                         break 'conn;
@@ -230,7 +315,7 @@ impl Conn {
             if self.session.as_deref() != Some(id.as_str()) {
                 return Err(Refusal::new(StatusCode::SessionNotFound, "no such session on this connection"));
             }
-            self.node.with_sessions(|s| s.touch(id, Instant::now())).map_err(session_refusal)?;
+            self.node.note_sessions(|s| s.touch(id, Instant::now())).map_err(session_refusal)?;
         }
         let ok = || reply(&p.cseq, StatusCode::Ok, None);
         match p.command {
@@ -450,6 +535,15 @@ impl Conn {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(packet);
         Some(out)
+    }
+
+    /// A frame the player sent on an interleaved channel: RTCP on a
+    /// track's RTCP channel is taken in; anything else is dropped.
+    fn interleaved_rtcp(&self, channel: u8, data: &[u8]) {
+        let Some(id) = &self.session else { return };
+        if let Some(&(track, ..)) = self.channels.iter().find(|(_, _, rtcp)| *rtcp == channel) {
+            take_rtcp(&self.node, self.peer, Some((id, track)), data);
+        }
     }
 
     /// Ends the connection's session, if it still has one, and its join.

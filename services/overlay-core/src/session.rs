@@ -85,6 +85,46 @@ pub struct TrackDest {
     pub interleaved: bool,
 }
 
+/// What a player's RTCP receiver reports (RFC 3550 §6.4.1) say about
+/// one track it receives: the latest report's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reception {
+    /// Reports taken in.
+    pub reports: u64,
+    /// Packets lost since the player's previous report, out of 256.
+    pub fraction_lost: u8,
+    /// Packets lost since the start (negative when duplicates arrived).
+    pub cumulative_lost: i32,
+    /// The highest sequence number received, extended with its cycles.
+    pub highest_seq: u32,
+    /// Interarrival jitter in microseconds.
+    pub jitter_us: u64,
+}
+
+/// One report block of a receiver report, as it came (see [`Reception`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportBlock {
+    pub ssrc: u32,
+    pub fraction_lost: u8,
+    /// The 24-bit field, two's complement.
+    pub cumulative_lost: u32,
+    pub highest_seq: u32,
+    /// In the track's timestamp units.
+    pub jitter: u32,
+}
+
+impl Reception {
+    /// Takes in one report block for a track with `clock_rate` Hz.
+    pub fn update(&mut self, block: &ReportBlock, clock_rate: u32) {
+        self.reports += 1;
+        self.fraction_lost = block.fraction_lost;
+        // Sign-extend the 24-bit count.
+        self.cumulative_lost = ((block.cumulative_lost << 8) as i32) >> 8;
+        self.highest_seq = block.highest_seq;
+        self.jitter_us = u64::from(block.jitter) * 1_000_000 / u64::from(clock_rate.max(1));
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub client: String,
@@ -95,8 +135,11 @@ pub struct Session {
     pub rtp_dest: Option<SocketAddr>,
     /// Per-track destinations (RTSP players), instead of `rtp_dest`.
     pub tracks: Vec<TrackDest>,
-    /// The last time the client was heard (any request, or a keepalive).
+    /// The last time the client was heard (any request, a keepalive, or
+    /// an RTCP report).
     pub last_seen: Instant,
+    /// What the player's receiver reports say, per track.
+    pub reception: BTreeMap<usize, Reception>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -126,6 +169,7 @@ impl Sessions {
             rtp_dest: None,
             tracks: Vec::new(),
             last_seen: now,
+            reception: BTreeMap::new(),
         };
         self.sessions.insert(id, session);
         Ok(())
@@ -250,6 +294,30 @@ impl Sessions {
             .flat_map(|s| s.tracks.iter().copied())
     }
 
+    /// The session and track a UDP player sends its RTCP from `addr` for
+    /// (its RTCP port is where the POP sends the track's RTCP).
+    pub fn track_by_rtcp(&self, addr: SocketAddr) -> Option<(String, usize)> {
+        self.sessions.iter().find_map(|(id, s)| {
+            s.tracks.iter().find(|t| !t.interleaved && t.rtcp == addr).map(|t| (id.clone(), t.track))
+        })
+    }
+
+    /// Takes in a receiver report block for a track of session `id`: the
+    /// player is alive (a report keeps the session as a keepalive does).
+    pub fn report(
+        &mut self,
+        id: &str,
+        track: usize,
+        block: &ReportBlock,
+        clock_rate: u32,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        let s = self.get_mut(id)?;
+        s.last_seen = now;
+        s.reception.entry(track).or_default().update(block, clock_rate);
+        Ok(())
+    }
+
     pub fn get(&self, id: &str) -> Option<&Session> {
         self.sessions.get(id)
     }
@@ -320,6 +388,35 @@ mod tests {
         let mut foreign = track(1, 5000, other);
         foreign.interleaved = true;
         assert!(s.set_up_track("t", "test", foreign).is_err(), "interleaved does not open other hosts");
+    }
+
+    #[test]
+    fn receiver_reports_are_matched_by_port_and_keep_the_session() {
+        let t0 = Instant::now();
+        let mut s = Sessions::default();
+        let me: IpAddr = "10.0.6.20".parse().unwrap();
+        s.connect("r".into(), "rtsp".into(), me, t0).unwrap();
+        for (track, port) in [(0, 5000), (1, 5002)] {
+            let dest = TrackDest {
+                track,
+                rtp: SocketAddr::new(me, port),
+                rtcp: SocketAddr::new(me, port + 1),
+                interleaved: false,
+            };
+            s.set_up_track("r", "test", dest).unwrap();
+        }
+        assert_eq!(s.track_by_rtcp("10.0.6.20:5003".parse().unwrap()), Some(("r".into(), 1)));
+        assert_eq!(s.track_by_rtcp("10.0.6.20:5000".parse().unwrap()), None, "an RTP port sends no reports");
+        assert_eq!(s.track_by_rtcp("10.0.6.21:5003".parse().unwrap()), None, "another host");
+        // 3 of 256 lost lately, 0xFFFFFF = -1 in all (a duplicate), 480
+        // units of a 48 kHz clock = 10 ms of jitter.
+        let block = ReportBlock { ssrc: 7, fraction_lost: 3, cumulative_lost: 0xFF_FFFF, highest_seq: 70_000, jitter: 480 };
+        let later = t0 + Duration::from_secs(50);
+        s.report("r", 1, &block, 48_000, later).unwrap();
+        let r = s.get("r").unwrap().reception[&1];
+        assert_eq!(r, Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 });
+        assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30)).is_empty(), "the report kept it alive");
+        assert!(s.report("gone", 0, &block, 90_000, later).is_err());
     }
 
     #[test]

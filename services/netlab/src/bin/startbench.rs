@@ -8,6 +8,11 @@
 //! - warm in the overlay: the stream flows to another POP; this one joins
 //!   the existing tree.
 //!
+//! Beside them, a standard RTSP player (GStreamer's rtspsrc, through
+//! `rtspwatch`) at the POP on the viewer's LAN: cold, and warm at the POP
+//! over UDP and over TCP, from the player's first request to its first
+//! decoded frame (in the mutual TLS lab only).
+//!
 //! Each is measured twice, in one lab with the control plane over mutual
 //! TLS (the default) and in one over plain TCP, to show what TLS costs;
 //! the time from starting the roles to a ready overlay is shown for both.
@@ -64,7 +69,7 @@ fn main() -> Result<()> {
         let started = std::time::Instant::now();
         let result = run::up(&lab, &opts).and_then(|st| {
             let ready = started.elapsed();
-            measure(&lab, &st, &bins, runs).map(|m| (ready, m))
+            measure(&lab, &st, &bins, runs, !plain).map(|m| (ready, m))
         });
         let down = run::down(&prefix);
         let (ready, by_kind) = result?;
@@ -100,10 +105,23 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Runs the cold starts, then the warm ones beside a background viewer.
-fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMap<&'static str, Vec<Start>>> {
+fn measure(
+    lab: &Lab,
+    st: &LabState,
+    bins: &Bins,
+    runs: usize,
+    rtsp: bool,
+) -> Result<BTreeMap<&'static str, Vec<Start>>> {
     let hosts: Vec<String> =
         lab.roles.iter().filter(|r| r.kind == RoleKind::Client).map(|r| lab.hosts[r.host].name.clone()).collect();
     anyhow::ensure!(!hosts.is_empty(), "the lab has no client host");
+    // The POP on each client's LAN, for the RTSP player.
+    let local_pop: BTreeMap<String, String> = lab
+        .roles
+        .iter()
+        .filter(|r| rtsp && r.kind == RoleKind::Client)
+        .filter_map(|r| lab.local_pop(r.host).map(|a| (lab.hosts[r.host].name.clone(), a.to_string())))
+        .collect();
     let dir = st.dir().join("startbench");
     let mut by_kind: BTreeMap<&'static str, Vec<Start>> = BTreeMap::new();
     let mut n = 0;
@@ -113,6 +131,11 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMa
             let start = watch(st, bins, host, &dir.join(format!("cold-{n}")))?;
             by_kind.entry("1 cold").or_default().push(start);
             netlab::sys::sleep(PRUNE_PAUSE)?;
+            if let Some(pop) = local_pop.get(host) {
+                let start = watch_rtsp(st, bins, host, pop, false)?;
+                by_kind.entry("4 RTSP cold (UDP)").or_default().push(start);
+                netlab::sys::sleep(PRUNE_PAUSE)?;
+            }
         }
     }
     let background_host = &hosts[0];
@@ -127,11 +150,18 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMa
     let mut background_child = Background(run::start_client(st, bins, &background)?);
     netlab::sys::sleep(Duration::from_secs(3))?;
     let mut warm = Vec::new();
+    let mut warm_rtsp = Vec::new();
     for _ in 0..runs {
         for host in &hosts {
             n += 1;
             warm.push(watch(st, bins, host, &dir.join(format!("warm-{n}")))?);
             netlab::sys::sleep(PRUNE_PAUSE)?;
+            if let Some(pop) = local_pop.get(host) {
+                for tcp in [false, true] {
+                    warm_rtsp.push((tcp, watch_rtsp(st, bins, host, pop, tcp)?));
+                    netlab::sys::sleep(PRUNE_PAUSE)?;
+                }
+            }
         }
     }
     background_child.stop();
@@ -142,7 +172,50 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, runs: usize) -> Result<BTreeMa
         let kind = if start.pop == background_pop { "2 warm at the POP" } else { "3 warm in the overlay" };
         by_kind.entry(kind).or_default().push(start);
     }
+    // The background viewer's POP by address, as the RTSP starts name it.
+    let background_addr = local_pop.get(background_host).cloned().unwrap_or_default();
+    for (tcp, start) in warm_rtsp {
+        let kind = match (start.pop == background_addr, tcp) {
+            (true, false) => "5 RTSP warm at the POP (UDP)",
+            (true, true) => "6 RTSP warm at the POP (TCP)",
+            (false, false) => "7 RTSP warm in the overlay (UDP)",
+            (false, true) => "8 RTSP warm in the overlay (TCP)",
+        };
+        by_kind.entry(kind).or_default().push(start);
+    }
     Ok(by_kind)
+}
+
+/// An RTSP player (rtspwatch: GStreamer's rtspsrc) on `host` watches
+/// rtsp://POP:8554/test for a few seconds; its first frame, counted from
+/// before its first request (the request and the client's start are one).
+fn watch_rtsp(st: &LabState, bins: &Bins, host: &str, pop: &str, tcp: bool) -> Result<Start> {
+    let tool = bins.oclient.with_file_name("rtspwatch");
+    anyhow::ensure!(tool.is_file(), "no rtspwatch binary at {} (cargo build --workspace)", tool.display());
+    let url = format!("rtsp://{pop}:8554/{STREAM}");
+    let ns = netlab::plan::ns_name(&st.prefix, host);
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns]).arg(&tool).arg(&url).args(["--duration", &WATCH_S.to_string()]);
+    if tcp {
+        cmd.arg("--tcp");
+    }
+    let out = cmd.output().with_context(|| format!("starting rtspwatch in {ns}"))?;
+    let s: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!("rtspwatch on {host} for {url} printed no report: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    let ms = s["first_frame_ms"].as_f64().unwrap_or(f64::NAN);
+    if !ms.is_finite() {
+        eprintln!("rtspwatch on {host} for {url}: no frame ({})", s["error"]);
+    }
+    Ok(Start {
+        host: host.to_string(),
+        pop: pop.to_string(),
+        first_frame_ms: ms,
+        from_request_ms: ms,
+        login_ms: f64::NAN,
+        pop_choice_ms: f64::NAN,
+        setup_ms: f64::NAN,
+    })
 }
 
 /// A viewer that runs until stopped.
@@ -203,8 +276,15 @@ fn print_kind(kind: &str, starts: &[Start]) {
     };
     let hosts: Vec<String> = starts.iter().map(|s| format!("{}@{}", s.host, s.pop)).collect();
     println!("  {:24} {} starts: {}", &kind[2..], starts.len(), hosts.join(" "));
+    if kind.contains("RTSP") {
+        println!("      first frame from the player's first request {}", stat(|s| s.first_frame_ms));
+        return;
+    }
     println!("      first frame from the client's start   {}", stat(|s| s.first_frame_ms));
     println!("      first frame from the request at the POP {}", stat(|s| s.from_request_ms));
+    if kind.contains("RTSP") {
+        return;
+    }
     println!(
         "      phases: LOGIN {}, POP choice {}, CONNECT_POP+SETUP {}",
         stat(|s| s.login_ms),

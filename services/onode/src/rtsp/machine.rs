@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use base64::Engine;
+use overlay_core::session::ReportBlock;
 use rtsp_types::headers::{self, Transport, Transports};
 use rtsp_types::{Method, Request, Response, StatusCode, Version};
 
@@ -14,6 +15,45 @@ pub const MAX_REQUEST: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 /// Characters of anything a player sent that a reply or log repeats.
 const SHOWN: usize = 32;
+
+/// Most report blocks taken from one RTCP packet.
+const MAX_BLOCKS: usize = 62;
+
+/// The RTP clock of a track (video first, then audio), as the SDP says.
+pub fn clock_rate(track: usize) -> u32 {
+    if track == 0 {
+        90_000
+    } else {
+        48_000
+    }
+}
+
+/// The report blocks of an RTCP compound packet a player sent (its
+/// receiver reports, or those inside a sender report); None when the
+/// datagram is not RTCP at all.
+pub fn report_blocks(data: &[u8]) -> Option<Vec<ReportBlock>> {
+    let compound = rtcp_types::Compound::parse(data).ok()?;
+    let mut out = Vec::new();
+    let take = |b: rtcp_types::ReportBlock<'_>| ReportBlock {
+        ssrc: b.ssrc(),
+        fraction_lost: b.fraction_lost(),
+        cumulative_lost: b.cumulative_lost(),
+        highest_seq: b.extended_sequence_number(),
+        jitter: b.interarrival_jitter(),
+    };
+    for packet in compound {
+        match packet.ok()? {
+            rtcp_types::Packet::Rr(rr) => out.extend(rr.report_blocks().map(take)),
+            rtcp_types::Packet::Sr(sr) => out.extend(sr.report_blocks().map(take)),
+            _ => {}
+        }
+        if out.len() >= MAX_BLOCKS {
+            out.truncate(MAX_BLOCKS);
+            break;
+        }
+    }
+    Some(out)
+}
 
 /// The methods announced in `Public`.
 pub const PUBLIC: &str = "OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN, GET_PARAMETER";
@@ -350,6 +390,32 @@ pub fn sdp(d: &Description) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receiver_reports_are_read_from_a_compound_packet() {
+        // RR (one block) + SDES with a CNAME, as ffmpeg and rtpbin send them.
+        let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 9];
+        rr.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]); // reported SSRC
+        rr.extend_from_slice(&[5, 0, 0, 2]); // 5/256 lost lately, 2 in all
+        rr.extend_from_slice(&70_000u32.to_be_bytes());
+        rr.extend_from_slice(&900u32.to_be_bytes()); // jitter, 10 ms at 90 kHz
+        rr.extend_from_slice(&[0; 8]); // LSR, DLSR
+        let mut sdes = vec![0x81, 202, 0, 3, 0, 0, 0, 9, 1, 4];
+        sdes.extend_from_slice(b"abcd");
+        sdes.extend_from_slice(&[0, 0]);
+        let mut packet = rr.clone();
+        packet.extend_from_slice(&sdes);
+        let blocks = report_blocks(&packet).unwrap();
+        assert_eq!(
+            blocks,
+            [ReportBlock { ssrc: 0x1234_5678, fraction_lost: 5, cumulative_lost: 2, highest_seq: 70_000, jitter: 900 }]
+        );
+        assert_eq!(report_blocks(&sdes).unwrap(), [], "no report in it");
+        assert_eq!(report_blocks(&rr[..20]), None, "truncated");
+        assert_eq!(report_blocks(b"GET / HTTP/1.1\r\n"), None, "not RTCP");
+        assert_eq!(report_blocks(&[]), None);
+        assert_eq!((clock_rate(0), clock_rate(1)), (90_000, 48_000));
+    }
 
     fn request(text: &str) -> Request<Vec<u8>> {
         match rtsp_types::Message::<Vec<u8>>::parse(text.as_bytes()) {
