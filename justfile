@@ -17,9 +17,16 @@ release:
 
 # Run the whole test suite (unit, loopback integration, netns lab tests; lab tests need root),
 # then a short run of every fuzz target over its committed corpus.
-test: build
+test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    start=$SECONDS
+    just build
+    built=$SECONDS
     cargo test --workspace -- --test-threads=2
+    tested=$SECONDS
     just fuzz-smoke
+    echo "just test: build $((built - start)) s, tests $((tested - built)) s, fuzz smoke $((SECONDS - tested)) s"
 
 # Run every fuzz target for SECS seconds, growing its corpus (services/fuzz/corpus).
 fuzz SECS="60":
@@ -33,13 +40,14 @@ fuzz-smoke SECS="5":
 topology-check FILE="netns/labs/seed-overlay.json": build
     target/debug/onode topology check {{FILE}}
 
-# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, CPU per process kind in a lab at rest and streaming, failover gaps, time to first frame.
+# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, CPU per process kind in a lab at rest and streaming, failover gaps, time to first frame (ours and RTSP players), POP CPU per output Mbit with 1/10/50 RTSP players over UDP and TCP.
 bench ROUNDS="3": build release
     python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
     target/release/linkem-bench
     target/release/cpubench netns/labs/seed.json 10
     target/debug/faultbench netns/labs/seed.json {{ROUNDS}}
     target/debug/startbench netns/labs/seed.json {{ROUNDS}}
+    target/release/rtspbench netns/labs/seed.json 8
 
 # Bring a netns lab up (default: the original topology).
 lab-up LAB="netns/labs/seed.json": build

@@ -316,7 +316,6 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
         .collect();
     let win_counts = window.as_ref().map(|(_, w)| w.as_slice()).unwrap_or(&whole);
     let trees = analysis::check_trees(&streams, win_counts, &whole, &servers, &viewed);
-    let mut clients = clients;
     if let Ok(delays) = crate::delays::OverlayDelays::of(lab) {
         for c in &mut clients {
             let tree = trees.trees.iter().find(|t| t.stream == c.stream);

@@ -118,7 +118,7 @@ pub fn decoding_problem(final_fps: &[u64], longest_gap_ms: f64) -> Option<String
             "decodes under a third of the stream's {STREAM_FPS} fps after the fault (last seconds: {final_fps:?} fps)"
         ));
     }
-    if !(longest_gap_ms <= MAX_GAP_MS) {
+    if longest_gap_ms.is_nan() || longest_gap_ms > MAX_GAP_MS {
         return Some(format!("a media gap of {longest_gap_ms:.0} ms, over the {MAX_GAP_MS:.0} ms limit"));
     }
     None
@@ -362,7 +362,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
             cur = u.clone();
         }
         let affected = fault == Fault::RestartBootstrapper
-            || path.iter().any(|n| *n == target)
+            || path.contains(&target)
             || target.split('-').all(|n| path.iter().any(|p| p == n));
         let timeline: Vec<u64> =
             stats["fps_timeline"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
@@ -383,8 +383,8 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
         _ if boot_killed => None,
         Err(e) => Some(format!("no overview from the bootstrapper after the fault: {e:#}")),
         Ok(o) => {
-            let registered = o.registered.iter().any(|n| *n == target);
-            let failed = o.failed.iter().any(|n| *n == target);
+            let registered = o.registered.contains(&target);
+            let failed = o.failed.contains(&target);
             match fault {
                 Fault::RestartBootstrapper if !o.ready || o.registered.len() < nodes.len() => Some(format!(
                     "restarted bootstrapper: ready {} with {} of {} nodes registered again",

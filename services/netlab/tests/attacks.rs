@@ -140,7 +140,7 @@ fn a_stranger_on_a_client_lan_takes_nothing_and_viewers_keep_playing() {
             .lines()
             .filter_map(|l| l.strip_prefix("frame="))
             .filter_map(|v| v.trim().parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0);
         (out.status.success(), frames, String::from_utf8_lossy(&out.stderr).into_owned())
     };

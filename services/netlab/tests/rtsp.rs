@@ -35,7 +35,8 @@ fn ffmpeg_frames(prefix: &str, host: &str, url: &str, secs: u32, transport: &str
         .expect("ffmpeg runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stderr), stdout);
-    let frames = stdout.lines().filter_map(|l| l.strip_prefix("frame=")).filter_map(|v| v.trim().parse().ok()).last();
+    let frames =
+        stdout.lines().filter_map(|l| l.strip_prefix("frame=")).filter_map(|v| v.trim().parse().ok()).next_back();
     assert!(out.status.success(), "ffmpeg on {host} for {url} failed ({}):\n{log}", out.status);
     (frames.unwrap_or(0), log)
 }
@@ -107,7 +108,12 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
         lab.roles.iter().filter(|r| r.kind == RoleKind::Server).map(|r| r.name.clone()).collect();
     let viewed = vec![BTreeSet::from(["o6".to_string()])];
     let trees = analysis::check_trees(&["test".into()], &window, &window, &servers, &viewed);
-    let links: Vec<String> = trees.trees.iter().flat_map(|t| t.links.iter()).map(|(d, _, stress)| format!("{}->{} x{stress:.2}", d.from, d.to)).collect();
+    let links: Vec<String> = trees
+        .trees
+        .iter()
+        .flat_map(|t| t.links.iter())
+        .map(|(d, _, stress)| format!("{}->{} x{stress:.2}", d.from, d.to))
+        .collect();
     println!("two RTSP players and oclient at o6: tree links {}", links.join(", "));
     let sessions = o6["sessions"].as_array().map(Vec::len).unwrap_or(0);
     if sessions != 3 {
@@ -130,16 +136,32 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     }
 
     // ffmpeg at every POP: c1 at o5, c2 at o6, c5 at o7 (the first viewer
-    // of each POP builds its branch of the tree), over UDP and over TCP.
-    let players =
-        [("c1", "o5", "udp"), ("c2", "o6", "udp"), ("c5", "o7", "tcp"), ("c4", "o6", "tcp"), ("c1", "o5", "tcp")];
-    for (host, pop, transport) in players {
-        let url = format!("rtsp://{}:8554/test", pop_addr(pop));
-        let (frames, log) = ffmpeg_frames(&prefix, host, &url, 5, transport);
-        println!("ffmpeg on {host} over {transport}: {frames} frames from {url}");
-        // 5 s at 30 fps is 150 frames; half is a generous floor.
-        if frames < 75 {
-            problems.push(format!("ffmpeg on {host} over {transport} decoded {frames} frames from {url}:\n{log}"));
+    // of each POP builds its branch of the tree), over UDP, then over TCP
+    // (c4 at o6).
+    // One wave per transport, the POPs at once.
+    let waves = [
+        [("c1", "o5", "udp"), ("c2", "o6", "udp"), ("c5", "o7", "udp")],
+        [("c1", "o5", "tcp"), ("c4", "o6", "tcp"), ("c5", "o7", "tcp")],
+    ];
+    for wave in waves {
+        let running: Vec<_> = wave
+            .into_iter()
+            .map(|(host, pop, transport)| {
+                let url = format!("rtsp://{}:8554/test", pop_addr(pop));
+                let prefix = prefix.clone();
+                std::thread::spawn(move || {
+                    let (frames, log) = ffmpeg_frames(&prefix, host, &url, 5, transport);
+                    (host, transport, url, frames, log)
+                })
+            })
+            .collect();
+        for player in running {
+            let (host, transport, url, frames, log) = player.join().unwrap();
+            println!("ffmpeg on {host} over {transport}: {frames} frames from {url}");
+            // 5 s at 30 fps is 150 frames; half is a generous floor.
+            if frames < 75 {
+                problems.push(format!("ffmpeg on {host} over {transport} decoded {frames} frames from {url}:\n{log}"));
+            }
         }
     }
 
@@ -180,7 +202,8 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     // (Over TCP it decodes too, but its PAUSE at EOS sometimes finds the
     // connection closed, and gst-launch then exits 1: not judged here yet.)
     let url = format!("rtsp://{}:8554/test", pop_addr("o6"));
-    for protocol in ["udp"] {
+    {
+        let protocol = "udp";
         let gst = Command::new("ip")
             .args(["netns", "exec", &ns_name(&prefix, "c3"), "timeout", "30", "gst-launch-1.0", "-q"])
             .args(["rtspsrc", &format!("location={url}"), &format!("protocols={protocol}"), "!", "rtph264depay"])

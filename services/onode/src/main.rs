@@ -203,7 +203,7 @@ struct Common {
     #[arg(long, default_value_t = 10)]
     session_timeout_s: u64,
     /// POPs: most open sessions from one client address.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "ONODE_MAX_SESSIONS_PER_ADDRESS", default_value_t = 16)]
     max_sessions_per_address: usize,
     /// POPs: most open sessions in total.
     #[arg(long, default_value_t = 1024)]

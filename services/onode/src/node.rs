@@ -440,7 +440,10 @@ impl Node {
 
     async fn move_upstream(self: Arc<Self>, stream: String, from: String, to: String) {
         let started = Instant::now();
-        let (desc, data_addr) = match self.request_upstream(&stream, &to, vec![self.id.name.clone()], self.settings.join_timeout).await {
+        let (desc, data_addr) = match self
+            .request_upstream(&stream, &to, vec![self.id.name.clone()], self.settings.join_timeout)
+            .await
+        {
             Ok(joined) => joined,
             Err(nak) => {
                 debug!(node = %self.id.name, %stream, via = %to, "move to a better upstream refused: {}", nak.detail);
@@ -981,7 +984,10 @@ impl Node {
                 alive = self.links.check(to, limit) => unanswered = if alive { 0 } else { unanswered + 1 },
             }
             if unanswered == 2 {
-                return Err(nak(NakReason::Timeout, format!("{to} does not answer pings while the stream request waits")));
+                return Err(nak(
+                    NakReason::Timeout,
+                    format!("{to} does not answer pings while the stream request waits"),
+                ));
             }
         };
         match reply {

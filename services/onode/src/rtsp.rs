@@ -44,6 +44,9 @@ const MAX_DESCRIBED: usize = 4;
 const KEYFRAME_WAIT: Duration = Duration::from_secs(4);
 /// A TCP player whose connection takes no data for this long is dropped.
 const SLOW_PLAYER: Duration = Duration::from_secs(2);
+/// Interleaved packets waiting for a TCP player go out together, up to
+/// about this many bytes in one write.
+const WRITE_BATCH: usize = 32 * 1024;
 
 /// The next datagram on the connection's loopback socket; never, without one.
 async fn recv_from_sink(sink: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -171,6 +174,8 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
     };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut packet = vec![0u8; 65_536];
+    // Interleaved frames on their way to the player.
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70_000);
     // A player that says nothing for this long (no keepalive) is gone.
     let idle = node.settings.session_timeout * 2;
     'conn: loop {
@@ -225,11 +230,22 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
             _ = node.cancel.cancelled() => break,
             r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
             p = recv_from_sink(conn.sink.as_ref(), &mut packet) => {
-                let Some(frame) = p.ok().and_then(|n| conn.frame(&packet[..n])) else { continue };
+                let Ok(n) = p else { continue };
+                // This packet and whatever else is waiting go out in one
+                // write.
+                out.clear();
+                conn.frame(&packet[..n], &mut out);
+                while out.len() < WRITE_BATCH {
+                    let Some(Ok(n)) = conn.sink.as_ref().map(|s| s.try_recv(&mut packet)) else { break };
+                    conn.frame(&packet[..n], &mut out);
+                }
+                if out.is_empty() {
+                    continue;
+                }
                 // A player that does not take its data within this long
                 // is cut loose: the relay never waits for it (its loopback
                 // socket drops what overflows meanwhile).
-                match tokio::time::timeout(SLOW_PLAYER, stream.write_all(&frame)).await {
+                match tokio::time::timeout(SLOW_PLAYER, stream.write_all(&out)).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => {
                         debug!(pop = %node.id.name, %peer, "RTSP: writing to the player failed: {e}");
@@ -512,9 +528,14 @@ impl Conn {
         Ok(id)
     }
 
-    /// A packet from the loopback socket framed for the RTSP connection
-    /// (`$`, channel, length), by its SSRC's track and its kind.
-    fn frame(&mut self, packet: &[u8]) -> Option<Vec<u8>> {
+    /// Appends a packet from the loopback socket to `out`, framed for the
+    /// RTSP connection (`$`, channel, length) by its SSRC's track and its
+    /// kind; a packet of no track of the session is dropped.
+    fn frame(&mut self, packet: &[u8], out: &mut Vec<u8>) {
+        let _ = self.frame_into(packet, out);
+    }
+
+    fn frame_into(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let p = overlay_core::rtp::Packet::parse(packet).ok()?;
         // Packets come on the POP's line for each track: its SSRCs are those
         // of the stream when the line began, which may be an earlier source.
@@ -530,11 +551,10 @@ impl Conn {
         let &(_, rtp, rtcp) = self.channels.iter().find(|(t, ..)| *t == track)?;
         let channel = if p.kind() == overlay_core::rtp::Kind::Rtcp { rtcp } else { rtp };
         let len = u16::try_from(packet.len()).ok()?;
-        let mut out = Vec::with_capacity(4 + packet.len());
         out.extend_from_slice(&[b'$', channel]);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(packet);
-        Some(out)
+        Some(())
     }
 
     /// A frame the player sent on an interleaved channel: RTCP on a

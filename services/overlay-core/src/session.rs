@@ -410,11 +410,15 @@ mod tests {
         assert_eq!(s.track_by_rtcp("10.0.6.21:5003".parse().unwrap()), None, "another host");
         // 3 of 256 lost lately, 0xFFFFFF = -1 in all (a duplicate), 480
         // units of a 48 kHz clock = 10 ms of jitter.
-        let block = ReportBlock { ssrc: 7, fraction_lost: 3, cumulative_lost: 0xFF_FFFF, highest_seq: 70_000, jitter: 480 };
+        let block =
+            ReportBlock { ssrc: 7, fraction_lost: 3, cumulative_lost: 0xFF_FFFF, highest_seq: 70_000, jitter: 480 };
         let later = t0 + Duration::from_secs(50);
         s.report("r", 1, &block, 48_000, later).unwrap();
         let r = s.get("r").unwrap().reception[&1];
-        assert_eq!(r, Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 });
+        assert_eq!(
+            r,
+            Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 }
+        );
         assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30)).is_empty(), "the report kept it alive");
         assert!(s.report("gone", 0, &block, 90_000, later).is_err());
     }

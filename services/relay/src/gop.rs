@@ -27,6 +27,56 @@ pub fn starts_keyframe(payload: &[u8]) -> bool {
     }
 }
 
+/// How far (in RTP timestamp units) a packet may be from the newest one
+/// and still be a copy of a recent packet: beyond, it is another source
+/// (a re-root to another server numbers its packets anew).
+const SAME_SOURCE_TS: u32 = 1_000_000;
+/// Sequence numbers remembered behind the newest.
+const WINDOW: u32 = 128;
+
+/// The sequence numbers of one SSRC seen lately: a packet seen again is a
+/// duplicate (the upstream's GOP burst after a join or a refresh overlaps
+/// the live packets that already came).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqWindow {
+    /// The newest sequence number and its timestamp.
+    newest: Option<(u16, u32)>,
+    /// Bit k: newest - k was seen.
+    seen: u128,
+}
+
+impl SeqWindow {
+    /// Records a packet; false if it is a copy of one seen lately.
+    pub fn admit(&mut self, seq: u16, timestamp: u32) -> bool {
+        let Some((newest, newest_ts)) = self.newest else {
+            self.newest = Some((seq, timestamp));
+            self.seen = 1;
+            return true;
+        };
+        let far = timestamp.wrapping_sub(newest_ts).min(newest_ts.wrapping_sub(timestamp)) > SAME_SOURCE_TS;
+        let ahead = seq.wrapping_sub(newest) as i16;
+        if far {
+            *self = SeqWindow { newest: Some((seq, timestamp)), seen: 1 };
+            return true;
+        }
+        if ahead > 0 {
+            let shift = ahead as u32;
+            self.seen = if shift >= WINDOW { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.newest = Some((seq, timestamp));
+            return true;
+        }
+        let back = u32::from(ahead.unsigned_abs());
+        if back >= WINDOW {
+            return true; // very late: let the player's jitter buffer judge
+        }
+        let bit = 1u128 << back;
+        let fresh = self.seen & bit == 0;
+        self.seen |= bit;
+        fresh
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct GopCache {
     arena: Vec<u8>,
@@ -34,19 +84,50 @@ pub struct GopCache {
     /// RTP timestamp of the keyframe the cache starts with.
     key_timestamp: Option<u32>,
     overflowed: bool,
+    window: SeqWindow,
+    /// Bit per sequence number cached (65,536 bits once used), so that a
+    /// packet that comes twice is cached once.
+    cached: Vec<u64>,
 }
 
 impl GopCache {
+    /// Takes one packet of the video SSRC on its way through: false (and
+    /// not cached) if it is a copy of one that came lately.
+    pub fn admit(&mut self, bytes: &[u8]) -> bool {
+        let Ok(packet) = Packet::parse(bytes) else { return true };
+        if packet.kind() != Kind::Rtp {
+            return true;
+        }
+        // A copy still goes to the cache: after a burst's keyframe the
+        // cache starts again from it and needs every packet that follows.
+        let fresh = self.window.admit(packet.sequence(), packet.timestamp());
+        self.push(bytes);
+        fresh
+    }
+
+    fn forget_all(&mut self) {
+        for &(at, _) in &self.packets {
+            if let Some(seq) = self.arena.get(at + 2..at + 4) {
+                let seq = usize::from(u16::from_be_bytes([seq[0], seq[1]]));
+                self.cached[seq / 64] &= !(1 << (seq % 64));
+            }
+        }
+        self.arena.clear();
+        self.packets.clear();
+    }
+
     /// Records one forwarded packet of the video SSRC.
     pub fn push(&mut self, bytes: &[u8]) {
         let Ok(packet) = Packet::parse(bytes) else { return };
         if packet.kind() != Kind::Rtp {
             return;
         }
+        if self.cached.is_empty() {
+            self.cached = vec![0; 65_536 / 64];
+        }
         let payload = &bytes[rtp_header_len(bytes)..];
         if starts_keyframe(payload) && self.key_timestamp != Some(packet.timestamp()) {
-            self.arena.clear();
-            self.packets.clear();
+            self.forget_all();
             self.key_timestamp = Some(packet.timestamp());
             self.overflowed = false;
         }
@@ -55,10 +136,15 @@ impl GopCache {
         }
         if self.arena.len() + bytes.len() > MAX_BYTES {
             self.overflowed = true;
-            self.arena.clear();
-            self.packets.clear();
+            self.forget_all();
             return;
         }
+        let seq = usize::from(packet.sequence());
+        let bit = 1u64 << (seq % 64);
+        if self.cached[seq / 64] & bit != 0 {
+            return;
+        }
+        self.cached[seq / 64] |= bit;
         self.packets.push((self.arena.len(), bytes.len()));
         self.arena.extend_from_slice(bytes);
     }
@@ -170,5 +256,44 @@ mod tests {
         c.push(&pkt(7, 400, &[0x7c, 0x85, 1]));
         let seqs: Vec<u16> = c.packets().map(|p| u16::from_be_bytes([p[2], p[3]])).collect();
         assert_eq!(seqs, [6, 7], "an IDR in the same access unit as its SPS does not reset");
+    }
+
+    #[test]
+    fn copies_of_recent_packets_are_found() {
+        let mut w = SeqWindow::default();
+        assert!(w.admit(65_530, 1000));
+        for seq in [65_531u16, 65_532, 65_535, 0, 1] {
+            assert!(w.admit(seq, 1000 + u32::from(seq.wrapping_sub(65_530)) * 3000), "{seq}");
+        }
+        assert!(!w.admit(65_532, 7000), "seen");
+        assert!(w.admit(65_533, 10_000), "late but new");
+        assert!(!w.admit(65_533, 10_000), "seen now");
+        assert!(!w.admit(1, 22_000), "the newest, again");
+        assert!(w.admit(1u16.wrapping_sub(200), 0), "older than the window: not judged");
+        // Another server's numbering (same SSRC, a timestamp far away):
+        // a new line, even where its numbers fall among the old ones.
+        assert!(w.admit(65_532, 90_000_000));
+        assert!(w.admit(65_533, 90_003_000));
+        assert!(!w.admit(65_532, 90_000_000));
+    }
+
+    #[test]
+    fn a_burst_overlapping_live_packets_is_forwarded_once_and_cached_whole() {
+        // A join: live packets 10..=12 arrive, then the upstream's GOP
+        // burst (keyframe at 8, packets 8..=12), then live 13.
+        let mut c = GopCache::default();
+        let key = |seq| pkt(seq, 800, &[0x67, 1]);
+        let p = |seq: u16, ts| pkt(seq, ts, &[0x41, 1]);
+        let forwarded: Vec<bool> =
+            [p(10, 900), p(11, 900), p(12, 1000), key(8), p(9, 800), p(10, 900), p(11, 900), p(12, 1000), p(13, 1100)]
+                .iter()
+                .map(|b| c.admit(b))
+                .collect();
+        assert_eq!(forwarded, [true, true, true, true, true, false, false, false, true]);
+        let seqs: Vec<u16> = c.packets().map(|p| u16::from_be_bytes([p[2], p[3]])).collect();
+        assert_eq!(seqs, [8, 9, 10, 11, 12, 13], "the cache starts at the burst's keyframe, each packet once");
+        // A refresh of the same GOP again adds nothing.
+        assert!(!c.admit(&key(8)));
+        assert_eq!(c.len(), 6);
     }
 }

@@ -37,6 +37,9 @@ pub struct Counters {
     pub dropped_not_rtp: AtomicU64,
     pub dropped_unknown_ssrc: AtomicU64,
     pub dropped_wrong_source: AtomicU64,
+    /// Copies of packets that came lately (a GOP burst overlapping the
+    /// live stream).
+    pub dropped_duplicate: AtomicU64,
     pub send_errors: AtomicU64,
 }
 
@@ -51,6 +54,7 @@ pub struct CounterSnapshot {
     pub dropped_not_rtp: u64,
     pub dropped_unknown_ssrc: u64,
     pub dropped_wrong_source: u64,
+    pub dropped_duplicate: u64,
     pub send_errors: u64,
 }
 
@@ -66,6 +70,7 @@ impl Counters {
             dropped_not_rtp: g(&self.dropped_not_rtp),
             dropped_unknown_ssrc: g(&self.dropped_unknown_ssrc),
             dropped_wrong_source: g(&self.dropped_wrong_source),
+            dropped_duplicate: g(&self.dropped_duplicate),
             send_errors: g(&self.send_errors),
         }
     }
@@ -174,8 +179,9 @@ impl Relay {
         for (src, bytes) in ready {
             if let Verdict::Forward { ssrc, route, rtcp } = decide(table, &bytes, Some(src)) {
                 route.heard.mark(clock_ms());
-                if route.cache_gop {
-                    self.remember(ssrc, &bytes);
+                if route.cache_gop && !self.remember(ssrc, &bytes) {
+                    self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 self.send_along(&bytes, route, rtcp);
             }
@@ -186,10 +192,10 @@ impl Relay {
         self.gops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remember(&self, ssrc: u32, bytes: &[u8]) {
-        if let Some(cache) = self.gops().get_mut(&ssrc) {
-            cache.push(bytes);
-        }
+    /// Caches a packet of a video SSRC; false if it is a copy of one that
+    /// came lately (not to be forwarded again).
+    fn remember(&self, ssrc: u32, bytes: &[u8]) -> bool {
+        self.gops().get_mut(&ssrc).is_none_or(|cache| cache.admit(bytes))
     }
 
     /// Sends the cached GOP of `ssrc` (packets since its last keyframe) to
@@ -311,8 +317,9 @@ impl Relay {
                 match decide(&table, &bufs[i][..len], src) {
                     Verdict::Forward { ssrc, route, rtcp } => {
                         route.heard.mark(now_ms);
-                        if route.cache_gop {
-                            self.remember(ssrc, &bufs[i][..len]);
+                        if route.cache_gop && !self.remember(ssrc, &bufs[i][..len]) {
+                            self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+                            continue;
                         }
                         for d in &route.downstream {
                             if out.is_full() {

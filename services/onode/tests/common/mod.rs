@@ -263,11 +263,8 @@ impl Overlay {
         let mut out = String::new();
         for node in self.addr.keys() {
             let text = self.log(node);
-            let lines: Vec<String> = text
-                .lines()
-                .map(strip_colours)
-                .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
-                .collect();
+            let lines: Vec<String> =
+                text.lines().map(strip_colours).filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE ")).collect();
             out.push_str(&format!("---- {node}.log (last {n} lines)\n"));
             for l in &lines[lines.len().saturating_sub(n)..] {
                 out.push_str(l);
