@@ -172,10 +172,16 @@ fn measure(
         let kind = if start.pop == background_pop { "2 warm at the POP" } else { "3 warm in the overlay" };
         by_kind.entry(kind).or_default().push(start);
     }
-    // The background viewer's POP by address, as the RTSP starts name it.
-    let background_addr = local_pop.get(background_host).cloned().unwrap_or_default();
+    // RTSP starts name their POP by address: the same POP may have several.
+    let pop_of = |addr: &str| {
+        lab.roles
+            .iter()
+            .find(|r| r.kind == RoleKind::Pop && lab.hosts[r.host].ifaces.iter().any(|i| i.addr.addr.to_string() == addr))
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
+    };
     for (tcp, start) in warm_rtsp {
-        let kind = match (start.pop == background_addr, tcp) {
+        let kind = match (pop_of(&start.pop) == background_pop, tcp) {
             (true, false) => "5 RTSP warm at the POP (UDP)",
             (true, true) => "6 RTSP warm at the POP (TCP)",
             (false, false) => "7 RTSP warm in the overlay (UDP)",
