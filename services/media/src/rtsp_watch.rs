@@ -4,7 +4,7 @@
 //! start of the pipeline (the player's first request) to the first decoded
 //! frame.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,15 @@ pub struct RtspWatch {
 }
 
 /// Plays `url` over `transport` for `duration` (from the start), decoding
-/// its video; ends early on an error or the end of the stream.
-pub fn watch_rtsp(url: &str, transport: RtspTransport, duration: Duration) -> Result<RtspWatch, MediaError> {
+/// its video; ends early on an error, the end of the stream, or when
+/// `stop` is set (checked every 200 ms). The pipeline is stopped, which
+/// tears the RTSP session down.
+pub fn watch_rtsp(
+    url: &str,
+    transport: RtspTransport,
+    duration: Duration,
+    stop: &AtomicBool,
+) -> Result<RtspWatch, MediaError> {
     init()?;
     let context = "rtsp player";
     if url.contains(['"', '\\', '!']) || !url.starts_with("rtsp://") {
@@ -74,7 +81,7 @@ pub fn watch_rtsp(url: &str, transport: RtspTransport, duration: Duration) -> Re
         return Err(MediaError::Start { pipeline: context.into(), reason: e.to_string() });
     }
     let mut error = None;
-    while let Some(left) = duration.checked_sub(started.elapsed()) {
+    while let Some(left) = duration.checked_sub(started.elapsed()).filter(|_| !stop.load(Ordering::Relaxed)) {
         let wait = gst::ClockTime::from_mseconds(left.as_millis().min(200) as u64);
         let Some(message) = bus.timed_pop_filtered(wait, &[gst::MessageType::Error, gst::MessageType::Eos]) else {
             continue;

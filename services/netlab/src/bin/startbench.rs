@@ -176,7 +176,9 @@ fn measure(
     let pop_of = |addr: &str| {
         lab.roles
             .iter()
-            .find(|r| r.kind == RoleKind::Pop && lab.hosts[r.host].ifaces.iter().any(|i| i.addr.addr.to_string() == addr))
+            .find(|r| {
+                r.kind == RoleKind::Pop && lab.hosts[r.host].ifaces.iter().any(|i| i.addr.addr.to_string() == addr)
+            })
             .map(|r| r.name.clone())
             .unwrap_or_default()
     };

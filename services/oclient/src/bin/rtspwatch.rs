@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
@@ -31,14 +32,26 @@ struct Cli {
     stats_json: Option<PathBuf>,
 }
 
+/// Set by SIGINT or SIGTERM: the player stops and tears its session down.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     if !(cli.duration.is_finite() && cli.duration > 0.0 && cli.duration <= 86_400.0) {
         eprintln!("rtspwatch: --duration must be between 0 and 86400 seconds, not {}", cli.duration);
         return ExitCode::FAILURE;
     }
     let transport = if cli.tcp { RtspTransport::Tcp } else { RtspTransport::Udp };
-    let watched = match media::watch_rtsp(&cli.url, transport, Duration::from_secs_f64(cli.duration)) {
+    let watched = match media::watch_rtsp(&cli.url, transport, Duration::from_secs_f64(cli.duration), &STOP) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("rtspwatch: {e}");
