@@ -1,6 +1,7 @@
 //! The container deployment: `just images` builds every role image, `just
 //! compose-up` brings the original topology up as a compose project, every
-//! client container decodes frames (c2 of the `test` stream), and `just
+//! client container decodes frames (c2 of the `test` stream), rtspwatch from
+//! the client image plays `test` over RTSP at c1's POP, and `just
 //! compose-down` leaves no container, network or volume of the project.
 //! The deployment's control plane runs over mutual TLS with certificates
 //! compose-up issues.
@@ -151,6 +152,29 @@ fn compose_deployment_of_the_original_topology() {
         assert!(frames > 0, "client {client} decoded no frame of {stream}: {stats}");
         eprintln!("{client}: {stream} via POP {} from {}: {frames} frames", stats["pop_name"], stats["server"]);
     }
+    // A standard RTSP player (rtspwatch: GStreamer's rtspsrc, in the client
+    // image) on c1's network watches at its POP, as README shows.
+    let format = "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}\n{{end}}";
+    let nets = run(Command::new("docker").args(["inspect", "-f", format, &format!("{PROJECT}_c1_1")]));
+    let nets = String::from_utf8_lossy(&nets.stdout).into_owned();
+    let lan = nets.lines().map(str::trim).find(|n| !n.is_empty() && !n.contains("telemetry"));
+    let lan = lan.unwrap_or_else(|| panic!("c1 is on no LAN network: {nets:?}"));
+    let watched = run(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        lan,
+        "--entrypoint",
+        "rtspwatch",
+        "overlay-client:latest",
+        "rtsp://10.0.6.2:8554/test",
+        "--duration",
+        "4",
+    ]));
+    let watched: Value = serde_json::from_slice(&watched.stdout).expect("rtspwatch JSON");
+    let frames = watched["frames_decoded"].as_u64().unwrap_or(0);
+    assert!(frames >= 30, "rtspwatch on {lan} decoded {frames} frames over RTSP from o5: {watched}");
+    eprintln!("rtspwatch on {lan}: {frames} frames over RTSP from o5, first after {} ms", watched["first_frame_ms"]);
     let clients_done = started.elapsed();
 
     deployment.down();
