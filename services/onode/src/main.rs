@@ -6,6 +6,7 @@
 mod bootstrap;
 mod convert;
 mod link;
+mod metrics;
 mod net;
 mod node;
 mod rtsp;
@@ -208,6 +209,12 @@ struct Common {
     /// POPs: most open sessions in total.
     #[arg(long, default_value_t = 1024)]
     max_sessions: usize,
+    /// TCP port of the Prometheus metrics (http://NODE:PORT/metrics, e.g.
+    /// 9998); 0, the default, turns them off. They name the node, its
+    /// neighbours and its streams and ask for no certificate: open them
+    /// only where clients cannot reach (an operator network).
+    #[arg(long, env = "ONODE_METRICS_PORT", default_value_t = 0)]
+    metrics_port: u16,
     /// POPs: TCP port of the RTSP server for players (rtsp://POP:PORT/STREAM); 0 turns it off.
     #[arg(long, env = "ONODE_RTSP_PORT", default_value_t = 8554)]
     rtsp_port: u16,
@@ -493,7 +500,11 @@ async fn run_bootstrapper(
     let bootstrapper = Bootstrapper::new(topology.clone(), probe_interval, common.control_port, master());
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
+    let metrics = bind_metrics(&common).await?;
     let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
+    if let Some(listener) = metrics {
+        node.tasks.spawn(metrics::serve(node.clone(), listener));
+    }
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -629,7 +640,11 @@ async fn run_member(
     } else {
         None
     };
+    let metrics = bind_metrics(&common).await?;
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
+    if let Some(listener) = metrics {
+        node.tasks.spawn(metrics::serve(node.clone(), listener));
+    }
     if let Some((listener, rtcp)) = rtsp {
         info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
         node.tasks.spawn(rtsp::serve(node.clone(), listener, rtcp));
@@ -640,6 +655,18 @@ async fn run_member(
     let result = serve(node, listener, None, cancel).await;
     telemetry.shutdown().await;
     result
+}
+
+/// The metrics listener (`--metrics-port`, None when 0).
+async fn bind_metrics(common: &Common) -> anyhow::Result<Option<TcpListener>> {
+    if common.metrics_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(common.bind, common.metrics_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics (--metrics-port 0 turns them off)"))?;
+    Ok(Some(listener))
 }
 
 /// Holds the watch stream to the bootstrapper; when it breaks (the

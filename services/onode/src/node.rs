@@ -1277,6 +1277,65 @@ impl Node {
         out
     }
 
+    /// What a metrics scrape reports, taken at once.
+    pub fn metrics(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::{NeighbourFigures, Snapshot, StreamFigures};
+        let st = self.lock();
+        let streams = st
+            .trees
+            .active()
+            .map(|b| {
+                let stream = b.desc.stream.clone();
+                let mut viewers: BTreeMap<String, u64> = BTreeMap::new();
+                for (_, s) in st.sessions.iter() {
+                    if s.phase == overlay_core::session::Phase::Playing && s.stream.as_deref() == Some(stream.as_str())
+                    {
+                        let protocol = if s.tracks.is_empty() { "grpc" } else { "rtsp" };
+                        *viewers.entry(protocol.to_string()).or_default() += 1;
+                    }
+                }
+                StreamFigures {
+                    upstream: match &b.source {
+                        Source::Local => String::new(),
+                        Source::Neighbour(n) => n.clone(),
+                    },
+                    server: b.desc.server.clone(),
+                    downstream: b.downstream.len() as u64,
+                    viewers: viewers.into_iter().collect(),
+                    gop_packets: b.desc.ssrcs.first().map_or(0, |v| self.relay.gop(*v).len() as u64),
+                    stream,
+                }
+            })
+            .collect();
+        let neighbours = self
+            .id
+            .neighbours
+            .iter()
+            .map(|n| NeighbourFigures {
+                neighbour: n.name.clone(),
+                up: !st.routes.is_down(&n.name),
+                delay_seconds: st.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
+            })
+            .collect();
+        let mut sessions: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, s) in st.sessions.iter() {
+            *sessions.entry(s.phase.to_string()).or_default() += 1;
+        }
+        drop(st);
+        let (cpu_seconds, resident_bytes) = crate::metrics::process_figures();
+        Snapshot {
+            node: self.id.name.clone(),
+            role: self.settings.role.as_str().to_string(),
+            relay: self.relay.counters(),
+            streams,
+            neighbours,
+            sessions: sessions.into_iter().collect(),
+            rtcp_report_blocks: self.rtcp_intake.blocks.load(Ordering::Relaxed),
+            cpu_seconds,
+            resident_bytes,
+        }
+    }
+
     /// The node's state as JSON, for `onode inspect` and tests.
     pub fn inspect(&self) -> serde_json::Value {
         let now = Instant::now();

@@ -16,7 +16,7 @@ fn f(v: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
-    let o = Overlay::start("media", &seed_topology(), None);
+    let o = Overlay::start_with_env("media", &seed_topology(), None, &[("ONODE_METRICS_PORT", "9998")]);
     let mut a = o.client("a", "test", Some("o5"), 7.0).stdin(Stdio::piped()).spawn().unwrap();
     let b = o.client("b", "test", Some("o5"), 7.0).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
@@ -28,6 +28,17 @@ fn two_viewers_decode_one_pauses_and_the_tree_is_pruned_after() {
     });
     // One upstream copy serves both viewers of o5.
     assert_eq!(o.branch("o4", "test").unwrap()["downstream"], serde_json::json!(["o5"]));
+    // The metrics say the same: one viewer playing at o5 (a paused), fed
+    // by o4, which feeds one neighbour; o5 has sent packets.
+    let o5 = o.metrics("o5");
+    let m = |series: &str| Overlay::metric(&o5, series);
+    assert_eq!(m("overlay_stream_viewers{stream=\"test\",protocol=\"grpc\"}"), Some(1.0), "{o5}");
+    assert!(o5.lines().any(|l| l.starts_with("overlay_stream_info{stream=\"test\",") && l.contains("upstream=\"o4\"")));
+    assert!(m("overlay_relay_sent_packets_total").is_some_and(|n| n > 100.0), "{o5}");
+    assert_eq!(m("overlay_neighbour_up{neighbour=\"o4\"}"), Some(1.0), "{o5}");
+    assert!(m("overlay_stream_gop_cache_packets{stream=\"test\"}").is_some_and(|n| n > 0.0), "{o5}");
+    let o4 = o.metrics("o4");
+    assert_eq!(Overlay::metric(&o4, "overlay_stream_downstream_neighbours{stream=\"test\"}"), Some(1.0), "{o4}");
     // A viewer at another POP: o6 joins the tree at o4 mid-GOP and answers
     // SETUP once o4's last GOP is on its way, so PLAY starts with it.
     let c = o.client("c", "test", Some("o6"), 3.0).spawn().unwrap();

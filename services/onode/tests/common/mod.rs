@@ -258,6 +258,23 @@ impl Overlay {
         std::fs::read_to_string(self.dir.path().join(format!("{node}.log"))).unwrap_or_default()
     }
 
+    /// A scrape of `node`'s Prometheus metrics (`GET /metrics`, port 9998).
+    pub fn metrics(&self, node: &str) -> String {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect((self.addr[node], 9998)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(conn, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr[node]).unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "metrics of {node}: {reply}");
+        reply
+    }
+
+    /// The value of one series (`name{labels}`, as written) in a scrape.
+    pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+        scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// The last `n` lines above DEBUG of every node's log, colours stripped.
     pub fn log_tails(&self, n: usize) -> String {
         let mut out = String::new();

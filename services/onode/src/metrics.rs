@@ -1,0 +1,291 @@
+//! Prometheus metrics of a node (`GET /metrics` on `--metrics-port`): a
+//! [`Snapshot`] of the node's counters and state is taken at each scrape
+//! and encoded with prometheus-client (OpenMetrics text). Labels stay
+//! bounded: streams, neighbours, protocols and reasons, never sessions or
+//! packets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::node::Node;
+
+/// What a scrape reports, taken from the node at once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub node: String,
+    pub role: String,
+    pub relay: relay::CounterSnapshot,
+    pub streams: Vec<StreamFigures>,
+    pub neighbours: Vec<NeighbourFigures>,
+    /// Open sessions by phase.
+    pub sessions: Vec<(String, u64)>,
+    pub rtcp_report_blocks: u64,
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamFigures {
+    pub stream: String,
+    pub server: String,
+    /// Empty at the stream's server.
+    pub upstream: String,
+    pub downstream: u64,
+    /// Playing viewers by protocol ("grpc", "rtsp").
+    pub viewers: Vec<(String, u64)>,
+    pub gop_packets: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NeighbourFigures {
+    pub neighbour: String,
+    pub up: bool,
+    pub delay_seconds: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Figures(Snapshot);
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for Figures {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let info = ConstGauge::new(1i64);
+        let mut m =
+            e.encode_descriptor("overlay_node_info", "This node: its name and role.", None, info.metric_type())?;
+        info.encode(m.encode_family(&[("node", s.node.as_str()), ("role", s.role.as_str())])?)?;
+        let r = &s.relay;
+        counter(&mut e, "overlay_relay_received_packets", "Datagrams the data plane received.", r.received)?;
+        counter(&mut e, "overlay_relay_received_bytes", "Bytes the data plane received.", r.received_bytes)?;
+        counter(&mut e, "overlay_relay_sent_packets", "Datagrams the data plane sent.", r.sent)?;
+        counter(&mut e, "overlay_relay_sent_bytes", "Bytes the data plane sent.", r.sent_bytes)?;
+        counter(&mut e, "overlay_relay_injected_packets", "Packets of this node's own pipelines.", r.injected)?;
+        counter(&mut e, "overlay_relay_send_errors", "Sends that failed.", r.send_errors)?;
+        let drops = ConstCounter::new(0u64);
+        let mut m = e.encode_descriptor(
+            "overlay_relay_dropped_packets",
+            "Datagrams the data plane dropped, by reason.",
+            None,
+            drops.metric_type(),
+        )?;
+        for (reason, v) in [
+            ("not_rtp", r.dropped_not_rtp),
+            ("unknown_ssrc", r.dropped_unknown_ssrc),
+            ("wrong_source", r.dropped_wrong_source),
+            ("duplicate", r.dropped_duplicate),
+        ] {
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
+
+        let gauge = ConstGauge::new(0i64);
+        let mut m = e.encode_descriptor(
+            "overlay_stream_info",
+            "A stream this node carries: its server and upstream (empty at the server).",
+            None,
+            gauge.metric_type(),
+        )?;
+        for st in &s.streams {
+            let labels =
+                [("stream", st.stream.as_str()), ("server", st.server.as_str()), ("upstream", st.upstream.as_str())];
+            ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "overlay_stream_downstream_neighbours",
+            "Neighbours this node feeds the stream to.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for st in &s.streams {
+            ConstGauge::new(st.downstream as i64).encode(m.encode_family(&[("stream", st.stream.as_str())])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "overlay_stream_viewers",
+            "Viewers playing the stream at this POP, by protocol.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for st in &s.streams {
+            for (protocol, n) in &st.viewers {
+                let labels = [("stream", st.stream.as_str()), ("protocol", protocol.as_str())];
+                ConstGauge::new(*n as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "overlay_stream_gop_cache_packets",
+            "Packets of the stream's video since its last keyframe, cached for new viewers.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for st in &s.streams {
+            ConstGauge::new(st.gop_packets as i64).encode(m.encode_family(&[("stream", st.stream.as_str())])?)?;
+        }
+
+        let mut m = e.encode_descriptor(
+            "overlay_neighbour_up",
+            "1 while the neighbour answers, 0 once it is declared lost.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for n in &s.neighbours {
+            ConstGauge::new(i64::from(n.up)).encode(m.encode_family(&[("neighbour", n.neighbour.as_str())])?)?;
+        }
+        let delay = ConstGauge::new(0.0f64);
+        let mut m = e.encode_descriptor(
+            "overlay_neighbour_link_delay",
+            "Measured one-way delay of the link to the neighbour.",
+            Some(&Unit::Seconds),
+            delay.metric_type(),
+        )?;
+        for n in &s.neighbours {
+            if let Some(d) = n.delay_seconds {
+                ConstGauge::new(d).encode(m.encode_family(&[("neighbour", n.neighbour.as_str())])?)?;
+            }
+        }
+
+        let mut m =
+            e.encode_descriptor("overlay_sessions", "Open viewer sessions, by phase.", None, gauge.metric_type())?;
+        for (phase, n) in &s.sessions {
+            ConstGauge::new(*n as i64).encode(m.encode_family(&[("phase", phase.as_str())])?)?;
+        }
+        counter(
+            &mut e,
+            "overlay_rtsp_receiver_report_blocks",
+            "RTCP receiver report blocks taken in from RTSP players.",
+            s.rtcp_report_blocks,
+        )?;
+
+        let cpu = ConstCounter::new(s.cpu_seconds);
+        cpu.encode(e.encode_descriptor(
+            "process_cpu",
+            "User and system CPU time of this process.",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let rss = ConstGauge::new(s.resident_bytes as i64);
+        rss.encode(e.encode_descriptor(
+            "process_resident_memory",
+            "Resident memory of this process.",
+            Some(&Unit::Bytes),
+            rss.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// The OpenMetrics text of a snapshot.
+pub fn encode(snapshot: Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Figures(snapshot)));
+    let mut out = String::new();
+    // Writing into a String does not fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+/// CPU seconds (user + system) and resident bytes of this process.
+pub fn process_figures() -> (f64, u64) {
+    // SAFETY: sysconf has no preconditions.
+    let (tick, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / tick.max(1) as f64)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page.max(1) as u64);
+    (cpu, rss)
+}
+
+/// Serves `GET /metrics` on `listener` until the node stops.
+pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get({
+            let node = node.clone();
+            move || {
+                let node = node.clone();
+                async move {
+                    let text = encode(node.metrics());
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }
+        }),
+    );
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(node = %node.id.name, "metrics at http://{}/metrics", addr.map(|a| a.to_string()).unwrap_or_default());
+    let cancel = node.cancel.clone();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await {
+        debug!(node = %node.id.name, "metrics server ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_encoded_with_bounded_labels() {
+        let s = Snapshot {
+            node: "o5".into(),
+            role: "pop".into(),
+            relay: relay::CounterSnapshot { sent: 7, dropped_duplicate: 2, ..Default::default() },
+            streams: vec![StreamFigures {
+                stream: "test".into(),
+                server: "s1".into(),
+                upstream: "o4".into(),
+                downstream: 0,
+                viewers: vec![("grpc".into(), 1), ("rtsp".into(), 2)],
+                gop_packets: 40,
+            }],
+            neighbours: vec![NeighbourFigures { neighbour: "o4".into(), up: true, delay_seconds: Some(0.004) }],
+            sessions: vec![("PLAYING".into(), 3)],
+            rtcp_report_blocks: 5,
+            cpu_seconds: 1.5,
+            resident_bytes: 4096,
+        };
+        let text = encode(s);
+        for line in [
+            "overlay_node_info{node=\"o5\",role=\"pop\"} 1",
+            "overlay_relay_sent_packets_total 7",
+            "overlay_relay_dropped_packets_total{reason=\"duplicate\"} 2",
+            "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\"} 1",
+            "overlay_stream_viewers{stream=\"test\",protocol=\"rtsp\"} 2",
+            "overlay_stream_gop_cache_packets{stream=\"test\"} 40",
+            "overlay_neighbour_up{neighbour=\"o4\"} 1",
+            "overlay_neighbour_link_delay_seconds{neighbour=\"o4\"} 0.004",
+            "overlay_sessions{phase=\"PLAYING\"} 3",
+            "overlay_rtsp_receiver_report_blocks_total 5",
+            "process_cpu_seconds_total 1.5",
+            "process_resident_memory_bytes 4096",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+        }
+        let (cpu, rss) = process_figures();
+        assert!(cpu >= 0.0 && rss > 0, "this process: {cpu} s, {rss} bytes");
+    }
+}
