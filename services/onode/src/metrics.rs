@@ -59,6 +59,20 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
+/// One gauge family: a series per label set.
+fn gauges<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, i64)>,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    for (labels, v) in series {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for Figures {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
@@ -89,58 +103,49 @@ impl Collector for Figures {
             ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
         }
 
-        let gauge = ConstGauge::new(0i64);
-        let mut m = e.encode_descriptor(
+        gauges(
+            &mut e,
             "overlay_stream_info",
             "A stream this node carries: its server and upstream (empty at the server).",
-            None,
-            gauge.metric_type(),
+            s.streams.iter().map(|st| {
+                (
+                    vec![
+                        ("stream", st.stream.as_str()),
+                        ("server", st.server.as_str()),
+                        ("upstream", st.upstream.as_str()),
+                    ],
+                    1,
+                )
+            }),
         )?;
-        for st in &s.streams {
-            let labels =
-                [("stream", st.stream.as_str()), ("server", st.server.as_str()), ("upstream", st.upstream.as_str())];
-            ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
-        }
-        let mut m = e.encode_descriptor(
+        gauges(
+            &mut e,
             "overlay_stream_downstream_neighbours",
             "Neighbours this node feeds the stream to.",
-            None,
-            gauge.metric_type(),
+            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.downstream as i64)),
         )?;
-        for st in &s.streams {
-            ConstGauge::new(st.downstream as i64).encode(m.encode_family(&[("stream", st.stream.as_str())])?)?;
-        }
-        let mut m = e.encode_descriptor(
+        gauges(
+            &mut e,
             "overlay_stream_viewers",
             "Viewers playing the stream at this POP, by protocol.",
-            None,
-            gauge.metric_type(),
+            s.streams.iter().flat_map(|st| {
+                st.viewers.iter().map(|(protocol, n)| {
+                    (vec![("stream", st.stream.as_str()), ("protocol", protocol.as_str())], *n as i64)
+                })
+            }),
         )?;
-        for st in &s.streams {
-            for (protocol, n) in &st.viewers {
-                let labels = [("stream", st.stream.as_str()), ("protocol", protocol.as_str())];
-                ConstGauge::new(*n as i64).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = e.encode_descriptor(
+        gauges(
+            &mut e,
             "overlay_stream_gop_cache_packets",
             "Packets of the stream's video since its last keyframe, cached for new viewers.",
-            None,
-            gauge.metric_type(),
+            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.gop_packets as i64)),
         )?;
-        for st in &s.streams {
-            ConstGauge::new(st.gop_packets as i64).encode(m.encode_family(&[("stream", st.stream.as_str())])?)?;
-        }
-
-        let mut m = e.encode_descriptor(
+        gauges(
+            &mut e,
             "overlay_neighbour_up",
             "1 while the neighbour answers, 0 once it is declared lost.",
-            None,
-            gauge.metric_type(),
+            s.neighbours.iter().map(|n| (vec![("neighbour", n.neighbour.as_str())], i64::from(n.up))),
         )?;
-        for n in &s.neighbours {
-            ConstGauge::new(i64::from(n.up)).encode(m.encode_family(&[("neighbour", n.neighbour.as_str())])?)?;
-        }
         let delay = ConstGauge::new(0.0f64);
         let mut m = e.encode_descriptor(
             "overlay_neighbour_link_delay",
@@ -153,12 +158,12 @@ impl Collector for Figures {
                 ConstGauge::new(d).encode(m.encode_family(&[("neighbour", n.neighbour.as_str())])?)?;
             }
         }
-
-        let mut m =
-            e.encode_descriptor("overlay_sessions", "Open viewer sessions, by phase.", None, gauge.metric_type())?;
-        for (phase, n) in &s.sessions {
-            ConstGauge::new(*n as i64).encode(m.encode_family(&[("phase", phase.as_str())])?)?;
-        }
+        gauges(
+            &mut e,
+            "overlay_sessions",
+            "Open viewer sessions, by phase.",
+            s.sessions.iter().map(|(phase, n)| (vec![("phase", phase.as_str())], *n as i64)),
+        )?;
         counter(
             &mut e,
             "overlay_rtsp_receiver_report_blocks",

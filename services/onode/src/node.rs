@@ -96,7 +96,6 @@ pub struct Identity {
 
 type JoinResult = Result<StreamDesc, Nak>;
 
-/// The reroot notice that says "I found no way to the root" (empty route).
 /// How long a ping to neighbour `up` may take: a few link round trips,
 /// never less than [`SILENCE_PING_FLOOR`].
 fn ping_limit(st: &State, up: &str) -> Duration {
@@ -104,6 +103,7 @@ fn ping_limit(st: &State, up: &str) -> Duration {
     (rtt * 3).max(SILENCE_PING_FLOOR)
 }
 
+/// The reroot notice that says "I found no way to the root" (empty route).
 fn gave_up(stream: &str) -> StreamDesc {
     StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
 }
@@ -188,11 +188,18 @@ pub struct Node {
     pub rtcp_intake: crate::rtsp::RtcpCounters,
 }
 
-/// The RTP line of a track of `stream` (made on first use): video runs on
-/// a 90 kHz clock, sound (Opus) on 48 kHz.
+/// The RTP clock of a track of a stream (video first, then sound).
+pub fn track_clock_rate(track: usize) -> u32 {
+    if track == 0 {
+        media::VIDEO_CLOCK_RATE
+    } else {
+        media::AUDIO_CLOCK_RATE
+    }
+}
+
+/// The RTP line of a track of `stream` (made on first use).
 fn line(lines: &mut HashMap<(String, usize), SharedContinuity>, stream: &str, track: usize) -> SharedContinuity {
-    let clock = if track == 0 { 90_000 } else { 48_000 };
-    lines.entry((stream.to_string(), track)).or_insert_with(|| SharedContinuity::new(clock)).clone()
+    lines.entry((stream.to_string(), track)).or_insert_with(|| SharedContinuity::new(track_clock_rate(track))).clone()
 }
 
 impl Node {
@@ -1263,13 +1270,13 @@ impl Node {
         self.lock().trees.branch(stream).map(|b| b.desc.clone())
     }
 
-    /// Runs `f` on the session table and republishes the forwarding table.
     /// [`Node::with_sessions`] for changes that leave every destination
     /// as it was (keepalives, reports): the forwarding table stays.
     pub fn note_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
         f(&mut self.lock().sessions)
     }
 
+    /// Runs `f` on the session table and republishes the forwarding table.
     pub fn with_sessions<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
         let mut st = self.lock();
         let out = f(&mut st.sessions);
@@ -1281,19 +1288,26 @@ impl Node {
     pub fn metrics(&self) -> crate::metrics::Snapshot {
         use crate::metrics::{NeighbourFigures, Snapshot, StreamFigures};
         let st = self.lock();
+        // Playing viewers per stream and protocol, and sessions per phase.
+        let mut playing: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut sessions: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, s) in st.sessions.iter() {
+            *sessions.entry(s.phase.to_string()).or_default() += 1;
+            if let (overlay_core::session::Phase::Playing, Some(stream)) = (s.phase, s.stream.as_deref()) {
+                let protocol = if s.tracks.is_empty() { "grpc" } else { "rtsp" };
+                *playing.entry((stream, protocol)).or_default() += 1;
+            }
+        }
         let streams = st
             .trees
             .active()
             .map(|b| {
                 let stream = b.desc.stream.clone();
-                let mut viewers: BTreeMap<String, u64> = BTreeMap::new();
-                for (_, s) in st.sessions.iter() {
-                    if s.phase == overlay_core::session::Phase::Playing && s.stream.as_deref() == Some(stream.as_str())
-                    {
-                        let protocol = if s.tracks.is_empty() { "grpc" } else { "rtsp" };
-                        *viewers.entry(protocol.to_string()).or_default() += 1;
-                    }
-                }
+                let viewers = playing
+                    .range((stream.as_str(), "")..)
+                    .take_while(|((s, _), _)| *s == stream)
+                    .map(|((_, protocol), n)| (protocol.to_string(), *n))
+                    .collect();
                 StreamFigures {
                     upstream: match &b.source {
                         Source::Local => String::new(),
@@ -1301,8 +1315,8 @@ impl Node {
                     },
                     server: b.desc.server.clone(),
                     downstream: b.downstream.len() as u64,
-                    viewers: viewers.into_iter().collect(),
-                    gop_packets: b.desc.ssrcs.first().map_or(0, |v| self.relay.gop(*v).len() as u64),
+                    viewers,
+                    gop_packets: b.desc.ssrcs.first().map_or(0, |v| self.relay.gop_len(*v) as u64),
                     stream,
                 }
             })
@@ -1317,10 +1331,6 @@ impl Node {
                 delay_seconds: st.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
             })
             .collect();
-        let mut sessions: BTreeMap<String, u64> = BTreeMap::new();
-        for (_, s) in st.sessions.iter() {
-            *sessions.entry(s.phase.to_string()).or_default() += 1;
-        }
         drop(st);
         let (cpu_seconds, resident_bytes) = crate::metrics::process_figures();
         Snapshot {

@@ -90,12 +90,7 @@ fn take_rtcp(node: &Node, from: SocketAddr, at: Option<(&str, usize)>, data: &[u
             Some((id, track)) => (id.to_string(), track),
             None => s.track_by_rtcp(from)?,
         };
-        // A report with no block (a player that got nothing yet) still
-        // says the player is there.
-        let _ = s.touch(&id, now);
-        for b in &blocks {
-            let _ = s.report(&id, track, b, machine::clock_rate(track), now);
-        }
+        s.report(&id, track, &blocks, crate::node::track_clock_rate(track), now).ok()?;
         Some(blocks.len())
     });
     match taken {
@@ -175,7 +170,7 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut packet = vec![0u8; 65_536];
     // Interleaved frames on their way to the player.
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 70_000);
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 4 + packet.len());
     // A player that says nothing for this long (no keepalive) is gone.
     let idle = node.settings.session_timeout * 2;
     'conn: loop {
@@ -234,10 +229,10 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
                 // This packet and whatever else is waiting go out in one
                 // write.
                 out.clear();
-                conn.frame(&packet[..n], &mut out);
+                let _ = conn.frame(&packet[..n], &mut out);
                 while out.len() < WRITE_BATCH {
                     let Some(Ok(n)) = conn.sink.as_ref().map(|s| s.try_recv(&mut packet)) else { break };
-                    conn.frame(&packet[..n], &mut out);
+                    let _ = conn.frame(&packet[..n], &mut out);
                 }
                 if out.is_empty() {
                     continue;
@@ -530,12 +525,8 @@ impl Conn {
 
     /// Appends a packet from the loopback socket to `out`, framed for the
     /// RTSP connection (`$`, channel, length) by its SSRC's track and its
-    /// kind; a packet of no track of the session is dropped.
-    fn frame(&mut self, packet: &[u8], out: &mut Vec<u8>) {
-        let _ = self.frame_into(packet, out);
-    }
-
-    fn frame_into(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    /// kind; a packet of no track of the session is dropped (None).
+    fn frame(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let p = overlay_core::rtp::Packet::parse(packet).ok()?;
         // Packets come on the POP's line for each track: its SSRCs are those
         // of the stream when the line began, which may be an earlier source.

@@ -302,19 +302,22 @@ impl Sessions {
         })
     }
 
-    /// Takes in a receiver report block for a track of session `id`: the
-    /// player is alive (a report keeps the session as a keepalive does).
+    /// Takes in the report blocks of one RTCP packet for a track of
+    /// session `id`: the player is alive (a report keeps the session as a
+    /// keepalive does, also one with no block yet).
     pub fn report(
         &mut self,
         id: &str,
         track: usize,
-        block: &ReportBlock,
+        blocks: &[ReportBlock],
         clock_rate: u32,
         now: Instant,
     ) -> Result<(), SessionError> {
         let s = self.get_mut(id)?;
         s.last_seen = now;
-        s.reception.entry(track).or_default().update(block, clock_rate);
+        for block in blocks {
+            s.reception.entry(track).or_default().update(block, clock_rate);
+        }
         Ok(())
     }
 
@@ -413,14 +416,18 @@ mod tests {
         let block =
             ReportBlock { ssrc: 7, fraction_lost: 3, cumulative_lost: 0xFF_FFFF, highest_seq: 70_000, jitter: 480 };
         let later = t0 + Duration::from_secs(50);
-        s.report("r", 1, &block, 48_000, later).unwrap();
+        s.report("r", 1, &[block], 48_000, later).unwrap();
         let r = s.get("r").unwrap().reception[&1];
         assert_eq!(
             r,
             Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 }
         );
         assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30)).is_empty(), "the report kept it alive");
-        assert!(s.report("gone", 0, &block, 90_000, later).is_err());
+        assert!(s.report("gone", 0, &[block], 90_000, later).is_err());
+        // An empty report keeps the session too, and adds no figures.
+        s.report("r", 0, &[], 90_000, t0 + Duration::from_secs(80)).unwrap();
+        assert!(s.expire(t0 + Duration::from_secs(100), Duration::from_secs(30)).is_empty());
+        assert!(!s.get("r").unwrap().reception.contains_key(&0));
     }
 
     #[test]

@@ -101,14 +101,14 @@ impl GopCache {
         // A copy still goes to the cache: after a burst's keyframe the
         // cache starts again from it and needs every packet that follows.
         let fresh = self.window.admit(packet.sequence(), packet.timestamp());
-        self.push(bytes);
+        self.cache(&packet, bytes);
         fresh
     }
 
     fn forget_all(&mut self) {
-        for &(at, _) in &self.packets {
-            if let Some(seq) = self.arena.get(at + 2..at + 4) {
-                let seq = usize::from(u16::from_be_bytes([seq[0], seq[1]]));
+        for &(at, len) in &self.packets {
+            if let Ok(p) = Packet::parse(&self.arena[at..at + len]) {
+                let seq = usize::from(p.sequence());
                 self.cached[seq / 64] &= !(1 << (seq % 64));
             }
         }
@@ -118,10 +118,15 @@ impl GopCache {
 
     /// Records one forwarded packet of the video SSRC.
     pub fn push(&mut self, bytes: &[u8]) {
-        let Ok(packet) = Packet::parse(bytes) else { return };
-        if packet.kind() != Kind::Rtp {
-            return;
+        if let Ok(packet) = Packet::parse(bytes) {
+            if packet.kind() == Kind::Rtp {
+                self.cache(&packet, bytes);
+            }
         }
+    }
+
+    /// [`GopCache::push`] of a packet already parsed (`packet` is `bytes`).
+    fn cache(&mut self, packet: &Packet<'_>, bytes: &[u8]) {
         if self.cached.is_empty() {
             self.cached = vec![0; 65_536 / 64];
         }

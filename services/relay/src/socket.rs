@@ -180,7 +180,6 @@ impl Relay {
             if let Verdict::Forward { ssrc, route, rtcp } = decide(table, &bytes, Some(src)) {
                 route.heard.mark(clock_ms());
                 if route.cache_gop && !self.remember(ssrc, &bytes) {
-                    self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 self.send_along(&bytes, route, rtcp);
@@ -192,10 +191,19 @@ impl Relay {
         self.gops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Caches a packet of a video SSRC; false if it is a copy of one that
-    /// came lately (not to be forwarded again).
+    /// Caches a packet of a video SSRC; false (and counted) if it is a
+    /// copy of one that came lately, not to be forwarded again.
     fn remember(&self, ssrc: u32, bytes: &[u8]) -> bool {
-        self.gops().get_mut(&ssrc).is_none_or(|cache| cache.admit(bytes))
+        let fresh = self.gops().get_mut(&ssrc).is_none_or(|cache| cache.admit(bytes));
+        if !fresh {
+            self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
+    }
+
+    /// How many packets the cached GOP of `ssrc` holds.
+    pub fn gop_len(&self, ssrc: u32) -> usize {
+        self.gops().get(&ssrc).map_or(0, GopCache::len)
     }
 
     /// Sends the cached GOP of `ssrc` (packets since its last keyframe) to
@@ -318,7 +326,6 @@ impl Relay {
                     Verdict::Forward { ssrc, route, rtcp } => {
                         route.heard.mark(now_ms);
                         if route.cache_gop && !self.remember(ssrc, &bufs[i][..len]) {
-                            self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         for d in &route.downstream {

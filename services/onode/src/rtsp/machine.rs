@@ -19,15 +19,6 @@ const SHOWN: usize = 32;
 /// Most report blocks taken from one RTCP packet.
 const MAX_BLOCKS: usize = 62;
 
-/// The RTP clock of a track (video first, then audio), as the SDP says.
-pub fn clock_rate(track: usize) -> u32 {
-    if track == 0 {
-        90_000
-    } else {
-        48_000
-    }
-}
-
 /// The report blocks of an RTCP compound packet a player sent (its
 /// receiver reports, or those inside a sender report); None when the
 /// datagram is not RTCP at all.
@@ -414,7 +405,6 @@ mod tests {
         assert_eq!(report_blocks(&rr[..20]), None, "truncated");
         assert_eq!(report_blocks(b"GET / HTTP/1.1\r\n"), None, "not RTCP");
         assert_eq!(report_blocks(&[]), None);
-        assert_eq!((clock_rate(0), clock_rate(1)), (90_000, 48_000));
     }
 
     fn request(text: &str) -> Request<Vec<u8>> {

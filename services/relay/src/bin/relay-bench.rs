@@ -1,7 +1,8 @@
 //! Stand-alone relay for the benchmark harness (shared/bench/bench.py):
 //! forwards every RTP packet reaching LISTEN, whatever its SSRC and source,
 //! to K ports from FIRST on 127.0.0.1, through the same table and socket
-//! loop as `onode`.
+//! loop as `onode`. With RELAY_BENCH_CACHE_GOP=1 the route also keeps a
+//! GOP cache and drops copies, as a node's video route does.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ fn main() {
             downstream,
             split: Vec::new(),
             continuity: None,
-            cache_gop: false,
+            cache_gop: std::env::var_os("RELAY_BENCH_CACHE_GOP").is_some_and(|v| v == "1"),
             heard: Default::default(),
         },
     );
