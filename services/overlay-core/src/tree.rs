@@ -455,11 +455,18 @@ impl Trees {
             .filter_map(|b| {
                 let Source::Neighbour(up) = &b.source else { return None };
                 let server = &b.desc.server;
-                let current = routes.route_via(server, up, now)?;
                 let mut exclude: Vec<&str> = b.downstream.iter().map(String::as_str).collect();
                 exclude.extend([up.as_str(), self.me.as_str()]);
                 let best = routes.best_next_hop(server, now, &exclude)?;
-                routes.clearly_better(&best, &current).then(|| (b.desc.stream.clone(), best.via))
+                match routes.route_via(server, up, now) {
+                    Some(current) => routes.clearly_better(&best, &current),
+                    // The upstream no longer offers a way to the server:
+                    // its best one now runs back through this node (split
+                    // horizon keeps it from us) or it has none. The
+                    // branch is off every route; any fresh one is better.
+                    None => true,
+                }
+                .then(|| (b.desc.stream.clone(), best.via))
             })
             .collect()
     }
@@ -676,6 +683,15 @@ mod tests {
         // Never toward a downstream, however good.
         t.request("test", n("o9"), &["o9".into()], 2, &r, now);
         assert!(t.better_upstreams(&r, now).is_empty());
+        // An upstream whose own best way now runs through this node stops
+        // offering the server to it (split horizon): once its route is
+        // stale, any fresh way is a move.
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o7"), &["o7".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        let later = now + cfg.stale_after + std::time::Duration::from_millis(1);
+        heard_at(&mut r, "s1", "o9", 3, 40_000, 3, later);
+        assert_eq!(t.better_upstreams(&r, later), [("test".to_string(), "o9".to_string())]);
         // Another server, however close, is not a move.
         let mut t = Trees::new("o3", []);
         t.request("test", n("o7"), &["o7".into()], 1, &r, now);
