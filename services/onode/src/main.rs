@@ -10,6 +10,7 @@ mod metrics;
 mod net;
 mod node;
 mod rtsp;
+mod webrtc;
 mod services;
 mod tls;
 mod token;
@@ -218,6 +219,11 @@ struct Common {
     /// POPs: TCP port of the RTSP server for players (rtsp://POP:PORT/STREAM); 0 turns it off.
     #[arg(long, env = "ONODE_RTSP_PORT", default_value_t = 8554)]
     rtsp_port: u16,
+    /// POPs: TCP port of the WebRTC edge for browsers (player page at
+    /// http://POP:PORT/STREAM, WHEP at /STREAM/whep); the peers' media
+    /// (ICE, DTLS-SRTP) uses the same number over UDP. 0 turns it off.
+    #[arg(long, env = "ONODE_WEBRTC_PORT", default_value_t = 8889)]
+    webrtc_port: u16,
     /// TLS folder made by `onode certs`: the control plane runs over TLS,
     /// this node proves its name with NAME.pem and accepts overlay calls
     /// only from nodes holding the CA's certificates. Needs --name.
@@ -640,6 +646,18 @@ async fn run_member(
     } else {
         None
     };
+    let webrtc = if role == Role::Pop && common.webrtc_port != 0 {
+        let addr = SocketAddr::new(common.bind, common.webrtc_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for WebRTC (--webrtc-port 0 turns it off)"))?;
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind {addr} (udp) for WebRTC media (--webrtc-port 0 turns it off)"))?;
+        Some((listener, udp))
+    } else {
+        None
+    };
     let metrics = bind_metrics(&common).await?;
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
@@ -648,6 +666,10 @@ async fn run_member(
     if let Some((listener, rtcp)) = rtsp {
         info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
         node.tasks.spawn(rtsp::serve(node.clone(), listener, rtcp));
+    }
+    if let Some((listener, udp)) = webrtc {
+        info!(node = %node.id.name, "WebRTC: browsers watch at http://{}/STREAM (WHEP at /STREAM/whep)", listener.local_addr()?);
+        node.tasks.spawn(webrtc::serve(node.clone(), listener, udp, client.clone()));
     }
     let watcher = node.clone();
     let common2 = common.clone();

@@ -186,6 +186,8 @@ pub struct Node {
     started: Instant,
     /// What came to the RTSP edge's RTCP port.
     pub rtcp_intake: crate::rtsp::RtcpCounters,
+    /// What the WebRTC edge (WHEP) answered, refused and dropped.
+    pub webrtc: crate::webrtc::Counters,
 }
 
 /// The RTP clock of a track of a stream (video first, then sound).
@@ -259,6 +261,7 @@ impl Node {
             relay_stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             rtcp_intake: Default::default(),
+            webrtc: Default::default(),
         }))
     }
 
@@ -1265,6 +1268,29 @@ impl Node {
         Some((p.sequence(), p.timestamp()))
     }
 
+    /// The H.264 parameter sets (SPS, PPS) and payload type of the video
+    /// SSRC `video`, from the cached GOP; waits up to `wait` for a keyframe
+    /// (a stream just joined has none yet).
+    pub async fn parameter_sets(&self, video: u32, wait: Duration) -> Option<(Vec<u8>, Vec<u8>, u8)> {
+        let until = Instant::now() + wait;
+        loop {
+            let gop = self.relay.gop(video);
+            if let Some((sps, pps)) = relay::gop::parameter_sets(gop.iter().map(Vec::as_slice)) {
+                let pt = gop.iter().find_map(|p| {
+                    overlay_core::rtp::Packet::parse(p)
+                        .ok()
+                        .filter(|p| p.kind() == overlay_core::rtp::Kind::Rtp)
+                        .map(|p| p.payload_type())
+                });
+                return Some((sps, pps, pt.unwrap_or(media::VIDEO_PT)));
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The stream as this node carries it now, if it does.
     pub fn desc(&self, stream: &str) -> Option<overlay_core::tree::StreamDesc> {
         self.lock().trees.branch(stream).map(|b| b.desc.clone())
@@ -1294,7 +1320,13 @@ impl Node {
         for (_, s) in st.sessions.iter() {
             *sessions.entry(s.phase.to_string()).or_default() += 1;
             if let (overlay_core::session::Phase::Playing, Some(stream)) = (s.phase, s.stream.as_deref()) {
-                let protocol = if s.tracks.is_empty() { "grpc" } else { "rtsp" };
+                let protocol = if s.tracks.is_empty() {
+                    "grpc"
+                } else if s.client.starts_with("webrtc ") {
+                    "webrtc"
+                } else {
+                    "rtsp"
+                };
                 *playing.entry((stream, protocol)).or_default() += 1;
             }
         }
@@ -1444,6 +1476,7 @@ impl Node {
             "relay": self.relay.counters(),
             "datagrams": self.links.counters_json(),
             "rtcp_intake": self.rtcp_intake.json(),
+            "webrtc": self.webrtc.json(),
         })
     }
 }

@@ -422,25 +422,11 @@ impl Conn {
         };
         let video =
             *ssrcs.first().ok_or_else(|| Refusal::new(StatusCode::ServiceUnavailable, "the stream has no tracks"))?;
-        let until = Instant::now() + KEYFRAME_WAIT;
-        let (sps, pps, pt) = loop {
-            let gop = self.node.relay.gop(video);
-            if let Some((sps, pps)) = relay::gop::parameter_sets(gop.iter().map(Vec::as_slice)) {
-                let pt = gop.iter().find_map(|p| {
-                    overlay_core::rtp::Packet::parse(p)
-                        .ok()
-                        .filter(|p| p.kind() == overlay_core::rtp::Kind::Rtp)
-                        .map(|p| p.payload_type())
-                });
-                break (sps, pps, pt.unwrap_or(media::VIDEO_PT));
-            }
-            if Instant::now() >= until {
-                return Err(Refusal::new(
-                    StatusCode::ServiceUnavailable,
-                    format!("stream {stream} has sent no keyframe in {} s; try again", KEYFRAME_WAIT.as_secs()),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some((sps, pps, pt)) = self.node.parameter_sets(video, KEYFRAME_WAIT).await else {
+            return Err(Refusal::new(
+                StatusCode::ServiceUnavailable,
+                format!("stream {stream} has sent no keyframe in {} s; try again", KEYFRAME_WAIT.as_secs()),
+            ));
         };
         let audio_pt = (ssrcs.len() > 1).then_some(media::AUDIO_PT);
         Ok(machine::sdp(&machine::Description {
