@@ -336,6 +336,22 @@ impl FileBranches {
             "video/x-h264" if !linked.video => {
                 linked.video = true;
                 let mut chain = vec![self.make("h264parse")?];
+                let structure = caps.structure(0);
+                let profile = structure.and_then(|s| s.get::<&str>("profile").ok());
+                let codec_data = structure.and_then(|s| s.get::<gst::Buffer>("codec_data").ok());
+                let codec_data = codec_data.as_ref().and_then(|b| b.map_readable().ok());
+                if !browser_safe_h264(profile, codec_data.as_deref()) {
+                    // Browsers' WebRTC takes baseline and main only: such a
+                    // file is re-encoded here, once, not at every POP.
+                    info!(file = self.file, profile, "H.264 profile browsers do not take: re-encoding");
+                    chain.extend([
+                        self.make("avdec_h264")?,
+                        self.make("videoconvert")?,
+                        self.make("videoscale")?,
+                        self.capsfilter("video/x-raw,format=I420,width=640,height=360,pixel-aspect-ratio=1/1")?,
+                        x264enc(&self.context)?,
+                    ]);
+                }
                 chain.extend(self.video_rtp()?);
                 chain
             }
@@ -548,6 +564,18 @@ impl LoopClock {
     }
 }
 
+/// Whether H.264 of this profile (the caps' `profile`, else the avcC
+/// `codec_data`'s profile_idc) is one every browser's WebRTC takes:
+/// constrained baseline, baseline or main (Chromium offers 42001f, 42e01f
+/// and 4d001f). Unknown counts as safe.
+pub fn browser_safe_h264(profile: Option<&str>, codec_data: Option<&[u8]>) -> bool {
+    match (profile, codec_data) {
+        (Some(p), _) => matches!(p, "constrained-baseline" | "baseline" | "main"),
+        (None, Some([_, profile_idc, ..])) => matches!(profile_idc, 66 | 77),
+        _ => true,
+    }
+}
+
 /// Our H.264 encoder settings: low latency, a keyframe every second at
 /// 30 frames per second, about 1 Mbit/s.
 fn x264enc(context: &str) -> Result<gst::Element, MediaError> {
@@ -743,4 +771,19 @@ fn source_name(src: Option<&gst::Object>) -> String {
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::browser_safe_h264;
+
+    #[test]
+    fn browsers_take_baseline_and_main_h264() {
+        assert!(browser_safe_h264(Some("constrained-baseline"), None));
+        assert!(browser_safe_h264(Some("main"), Some(&[1, 100, 0, 31])));
+        assert!(!browser_safe_h264(Some("high"), None));
+        assert!(!browser_safe_h264(None, Some(&[1, 100, 0, 31])), "avcC profile_idc 100: high");
+        assert!(browser_safe_h264(None, Some(&[1, 66, 0xc0, 30])));
+        assert!(browser_safe_h264(None, None), "unknown passes");
+    }
 }

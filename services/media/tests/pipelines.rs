@@ -191,6 +191,26 @@ fn test_stream_decodes_in_player() {
 }
 
 #[test]
+fn a_high_profile_h264_file_is_reencoded_for_browsers() {
+    // Browsers' WebRTC takes baseline and main: a high-profile file is
+    // re-encoded once, at its server.
+    let dir = TempDir::new("high");
+    let file = dir.0.join("high.mkv");
+    run_to_end(
+        "videotestsrc num-buffers=45 pattern=smpte \
+           ! video/x-raw,format=I420,width=320,height=240,framerate=30/1 \
+           ! x264enc key-int-max=15 speed-preset=veryfast ! video/x-h264,profile=high \
+           ! h264parse ! matroskamux name=mux ! filesink name=out",
+        Some(&file),
+    );
+    let streams = catalogue(Some(&dir.0)).unwrap();
+    let (_, counts, factories) = play("high", &streams["high"], None, Duration::from_millis(2500));
+    assert!(counts.video_frames > 30, "{counts:?}");
+    assert!(factories.contains(&"avdec_h264".to_owned()), "{factories:?}");
+    assert!(factories.contains(&"x264enc".to_owned()), "{factories:?}");
+}
+
+#[test]
 fn h264_opus_file_is_found_looped_and_not_reencoded() {
     let dir = TempDir::new("file");
     let file = dir.0.join("clip.mkv");

@@ -22,7 +22,7 @@ use crate::sys;
 /// The stream every server offers without a file.
 pub const BUILTIN_STREAM: &str = "test";
 
-/// Makes `<dir>/<stream>.mkv` (10 s of H.264 and Opus from test sources)
+/// Makes `<dir>/<stream>.mkv` (10 s of H.264 main profile and Opus from test sources)
 /// for every stream but the built-in one.
 pub fn make_media(dir: &Path, streams: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -44,6 +44,10 @@ pub fn make_media(dir: &Path, streams: &[String]) -> Result<()> {
             "speed-preset=veryfast",
             "key-int-max=25",
             "bitrate=800",
+            "!",
+            // Main: what browsers' WebRTC takes, so the servers pass the
+            // file through.
+            "video/x-h264,profile=main",
             "!",
             "h264parse",
             "!",

@@ -14,6 +14,7 @@
 
 pub mod addr;
 pub mod analysis;
+pub mod browser;
 pub mod cpu;
 pub mod delays;
 pub mod demo;

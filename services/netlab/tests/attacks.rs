@@ -162,6 +162,20 @@ fn a_stranger_on_a_client_lan_takes_nothing_and_viewers_keep_playing() {
         }
     }
 
+    // So does its WebRTC edge, as WHEP players give one: a Bearer token.
+    let whep = format!("http://{pop_addr}:8889/test/whep");
+    for (what, bearer, want) in [
+        ("no token", None, 401),
+        ("a token for other streams", Some(narrow.as_str()), 403),
+        ("a token that grants the stream", Some(token.as_str()), 201),
+    ] {
+        let (status, body) = http(&prefix, "c3", "POST", &whep, "application/sdp", bearer, OFFER);
+        println!("WHEP with {what}: {status}");
+        if status != want {
+            rtsp_problems.push(format!("WHEP with {what}: {status} {body:?}, expected {want}"));
+        }
+    }
+
     let rss_after = rss_kib(pop_pid);
     println!("POP o6 resident memory: {rss_before} KiB before, {rss_after} KiB after the attacks");
 

@@ -10,10 +10,10 @@ mod metrics;
 mod net;
 mod node;
 mod rtsp;
-mod webrtc;
 mod services;
 mod tls;
 mod token;
+mod webrtc;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

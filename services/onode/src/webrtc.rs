@@ -290,11 +290,15 @@ async fn answer(
         Err(nak) => {
             let _ = node.with_sessions(|s| s.teardown(&id));
             return Err(match nak.reason {
-                NakReason::UnknownStream => Refusal::new(404, format!("no server of the overlay offers stream {stream}")),
+                NakReason::UnknownStream => {
+                    Refusal::new(404, format!("no server of the overlay offers stream {stream}"))
+                }
                 NakReason::NoRoute | NakReason::Loop => {
                     Refusal::new(503, format!("no route to a server of stream {stream} right now"))
                 }
-                NakReason::Timeout => Refusal::new(503, format!("the overlay did not answer for stream {stream} in time")),
+                NakReason::Timeout => {
+                    Refusal::new(503, format!("the overlay did not answer for stream {stream} in time"))
+                }
             });
         }
     };
@@ -565,7 +569,9 @@ fn poll(node: &Arc<Node>, udp: &UdpSocket, p: &mut Peer) {
                     // PLAY now: the relay sends the cached GOP, then the
                     // live packets.
                     match node.play(&p.id) {
-                        Ok(_) => info!(pop = %node.id.name, session = short_id(&p.id), stream = %p.stream, "WebRTC peer connected: playing"),
+                        Ok(_) => {
+                            info!(pop = %node.id.name, session = short_id(&p.id), stream = %p.stream, "WebRTC peer connected: playing")
+                        }
                         Err(e) => {
                             warn!(pop = %node.id.name, session = short_id(&p.id), "WebRTC PLAY failed: {e}");
                             p.done = true;

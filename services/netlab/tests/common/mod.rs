@@ -165,3 +165,41 @@ pub fn acceptance(lab: &Lab, bins: &Bins) -> Outcome {
     let _ = std::fs::remove_dir_all(&media);
     Outcome { scenario: sc, prefix }
 }
+
+/// An SDP offer as a browser makes it (recvonly H.264 and Opus).
+pub const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n\
+    m=video 9 UDP/TLS/RTP/SAVPF 102\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:aaaaaaaaaaaaaaaaaaaaaaaa\r\n\
+    a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n\
+    a=setup:actpass\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\na=rtpmap:102 H264/90000\r\n\
+    a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+    m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:aaaaaaaaaaaaaaaaaaaaaaaa\r\n\
+    a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n\
+    a=setup:actpass\r\na=mid:1\r\na=recvonly\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\n";
+
+/// An HTTP request from `host` (python3's urllib), with a Bearer token
+/// when given: status and body.
+pub fn http(
+    prefix: &str,
+    host: &str,
+    method: &str,
+    url: &str,
+    content_type: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let auth = bearer.map(|t| format!("Bearer {t}")).unwrap_or_default();
+    let script = format!(
+        "import urllib.request,urllib.error,sys\n\
+         r=urllib.request.Request({url:?},data={body:?}.encode() if {method:?}=='POST' else None,method={method:?},\
+         headers={{'Content-Type':{content_type:?},'Authorization':{auth:?}}})\n\
+         try:\n    x=urllib.request.urlopen(r,timeout=15); print(x.status); print(x.read().decode())\n\
+         except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &netlab::plan::ns_name(prefix, host), "python3", "-c", &script])
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+    (status.trim().parse().unwrap_or(0), body.trim().to_string())
+}

@@ -254,26 +254,29 @@ mod tests {
     /// transceiver (trimmed to what matters).
     pub fn chromium_offer(video_codecs: &str) -> String {
         // The m-line lists the payload types the codec lines define.
-        let pts: Vec<&str> = video_codecs
-            .split("a=rtpmap:")
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
+        let pts: Vec<&str> =
+            video_codecs.split("a=rtpmap:").skip(1).filter_map(|l| l.split_whitespace().next()).collect();
         let mut s = String::new();
         s.push_str("v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n");
         s.push_str("a=group:BUNDLE 0 1\r\na=extmap-allow-mixed\r\na=msid-semantic: WMS\r\n");
         s.push_str(&format!("m=video 9 UDP/TLS/RTP/SAVPF {}\r\nc=IN IP4 0.0.0.0\r\n", pts.join(" ")));
         s.push_str("a=rtcp:9 IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:aaaaaaaaaaaaaaaaaaaaaaaa\r\n");
         s.push_str("a=ice-options:trickle\r\na=fingerprint:sha-256 ");
-        s.push_str("7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n");
+        s.push_str(
+            "7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n",
+        );
         s.push_str("a=setup:actpass\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\na=rtcp-rsize\r\n");
         s.push_str(video_codecs);
         s.push_str("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n");
         s.push_str("a=ice-ufrag:abcd\r\na=ice-pwd:aaaaaaaaaaaaaaaaaaaaaaaa\r\na=ice-options:trickle\r\n");
         s.push_str("a=fingerprint:sha-256 ");
-        s.push_str("7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n");
+        s.push_str(
+            "7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35:DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08\r\n",
+        );
         s.push_str("a=setup:actpass\r\na=mid:1\r\na=recvonly\r\na=rtcp-mux\r\n");
-        s.push_str("a=rtpmap:111 opus/48000/2\r\na=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n");
+        s.push_str(
+            "a=rtpmap:111 opus/48000/2\r\na=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n",
+        );
         s
     }
 
@@ -287,7 +290,8 @@ mod tests {
         a=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=4d001f\r\n\
         a=rtpmap:107 rtx/90000\r\na=fmtp:107 apt=106\r\n";
 
-    const VP8_ONLY: &str = "a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
+    const VP8_ONLY: &str =
+        "a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
 
     fn pop() -> SocketAddr {
         "10.0.6.2:8889".parse().unwrap()
@@ -332,7 +336,8 @@ mod tests {
         // High profile is not among what Chromium offers.
         let high = StreamFormat { profile_level_id: 0x64001f, audio: true };
         assert_eq!(answer(&chromium_offer(CHROMIUM_H264), high, pop(), Instant::now()).unwrap_err().status, 406);
-        let audio_only = chromium_offer(VP8_ONLY).replace("a=recvonly\r\na=rtcp-mux\r\na=rtcp-rsize", "a=inactive\r\na=rtcp-mux\r\na=rtcp-rsize");
+        let audio_only = chromium_offer(VP8_ONLY)
+            .replace("a=recvonly\r\na=rtcp-mux\r\na=rtcp-rsize", "a=inactive\r\na=rtcp-mux\r\na=rtcp-rsize");
         let r = answer(&audio_only, format, pop(), Instant::now()).unwrap_err();
         assert!(r.status == 400 || r.status == 406, "{r:?}");
     }
