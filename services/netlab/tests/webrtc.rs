@@ -3,7 +3,8 @@
 //! which plays the stream with WHEP; the test reads what the page reports
 //! (frames decoded, audio packets, the codec the browser negotiated), kills
 //! a relay of the tree and checks that the browser keeps decoding without
-//! a new session, and keeps screenshots with the lab's logs. Bad requests
+//! a new session, kills the other browser's POP and checks that its page
+//! plays on from another POP, and keeps screenshots with the lab's logs. Bad requests
 //! to the WHEP endpoint get a 4xx with a reason. Needs root, Chromium and
 //! python3.
 
@@ -147,6 +148,28 @@ fn browsers_watch_over_webrtc_and_keep_decoding_through_a_relay_crash() {
     }
     let gap_s = timeline.iter().rev().take(15).filter(|&&f| f == 0).count();
     println!("seconds without a frame around the crash: {gap_s}");
+
+    // The clip viewer's POP (o6) dies: its page turns to another POP of
+    // the overlay (the bootstrapper's list, from the POP's /pops) and
+    // plays on there.
+    let o6_host = &lab.hosts[lab.roles.iter().find(|r| r.name == "o6").unwrap().host].name;
+    faults::kill_node(&st, o6_host).expect("kill o6");
+    let start = Instant::now();
+    let moved = loop {
+        let r = report(&mut clip);
+        let elsewhere = r["pop"].as_str().is_some_and(|p| !p.starts_with(&pop_addr("o6")));
+        let recent: u64 = r["timeline"].as_array().into_iter().flatten().rev().take(2).filter_map(Value::as_u64).sum();
+        if (elsewhere && recent > 10) || start.elapsed() > Duration::from_secs(40) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let _ = clip.screenshot(&logs.join("chromium-clip-after-pop-death.png"));
+    println!("browser on clip {:.0} s after its POP o6 died: {moved}", start.elapsed().as_secs_f64());
+    let recent: u64 = moved["timeline"].as_array().into_iter().flatten().rev().take(2).filter_map(Value::as_u64).sum();
+    if moved["pop"].as_str().is_none_or(|p| p.starts_with(&pop_addr("o6"))) || recent <= 10 {
+        problems.push(format!("the clip page did not play on from another POP when o6 died: {moved}"));
+    }
 
     // The last viewer leaves: the POP ends its session and leaves the tree.
     test.close();

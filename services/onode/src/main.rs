@@ -646,18 +646,30 @@ async fn run_member(
     } else {
         None
     };
-    let webrtc = if role == Role::Pop && common.webrtc_port != 0 {
-        let addr = SocketAddr::new(common.bind, common.webrtc_port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for WebRTC (--webrtc-port 0 turns it off)"))?;
-        let udp = tokio::net::UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("cannot bind {addr} (udp) for WebRTC media (--webrtc-port 0 turns it off)"))?;
-        Some((listener, udp))
-    } else {
-        None
-    };
+    let webrtc =
+        if role == Role::Pop && common.webrtc_port != 0 {
+            let addr = SocketAddr::new(common.bind, common.webrtc_port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for WebRTC (--webrtc-port 0 turns it off)"))?;
+            // One UDP socket per address of this host (or the one --bind
+            // names): each browser's media leaves from the address it reached.
+            let ips: Vec<IpAddr> = if common.bind.is_unspecified() {
+                net::local_addresses().into_iter().filter(|ip| !is_link_local_v6(ip)).collect()
+            } else {
+                vec![common.bind]
+            };
+            let mut udp = Vec::new();
+            for ip in ips {
+                let at = SocketAddr::new(ip, common.webrtc_port);
+                udp.push(tokio::net::UdpSocket::bind(at).await.with_context(|| {
+                    format!("cannot bind {at} (udp) for WebRTC media (--webrtc-port 0 turns it off)")
+                })?);
+            }
+            Some((listener, udp))
+        } else {
+            None
+        };
     let metrics = bind_metrics(&common).await?;
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
@@ -733,4 +745,10 @@ async fn watch(
             }
         }
     }
+}
+
+/// IPv6 link-local addresses need a scope to be bound; browsers reach a
+/// POP by its routable addresses.
+fn is_link_local_v6(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
 }

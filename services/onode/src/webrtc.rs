@@ -120,9 +120,11 @@ struct Edge {
 }
 
 /// Serves WHEP and the player page on `listener`; every peer's media goes
-/// through `udp`. Returns when the node stops.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, udp: UdpSocket, bootstrap: Bootstrap) {
-    let udp_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+/// through `udp`, one socket per local address (a reply must leave from
+/// the address the browser sent to, which the routing table alone would
+/// not pick on a host with several). Returns when the node stops.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, udp: Vec<UdpSocket>, bootstrap: Bootstrap) {
+    let udp_port = udp.first().and_then(|u| u.local_addr().ok()).map(|a| a.port()).unwrap_or(0);
     let http_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let (commands, rx) = mpsc::channel(64);
     node.tasks.spawn(drive(node.clone(), udp, rx));
@@ -335,7 +337,6 @@ async fn answer(
         id: id.clone(),
         stream: stream.to_string(),
         rtc,
-        candidate,
         negotiated,
         video: TrackOut::new(crate::node::track_clock_rate(0)),
         audio: TrackOut::new(crate::node::track_clock_rate(1)),
@@ -392,8 +393,6 @@ struct Peer {
     id: String,
     stream: String,
     rtc: Rtc,
-    /// The POP's address and port in the answer: where its datagrams come.
-    candidate: SocketAddr,
     negotiated: machine::Negotiated,
     video: TrackOut,
     audio: TrackOut,
@@ -413,14 +412,41 @@ struct Peer {
 
 /// Owns every peer: moves datagrams between the UDP socket and the peers,
 /// the relay's packets into them, and time.
-async fn drive(node: Arc<Node>, udp: UdpSocket, mut commands: mpsc::Receiver<Command>) {
+async fn drive(node: Arc<Node>, udp: Vec<UdpSocket>, mut commands: mpsc::Receiver<Command>) {
     let (media_tx, mut media) = mpsc::channel::<(u64, Vec<u8>)>(MEDIA_QUEUE);
+    // Datagrams from browsers, each with the local address it came to.
+    let (net_tx, mut net) = mpsc::channel::<(SocketAddr, SocketAddr, Vec<u8>)>(MEDIA_QUEUE);
+    let udp: Vec<Arc<UdpSocket>> = udp.into_iter().map(Arc::new).collect();
+    for socket in &udp {
+        let (socket, tx, node) = (socket.clone(), net_tx.clone(), node.clone());
+        let Ok(local) = socket.local_addr() else { continue };
+        node.clone().tasks.spawn(async move {
+            let mut b = vec![0u8; 2048];
+            loop {
+                let got = tokio::select! {
+                    _ = node.cancel.cancelled() => return,
+                    r = socket.recv_from(&mut b) => r,
+                };
+                match got {
+                    Ok((n, source)) => {
+                        if tx.try_send((local, source, b[..n].to_vec())).is_err() {
+                            node.webrtc.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        debug!(pop = %node.id.name, %local, "WebRTC socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    let sockets = Sockets(udp);
     let mut peers: HashMap<u64, Peer> = HashMap::new();
     let mut sinks: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     // Where each browser's datagrams come from, once known.
     let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
     let mut next_key = 0u64;
-    let mut buf = vec![0u8; 2048];
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     loop {
         let wake = peers.values().map(|p| p.timeout).min().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
@@ -458,11 +484,11 @@ async fn drive(node: Arc<Node>, udp: UdpSocket, mut commands: mpsc::Receiver<Com
                     }
                 }
             },
-            r = udp.recv_from(&mut buf) => {
-                let Ok((n, source)) = r else { continue };
+            d = net.recv() => {
+                let Some((local, source, data)) = d else { continue };
                 let now = Instant::now();
                 let key = by_source.get(&source).copied().filter(|k| peers.contains_key(k)).or_else(|| {
-                    peers.iter().find(|(_, p)| receive(source, p.candidate, &buf[..n], now).is_some_and(|i| p.rtc.accepts(&i))).map(|(k, _)| *k)
+                    peers.iter().find(|(_, p)| receive(source, local, &data, now).is_some_and(|i| p.rtc.accepts(&i))).map(|(k, _)| *k)
                 });
                 let Some(key) = key else {
                     node.webrtc.unmatched.fetch_add(1, Ordering::Relaxed);
@@ -470,18 +496,18 @@ async fn drive(node: Arc<Node>, udp: UdpSocket, mut commands: mpsc::Receiver<Com
                 };
                 by_source.insert(source, key);
                 let p = peers.get_mut(&key).expect("found above");
-                if let Some(input) = receive(source, p.candidate, &buf[..n], now) {
+                if let Some(input) = receive(source, local, &data, now) {
                     if let Err(e) = p.rtc.handle_input(input) {
                         debug!(pop = %node.id.name, session = short_id(&p.id), "WebRTC input: {e}");
                     }
                 }
-                poll(&node, &udp, p);
+                poll(&node, &sockets, p);
             }
             m = media.recv() => {
                 let Some((key, packet)) = m else { continue };
                 if let Some(p) = peers.get_mut(&key) {
                     write(p, &packet);
-                    poll(&node, &udp, p);
+                    poll(&node, &sockets, p);
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => {
@@ -490,7 +516,7 @@ async fn drive(node: Arc<Node>, udp: UdpSocket, mut commands: mpsc::Receiver<Com
                     if let Err(e) = p.rtc.handle_input(Input::Timeout(now)) {
                         debug!(pop = %node.id.name, session = short_id(&p.id), "WebRTC timeout: {e}");
                     }
-                    poll(&node, &udp, p);
+                    poll(&node, &sockets, p);
                 }
             }
             _ = housekeeping.tick() => {
@@ -551,17 +577,29 @@ fn finish(node: &Arc<Node>, p: Peer) {
 }
 
 /// Carries out what the peer asks for until it wants the time again.
-fn poll(node: &Arc<Node>, udp: &UdpSocket, p: &mut Peer) {
+/// The WebRTC sockets, one per local address.
+struct Sockets(Vec<Arc<UdpSocket>>);
+
+impl Sockets {
+    /// Sends from the socket bound to `source` (the address the browser
+    /// sent to), or the only one; never waits: a full buffer drops, as UDP
+    /// does.
+    fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        let socket = self.0.iter().find(|s| s.local_addr().is_ok_and(|a| a == source)).or(self.0.first());
+        if let Some(socket) = socket {
+            let _ = socket.try_send_to(data, destination);
+        }
+    }
+}
+
+fn poll(node: &Arc<Node>, sockets: &Sockets, p: &mut Peer) {
     loop {
         match p.rtc.poll_output() {
             Ok(Output::Timeout(t)) => {
                 p.timeout = t;
                 return;
             }
-            Ok(Output::Transmit(t)) => {
-                // Never wait on the socket: a full buffer drops, as UDP does.
-                let _ = udp.try_send_to(&t.contents, t.destination);
-            }
+            Ok(Output::Transmit(t)) => sockets.send(t.source, t.destination, &t.contents),
             Ok(Output::Event(e)) => match e {
                 Event::Connected => {
                     p.connected = true;
@@ -635,7 +673,7 @@ fn write(p: &mut Peer, packet: &[u8]) {
         return;
     }
     let now = Instant::now();
-    let seq = out.extend(view.sequence());
+    let Some(seq) = out.extend(view.sequence()) else { return };
     let wallclock = out.wallclock(view.timestamp(), now, crate::net::unix_us() as f64 / 1e6);
     let mut api = p.rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(mid, None) else { return };

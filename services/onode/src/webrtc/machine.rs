@@ -7,7 +7,7 @@
 //! driver ([`super`]) owns the sockets and the clock.
 
 use std::net::SocketAddr;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use overlay_core::rtp::SenderReport;
@@ -81,6 +81,14 @@ fn install_crypto() {
     ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
 }
 
+/// The POP's DTLS certificate: one per process, as a browser keeps one per
+/// origin (its fingerprint is in every answer); making one per peer costs
+/// a key generation each.
+fn dtls_cert() -> Option<str0m::config::DtlsCert> {
+    static CERT: OnceLock<Option<str0m::config::DtlsCert>> = OnceLock::new();
+    CERT.get_or_init(|| str0m::crypto::from_feature_flags().dtls_provider.generate_certificate()).clone()
+}
+
 /// The str0m configuration of a browser viewer of a stream in `format`:
 /// ICE-lite (the POP only answers checks), RTP passed through as it is,
 /// H.264 with the stream's own profile (and its retransmissions), Opus.
@@ -93,6 +101,9 @@ pub fn config(format: StreamFormat) -> RtcConfig {
         .enable_opus(format.audio, false)
         .set_stats_interval(None)
         .set_send_buffer_video(2000);
+    if let Some(cert) = dtls_cert() {
+        config = config.set_dtls_cert(cert);
+    }
     // Payload types are placeholders: str0m answers with the browser's.
     config.codec_config().add_h264(102.into(), Some(103.into()), true, format.profile_level_id);
     config
@@ -192,21 +203,22 @@ impl TrackOut {
     }
 
     /// Extends a 16-bit sequence number to the one nearest the newest
-    /// written (so a late packet stays behind and a wrap goes on).
-    pub fn extend(&mut self, seq: u16) -> u64 {
+    /// written (so a late packet stays behind and a wrap goes on); None
+    /// for a packet from before the first one (nothing to send it as).
+    pub fn extend(&mut self, seq: u16) -> Option<u64> {
         let ext = match self.newest {
             // The first packet starts the rollover count at 0, as the
             // browser's SRTP context assumes (RFC 3711 §3.3.1).
             None => u64::from(seq),
             Some(newest) => {
                 let delta = i64::from(seq.wrapping_sub(newest as u16) as i16);
-                newest.saturating_add_signed(delta)
+                newest.checked_add_signed(delta)?
             }
         };
         if self.newest.is_none_or(|n| ext > n) {
             self.newest = Some(ext);
         }
-        ext
+        Some(ext)
     }
 
     /// Takes a sender report of the line (its timing maps RTP time to
@@ -355,15 +367,17 @@ mod tests {
     #[test]
     fn sequence_numbers_extend_across_wraps_and_late_packets_stay_behind() {
         let mut t = TrackOut::new(90_000);
-        assert_eq!(t.extend(65_534), 65_534, "the rollover count starts at 0");
-        let mut t = TrackOut::new(90_000);
-        let a = t.extend(65_534);
-        assert_eq!(t.extend(65_535), a + 1);
-        assert_eq!(t.extend(0), a + 2);
-        assert_eq!(t.extend(1), a + 3);
+        assert_eq!(t.extend(65_534), Some(65_534), "the rollover count starts at 0");
+        assert_eq!(t.extend(65_535), Some(65_535));
+        assert_eq!(t.extend(0), Some(65_536));
+        assert_eq!(t.extend(1), Some(65_537));
         // A late packet from before the wrap.
-        assert_eq!(t.extend(65_535), a + 1);
-        assert_eq!(t.extend(2), a + 4);
+        assert_eq!(t.extend(65_535), Some(65_535));
+        assert_eq!(t.extend(2), Some(65_538));
+        // Before the first packet there is nothing to send a packet as.
+        let mut t = TrackOut::new(90_000);
+        assert_eq!(t.extend(3), Some(3));
+        assert_eq!(t.extend(65_535), None);
     }
 
     #[test]
