@@ -103,3 +103,56 @@ fn with_a_token_key_pops_serve_only_viewers_whose_token_grants_the_stream() {
     let log = o.log("o5");
     assert!(log.contains("token accepted") && log.contains("\"alice\""), "o5 did not log alice's token:\n{log}");
 }
+
+/// A control-plane client holding node `name`'s certificate of the overlay
+/// (as a thief of that node's key would), to `addr`.
+async fn as_node(o: &Overlay, name: &str, addr: std::net::IpAddr) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = o.tls_dir();
+    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem".into())))
+        .identity(Identity::from_pem(read(format!("{name}.pem")), read(format!("{name}.key"))))
+        .domain_name(addr.to_string());
+    Endpoint::from_shared(format!("https://{addr}:7070")).unwrap().tls_config(tls).unwrap().connect().await.unwrap()
+}
+
+#[test]
+fn a_node_certificate_speaks_only_for_its_own_name() {
+    // o6's key in the wrong hands: it opens TLS, but every call that names
+    // another node (o5, a POP whose upstream is o4) is refused, and o5's
+    // viewer plays on.
+    use overlay_proto as pb;
+    let o = Overlay::start("impostor", &seed_topology(), None);
+    let viewer = o.client("viewer", "test", Some("o5"), 6.0).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refusals = runtime.block_on(async {
+        let mut out = Vec::new();
+        let boot = as_node(&o, "o6", o.bootstrapper()).await;
+        let mut bootstrap = pb::bootstrap_client::BootstrapClient::new(boot);
+        let r =
+            bootstrap.register(pb::RegisterRequest { name: "o5".into(), role: "pop".into(), streams: vec![] }).await;
+        out.push(("Register as o5", r.map(|_| ()).err()));
+        let r = bootstrap.watch(pb::WatchRequest { name: "o5".into() }).await;
+        out.push(("Watch as o5", r.map(|_| ()).err()));
+        let mut relay = pb::overlay_client::OverlayClient::new(as_node(&o, "o6", o.addr["o4"]).await);
+        let r = relay.leave(pb::LeaveRequest { stream: "test".into(), sender: "o5".into() }).await;
+        out.push(("Leave as o5 at o4", r.map(|_| ()).err()));
+        out
+    });
+    for (what, refusal) in refusals {
+        let status = refusal.unwrap_or_else(|| panic!("{what} with o6's certificate was accepted"));
+        println!("{what} with o6's certificate: {:?} {}", status.code(), status.message());
+        assert!(
+            matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated),
+            "{what}: {status:?}"
+        );
+    }
+    let out = wait_output(viewer, Duration::from_secs(30));
+    assert!(out.status.success(), "viewer: {}", o.client_log("viewer"));
+    let stats = o.stats("viewer");
+    let fps: Vec<u64> = stats["fps_timeline"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+    let n = fps.len();
+    assert!(n >= 3 && fps[n - 3..n - 1].iter().all(|&f| f >= 10), "o5's viewer stopped: {stats}");
+}
