@@ -73,6 +73,17 @@ fn browsers_watch_over_webrtc_and_keep_decoding_through_a_relay_crash() {
     if status != 404 {
         problems.push(format!("DELETE of no session: {status}, wanted 404"));
     }
+    // One address may hold 16 sessions at a POP (the POP's limit for every
+    // protocol): the 17th offer from c3 is refused with a reason. (The
+    // answered ones never connect and are dropped 15 s later.)
+    let o7_whep = format!("http://{}:8889/test/whep", pop_addr("o7"));
+    let statuses: Vec<u16> =
+        (0..16).map(|_| http(&prefix, "c3", "POST", &o7_whep, "application/sdp", None, OFFER).0).collect();
+    let (status, reason) = http(&prefix, "c3", "POST", &o7_whep, "application/sdp", None, OFFER);
+    println!("16 offers from c3 at o7: {statuses:?}; one more: {status} {reason}");
+    if statuses.iter().any(|&s| s != 201) || status != 429 || !reason.contains("sessions") {
+        problems.push(format!("offers past the per-address limit: {statuses:?}, then {status} {reason:?}"));
+    }
 
     // Two browsers: the live test stream at o5 (c1), the file stream at
     // o6 (c2).

@@ -62,6 +62,8 @@ const PLAYER: &str = include_str!("webrtc/player.html");
 /// What the WebRTC edge counts (inspect, metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Browser peers now (answered, not yet ended).
+    pub peers: AtomicU64,
     pub answered: AtomicU64,
     pub refused: AtomicU64,
     pub connected: AtomicU64,
@@ -77,7 +79,7 @@ impl Counters {
     pub fn json(&self) -> serde_json::Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
-            "answered": get(&self.answered), "refused": get(&self.refused), "connected": get(&self.connected),
+            "peers": get(&self.peers), "answered": get(&self.answered), "refused": get(&self.refused), "connected": get(&self.connected),
             "ended": get(&self.ended), "keyframe_requests": get(&self.keyframe_requests),
             "dropped": get(&self.dropped), "unmatched": get(&self.unmatched),
         })
@@ -281,6 +283,9 @@ async fn answer(
     authorize(node, conn.peer, stream, headers)?;
     // Nothing is joined for an offer that cannot be answered.
     machine::check_offer(offer)?;
+    if node.webrtc.peers.load(Ordering::Relaxed) >= MAX_PEERS as u64 {
+        return Err(Refusal::new(429, format!("this POP serves {MAX_PEERS} browsers already; try another POP")));
+    }
     // A session of the POP's table: its limits hold for browsers too.
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
@@ -382,7 +387,8 @@ fn session_refusal(e: SessionError) -> Refusal {
         SessionError::Unknown(_) => 404,
         SessionError::BadPhase { .. } => 409,
         SessionError::ForeignDestination { .. } => 403,
-        SessionError::TooMany { .. } | SessionError::TooManyFromAddress { .. } => 503,
+        // HTTP's own word for it: the browser may try later or elsewhere.
+        SessionError::TooMany { .. } | SessionError::TooManyFromAddress { .. } => 429,
     };
     Refusal::new(status, e.to_string())
 }
@@ -456,7 +462,9 @@ async fn drive(node: Arc<Node>, udp: Vec<UdpSocket>, mut commands: mpsc::Receive
                 None => break,
                 Some(Command::Add(peer, sink)) => {
                     if peers.len() >= MAX_PEERS {
+                        // Offers answered at once may pass the check together.
                         warn!(pop = %node.id.name, "WebRTC: {MAX_PEERS} peers already; dropping a new one");
+                        node.webrtc.peers.fetch_add(1, Ordering::Relaxed);
                         finish(&node, *peer);
                         continue;
                     }
@@ -474,6 +482,7 @@ async fn drive(node: Arc<Node>, udp: Vec<UdpSocket>, mut commands: mpsc::Receive
                     });
                     sinks.insert(key, handle.abort_handle());
                     peers.insert(key, *peer);
+                    node.webrtc.peers.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Command::Remove { id, done }) => {
                     let found = peers.values_mut().find(|p| p.id == id);
@@ -565,6 +574,7 @@ fn receive(source: SocketAddr, destination: SocketAddr, data: &[u8], now: Instan
 /// Ends a peer's session and its join.
 fn finish(node: &Arc<Node>, p: Peer) {
     node.webrtc.ended.fetch_add(1, Ordering::Relaxed);
+    let _ = node.webrtc.peers.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     if let Ok(gone) = node.with_sessions(|s| s.teardown(&p.id)) {
         info!(pop = %node.id.name, session = short_id(&p.id), stream = %p.stream, "WebRTC session ended");
         if gone.stream.is_some() {
