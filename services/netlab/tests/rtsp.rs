@@ -249,20 +249,8 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     };
     std::thread::sleep(Duration::from_secs(5));
     let edges = faults::tree(&lab, &st, &bins, "test").expect("tree of test");
-    let is_relay = |n: &str| lab.roles.iter().any(|r| r.name == n && r.kind == RoleKind::Node);
-    let mut above = Vec::new();
-    let mut at = "o7".to_string();
-    while let Some((up, _)) = edges.iter().find(|(_, d)| *d == at) {
-        above.push(up.clone());
-        at = up.clone();
-    }
-    let relay = above
-        .get(1)
-        .filter(|n| is_relay(n))
-        .cloned()
-        .unwrap_or_else(|| panic!("no relay two hops above o7: {edges:?}"));
-    let host = &lab.hosts[lab.roles.iter().find(|r| r.name == relay).unwrap().host].name;
-    faults::kill_node(&st, host).expect("kill the relay");
+    let (relay, host) = relay_two_above(&lab, &edges, "o7");
+    faults::kill_node(&st, &host).expect("kill the relay");
     println!("killed relay {relay} 5 s in (tree of test: {edges:?})");
     // 11 s in, what the player's receiver reports say, per track, in o7's
     // session table.

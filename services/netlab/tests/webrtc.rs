@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use netlab::browser::{self, Browser};
-use netlab::lab::{Lab, RoleKind};
+use netlab::lab::Lab;
 use netlab::plan::ns_name;
 use netlab::{demo, faults};
 use serde_json::Value;
@@ -126,21 +126,9 @@ fn browsers_watch_over_webrtc_and_keep_decoding_through_a_relay_crash() {
     // relay killed is the one above o4. o4 repairs around it; the browser
     // keeps its session and decodes on.
     let edges = faults::tree(&lab, &st, &bins, "test").expect("tree of test");
-    let is_relay = |n: &str| lab.roles.iter().any(|r| r.name == n && r.kind == RoleKind::Node);
-    let mut above = Vec::new();
-    let mut at = "o5".to_string();
-    while let Some((up, _)) = edges.iter().find(|(_, d)| *d == at) {
-        above.push(up.clone());
-        at = up.clone();
-    }
-    let relay = above
-        .get(1)
-        .filter(|n| is_relay(n))
-        .cloned()
-        .unwrap_or_else(|| panic!("no relay two hops above o5: {edges:?}"));
-    let host = &lab.hosts[lab.roles.iter().find(|r| r.name == relay).unwrap().host].name;
+    let (relay, host) = relay_two_above(&lab, &edges, "o5");
     let before = report(&mut test);
-    faults::kill_node(&st, host).expect("kill the relay");
+    faults::kill_node(&st, &host).expect("kill the relay");
     println!("killed relay {relay} (tree of test: {edges:?})");
     std::thread::sleep(Duration::from_secs(12));
     let after = report(&mut test);

@@ -203,3 +203,24 @@ pub fn http(
     let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
     (status.trim().parse().unwrap_or(0), body.trim().to_string())
 }
+
+/// The relay two hops above `pop` on the tree `edges` (upstream,
+/// downstream) and its lab host: in the seed lab a POP's only neighbour
+/// is a relay, so killing the one above it makes that neighbour repair
+/// while the POP keeps its upstream.
+pub fn relay_two_above(lab: &Lab, edges: &[(String, String)], pop: &str) -> (String, String) {
+    let mut above = Vec::new();
+    let mut at = pop.to_string();
+    while let Some((up, _)) = edges.iter().find(|(_, d)| *d == at) {
+        above.push(up.clone());
+        at = up.clone();
+    }
+    let is_relay = |n: &str| lab.roles.iter().any(|r| r.name == n && r.kind == netlab::lab::RoleKind::Node);
+    let relay = above
+        .get(1)
+        .filter(|n| is_relay(n))
+        .cloned()
+        .unwrap_or_else(|| panic!("no relay two hops above {pop}: {edges:?}"));
+    let host = lab.hosts[lab.roles.iter().find(|r| r.name == relay).unwrap().host].name.clone();
+    (relay, host)
+}
