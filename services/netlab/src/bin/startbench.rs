@@ -13,6 +13,10 @@
 //! over UDP and over TCP, from the player's first request to its first
 //! decoded frame (in the mutual TLS lab only).
 //!
+//! And a browser (headless Chromium) opening the POP's player page, which
+//! plays with WebRTC (WHEP): cold, and warm at the POP, from the page's
+//! first request to its first presented frame (also in the TLS lab only).
+//!
 //! Each is measured twice, in one lab with the control plane over mutual
 //! TLS (the default) and in one over plain TCP, to show what TLS costs;
 //! the time from starting the roles to a ready overlay is shown for both.
@@ -135,6 +139,11 @@ fn measure(
                 let start = watch_rtsp(st, bins, host, pop, false)?;
                 by_kind.entry("4 RTSP cold (UDP)").or_default().push(start);
                 netlab::sys::sleep(PRUNE_PAUSE)?;
+                if netlab::browser::chromium().is_some() {
+                    let start = watch_browser(st, host, pop, &dir.join(format!("browser-cold-{n}")))?;
+                    by_kind.entry("9 WebRTC cold (browser)").or_default().push(start);
+                    netlab::sys::sleep(PRUNE_PAUSE)?;
+                }
             }
         }
     }
@@ -151,6 +160,7 @@ fn measure(
     netlab::sys::sleep(Duration::from_secs(3))?;
     let mut warm = Vec::new();
     let mut warm_rtsp = Vec::new();
+    let mut warm_browser = Vec::new();
     for _ in 0..runs {
         for host in &hosts {
             n += 1;
@@ -159,6 +169,10 @@ fn measure(
             if let Some(pop) = local_pop.get(host) {
                 for tcp in [false, true] {
                     warm_rtsp.push((tcp, watch_rtsp(st, bins, host, pop, tcp)?));
+                    netlab::sys::sleep(PRUNE_PAUSE)?;
+                }
+                if netlab::browser::chromium().is_some() {
+                    warm_browser.push(watch_browser(st, host, pop, &dir.join(format!("browser-warm-{n}")))?);
                     netlab::sys::sleep(PRUNE_PAUSE)?;
                 }
             }
@@ -191,7 +205,53 @@ fn measure(
         };
         by_kind.entry(kind).or_default().push(start);
     }
+    for start in warm_browser {
+        // Only warm at the POP is a figure of its own; the rest are cold
+        // at the POP but warm in the overlay.
+        let kind = if pop_of(&start.pop) == background_pop {
+            "A WebRTC warm at the POP (browser)"
+        } else {
+            "B WebRTC warm in the overlay (browser)"
+        };
+        by_kind.entry(kind).or_default().push(start);
+    }
     Ok(by_kind)
+}
+
+/// A browser on `host` opens the player page of `pop`; its first frame,
+/// counted by the page from the start of its WHEP request (the browser's
+/// own start-up is not counted).
+fn watch_browser(st: &LabState, host: &str, pop: &str, base: &Path) -> Result<Start> {
+    let ns = netlab::plan::ns_name(&st.prefix, host);
+    let url = format!("http://{pop}:8889/{STREAM}");
+    let mut b = netlab::browser::Browser::open(Some(&ns), &url, &base.join("profile"), &base.with_extension("log"))?;
+    let started = std::time::Instant::now();
+    let ms = loop {
+        let r: Value = b
+            .eval("JSON.stringify(report)")
+            .ok()
+            .and_then(|v| v.as_str().and_then(|t| serde_json::from_str(t).ok()))
+            .unwrap_or(Value::Null);
+        if let Some(ms) = r["first_frame_ms"].as_f64() {
+            break ms;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            eprintln!("browser on {host} for {url}: no frame in 15 s ({r})");
+            break f64::NAN;
+        }
+        netlab::sys::sleep(Duration::from_millis(100))?;
+    };
+    b.close();
+    let _ = std::fs::remove_dir_all(base.join("profile"));
+    Ok(Start {
+        host: host.to_string(),
+        pop: pop.to_string(),
+        first_frame_ms: ms,
+        from_request_ms: ms,
+        login_ms: f64::NAN,
+        pop_choice_ms: f64::NAN,
+        setup_ms: f64::NAN,
+    })
 }
 
 /// An RTSP player (rtspwatch: GStreamer's rtspsrc) on `host` watches
@@ -284,7 +344,7 @@ fn print_kind(kind: &str, starts: &[Start]) {
     };
     let hosts: Vec<String> = starts.iter().map(|s| format!("{}@{}", s.host, s.pop)).collect();
     println!("  {:24} {} starts: {}", &kind[2..], starts.len(), hosts.join(" "));
-    if kind.contains("RTSP") {
+    if kind.contains("RTSP") || kind.contains("WebRTC") {
         println!("      first frame from the player's first request {}", stat(|s| s.first_frame_ms));
         return;
     }
