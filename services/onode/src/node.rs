@@ -121,6 +121,10 @@ const JOIN_WATCH: Duration = Duration::from_millis(250);
 /// A failed stream request is tried another way only if this much of its
 /// time is left.
 const JOIN_RETRY_FLOOR: Duration = Duration::from_millis(100);
+/// A request refused as a loop because the upstream's own request for the
+/// stream crossed it (each went to the other) is tried once more after
+/// this pause: the other side has gone another way by then.
+const CROSSING_PAUSE: Duration = Duration::from_millis(150);
 /// An upstream checked for a silent stream is not checked again sooner.
 const SILENCE_RECHECK: Duration = Duration::from_secs(1);
 /// A stream silent this long while its upstream answers pings is no
@@ -894,17 +898,36 @@ impl Node {
         // one after another, each neighbour once.
         let deadline = Instant::now() + self.settings.join_timeout;
         let mut tried = Vec::new();
+        let mut crossed = false;
         let result = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let result = self.request_upstream(&stream, &to, path.clone(), left).await;
             let Err(nak) = &result else { break result };
             tried.push(to.clone());
-            let mut st = self.lock();
-            let st = &mut *st;
-            let next = (deadline.saturating_duration_since(Instant::now()) > JOIN_RETRY_FLOOR)
-                .then(|| st.trees.redirect(&stream, &path, &tried, &st.routes, Instant::now()))
-                .flatten();
-            let Some(next) = next else { break result };
+            let next = {
+                let mut st = self.lock();
+                let st = &mut *st;
+                (deadline.saturating_duration_since(Instant::now()) > JOIN_RETRY_FLOOR)
+                    .then(|| st.trees.redirect(&stream, &path, &tried, &st.routes, Instant::now()))
+                    .flatten()
+            };
+            let next = match next {
+                Some(next) => next,
+                // Crossing requests: the upstream asked this node for the
+                // stream as this node asked it (a stale view of who
+                // carries it), and each refused the other as a loop. The
+                // upstream tries another way; once it has one, the same
+                // way works. Tried once, while time is left.
+                None if nak.reason == NakReason::Loop
+                    && !crossed
+                    && deadline.saturating_duration_since(Instant::now()) > CROSSING_PAUSE + JOIN_RETRY_FLOOR =>
+                {
+                    crossed = true;
+                    tokio::time::sleep(CROSSING_PAUSE).await;
+                    to.clone()
+                }
+                None => break result,
+            };
             info!(node = %self.id.name, %stream, failed = %to, upstream = %next, "stream request failed ({}): trying another way", nak.detail);
             to = next;
         };
