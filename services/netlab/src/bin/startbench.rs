@@ -52,6 +52,22 @@ struct Start {
     setup_ms: f64,
 }
 
+impl Start {
+    /// A standard player's start (RTSP or a browser): one figure, from its
+    /// first request, and none of our client's phases.
+    fn player(host: &str, pop: &str, first_frame_ms: f64) -> Start {
+        Start {
+            host: host.to_string(),
+            pop: pop.to_string(),
+            first_frame_ms,
+            from_request_ms: first_frame_ms,
+            login_ms: f64::NAN,
+            pop_choice_ms: f64::NAN,
+            setup_ms: f64::NAN,
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
@@ -243,15 +259,7 @@ fn watch_browser(st: &LabState, host: &str, pop: &str, base: &Path) -> Result<St
     };
     b.close();
     let _ = std::fs::remove_dir_all(base.join("profile"));
-    Ok(Start {
-        host: host.to_string(),
-        pop: pop.to_string(),
-        first_frame_ms: ms,
-        from_request_ms: ms,
-        login_ms: f64::NAN,
-        pop_choice_ms: f64::NAN,
-        setup_ms: f64::NAN,
-    })
+    Ok(Start::player(host, pop, ms))
 }
 
 /// An RTSP player (rtspwatch: GStreamer's rtspsrc) on `host` watches
@@ -275,15 +283,7 @@ fn watch_rtsp(st: &LabState, bins: &Bins, host: &str, pop: &str, tcp: bool) -> R
     if !ms.is_finite() {
         eprintln!("rtspwatch on {host} for {url}: no frame ({})", s["error"]);
     }
-    Ok(Start {
-        host: host.to_string(),
-        pop: pop.to_string(),
-        first_frame_ms: ms,
-        from_request_ms: ms,
-        login_ms: f64::NAN,
-        pop_choice_ms: f64::NAN,
-        setup_ms: f64::NAN,
-    })
+    Ok(Start::player(host, pop, ms))
 }
 
 /// A viewer that runs until stopped.
