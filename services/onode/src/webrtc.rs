@@ -232,7 +232,7 @@ async fn end(State(edge): State<Edge>, Path((stream, id)): Path<(String, String)
         info!(pop = %edge.node.id.name, %stream, session = short_id(&id), "WHEP session ended by DELETE");
         cors(StatusCode::OK.into_response())
     } else {
-        refused(&Refusal::new(404, format!("no WHEP session {}", machine::shown(&id))))
+        refused(&Refusal::new(404, format!("no WHEP session {}", overlay_core::names::shown(&id))))
     }
 }
 
@@ -256,7 +256,7 @@ async fn offer(
         }
         Err(r) => {
             node.webrtc.refused.fetch_add(1, Ordering::Relaxed);
-            info!(pop = %node.id.name, peer = %conn.peer, stream = %machine::shown(&stream), "WHEP refused: {} {}", r.status, r.reason);
+            info!(pop = %node.id.name, peer = %conn.peer, stream = %overlay_core::names::shown(&stream), "WHEP refused: {} {}", r.status, r.reason);
             refused(&r)
         }
     }
@@ -276,7 +276,7 @@ async fn answer(
     if !content_type.trim().to_ascii_lowercase().starts_with("application/sdp") {
         return Err(Refusal::new(
             415,
-            format!("the offer must be sent as application/sdp, not {:?}", machine::shown(content_type)),
+            format!("the offer must be sent as application/sdp, not {}", overlay_core::names::shown(content_type)),
         ));
     }
     let offer = std::str::from_utf8(body).map_err(|_| Refusal::new(400, "the offer is not UTF-8 text"))?;

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
+use overlay_core::names::shown;
 use overlay_core::rtp::SenderReport;
 use str0m::change::SdpOffer;
 use str0m::format::Codec;
@@ -18,8 +19,6 @@ use str0m::{Candidate, Rtc, RtcConfig};
 
 /// Largest offer taken, in bytes (Chromium's are 4-6 KB).
 pub const MAX_OFFER: usize = 64 * 1024;
-/// Characters of anything a browser sent that a reply or log repeats.
-const SHOWN: usize = 40;
 
 /// A request refused: the HTTP status and a reason a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +31,6 @@ impl Refusal {
     pub fn new(status: u16, reason: impl Into<String>) -> Refusal {
         Refusal { status, reason: reason.into() }
     }
-}
-
-/// At most a short prefix of `s`, for replies and logs.
-pub fn shown(s: &str) -> String {
-    let mut out: String = s.chars().take(SHOWN).filter(|c| !c.is_control()).collect();
-    if s.chars().count() > SHOWN {
-        out.push('…');
-    }
-    out
 }
 
 /// The H.264 profile-level-id (RFC 6184 §8.1) a stream's sequence
