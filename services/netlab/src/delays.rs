@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::lab::{Lab, RoleKind, SegmentKind};
+use crate::lab::{Lab, SegmentKind};
 
 /// The route rule's knobs, as onode's defaults set them.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,12 +105,7 @@ impl OverlayDelays {
             }
             d.neighbours.insert(n.name.clone(), nbrs);
         }
-        d.servers = lab
-            .roles
-            .iter()
-            .filter(|r| matches!(r.kind, RoleKind::Server | RoleKind::Bootstrapper))
-            .map(|r| r.name.clone())
-            .collect();
+        d.servers = lab.server_names();
         Ok(d)
     }
 

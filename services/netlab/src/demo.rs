@@ -301,12 +301,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
         clients.push(o);
     }
 
-    let servers: Vec<String> = lab
-        .roles
-        .iter()
-        .filter(|r| matches!(r.kind, RoleKind::Bootstrapper | RoleKind::Server))
-        .map(|r| r.name.clone())
-        .collect();
+    let servers = lab.server_names();
     // POPs that served a stream must be on its tree.
     let viewed: Vec<BTreeSet<String>> = streams
         .iter()

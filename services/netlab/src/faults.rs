@@ -320,7 +320,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
             let root = edges
                 .iter()
                 .map(|(u, _)| u.clone())
-                .find(|u| matches!(role_kind(lab, u), Some(RoleKind::Server | RoleKind::Bootstrapper)))
+                .find(|u| role_kind(lab, u).is_some_and(|k| k.is_server()))
                 .ok_or_else(|| anyhow!("no root server found"))?;
             kill_node(st, &nodes[&root].host)?;
             target = root;

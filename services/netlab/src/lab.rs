@@ -241,6 +241,11 @@ impl RoleKind {
     pub fn is_overlay_node(&self) -> bool {
         !matches!(self, RoleKind::Client)
     }
+
+    /// Whether this role serves streams (the bootstrapper is a server too).
+    pub fn is_server(&self) -> bool {
+        matches!(self, RoleKind::Bootstrapper | RoleKind::Server)
+    }
 }
 
 impl fmt::Display for RoleKind {
@@ -389,6 +394,12 @@ fn check_impairment(place: &str, imp: &Impairment) -> Result<(), LabError> {
 }
 
 impl Lab {
+    /// The names of the roles that serve streams, the bootstrapper included:
+    /// any of them may root a stream's tree.
+    pub fn server_names(&self) -> Vec<String> {
+        self.roles.iter().filter(|r| r.kind.is_server()).map(|r| r.name.clone()).collect()
+    }
+
     /// Reads, parses and validates a lab file (and its overlay file).
     pub fn load(path: &Path) -> Result<Lab, LabError> {
         let text =

@@ -251,7 +251,7 @@ pub fn role_argv(lab: &Lab, role: &Role, bins: &Bins, media: Option<&Path>) -> V
     }
     argv.push("--name".into());
     argv.push(role.name.clone());
-    if matches!(role.kind, RoleKind::Bootstrapper | RoleKind::Server) {
+    if role.kind.is_server() {
         if let Some(m) = media {
             argv.push("--media".into());
             argv.push(m.display().to_string());

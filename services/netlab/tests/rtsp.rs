@@ -14,7 +14,7 @@ use std::time::Duration;
 use std::collections::BTreeSet;
 
 use common::*;
-use netlab::lab::{Lab, RoleKind};
+use netlab::lab::Lab;
 use netlab::plan::ns_name;
 use netlab::run::{self, ClientRun};
 use netlab::{analysis, faults, media, sys};
@@ -104,8 +104,7 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     let after = media::read(&lab, &prefix, std::slice::from_ref(&ids)).expect("counters");
     let o6 = faults::inspect_node(&lab, &st, &bins, "o6").expect("inspect o6");
     let window = media::difference(&after, &before);
-    let servers: Vec<String> =
-        lab.roles.iter().filter(|r| r.kind == RoleKind::Server).map(|r| r.name.clone()).collect();
+    let servers = lab.server_names();
     let viewed = vec![BTreeSet::from(["o6".to_string()])];
     let trees = analysis::check_trees(&["test".into()], &window, &window, &servers, &viewed);
     let links: Vec<String> = trees
