@@ -11,6 +11,7 @@
 
 mod catalogue;
 mod error;
+mod ingest;
 mod player;
 mod rtsp_watch;
 mod source;
@@ -23,6 +24,7 @@ use gstreamer as gst;
 
 pub use catalogue::{catalogue, SourceSpec, TEST_STREAM};
 pub use error::MediaError;
+pub use ingest::{Codec, Ingest, RtpTrack};
 pub use player::{DecodeCounts, Player, PlayerConfig, DEFAULT_LATENCY_MS};
 pub use rtsp_watch::{watch_rtsp, RtspTransport, RtspWatch};
 pub use source::StreamSource;

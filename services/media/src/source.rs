@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 use crate::{init, stream_ssrcs, MediaError, SourceSpec, AUDIO_PT, VIDEO_PT};
 
 /// Largest RTP packet the payloaders make, headers included.
-const RTP_MTU: u32 = 1200;
+pub(crate) const RTP_MTU: u32 = 1200;
 /// How long a file may take to open and preroll.
 const PREROLL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Caps at which decodebin stops: what we pass through, and raw media.
@@ -39,7 +39,7 @@ const NO_SEGMENT_SEEKS: &[&str] = &["tsdemux"];
 /// Name of the application message that wakes the bus watcher to stop.
 const STOP_MESSAGE: &str = "media-stop";
 
-type PacketSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+pub(crate) type PacketSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// A running server pipeline for one stream; see the module doc. Stopping
 /// it (or dropping it) sets the pipeline to NULL; no packet is delivered
@@ -121,6 +121,32 @@ impl StreamSource {
             loop_clock,
         )?);
         info!(stream, ?spec, "stream source started");
+        Ok(source)
+    }
+
+    /// Starts a pipeline built elsewhere in this crate (a live ingest):
+    /// PLAYING, with its bus followed for errors.
+    pub(crate) fn running(stream: &str, pipeline: gst::Pipeline) -> Result<Self, MediaError> {
+        let mut source = StreamSource {
+            stream: stream.to_owned(),
+            pipeline,
+            stopping: Arc::new(AtomicBool::new(false)),
+            first_error: Arc::new(Mutex::new(None)),
+            watcher: None,
+        };
+        if let Err(e) = source.pipeline.set_state(gst::State::Playing) {
+            return Err(MediaError::Start {
+                pipeline: format!("stream {stream}"),
+                reason: bus_error(&source.pipeline).unwrap_or_else(|| e.to_string()),
+            });
+        }
+        source.watcher = Some(spawn_watcher(
+            source.stream.clone(),
+            source.pipeline.clone(),
+            source.stopping.clone(),
+            source.first_error.clone(),
+            None,
+        )?);
         Ok(source)
     }
 
@@ -591,7 +617,7 @@ fn x264enc(context: &str) -> Result<gst::Element, MediaError> {
     Ok(encoder)
 }
 
-fn packet_callbacks(on_packet: PacketSink) -> gst_app::AppSinkCallbacks {
+pub(crate) fn packet_callbacks(on_packet: PacketSink) -> gst_app::AppSinkCallbacks {
     let reports = Mutex::new(ReportClock::default());
     gst_app::AppSinkCallbacks::builder()
         .new_sample(move |sink| {
@@ -742,7 +768,7 @@ fn element_error(context: &str, factory: &str) -> MediaError {
     MediaError::Element { pipeline: context.to_owned(), element: factory.to_owned() }
 }
 
-fn build_error(context: &str, e: impl std::fmt::Display) -> MediaError {
+pub(crate) fn build_error(context: &str, e: impl std::fmt::Display) -> MediaError {
     MediaError::Build { pipeline: context.to_owned(), reason: e.to_string() }
 }
 

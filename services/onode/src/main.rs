@@ -9,6 +9,7 @@ mod link;
 mod metrics;
 mod net;
 mod node;
+mod publish;
 mod rtsp;
 mod services;
 mod tls;
@@ -216,9 +217,30 @@ struct Common {
     /// only where clients cannot reach (an operator network).
     #[arg(long, env = "ONODE_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
-    /// POPs: TCP port of the RTSP server for players (rtsp://POP:PORT/STREAM); 0 turns it off.
+    /// TCP port of the RTSP server: at POPs players watch
+    /// (rtsp://POP:PORT/STREAM), at servers encoders publish
+    /// (rtsp://SERVER:PORT/NAME, ANNOUNCE and RECORD over TCP); 0 turns it off.
     #[arg(long, env = "ONODE_RTSP_PORT", default_value_t = 8554)]
     rtsp_port: u16,
+    /// Servers: UDP port where encoders publish MPEG-TS over SRT
+    /// (srt://SERVER:PORT?streamid=publish:NAME); 0 turns it off.
+    #[arg(long, env = "ONODE_SRT_PORT", default_value_t = 8890)]
+    srt_port: u16,
+    /// Servers: how long (s) a published stream's viewers wait for a
+    /// publisher that went away; one back within it goes on seamlessly.
+    #[arg(long, env = "ONODE_PUBLISH_GRACE_S", default_value_t = 10.0)]
+    publish_grace_s: f64,
+    /// Servers: most streams published at once.
+    #[arg(long, default_value_t = 16)]
+    max_publishers: usize,
+    /// Servers: most kbit/s one publisher may send (0: no bound); one over
+    /// it for two seconds is dropped.
+    #[arg(long, default_value_t = 20_000)]
+    max_publish_kbit: u32,
+    /// Servers: a publisher of a name already being published replaces the
+    /// old one (by default it is refused).
+    #[arg(long)]
+    publish_replace: bool,
     /// POPs: TCP port of the WebRTC edge for browsers (player page at
     /// http://POP:PORT/STREAM, WHEP at /STREAM/whep); the peers' media
     /// (ICE, DTLS-SRTP) uses the same number over UDP. 0 turns it off.
@@ -507,10 +529,12 @@ async fn run_bootstrapper(
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
     let metrics = bind_metrics(&common).await?;
+    let publish = bind_publish(&common).await?;
     let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
         node.tasks.spawn(metrics::serve(node.clone(), listener));
     }
+    start_publishing(&node, &common, publish)?;
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -671,9 +695,13 @@ async fn run_member(
             None
         };
     let metrics = bind_metrics(&common).await?;
+    let publish = if role == Role::Server { bind_publish(&common).await? } else { None };
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
         node.tasks.spawn(metrics::serve(node.clone(), listener));
+    }
+    if role == Role::Server {
+        start_publishing(&node, &common, publish)?;
     }
     if let Some((listener, rtcp)) = rtsp {
         info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
@@ -689,6 +717,42 @@ async fn run_member(
     let result = serve(node, listener, None, cancel).await;
     telemetry.shutdown().await;
     result
+}
+
+/// A server's RTSP publish listener (`--rtsp-port`, None when 0).
+async fn bind_publish(common: &Common) -> anyhow::Result<Option<TcpListener>> {
+    if common.rtsp_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(common.bind, common.rtsp_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for RTSP publishers (--rtsp-port 0 turns it off)"))?;
+    Ok(Some(listener))
+}
+
+/// A server's publish edges: RTSP on `listener`, SRT on `--srt-port`.
+fn start_publishing(node: &Arc<Node>, common: &Common, listener: Option<TcpListener>) -> anyhow::Result<()> {
+    if !(common.publish_grace_s.is_finite() && (0.0..=3600.0).contains(&common.publish_grace_s)) {
+        bail!("--publish-grace-s {}: give 0 to 3600 seconds", common.publish_grace_s);
+    }
+    let settings = publish::PublishSettings {
+        grace: Duration::from_secs_f64(common.publish_grace_s),
+        max_publishers: common.max_publishers,
+        max_kbit: common.max_publish_kbit,
+        replace: common.publish_replace,
+    };
+    let publishing = publish::Publishing::new(node.clone(), settings);
+    node.set_publishing(publishing.clone());
+    if let Some(listener) = listener {
+        info!(node = %node.id.name, "RTSP: encoders publish at rtsp://{}/NAME", listener.local_addr()?);
+        node.tasks.spawn(publish::serve_rtsp(publishing.clone(), listener));
+    }
+    if common.srt_port != 0 {
+        let addr = SocketAddr::new(common.bind, common.srt_port);
+        node.tasks.spawn(publish::serve_srt(publishing, addr));
+    }
+    Ok(())
 }
 
 /// The metrics listener (`--metrics-port`, None when 0).

@@ -160,6 +160,9 @@ struct State {
     /// Data address of each stream's upstream.
     upstream_data: HashMap<String, SocketAddr>,
     pipelines: HashMap<String, StreamSource>,
+    /// Streams published live to this server (see `publish`): offered
+    /// while a publisher sends or within its grace period.
+    published: std::collections::BTreeSet<String>,
     /// Neighbours whose control connection is open (or being opened).
     connected: std::collections::HashSet<String>,
     /// Per stream: the upstream it is heard from, and when it last was.
@@ -192,6 +195,13 @@ pub struct Node {
     pub rtcp_intake: crate::rtsp::RtcpCounters,
     /// What the WebRTC edge (WHEP) answered, refused and dropped.
     pub webrtc: crate::webrtc::Counters,
+    /// A server's publishers, once its publish edges run.
+    publishing: std::sync::OnceLock<Arc<crate::publish::Publishing>>,
+}
+
+/// Locks `m`, also after a panic elsewhere poisoned it.
+pub fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The RTP clock of a track of a stream (video first, then sound).
@@ -245,6 +255,7 @@ impl Node {
             data_ports: HashMap::new(),
             upstream_data: HashMap::new(),
             pipelines: HashMap::new(),
+            published: Default::default(),
             connected: Default::default(),
             heard: HashMap::new(),
             lines: HashMap::new(),
@@ -266,6 +277,7 @@ impl Node {
             started: Instant::now(),
             rtcp_intake: Default::default(),
             webrtc: Default::default(),
+            publishing: Default::default(),
         }))
     }
 
@@ -787,11 +799,15 @@ impl Node {
 
     async fn probe_loop(self: Arc<Self>) {
         let mut seq = net::unix_us();
-        let streams: Vec<String> = self.catalogue.keys().cloned().collect();
+        let files: Vec<String> = self.catalogue.keys().cloned().collect();
         let mut tick = self.ticker(self.id.probe_interval);
         while tick.next().await {
             seq += 1;
-            let out = self.lock().routes.originate(seq, net::unix_us(), streams.clone());
+            let out = {
+                let st = &mut *self.lock();
+                let streams = files.iter().chain(st.published.iter()).cloned().collect();
+                st.routes.originate(seq, net::unix_us(), streams)
+            };
             self.send_probes(out);
         }
     }
@@ -1044,16 +1060,25 @@ impl Node {
     }
 
     fn serve_local(self: &Arc<Self>, stream: &str) {
-        let spec = self.catalogue.get(stream).cloned();
-        let relay = self.relay.clone();
-        let started = spec.ok_or_else(|| format!("stream {stream:?} vanished from the catalogue")).and_then(|spec| {
-            StreamSource::start(stream, &spec, move |pkt| relay.inject(pkt)).map_err(|e| e.to_string())
-        });
+        // A published stream's ingest runs already: its packets go into
+        // the relay whether or not anyone watches.
+        let live = self.lock().published.contains(stream);
+        let started = if live {
+            Ok(None)
+        } else {
+            let spec = self.catalogue.get(stream).cloned();
+            let relay = self.relay.clone();
+            spec.ok_or_else(|| format!("stream {stream:?} vanished from the catalogue")).and_then(|spec| {
+                StreamSource::start(stream, &spec, move |pkt| relay.inject(pkt)).map(Some).map_err(|e| e.to_string())
+            })
+        };
         let mut st = self.lock();
         let st = &mut *st;
         let (waiters, answer) = match started {
             Ok(source) => {
-                st.pipelines.insert(stream.to_string(), source);
+                if let Some(source) = source {
+                    st.pipelines.insert(stream.to_string(), source);
+                }
                 let desc = StreamDesc {
                     stream: stream.to_string(),
                     server: self.id.name.clone(),
@@ -1061,7 +1086,7 @@ impl Node {
                     depth: 0,
                     route: Vec::new(),
                 };
-                info!(node = %self.id.name, stream, "pipeline started: this server roots the tree");
+                info!(node = %self.id.name, stream, live, "this server roots the tree");
                 let waiters = st.trees.joined(Source::Local, desc);
                 (waiters, Ok(st.trees.branch(stream).map(|b| b.desc.clone()).expect("just joined")))
             }
@@ -1080,6 +1105,53 @@ impl Node {
             }
         }
         self.republish(st);
+    }
+
+    /// Registers the server's publishers (for inspect).
+    pub fn set_publishing(&self, p: Arc<crate::publish::Publishing>) {
+        let _ = self.publishing.set(p);
+    }
+
+    /// A publisher began sending `stream` here: the server offers it (in
+    /// its probes, and to joins). False if the name is one of the server's
+    /// files or the test stream, which a publisher cannot take.
+    pub fn offer_published(&self, stream: &str) -> bool {
+        if self.catalogue.contains_key(stream) {
+            return false;
+        }
+        let mut st = self.lock();
+        st.published.insert(stream.to_string());
+        st.trees.offer(stream);
+        true
+    }
+
+    /// `stream`'s publisher is gone for good: the server stops offering it,
+    /// drops the tree it rooted and tells each downstream that this root
+    /// gave up (they look for another server that offers it, or end).
+    pub fn withdraw_published(self: &Arc<Self>, stream: &str) {
+        let downstream = {
+            let mut st = self.lock();
+            st.published.remove(stream);
+            let (downstream, waiting) = st.trees.withdraw(stream);
+            let nak = Nak {
+                reason: NakReason::UnknownStream,
+                detail: format!("server {}: stream {stream:?}: its publisher went away", self.id.name),
+            };
+            for w in waiting {
+                if let Some(tx) = st.waiters.remove(&w.ticket) {
+                    let _ = tx.send(Err(nak.clone()));
+                }
+            }
+            st.upstream_data.remove(stream);
+            self.republish(&mut st);
+            downstream
+        };
+        info!(node = %self.id.name, stream, ?downstream, "published stream withdrawn");
+        for d in downstream {
+            let me = self.clone();
+            let desc = gave_up(stream);
+            self.tasks.spawn(async move { me.send_reroot(d, desc).await });
+        }
     }
 
     /// `requester` leaves `stream`; prunes upstream or stops the pipeline
@@ -1500,6 +1572,7 @@ impl Node {
             "datagrams": self.links.counters_json(),
             "rtcp_intake": self.rtcp_intake.json(),
             "webrtc": self.webrtc.json(),
+            "published": self.publishing.get().map(|p| p.json()),
         })
     }
 }

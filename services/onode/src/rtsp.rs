@@ -15,7 +15,7 @@
 //!
 //! A connection's sessions and joins end with it.
 
-mod machine;
+pub(crate) mod machine;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -149,6 +149,33 @@ impl Trees {
         Trees { me: me.into(), offered: offered.into_iter().collect(), streams: BTreeMap::new() }
     }
 
+    /// This server serves `stream` from now on (a live publish began).
+    pub fn offer(&mut self, stream: &str) {
+        self.offered.insert(stream.to_string());
+    }
+
+    /// This server no longer serves `stream` (its publisher went away for
+    /// good). A tree it rooted is dropped here; its downstreams are
+    /// returned, to be told that this root gave up. Joins waiting on it
+    /// are returned too, to be refused.
+    pub fn withdraw(&mut self, stream: &str) -> (Vec<String>, Vec<Waiter>) {
+        self.offered.remove(stream);
+        match self.streams.get(stream) {
+            Some(State::Active(b)) if b.source == Source::Local => {}
+            Some(State::Joining { via: None, .. }) => return (Vec::new(), self.failed(stream)),
+            _ => return (Vec::new(), Vec::new()),
+        }
+        match self.streams.remove(stream) {
+            Some(State::Active(b)) => (b.downstream.into_iter().collect(), Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Whether this node serves `stream` itself.
+    pub fn offers(&self, stream: &str) -> bool {
+        self.offered.contains(stream)
+    }
+
     fn nak(&self, reason: NakReason, stream: &str, why: &str) -> JoinDecision {
         JoinDecision::Nak(Nak { reason, detail: format!("node {}: stream {stream:?}: {why}", self.me) })
     }
@@ -601,6 +628,32 @@ mod tests {
         assert_eq!(t.branch("test").unwrap().desc.depth, 0);
         assert_eq!(t.leave("test", &n("o2")), Prune::StopLocal);
         assert!(t.branch("test").is_none());
+    }
+
+    #[test]
+    fn a_published_stream_is_offered_then_withdrawn() {
+        let now = Instant::now();
+        let r = routes("s1", &["o2", "o3"]);
+        let mut t = Trees::new("s1", []);
+        assert!(matches!(t.request("cam", n("o2"), &["o2".into()], 1, &r, now), JoinDecision::Nak(_)));
+        t.offer("cam");
+        assert!(t.offers("cam"));
+        assert_eq!(t.request("cam", n("o2"), &["o2".into()], 2, &r, now), JoinDecision::ServeLocal);
+        t.joined(Source::Local, StreamDesc { stream: "cam".into(), ..desc("s1", 0) });
+        assert!(matches!(t.request("cam", n("o3"), &["o3".into()], 3, &r, now), JoinDecision::Attached(_)));
+        let (down, waiting) = t.withdraw("cam");
+        assert_eq!(down, ["o2", "o3"], "every downstream is told");
+        assert!(waiting.is_empty());
+        assert!(t.branch("cam").is_none());
+        assert!(!t.offers("cam"));
+        let JoinDecision::Nak(nak) = t.request("cam", n("o2"), &["o2".into()], 4, &r, now) else { panic!() };
+        assert_eq!(nak.reason, NakReason::UnknownStream);
+        // A join waiting for the local source is refused.
+        t.offer("cam");
+        assert_eq!(t.request("cam", n("o2"), &["o2".into()], 5, &r, now), JoinDecision::ServeLocal);
+        let (down, waiting) = t.withdraw("cam");
+        assert!(down.is_empty());
+        assert_eq!(waiting.iter().map(|w| w.ticket).collect::<Vec<_>>(), [5]);
     }
 
     #[test]

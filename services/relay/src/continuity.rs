@@ -20,6 +20,7 @@ const SOURCES: usize = 8;
 const BEHIND: i32 = 3000;
 const AHEAD: i32 = 3000;
 const SENDER_REPORT: u8 = 200;
+const BYE: u8 = 203;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Offsets {
@@ -107,6 +108,11 @@ impl Continuity {
             }
             Kind::Rtcp => {
                 let (Some(o), Some(out)) = (self.sources.get(&ssrc).copied(), self.ssrc) else { return false };
+                if packet[1] == BYE && packet.len() >= 8 {
+                    // The stream ended: players hear it on the line's SSRC.
+                    packet[4..8].copy_from_slice(&out.to_be_bytes());
+                    return true;
+                }
                 if packet[1] != SENDER_REPORT || packet.len() < 20 {
                     return false;
                 }
@@ -133,6 +139,18 @@ mod tests {
     fn line(p: &[u8]) -> (u32, u16, u32) {
         let p = Packet::parse(p).unwrap();
         (p.ssrc(), p.sequence(), p.timestamp())
+    }
+
+    #[test]
+    fn a_bye_goes_out_on_the_lines_ssrc() {
+        let mut c = Continuity::new(90_000);
+        let mut bye = [0x81, 203, 0, 1, 0, 0, 0, 9];
+        assert!(!c.rewrite(&mut bye), "nothing of source 9 went out yet");
+        for (ssrc, seq) in [(7, 100), (9, 5000)] {
+            assert!(c.rewrite(&mut rtp(ssrc, seq, 0)));
+        }
+        assert!(c.rewrite(&mut bye));
+        assert_eq!(bye[4..8], 7u32.to_be_bytes(), "the line's SSRC");
     }
 
     #[test]

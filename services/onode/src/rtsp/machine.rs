@@ -126,7 +126,9 @@ fn target(req: &Request<Vec<u8>>) -> Result<(Option<String>, Option<usize>), Ref
     Ok((stream, track))
 }
 
-fn token(req: &Request<Vec<u8>>) -> Option<String> {
+/// The token a request carries: `?token=` in the URL, a Bearer header, or
+/// the password of Basic credentials.
+pub fn request_token(req: &Request<Vec<u8>>) -> Option<String> {
     if let Some(t) = req.request_uri().and_then(|u| u.query_pairs().find(|(k, _)| k == "token")) {
         return Some(t.1.into_owned());
     }
@@ -228,7 +230,7 @@ pub fn parse(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<Parsed, Refusal> {
         let v = v.as_str();
         v.split(';').next().unwrap_or(v).trim().chars().take(64).collect::<String>()
     });
-    let token = token(req);
+    let token = request_token(req);
     let (stream, track) = target(req)?;
     let need_stream = || stream.clone().ok_or_else(|| Refusal::new(StatusCode::NotFound, "the URL names no stream"));
     let command = match req.method() {
