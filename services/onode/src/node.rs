@@ -108,6 +108,8 @@ fn gave_up(stream: &str) -> StreamDesc {
     StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
 }
 
+/// A stream that brought no packet for this long (ms) starves its viewers.
+const STARVED_MS: u64 = 1500;
 /// How long a downstream that missed heartbeats keeps its branch (it may be
 /// a lossy link, not a dead node).
 const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
@@ -787,7 +789,20 @@ impl Node {
     async fn expire_loop(self: Arc<Self>) {
         let mut tick = self.ticker(Duration::from_secs(1));
         while tick.next().await {
-            let gone = self.with_sessions(|s| s.expire(Instant::now(), self.settings.session_timeout));
+            // A stream that brought nothing here for a while (a publisher
+            // between connections, a repair under way) gives its viewers
+            // nothing to report on: they are not judged silent meanwhile.
+            let starved: std::collections::HashSet<String> = {
+                let st = self.lock();
+                st.heard
+                    .iter()
+                    .filter(|(_, (_, heard))| heard.silent_ms().is_none_or(|ms| ms > STARVED_MS))
+                    .map(|(stream, _)| stream.clone())
+                    .collect()
+            };
+            let gone = self.with_sessions(|s| {
+                s.expire(Instant::now(), self.settings.session_timeout, |stream| starved.contains(stream))
+            });
             for (id, session) in gone {
                 warn!(pop = %self.id.name, client = %session.client, session = &id[..8.min(id.len())], "client silent: session expired");
                 if let Some(stream) = session.stream {
@@ -1112,6 +1127,11 @@ impl Node {
         let _ = self.publishing.set(p);
     }
 
+    /// Whether another server offers `stream` (by this node's routes).
+    pub fn offered_elsewhere(&self, stream: &str) -> bool {
+        self.lock().routes.offered(stream)
+    }
+
     /// A publisher began sending `stream` here: the server offers it (in
     /// its probes, and to joins). False if the name is one of the server's
     /// files or the test stream, which a publisher cannot take.
@@ -1184,7 +1204,8 @@ impl Node {
                 self.tasks.spawn(async move { me.send_leave(stream, up).await });
             }
             Prune::StopLocal => {
-                info!(node = %self.id.name, stream, "last branch pruned: pipeline stopped");
+                let what = if pipeline.is_some() { "pipeline stopped" } else { "the publisher's ingest goes on" };
+                info!(node = %self.id.name, stream, "last branch pruned: {what}");
                 if let Some(p) = pipeline {
                     self.tasks.spawn_blocking(move || p.stop());
                 }

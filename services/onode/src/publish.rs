@@ -168,10 +168,18 @@ fn source_tag(ssrc: u32, generation: u64) -> u32 {
     }
 }
 
-/// An RTCP BYE for `ssrc`.
-fn bye(ssrc: u32) -> [u8; 8] {
-    let s = ssrc.to_be_bytes();
-    [0x81, 203, 0, 1, s[0], s[1], s[2], s[3]]
+/// Why a BYE says the stream left.
+const BYE_REASON: &[u8] = b"stream ended";
+
+/// An RTCP BYE for `ssrc`, with a reason: 24 bytes (ffmpeg ignores
+/// anything shorter than an RTP header, so a bare 8-byte BYE is lost on it).
+fn bye(ssrc: u32) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..4].copy_from_slice(&[0x81, 203, 0, 5]);
+    b[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    b[8] = BYE_REASON.len() as u8;
+    b[9..9 + BYE_REASON.len()].copy_from_slice(BYE_REASON);
+    b
 }
 
 impl Publishing {
@@ -272,13 +280,19 @@ impl Publishing {
                 }
             };
             let Some(lines) = lines else { return };
-            let byes: Vec<[u8; 8]> =
-                crate::node::lock_unpoisoned(&lines).tracks.iter().filter_map(|t| t.ssrc()).map(bye).collect();
-            for b in &byes {
-                me.node.relay.inject(b);
-            }
             me.counters.ended.fetch_add(1, Ordering::Relaxed);
-            info!(server = %me.node.id.name, stream, "publisher did not come back: stream ended");
+            if me.node.offered_elsewhere(&stream) {
+                // Another server publishes the same name: the tree moves
+                // there, and viewers go on.
+                info!(server = %me.node.id.name, stream, "publisher did not come back: another server offers the stream");
+            } else {
+                let byes: Vec<[u8; 24]> =
+                    crate::node::lock_unpoisoned(&lines).tracks.iter().filter_map(|t| t.ssrc()).map(bye).collect();
+                for b in &byes {
+                    me.node.relay.inject(b);
+                }
+                info!(server = %me.node.id.name, stream, "publisher did not come back: stream ended (RTCP BYE sent)");
+            }
             me.node.withdraw_published(&stream);
         });
     }
@@ -515,7 +529,10 @@ impl RtspPublisher {
                 Ok(ok().header(headers::SESSION, self.session.clone()).build(Vec::new()))
             }
             Command::Teardown => {
-                self.ingest.take().map(|i| self.publishing.node.tasks.spawn_blocking(move || i.stop()));
+                if let Some(ingest) = self.ingest.take() {
+                    info!(server = %self.publishing.node.id.name, peer = %self.peer, "RTSP publisher ended: TEARDOWN");
+                    self.publishing.node.tasks.spawn_blocking(move || ingest.stop());
+                }
                 self.claim = None;
                 Ok(ok().build(Vec::new()))
             }
@@ -661,5 +678,8 @@ mod tests {
         let b = bye(0xdead_beef);
         let p = Packet::parse(&b).unwrap();
         assert_eq!((p.kind(), p.ssrc()), (Kind::Rtcp, 0xdead_beef));
+        // The length field counts 32-bit words after the first.
+        assert_eq!((usize::from(u16::from_be_bytes([b[2], b[3]])) + 1) * 4, b.len());
+        assert_eq!(&b[9..9 + usize::from(b[8])], b"stream ended");
     }
 }

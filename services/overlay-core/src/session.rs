@@ -192,8 +192,16 @@ impl Sessions {
     }
 
     /// Ends the sessions whose client has not been heard for `idle` (it
-    /// crashed or lost its network) and returns them.
-    pub fn expire(&mut self, now: Instant, idle: Duration) -> Vec<(String, Session)> {
+    /// crashed or lost its network) and returns them. A session whose
+    /// stream is `starved` (no media comes to this node, e.g. a publisher
+    /// in its grace period) counts as heard: players report on the media
+    /// they get, and one that gets none has nothing to say.
+    pub fn expire(&mut self, now: Instant, idle: Duration, starved: impl Fn(&str) -> bool) -> Vec<(String, Session)> {
+        for s in self.sessions.values_mut() {
+            if s.stream.as_deref().is_some_and(&starved) {
+                s.last_seen = now;
+            }
+        }
         let gone: Vec<String> = self
             .sessions
             .iter()
@@ -422,11 +430,11 @@ mod tests {
             r,
             Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 }
         );
-        assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30)).is_empty(), "the report kept it alive");
+        assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30), |_| false).is_empty(), "the report kept it alive");
         assert!(s.report("gone", 0, &[block], 90_000, later).is_err());
         // An empty report keeps the session too, and adds no figures.
         s.report("r", 0, &[], 90_000, t0 + Duration::from_secs(80)).unwrap();
-        assert!(s.expire(t0 + Duration::from_secs(100), Duration::from_secs(30)).is_empty());
+        assert!(s.expire(t0 + Duration::from_secs(100), Duration::from_secs(30), |_| false).is_empty());
         assert!(!s.get("r").unwrap().reception.contains_key(&0));
     }
 
@@ -439,12 +447,26 @@ mod tests {
         s.connect("b".into(), "c2".into(), ip, t0).unwrap();
         s.set_up("a", "test".into(), "10.0.6.20:5000".parse().unwrap()).unwrap();
         s.touch("b", t0 + Duration::from_secs(8)).unwrap();
-        assert!(s.expire(t0 + Duration::from_secs(9), Duration::from_secs(10)).is_empty());
-        let gone = s.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
+        assert!(s.expire(t0 + Duration::from_secs(9), Duration::from_secs(10), |_| false).is_empty());
+        let gone = s.expire(t0 + Duration::from_secs(11), Duration::from_secs(10), |_| false);
         assert_eq!(gone.len(), 1);
         assert_eq!((gone[0].0.as_str(), gone[0].1.stream.as_deref()), ("a", Some("test")));
         assert!(s.touch("a", t0).is_err());
         assert_eq!(s.touch("b", t0 + Duration::from_secs(12)), Ok(Phase::Connected));
+    }
+
+    #[test]
+    fn viewers_of_a_starved_stream_do_not_expire() {
+        let t0 = Instant::now();
+        let mut s = Sessions::default();
+        let ip: IpAddr = "10.0.6.20".parse().unwrap();
+        s.connect("a".into(), "c1".into(), ip, t0).unwrap();
+        s.set_up("a", "cam".into(), "10.0.6.20:5000".parse().unwrap()).unwrap();
+        let idle = Duration::from_secs(10);
+        assert!(s.expire(t0 + Duration::from_secs(30), idle, |stream| stream == "cam").is_empty());
+        // Media is back at 30 s: the viewer has `idle` from then to speak.
+        assert!(s.expire(t0 + Duration::from_secs(39), idle, |_| false).is_empty());
+        assert_eq!(s.expire(t0 + Duration::from_secs(41), idle, |_| false).len(), 1);
     }
 
     #[test]

@@ -628,6 +628,46 @@ mod tests {
     }
 
     #[test]
+    fn a_bye_reaches_players_on_a_line_and_downstreams() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (player, down) = (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
+        for s in [&player, &down] {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let mut t = ForwardTable::default();
+        t.insert(
+            77,
+            Route {
+                accept: Accept::From(up.local_addr().unwrap()),
+                downstream: vec![down.local_addr().unwrap()],
+                split: vec![SplitDest { rtp: player.local_addr().unwrap(), rtcp: player.local_addr().unwrap() }],
+                continuity: Some(SharedContinuity::new(90_000)),
+                cache_gop: true,
+                heard: Heard::default(),
+            },
+        );
+        relay.publish(t);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s2) = (relay.clone(), stop.clone());
+        let th = std::thread::spawn(move || r.run(&s2));
+        let mut pkt = [0u8; 100];
+        write_header(&mut pkt, 96, 5, 0, 77);
+        let bye = [0x81, 203, 0, 1, 0, 0, 0, 77];
+        up.send_to(&pkt, relay.local_addr().unwrap()).unwrap();
+        up.send_to(&bye, relay.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2048];
+        for s in [&down, &player] {
+            let n = s.recv(&mut buf).unwrap();
+            assert_eq!(n, pkt.len());
+            let n = s.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &bye[..]);
+        }
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
+    }
+
+    #[test]
     fn players_on_a_line_see_one_stream_when_the_source_changes() {
         let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let (up1, up2) = (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use netlab::demo;
 use netlab::lab::Lab;
 use netlab::run::{self, Bins, UpOptions};
 use netlab::state::{self, LabState};
+use netlab::plan::ns_name;
 use netlab::{plan, probe, sys};
 
 /// Lab tests take the machine's two cores: one lab at a time per binary.
@@ -223,4 +225,44 @@ pub fn relay_two_above(lab: &Lab, edges: &[(String, String)], pop: &str) -> (Str
         .unwrap_or_else(|| panic!("no relay two hops above {pop}: {edges:?}"));
     let host = lab.hosts[lab.roles.iter().find(|r| r.name == relay).unwrap().host].name.clone();
     (relay, host)
+}
+
+/// Whether `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    sys::output(&["sh", "-c", &format!("command -v {tool}")], None).is_ok()
+}
+
+/// ffmpeg in `host`'s namespace decoding `url` for `secs` seconds: the
+/// frames it decoded, and its log.
+pub fn ffmpeg_frames(prefix: &str, host: &str, url: &str, secs: u32, transport: &str) -> (u64, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns_name(prefix, host), "timeout", &(secs + 20).to_string()])
+        .args(["ffmpeg", "-hide_banner", "-nostats", "-loglevel", "info", "-rtsp_transport", transport, "-i", url])
+        .args(["-t", &secs.to_string(), "-map", "0:v", "-f", "null", "-", "-progress", "pipe:1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ffmpeg runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stderr), stdout);
+    let frames =
+        stdout.lines().filter_map(|l| l.strip_prefix("frame=")).filter_map(|v| v.trim().parse().ok()).next_back();
+    assert!(out.status.success(), "ffmpeg on {host} for {url} failed ({}):\n{log}", out.status);
+    (frames.unwrap_or(0), log)
+}
+
+/// Sends raw RTSP requests from `host` (python3's socket) to `addr`:8554
+/// and returns what came back.
+pub fn raw_rtsp(prefix: &str, host: &str, addr: &str, requests: &[String]) -> String {
+    let script = format!(
+        "import socket,sys\ns=socket.create_connection(({addr:?},8554),timeout=10)\nout=b''\n\
+         for r in {requests:?}:\n    s.sendall(r.encode())\n    d=b''\n\
+         \n    while b'\\r\\n\\r\\n' not in d:\n        c=s.recv(65536)\n        if not c: break\n        d+=c\n\
+         \n    out+=d\nsys.stdout.write(out.decode('utf-8','replace'))\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns_name(prefix, host), "python3", "-c", &script])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "raw RTSP from {host}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
