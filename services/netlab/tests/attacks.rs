@@ -176,6 +176,33 @@ fn a_stranger_on_a_client_lan_takes_nothing_and_viewers_keep_playing() {
         }
     }
 
+    // A server takes a publisher only with a token that grants publishing
+    // the name (RTSP: in the URL, as players give one).
+    let publisher = onode(
+        &bins,
+        &["token", "mint", "--key", secret.to_str().unwrap(), "--sub", "lab-encoder", "--publish", "cam*"],
+    );
+    let s1 = "10.0.25.10";
+    let sdp = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nt=0 0\r\nm=video 0 RTP/AVP 96\r\n\
+               a=rtpmap:96 H264/90000\r\na=control:streamid=0\r\n";
+    for (what, query, want) in [
+        ("no token", String::new(), "401"),
+        ("a viewer's token", format!("?token={token}"), "403"),
+        ("a token that grants publishing cam*", format!("?token={publisher}"), "200"),
+    ] {
+        let announce = format!(
+            "ANNOUNCE rtsp://{s1}:8554/cam1{query} RTSP/1.0\r\nCSeq: 1\r\nContent-Type: application/sdp\r\n\
+             Content-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        let answer = raw_rtsp(&prefix, "c3", s1, &[announce]);
+        let status = answer.split_whitespace().nth(1).unwrap_or("");
+        println!("RTSP publish with {what}: {}", answer.lines().next().unwrap_or(""));
+        if status != want {
+            rtsp_problems.push(format!("RTSP publish with {what}: {answer:?}, expected {want}"));
+        }
+    }
+
     let rss_after = rss_kib(pop_pid);
     println!("POP o6 resident memory: {rss_before} KiB before, {rss_after} KiB after the attacks");
 

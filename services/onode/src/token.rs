@@ -33,8 +33,7 @@ pub const LEEWAY_S: u64 = 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Read,
-    // Granted by `mint --publish`; no node takes publishers yet.
-    #[allow(dead_code)]
+    /// Granted by `mint --publish`: servers take a live publish of it.
     Publish,
 }
 
