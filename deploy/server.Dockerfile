@@ -54,7 +54,7 @@ USER overlay
 WORKDIR /home/overlay
 # Logs go to `docker logs`, not a terminal: no colour codes.
 ENV NO_COLOR=1
-EXPOSE 7070/tcp 7070/udp 7071/udp 8554/tcp 8890/udp
+EXPOSE 7070/tcp 7070/udp 7071/udp 8554/tcp 8889/tcp 8889/udp 8890/udp
 # Healthy once it has registered and serves the overlay service.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 CMD ["onode", "inspect", "127.0.0.1"]
 # deploy/images.sh prunes replaced images by this label.

@@ -42,6 +42,13 @@ impl Browser {
     /// Starts Chromium in namespace `ns` (none: this one) on `url`, its
     /// profile in `profile` (a fresh folder), its log in `log`.
     pub fn open(ns: Option<&str>, url: &str, profile: &Path, log: &Path) -> Result<Browser> {
+        Browser::open_with(ns, url, profile, log, &[])
+    }
+
+    /// [`Browser::open`] with more command-line switches (e.g.
+    /// `--unsafely-treat-insecure-origin-as-secure=ORIGIN`, for a page
+    /// over plain HTTP that asks for the camera).
+    pub fn open_with(ns: Option<&str>, url: &str, profile: &Path, log: &Path, extra: &[String]) -> Result<Browser> {
         let binary = chromium().context("chromium is not installed (apt-get install chromium)")?;
         std::fs::create_dir_all(profile)?;
         let (cmd_read, cmd_write) = std::io::pipe()?;
@@ -57,7 +64,10 @@ impl Browser {
         command
             .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe"])
             .args(["--autoplay-policy=no-user-gesture-required", "--window-size=1000,700", "--no-first-run"])
+            // A page that publishes gets a generated camera and microphone.
+            .args(["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

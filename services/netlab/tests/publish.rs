@@ -19,6 +19,7 @@ use common::*;
 use netlab::lab::Lab;
 use netlab::plan::ns_name;
 use netlab::run::{self, ClientRun};
+use netlab::browser::{self, Browser};
 use netlab::faults;
 
 /// Seconds a published name waits for its publisher in this test.
@@ -289,6 +290,50 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     println!("ffmpeg on c1, cam-srt: {frames} frames; ended {:.1} s after its encoder stopped", after.as_secs_f64());
     if frames < 45 || after > Duration::from_secs(GRACE_S + 12) {
         problems.push(format!("cam-srt's player did not end after its encoder stopped ({frames} frames, {after:?}):\n{end_log}"));
+    }
+
+    // A browser publishes its camera with WHIP from the server's publisher
+    // page; a player at a POP decodes it.
+    match browser::chromium() {
+        None => println!("WHIP: skipped, chromium is not installed (.ci/deps installs it)"),
+        Some(_) => {
+            let origin = format!("http://{s1}:8889");
+            let mut page = Browser::open_with(
+                Some(&ns_name(&prefix, "c2")),
+                &format!("{origin}/camweb/publish"),
+                &st.dir().join("chromium-publisher"),
+                &st.dir().join("chromium-publisher.log"),
+                &[format!("--unsafely-treat-insecure-origin-as-secure={origin}")],
+            )
+            .expect("chromium starts");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut state = serde_json::Value::Null;
+            while Instant::now() < deadline {
+                state = page.eval("JSON.stringify(window.report || null)").unwrap_or_default();
+                let report: serde_json::Value =
+                    state.as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default();
+                if report["state"] == "connected" || !report["error"].is_null() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            println!("the publisher page on c2: {state}");
+            std::thread::sleep(Duration::from_secs(1));
+            let (frames, log) = player("c4", rtsp_url(&addr_of("o6"), "camweb"), 6).join().unwrap();
+            let report: serde_json::Value = page
+                .eval("JSON.stringify(window.report || null)")
+                .ok()
+                .and_then(|v| v.as_str().and_then(|t| serde_json::from_str(t).ok()))
+                .unwrap_or_default();
+            println!("ffmpeg on c4 at o6, camweb (WHIP from Chromium on c2): {frames} frames in 6 s; page {report}");
+            if frames < 60 {
+                problems.push(format!("camweb (WHIP): ffmpeg decoded {frames} frames in 6 s; page {report}:\n{log}"));
+            }
+            if !report["codec"].as_str().is_some_and(|c| c.contains("H264")) {
+                problems.push(format!("the publisher page did not send H.264: {report}"));
+            }
+            page.close();
+        }
     }
 
     for (p, name) in [(&mut cam, "cam"), (&mut dual_s1, "dual-s1"), (&mut dual_s2, "dual-s2")] {

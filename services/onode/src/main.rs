@@ -15,6 +15,7 @@ mod services;
 mod tls;
 mod token;
 mod webrtc;
+mod whip;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -530,11 +531,12 @@ async fn run_bootstrapper(
     on_signal(cancel.clone());
     let metrics = bind_metrics(&common).await?;
     let publish = bind_publish(&common).await?;
+    let webrtc = bind_webrtc(&common).await?;
     let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
         node.tasks.spawn(metrics::serve(node.clone(), listener));
     }
-    start_publishing(&node, &common, publish)?;
+    start_publishing(&node, &common, publish, webrtc)?;
     let mut events = bootstrapper.subscribe();
     bootstrapper.register(&name);
     info!(node = %name, nodes = topology.summary().nodes, "bootstrapper listening on {}", listener.local_addr()?);
@@ -670,39 +672,19 @@ async fn run_member(
     } else {
         None
     };
-    let webrtc =
-        if role == Role::Pop && common.webrtc_port != 0 {
-            let addr = SocketAddr::new(common.bind, common.webrtc_port);
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for WebRTC (--webrtc-port 0 turns it off)"))?;
-            // One UDP socket per address of this host (or the one --bind
-            // names): each browser's media leaves from the address it reached.
-            let ips: Vec<IpAddr> = if common.bind.is_unspecified() {
-                net::local_addresses().into_iter().filter(|ip| !is_link_local_v6(ip)).collect()
-            } else {
-                vec![common.bind]
-            };
-            let mut udp = Vec::new();
-            for ip in ips {
-                let at = SocketAddr::new(ip, common.webrtc_port);
-                udp.push(tokio::net::UdpSocket::bind(at).await.with_context(|| {
-                    format!("cannot bind {at} (udp) for WebRTC media (--webrtc-port 0 turns it off)")
-                })?);
-            }
-            Some((listener, udp))
-        } else {
-            None
-        };
+    let webrtc = if matches!(role, Role::Pop | Role::Server) { bind_webrtc(&common).await? } else { None };
     let metrics = bind_metrics(&common).await?;
     let publish = if role == Role::Server { bind_publish(&common).await? } else { None };
     let node = Node::new(identity, settings(role, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
         node.tasks.spawn(metrics::serve(node.clone(), listener));
     }
-    if role == Role::Server {
-        start_publishing(&node, &common, publish)?;
-    }
+    let webrtc = if role == Role::Server {
+        start_publishing(&node, &common, publish, webrtc)?;
+        None
+    } else {
+        webrtc
+    };
     if let Some((listener, rtcp)) = rtsp {
         info!(node = %node.id.name, "RTSP: players watch at rtsp://{}/STREAM", listener.local_addr()?);
         node.tasks.spawn(rtsp::serve(node.clone(), listener, rtcp));
@@ -731,8 +713,40 @@ async fn bind_publish(common: &Common) -> anyhow::Result<Option<TcpListener>> {
     Ok(Some(listener))
 }
 
-/// A server's publish edges: RTSP on `listener`, SRT on `--srt-port`.
-fn start_publishing(node: &Arc<Node>, common: &Common, listener: Option<TcpListener>) -> anyhow::Result<()> {
+/// The WebRTC edge's HTTP listener and its UDP sockets, one per address of
+/// this host (or the one --bind names): each peer's media leaves from the
+/// address it reached. None when `--webrtc-port` is 0.
+async fn bind_webrtc(common: &Common) -> anyhow::Result<Option<(TcpListener, Vec<tokio::net::UdpSocket>)>> {
+    if common.webrtc_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(common.bind, common.webrtc_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for WebRTC (--webrtc-port 0 turns it off)"))?;
+    let ips: Vec<IpAddr> = if common.bind.is_unspecified() {
+        net::local_addresses().into_iter().filter(|ip| !is_link_local_v6(ip)).collect()
+    } else {
+        vec![common.bind]
+    };
+    let mut udp = Vec::new();
+    for ip in ips {
+        let at = SocketAddr::new(ip, common.webrtc_port);
+        udp.push(tokio::net::UdpSocket::bind(at).await.with_context(|| {
+            format!("cannot bind {at} (udp) for WebRTC media (--webrtc-port 0 turns it off)")
+        })?);
+    }
+    Ok(Some((listener, udp)))
+}
+
+/// A server's publish edges: RTSP on `listener`, SRT on `--srt-port`,
+/// WHIP on the WebRTC edge.
+fn start_publishing(
+    node: &Arc<Node>,
+    common: &Common,
+    listener: Option<TcpListener>,
+    webrtc: Option<(TcpListener, Vec<tokio::net::UdpSocket>)>,
+) -> anyhow::Result<()> {
     if !(common.publish_grace_s.is_finite() && (0.0..=3600.0).contains(&common.publish_grace_s)) {
         bail!("--publish-grace-s {}: give 0 to 3600 seconds", common.publish_grace_s);
     }
@@ -747,6 +761,10 @@ fn start_publishing(node: &Arc<Node>, common: &Common, listener: Option<TcpListe
     if let Some(listener) = listener {
         info!(node = %node.id.name, "RTSP: encoders publish at rtsp://{}/NAME", listener.local_addr()?);
         node.tasks.spawn(publish::serve_rtsp(publishing.clone(), listener));
+    }
+    if let Some((listener, udp)) = webrtc {
+        info!(node = %node.id.name, "WHIP: encoders publish at http://{}/NAME/whip (a browser at /NAME/publish)", listener.local_addr()?);
+        node.tasks.spawn(whip::serve(publishing.clone(), listener, udp));
     }
     if common.srt_port != 0 {
         let addr = SocketAddr::new(common.bind, common.srt_port);

@@ -101,7 +101,7 @@ struct Lines {
 
 /// The server's publishers.
 pub struct Publishing {
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
     settings: PublishSettings,
     entries: Mutex<HashMap<String, Entry>>,
     pub counters: Counters,
@@ -117,7 +117,7 @@ pub struct Claim {
 
 impl Claim {
     /// Where the ingest's packets go: onto the name's line, into the relay.
-    fn sink(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
+    pub(crate) fn sink(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
         let lines = self.lines.clone();
         let relay = self.publishing.node.relay.clone();
         let generation = self.generation;
@@ -143,7 +143,7 @@ impl Claim {
     }
 
     /// Whether a newer publisher took the name over.
-    fn replaced(&self) -> bool {
+    pub(crate) fn replaced(&self) -> bool {
         crate::node::lock_unpoisoned(&self.lines).generation != self.generation
     }
 }
@@ -192,13 +192,13 @@ impl Publishing {
     }
 
     /// Checks a publisher's token when the server requires one.
-    fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), TokenError> {
+    pub(crate) fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), TokenError> {
         let Some(verifier) = &self.node.settings.tokens else { return Ok(()) };
         verifier.check(token, Action::Publish, stream, crate::net::unix_us() / 1_000_000).map(|_| ())
     }
 
     /// Whether `stream` may be published from `peer` now; the reason if not.
-    fn available(&self, stream: &str) -> Result<(), String> {
+    pub(crate) fn available(&self, stream: &str) -> Result<(), String> {
         if self.node.catalogue.contains_key(stream) {
             return Err(format!("{stream:?} is a stream of this server's own (a file or the test stream)"));
         }
@@ -218,7 +218,7 @@ impl Publishing {
     /// Takes `stream` for a publisher at `peer`: a new name, one in its
     /// grace period (resumed on its line), or, with replacement allowed, a
     /// live one (the old publisher is cut off).
-    fn claim(self: &Arc<Self>, stream: &str, peer: SocketAddr) -> Result<Claim, String> {
+    pub(crate) fn claim(self: &Arc<Self>, stream: &str, peer: SocketAddr) -> Result<Claim, String> {
         self.available(stream)?;
         let mut entries = self.entries();
         let (generation, lines, resumed) = match entries.get_mut(stream) {

@@ -13,7 +13,7 @@
 //! counted and never reach the overlay (the stream's next keyframe, at
 //! most a GOP away, answers them).
 
-mod machine;
+pub(crate) mod machine;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -88,9 +88,9 @@ impl Counters {
 
 /// Where an HTTP connection came in and from.
 #[derive(Debug, Clone, Copy)]
-struct Conn {
-    local: SocketAddr,
-    peer: SocketAddr,
+pub(crate) struct Conn {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
 }
 
 impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Conn {
@@ -151,19 +151,19 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, udp: Vec<UdpSocket>, 
 }
 
 /// Headers every answer carries, so pages of other origins can use them.
-fn cors(mut r: Response) -> Response {
+pub(crate) fn cors(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Location"));
     r
 }
 
-fn refused(r: &Refusal) -> Response {
+pub(crate) fn refused(r: &Refusal) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
     cors((status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", r.reason)).into_response())
 }
 
-async fn preflight() -> Response {
+pub(crate) async fn preflight() -> Response {
     let mut r = cors(StatusCode::NO_CONTENT.into_response());
     let h = r.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, DELETE, OPTIONS"));
@@ -566,7 +566,7 @@ async fn drive(node: Arc<Node>, udp: Vec<UdpSocket>, mut commands: mpsc::Receive
 }
 
 /// A datagram as str0m takes it (None: not STUN, DTLS, RTP or RTCP).
-fn receive(source: SocketAddr, destination: SocketAddr, data: &[u8], now: Instant) -> Option<Input<'_>> {
+pub(crate) fn receive(source: SocketAddr, destination: SocketAddr, data: &[u8], now: Instant) -> Option<Input<'_>> {
     let contents = data.try_into().ok()?;
     Some(Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents }))
 }
@@ -588,13 +588,13 @@ fn finish(node: &Arc<Node>, p: Peer) {
 
 /// Carries out what the peer asks for until it wants the time again.
 /// The WebRTC sockets, one per local address.
-struct Sockets(Vec<Arc<UdpSocket>>);
+pub(crate) struct Sockets(pub Vec<Arc<UdpSocket>>);
 
 impl Sockets {
     /// Sends from the socket bound to `source` (the address the browser
     /// sent to), or the only one; never waits: a full buffer drops, as UDP
     /// does.
-    fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+    pub fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
         let socket = self.0.iter().find(|s| s.local_addr().is_ok_and(|a| a == source)).or(self.0.first());
         if let Some(socket) = socket {
             let _ = socket.try_send_to(data, destination);

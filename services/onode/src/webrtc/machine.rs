@@ -176,6 +176,83 @@ fn negotiated(rtc: &Rtc, added: &[(Mid, MediaKind, Direction)], format: StreamFo
     Ok(Negotiated { video, video_pt, audio })
 }
 
+/// What a publisher (WHIP) sends, fixed when its offer is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The video m-line and its H.264 payload type (packetization-mode 1).
+    pub video: (Mid, u8),
+    /// The audio m-line and its Opus payload type, if it sends sound.
+    pub audio: Option<(Mid, u8)>,
+}
+
+/// The str0m configuration of a publisher: ICE-lite, RTP as it comes,
+/// H.264 (any of the profiles browsers send; packetization-mode 1) and Opus.
+fn publish_config() -> RtcConfig {
+    install_crypto();
+    let mut config = RtcConfig::new()
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .set_stats_interval(None);
+    if let Some(cert) = dtls_cert() {
+        config = config.set_dtls_cert(cert);
+    }
+    // Payload types are placeholders: str0m answers with the browser's.
+    for (pt, plid) in [(102u8, 0x42001f), (104, 0x42e01f), (106, 0x4d001f), (108, 0x64001f)] {
+        config.codec_config().add_h264(pt.into(), Some((pt + 1).into()), true, plid);
+    }
+    config
+}
+
+/// Answers a publisher's offer (WHIP) with `candidate`: the new peer, the
+/// SDP answer and what it will send; or why not (406 without H.264).
+pub fn publish_answer(offer: &str, candidate: SocketAddr, now: Instant) -> Result<(Rtc, String, Published), Refusal> {
+    let offer_text = offer;
+    let offer = check_offer(offer)?;
+    let mut rtc = publish_config().build(now);
+    let candidate = Candidate::host(candidate, "udp")
+        .map_err(|e| Refusal::new(500, format!("no ICE candidate for {candidate}: {e}")))?;
+    rtc.add_local_candidate(candidate);
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| Refusal::new(400, format!("the offer cannot be answered: {}", shown(&e.to_string()))))?;
+    let receives = |d: Direction| matches!(d, Direction::RecvOnly | Direction::SendRecv);
+    let added: Vec<(Mid, MediaKind, Direction)> = offer_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+        .take(16)
+        .filter_map(|m| rtc.media(Mid::from(m.trim())).map(|media| (media.mid(), media.kind(), media.direction())))
+        .collect();
+    let agreed = |mid: Mid, codec: Codec| {
+        let remote = rtc.media(mid)?.remote_pts();
+        rtc.codec_config().find(|p| p.spec().codec == codec && remote.contains(&p.pt())).map(|p| *p.pt())
+    };
+    let pick = |kind: MediaKind, codec: Codec| {
+        added.iter().filter(|(_, k, d)| *k == kind && receives(*d)).find_map(|&(m, ..)| agreed(m, codec).map(|pt| (m, pt)))
+    };
+    if !added.iter().any(|(_, k, d)| *k == MediaKind::Video && receives(*d)) {
+        return Err(Refusal::new(400, "the offer sends no video (WHIP needs a sendonly or sendrecv video m-line)"));
+    }
+    let video = pick(MediaKind::Video, Codec::H264)
+        .ok_or_else(|| Refusal::new(406, "the offer has no H.264 (packetization-mode 1): publish H.264 video"))?;
+    let audio = pick(MediaKind::Audio, Codec::Opus);
+    Ok((rtc, answer.to_sdp_string(), Published { video, audio }))
+}
+
+/// An RTP packet rebuilt from what str0m hands over (header fields and
+/// payload): what a GStreamer depayloader takes.
+pub fn rtp_bytes(pt: u8, marker: bool, seq: u16, timestamp: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(12 + payload.len());
+    b.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(&timestamp.to_be_bytes());
+    b.extend_from_slice(&ssrc.to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
 /// One track of a browser viewer: how the POP's line (16-bit sequence
 /// numbers, RTP time, sender reports) becomes what str0m writes.
 #[derive(Debug, Clone)]
@@ -251,6 +328,7 @@ pub fn rtp_payload(packet: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use overlay_core::rtp::Packet;
 
     /// An offer as Chromium 156 makes it for a recvonly video and audio
     /// transceiver (trimmed to what matters).
@@ -394,4 +472,26 @@ mod tests {
         assert_eq!(rtp_payload(&p[..14]), None);
         assert_eq!(rtp_payload(&[0xa0, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 200]), None);
     }
+    #[test]
+    fn a_publishers_offer_is_answered_for_h264_and_opus() {
+        let send = chromium_offer(CHROMIUM_H264).replace("a=recvonly", "a=sendonly");
+        let (_, sdp, published) = publish_answer(&send, pop(), Instant::now()).unwrap();
+        assert_eq!(published.video.0, Mid::from("0"));
+        assert!([102, 104, 106].contains(&published.video.1), "{published:?}");
+        assert_eq!(published.audio, Some((Mid::from("1"), 111)));
+        assert!(sdp.contains("a=recvonly"), "the server only receives:\n{sdp}");
+        let vp8 = chromium_offer(VP8_ONLY).replace("a=recvonly", "a=sendonly");
+        assert_eq!(publish_answer(&vp8, pop(), Instant::now()).unwrap_err().status, 406);
+        let viewer = chromium_offer(CHROMIUM_H264);
+        assert_eq!(publish_answer(&viewer, pop(), Instant::now()).unwrap_err().status, 400, "a viewer's offer sends nothing");
+    }
+
+    #[test]
+    fn rtp_is_rebuilt_from_its_fields() {
+        let b = rtp_bytes(102, true, 0xabcd, 90_000, 7, b"xy");
+        let p = Packet::parse(&b).unwrap();
+        assert_eq!((p.payload_type(), p.sequence(), p.timestamp(), p.ssrc(), p.marker()), (102, 0xabcd, 90_000, 7, true));
+        assert_eq!(rtp_payload(&b), Some(&b"xy"[..]));
+    }
+
 }
