@@ -40,7 +40,7 @@ fuzz-smoke SECS="5":
 topology-check FILE="netns/labs/seed-overlay.json": build
     target/debug/onode topology check {{FILE}}
 
-# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, CPU per process kind in a lab at rest and streaming, failover gaps, time to first frame (ours and RTSP players), POP CPU per output Mbit with 1/10/50 RTSP players over UDP and TCP.
+# Relay CPU per packet against GStreamer and the recvmmsg/sendmmsg floor (same run), link emulator CPU, CPU per process kind in a lab at rest and streaming, failover gaps, time to first frame (ours and RTSP players), POP CPU per output Mbit with 1/10/50 RTSP players over UDP and TCP, server CPU per ingested Mbit and first frames of published streams.
 bench ROUNDS="3": build release
     python3 services/relay/bench/run.py target/release/relay-bench --rounds {{ROUNDS}}
     target/release/linkem-bench
@@ -48,6 +48,7 @@ bench ROUNDS="3": build release
     target/debug/faultbench netns/labs/seed.json {{ROUNDS}}
     target/debug/startbench netns/labs/seed.json {{ROUNDS}}
     target/release/rtspbench netns/labs/seed.json 8
+    target/release/pubbench netns/labs/seed.json {{ROUNDS}} 8
 
 # Bring a netns lab up (default: the original topology).
 lab-up LAB="netns/labs/seed.json": build

@@ -1142,6 +1142,7 @@ impl Node {
         let mut st = self.lock();
         st.published.insert(stream.to_string());
         st.trees.offer(stream);
+        self.republish(&mut st);
         true
     }
 
@@ -1323,6 +1324,22 @@ impl Node {
                     heard: heard.clone(),
                 };
                 table.insert(*ssrc, route);
+            }
+        }
+        // A published stream nobody watches still fills the relay's GOP
+        // cache, so that its first viewer starts at once.
+        for stream in &st.published {
+            let [video, _] = media::stream_ssrcs(stream);
+            if table.get(video).is_none() {
+                let route = Route {
+                    accept: Accept::Local,
+                    downstream: Vec::new(),
+                    split: Vec::new(),
+                    continuity: None,
+                    cache_gop: true,
+                    heard: Heard::default(),
+                };
+                table.insert(video, route);
             }
         }
         self.relay.publish(table);

@@ -72,6 +72,8 @@ pub struct Counters {
     /// Malformed RTSP requests and unreadable input.
     pub garbage: AtomicU64,
     pub over_rate: AtomicU64,
+    /// Bytes publishers sent (RTP, MPEG-TS), as taken in.
+    pub bytes_in: AtomicU64,
 }
 
 impl Counters {
@@ -80,6 +82,7 @@ impl Counters {
         serde_json::json!({
             "accepted": get(&self.accepted), "resumed": get(&self.resumed), "refused": get(&self.refused),
             "ended": get(&self.ended), "garbage": get(&self.garbage), "over_rate": get(&self.over_rate),
+            "bytes_in": get(&self.bytes_in),
         })
     }
 }
@@ -140,6 +143,11 @@ impl Claim {
             drop(lines);
             relay.inject(&out);
         }
+    }
+
+    /// Counts bytes this publisher sent.
+    pub(crate) fn count_in(&self, bytes: usize) {
+        self.publishing.counters.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Whether a newer publisher took the name over.
@@ -545,6 +553,7 @@ impl RtspPublisher {
     fn media(&mut self, channel: u8, data: &[u8]) -> Result<(), &'static str> {
         let Some(ingest) = &self.ingest else { return Ok(()) };
         let Some(input) = self.channels.iter().position(|&(c, _)| c == channel) else { return Ok(()) };
+        self.publishing.counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         if !self.rate.take(data.len(), self.started.elapsed().as_millis() as u64) {
             self.publishing.counters.over_rate.fetch_add(1, Ordering::Relaxed);
             warn!(server = %self.publishing.node.id.name, peer = %self.peer, "publisher over --max-publish-kbit {}: dropped", self.publishing.settings.max_kbit);
@@ -643,6 +652,7 @@ async fn srt_publisher(publishing: Arc<Publishing>, request: srt_tokio::Connecti
             Ok(None) => break "the publisher closed the connection".into(),
             Err(_) => break format!("nothing received for {} s", PUBLISHER_SILENCE.as_secs()),
         };
+        publishing.counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         if claim.replaced() {
             break "another publisher took the name over".into();
         }

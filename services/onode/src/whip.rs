@@ -379,6 +379,9 @@ fn poll(node: &Arc<crate::node::Node>, sockets: &Sockets, p: &mut Peer) {
                         *packet.header.ssrc,
                         &packet.payload,
                     );
+                    if let Some(claim) = &p.claim {
+                        claim.count_in(bytes.len());
+                    }
                     if let Some(ingest) = &p.ingest {
                         if !ingest.push(input, &bytes) {
                             let why = ingest.error().unwrap_or_else(|| "the ingest stopped".into());
