@@ -25,6 +25,7 @@ use tracing::{error, info};
 
 use crate::source::{build_error, lock, make, packet_callbacks, PacketSink, StreamSource, RTP_MTU};
 use crate::{init, stream_ssrcs, MediaError, AUDIO_PT, VIDEO_PT};
+pub use overlay_core::codec::{Codec, RtpTrack};
 
 /// Most bytes waiting in an input; beyond it the oldest are dropped (a
 /// pipeline that cannot keep up must not grow without bound).
@@ -33,77 +34,26 @@ const INPUT_BYTES: u64 = 4 * 1024 * 1024;
 /// them (TCP never reorders; UDP on a LAN hardly does).
 const JITTER_MS: u32 = 60;
 
-/// A codec a publisher may send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
-    H264,
-    /// AAC in RTP as `MPEG4-GENERIC` (RFC 3640).
-    AacGeneric,
-    /// AAC in RTP as `MP4A-LATM` (RFC 6416).
-    AacLatm,
-    Opus,
-}
-
-impl Codec {
-    /// The codec of an SDP `rtpmap` encoding name (any case), or a reason a
-    /// publisher can act on.
-    pub fn from_rtp(encoding: &str) -> Result<Codec, String> {
-        match encoding.to_ascii_uppercase().as_str() {
-            "H264" => Ok(Codec::H264),
-            "MPEG4-GENERIC" => Ok(Codec::AacGeneric),
-            "MP4A-LATM" => Ok(Codec::AacLatm),
-            "OPUS" => Ok(Codec::Opus),
-            other => Err(format!(
-                "codec {} is not taken: publish H.264 video and AAC or Opus sound",
-                overlay_core::names::shown(other)
-            )),
+/// The caps of a track's RTP packets, as GStreamer's depayloaders expect
+/// them (fmtp parameters as lower-case string fields).
+fn caps(track: &RtpTrack) -> gst::Caps {
+    let media = if track.codec.is_video() { "video" } else { "audio" };
+    let mut s = gst::Structure::builder("application/x-rtp")
+        .field("media", media)
+        .field("encoding-name", track.codec.encoding_name())
+        .field("clock-rate", track.clock_rate as i32)
+        .field("payload", i32::from(track.payload_type))
+        .build();
+    if let Some(channels) = track.channels {
+        s.set("encoding-params", channels.to_string());
+    }
+    for (key, value) in &track.fmtp {
+        let key = key.to_ascii_lowercase();
+        if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            s.set(key.as_str(), value.as_str());
         }
     }
-
-    pub fn is_video(self) -> bool {
-        self == Codec::H264
-    }
-}
-
-/// One RTP track a publisher announced (from its SDP).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RtpTrack {
-    pub codec: Codec,
-    pub payload_type: u8,
-    pub clock_rate: u32,
-    /// Audio channels (the rtpmap's encoding parameters).
-    pub channels: Option<u32>,
-    /// The `fmtp` parameters, as given.
-    pub fmtp: Vec<(String, String)>,
-}
-
-impl RtpTrack {
-    /// The caps of this track's RTP packets, as GStreamer's depayloaders
-    /// expect them (fmtp parameters as lower-case string fields).
-    fn caps(&self) -> gst::Caps {
-        let (media, encoding) = match self.codec {
-            Codec::H264 => ("video", "H264"),
-            Codec::AacGeneric => ("audio", "MPEG4-GENERIC"),
-            Codec::AacLatm => ("audio", "MP4A-LATM"),
-            Codec::Opus => ("audio", "OPUS"),
-        };
-        let mut s = gst::Structure::builder("application/x-rtp")
-            .field("media", media)
-            .field("encoding-name", encoding)
-            .field("clock-rate", self.clock_rate as i32)
-            .field("payload", i32::from(self.payload_type))
-            .build();
-        if let Some(channels) = self.channels {
-            s.set("encoding-params", channels.to_string());
-        }
-        for (key, value) in &self.fmtp {
-            let key = key.to_ascii_lowercase();
-            if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                s.set(key.as_str(), value.as_str());
-            }
-        }
-        gst::Caps::builder_full().structure(s).build()
-    }
+    gst::Caps::builder_full().structure(s).build()
 }
 
 /// A running ingest; see the module doc. Dropping it stops the pipeline.
@@ -130,7 +80,7 @@ impl Ingest {
         let ssrcs = stream_ssrcs(stream);
         let mut inputs = Vec::new();
         for (i, track) in tracks.iter().enumerate() {
-            let input = input(&format!("in{i}"), track.caps());
+            let input = input(&format!("in{i}"), caps(track));
             let jitter = make(&context, "rtpjitterbuffer")?;
             jitter.set_property("latency", JITTER_MS);
             let depay = make(
@@ -342,22 +292,5 @@ impl TsBranches {
             reason: format!("linking the transport stream's {name}: {e:?}"),
         })?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codecs_are_taken_or_refused_by_name() {
-        assert_eq!(Codec::from_rtp("h264"), Ok(Codec::H264));
-        assert_eq!(Codec::from_rtp("MPEG4-GENERIC"), Ok(Codec::AacGeneric));
-        assert_eq!(Codec::from_rtp("mp4a-latm"), Ok(Codec::AacLatm));
-        assert_eq!(Codec::from_rtp("opus"), Ok(Codec::Opus));
-        let refused = Codec::from_rtp("H265").unwrap_err();
-        assert!(refused.contains("\"H265\"") && refused.contains("H.264"), "{refused}");
-        let long = Codec::from_rtp(&"X".repeat(1000)).unwrap_err();
-        assert!(long.len() < 200, "a long name is cut: {long}");
     }
 }

@@ -281,7 +281,18 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
 
     // cam-srt's encoder stops for good: its player ends on its own (RTCP
     // BYE after the grace period), long before its 40 s.
+    // So does our client.
     let ends = player("c1", rtsp_url(&addr_of("o5"), "cam-srt"), 40);
+    let end_stats = st.dir().join("c5-cam-srt.json");
+    let watcher = ClientRun {
+        host: "c5".into(),
+        stream: "cam-srt".into(),
+        duration_s: Some(40.0),
+        headless: true,
+        stats: end_stats.clone(),
+        log: Some(st.dir().join("c5-cam-srt.log")),
+    };
+    let mut ours = run::start_client(&st, &bins, &watcher).expect("oclient on c5");
     std::thread::sleep(Duration::from_secs(3));
     let stopped = Instant::now();
     cam_srt.stop();
@@ -290,6 +301,19 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     println!("ffmpeg on c1, cam-srt: {frames} frames; ended {:.1} s after its encoder stopped", after.as_secs_f64());
     if frames < 45 || after > Duration::from_secs(GRACE_S + 12) {
         problems.push(format!("cam-srt's player did not end after its encoder stopped ({frames} frames, {after:?}):\n{end_log}"));
+    }
+    let _ = ours.wait();
+    let after = stopped.elapsed();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&end_stats).unwrap_or_default()).unwrap_or_default();
+    println!(
+        "oclient on c5, cam-srt: {} frames, stream_ended {}, ended {:.1} s after the encoder stopped",
+        report["frames_decoded"],
+        report["stream_ended"],
+        after.as_secs_f64()
+    );
+    if report["stream_ended"] != true || after > Duration::from_secs(GRACE_S + 12) {
+        problems.push(format!("oclient did not end with cam-srt ({after:?}): {report}"));
     }
 
     // A browser publishes its camera with WHIP from the server's publisher

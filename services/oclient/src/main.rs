@@ -117,6 +117,9 @@ struct Report {
     pop_switches: Vec<Switch>,
     /// Video frames decoded in each second of playing, in order.
     fps_timeline: Vec<u64>,
+    /// The stream ended (the server's RTCP BYE: its publisher went away for
+    /// good), before the session did.
+    stream_ended: bool,
     /// Glass-to-glass latency of the video: from capture at the server
     /// (the RTP/NTP mapping of the sender reports) to presentation by the
     /// video sink; steady state (the first 2 s after the first packet left
@@ -295,6 +298,8 @@ struct Candidate {
 
 /// Round trips closer than this (or than half the lowest) are measurement
 /// noise: a loaded host delays its own handshakes by fractions of a ms.
+/// RTCP packet type of a BYE (the server ends a published stream with it).
+const RTCP_BYE: u8 = 203;
 const RTT_NOISE_MS: f64 = 0.5;
 /// How much later than its round trip says a POP's probe result may come
 /// (the probes are staggered by a millisecond, and tasks get scheduled).
@@ -624,6 +629,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Ok(packet) = Packet::parse(&buf[..n]) {
                     let now = Instant::now();
                     if packet.kind() == overlay_core::rtp::Kind::Rtcp {
+                        if packet.payload_type() == RTCP_BYE {
+                            info!(stream = %cli.stream, "the stream ended: its publisher went away (RTCP BYE)");
+                            report.stream_ended = true;
+                            break;
+                        }
                         // Sender reports time the media for lip sync.
                         player.push_rtp(&buf[..n]);
                         continue;

@@ -4,6 +4,7 @@
 //! drivers in `onode` and `relay` feed inputs (with the time) and carry out
 //! the outputs.
 
+pub mod codec;
 pub mod liveness;
 pub mod membership;
 pub mod names;

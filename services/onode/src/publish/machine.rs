@@ -2,7 +2,7 @@
 //! record mode, RECORD), decided without sockets, and the pure rules
 //! around a publish: the bitrate bound and the names a publisher may take.
 
-use media::{Codec, RtpTrack};
+use overlay_core::codec::{Codec, RtpTrack};
 use overlay_core::names::shown;
 use rtsp_types::headers::{self, Transport, Transports};
 use rtsp_types::{Method, Request, StatusCode, Version};
