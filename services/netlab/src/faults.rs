@@ -271,8 +271,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
         })
     };
     let mut notes = vec![format!("tree of {stream}: {edges:?}")];
-    let target: String;
-    match fault {
+    let target: String = match fault {
         Fault::KillRelay | Fault::RestartRelay => {
             let relay = repairable_relay().ok_or_else(|| anyhow!("no relay on the tree can be routed around"))?.clone();
             kill_node(st, &nodes[&relay].host)?;
@@ -280,7 +279,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
                 sys::sleep(Duration::from_secs(2))?;
                 restart_node(lab, st, bins, &relay)?;
             }
-            target = relay;
+            relay
         }
         Fault::LinkDown => {
             let (up, down) = edges
@@ -305,7 +304,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
                 let (dest, via) = (r.dest.to_string(), r.via.to_string());
                 sys::output(&["ip", "-n", &ns, "route", "replace", &dest, "via", &via, "dev", &iface], None)?;
             }
-            target = format!("{up}-{down}");
+            format!("{up}-{down}")
         }
         Fault::KillPop => {
             let pop = edges
@@ -314,7 +313,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
                 .find(|d| role_kind(lab, d) == Some(RoleKind::Pop))
                 .ok_or_else(|| anyhow!("no POP on the tree"))?;
             kill_node(st, &nodes[&pop].host)?;
-            target = pop;
+            pop
         }
         Fault::KillRootServer => {
             let root = edges
@@ -323,7 +322,7 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
                 .find(|u| role_kind(lab, u).is_some_and(|k| k.is_server()))
                 .ok_or_else(|| anyhow!("no root server found"))?;
             kill_node(st, &nodes[&root].host)?;
-            target = root;
+            root
         }
         Fault::RestartBootstrapper => {
             let boot = lab
@@ -335,9 +334,9 @@ pub fn run_fault(lab: &Lab, st: &mut LabState, bins: &Bins, fault: Fault, stream
             kill_node(st, &nodes[&boot].host)?;
             sys::sleep(Duration::from_secs(1))?;
             restart_node(lab, st, bins, &boot)?;
-            target = boot;
+            boot
         }
-    }
+    };
     notes.push(format!("fault: {} on {target}", fault.name()));
 
     // Which clients the fault hit: the target is on their POP's way up.
