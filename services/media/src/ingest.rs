@@ -208,9 +208,11 @@ fn tail(context: &str, codec: Codec, ssrcs: [u32; 2], on_packet: &PacketSink) ->
                 chain.push(make(context, "audioconvert")?);
                 chain.push(make(context, "audioresample")?);
                 let caps: gst::Caps = gst::Caps::builder("audio/x-raw").field("rate", 48_000i32).build();
-                chain.push(gst::ElementFactory::make("capsfilter").property("caps", caps).build().map_err(|_| {
-                    MediaError::Element { pipeline: context.to_owned(), element: "capsfilter".into() }
-                })?);
+                chain.push(
+                    gst::ElementFactory::make("capsfilter").property("caps", caps).build().map_err(|_| {
+                        MediaError::Element { pipeline: context.to_owned(), element: "capsfilter".into() }
+                    })?,
+                );
                 let encoder = make(context, "opusenc")?;
                 encoder.set_property("bitrate", 64_000i32);
                 chain.push(encoder);
@@ -222,13 +224,7 @@ fn tail(context: &str, codec: Codec, ssrcs: [u32; 2], on_packet: &PacketSink) ->
             chain.push(pay);
         }
     }
-    chain.push(
-        gst_app::AppSink::builder()
-            .sync(false)
-            .callbacks(packet_callbacks(on_packet.clone()))
-            .build()
-            .upcast(),
-    );
+    chain.push(gst_app::AppSink::builder().sync(false).callbacks(packet_callbacks(on_packet.clone())).build().upcast());
     Ok(chain)
 }
 

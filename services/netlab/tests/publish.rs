@@ -16,11 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use netlab::browser::{self, Browser};
+use netlab::faults;
 use netlab::lab::Lab;
 use netlab::plan::ns_name;
 use netlab::run::{self, ClientRun};
-use netlab::browser::{self, Browser};
-use netlab::faults;
 
 /// Seconds a published name waits for its publisher in this test.
 const GRACE_S: u64 = 3;
@@ -59,12 +59,7 @@ impl Publisher {
             cmd.args(["-f", "rtsp", "-rtsp_transport", "tcp", url]);
         }
         let log = std::fs::File::create(log).expect("publisher log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("ffmpeg starts");
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("ffmpeg starts");
         Publisher { child, what: format!("{url} from {host}") }
     }
 
@@ -300,7 +295,9 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     let after = stopped.elapsed();
     println!("ffmpeg on c1, cam-srt: {frames} frames; ended {:.1} s after its encoder stopped", after.as_secs_f64());
     if frames < 45 || after > Duration::from_secs(GRACE_S + 12) {
-        problems.push(format!("cam-srt's player did not end after its encoder stopped ({frames} frames, {after:?}):\n{end_log}"));
+        problems.push(format!(
+            "cam-srt's player did not end after its encoder stopped ({frames} frames, {after:?}):\n{end_log}"
+        ));
     }
     let _ = ours.wait();
     let after = stopped.elapsed();
@@ -364,7 +361,11 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
         if p.running() {
             p.stop();
         } else if name == "cam" {
-            problems.push(format!("{} stopped early: {}", p.what, std::fs::read_to_string(log("cam-again")).unwrap_or_default()));
+            problems.push(format!(
+                "{} stopped early: {}",
+                p.what,
+                std::fs::read_to_string(log("cam-again")).unwrap_or_default()
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));

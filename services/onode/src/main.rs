@@ -732,9 +732,11 @@ async fn bind_webrtc(common: &Common) -> anyhow::Result<Option<(TcpListener, Vec
     let mut udp = Vec::new();
     for ip in ips {
         let at = SocketAddr::new(ip, common.webrtc_port);
-        udp.push(tokio::net::UdpSocket::bind(at).await.with_context(|| {
-            format!("cannot bind {at} (udp) for WebRTC media (--webrtc-port 0 turns it off)")
-        })?);
+        udp.push(
+            tokio::net::UdpSocket::bind(at)
+                .await
+                .with_context(|| format!("cannot bind {at} (udp) for WebRTC media (--webrtc-port 0 turns it off)"))?,
+        );
     }
     Ok(Some((listener, udp)))
 }

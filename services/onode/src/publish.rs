@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_stream::StreamExt;
 use media::Ingest;
 use overlay_core::rtp::{Kind, Packet};
 use relay::Continuity;
@@ -33,6 +32,7 @@ use rtsp_types::{headers, Message, ParseError, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::node::Node;
@@ -310,7 +310,10 @@ impl Publishing {
         let streams: serde_json::Map<String, serde_json::Value> = entries
             .iter()
             .map(|(name, e)| {
-                (name.clone(), serde_json::json!({"live": e.live, "publisher": e.peer.to_string(), "generation": e.generation}))
+                (
+                    name.clone(),
+                    serde_json::json!({"live": e.live, "publisher": e.peer.to_string(), "generation": e.generation}),
+                )
             })
             .collect();
         serde_json::json!({"streams": streams, "counters": self.counters.json()})
@@ -499,7 +502,10 @@ impl RtspPublisher {
                     return Err(Refusal::new(StatusCode::NotFound, "SETUP names another stream than ANNOUNCE"));
                 }
                 let track = machine::track_for(tracks, &control).ok_or_else(|| {
-                    Refusal::new(StatusCode::NotFound, format!("no announced track has control {}", overlay_core::names::shown(&control)))
+                    Refusal::new(
+                        StatusCode::NotFound,
+                        format!("no announced track has control {}", overlay_core::names::shown(&control)),
+                    )
                 })?;
                 if self.channels.iter().any(|&(c, t)| c == rtp_channel || t == track) {
                     return Err(Refusal::new(StatusCode::BadRequest, "track or channel set up twice"));
@@ -523,11 +529,10 @@ impl RtspPublisher {
                 if self.ingest.is_some() {
                     return Ok(ok().header(headers::SESSION, self.session.clone()).build(Vec::new()));
                 }
-                let claim = self
-                    .publishing
-                    .claim(stream, self.peer)
-                    .map_err(|why| Refusal::new(StatusCode::Forbidden, why))?;
-                let set_up: Vec<media::RtpTrack> = self.channels.iter().map(|&(_, t)| tracks[t].track.clone()).collect();
+                let claim =
+                    self.publishing.claim(stream, self.peer).map_err(|why| Refusal::new(StatusCode::Forbidden, why))?;
+                let set_up: Vec<media::RtpTrack> =
+                    self.channels.iter().map(|&(_, t)| tracks[t].track.clone()).collect();
                 let ingest = Ingest::rtp(stream, &set_up, claim.sink()).map_err(|e| {
                     warn!(server = %self.publishing.node.id.name, %stream, "ingest failed to start: {e}");
                     Refusal::new(StatusCode::InternalServerError, format!("the ingest did not start: {e}"))
@@ -569,7 +574,8 @@ impl RtspPublisher {
 }
 
 fn token_refusal(e: TokenError) -> Refusal {
-    let status = if matches!(e, TokenError::NotGranted { .. }) { StatusCode::Forbidden } else { StatusCode::Unauthorized };
+    let status =
+        if matches!(e, TokenError::NotGranted { .. }) { StatusCode::Forbidden } else { StatusCode::Unauthorized };
     Refusal::new(status, e.to_string())
 }
 

@@ -430,7 +430,10 @@ mod tests {
             r,
             Reception { reports: 1, fraction_lost: 3, cumulative_lost: -1, highest_seq: 70_000, jitter_us: 10_000 }
         );
-        assert!(s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30), |_| false).is_empty(), "the report kept it alive");
+        assert!(
+            s.expire(t0 + Duration::from_secs(60), Duration::from_secs(30), |_| false).is_empty(),
+            "the report kept it alive"
+        );
         assert!(s.report("gone", 0, &[block], 90_000, later).is_err());
         // An empty report keeps the session too, and adds no figures.
         s.report("r", 0, &[], 90_000, t0 + Duration::from_secs(80)).unwrap();

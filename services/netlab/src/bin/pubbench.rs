@@ -119,10 +119,16 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, rounds: usize, window: Duratio
     let server = boot.name.clone();
     let server_addr = st.bootstrap.clone().ok_or_else(|| anyhow!("no bootstrapper address"))?;
     let server_ip = server_addr.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(server_addr.clone());
-    let client = lab.roles.iter().find(|r| r.kind == RoleKind::Client).ok_or_else(|| anyhow!("the lab has no client"))?;
+    let client =
+        lab.roles.iter().find(|r| r.kind == RoleKind::Client).ok_or_else(|| anyhow!("the lab has no client"))?;
     let host = lab.hosts[client.host].name.clone();
     let pop = lab.local_pop(client.host).ok_or_else(|| anyhow!("client host {host} has no POP on its LAN"))?;
-    let pid = st.processes.iter().find(|p| p.name == server).map(|p| p.pid).ok_or_else(|| anyhow!("{server} is not running"))?;
+    let pid = st
+        .processes
+        .iter()
+        .find(|p| p.name == server)
+        .map(|p| p.pid)
+        .ok_or_else(|| anyhow!("{server} is not running"))?;
     let file = st.dir().join("encoder.mp4");
     make_file(&file)?;
 
@@ -135,7 +141,10 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, rounds: usize, window: Duratio
         let after = cpu::read_ticks(pid).ok_or_else(|| anyhow!("{server} is gone"))?;
         let wall = t.elapsed();
         let b1 = bytes(&faults::inspect_node(lab, st, bins, &server)?);
-        Ok((cpu::rate(before, after, cpu::ticks_per_s(), wall), b1.saturating_sub(b0) * 1_000_000 / wall.as_micros().max(1) as u64))
+        Ok((
+            cpu::rate(before, after, cpu::ticks_per_s(), wall),
+            b1.saturating_sub(b0) * 1_000_000 / wall.as_micros().max(1) as u64,
+        ))
     };
     netlab::sys::sleep(Duration::from_secs(2))?;
     let (idle, _) = cpu_over(window)?;
@@ -190,7 +199,10 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, rounds: usize, window: Duratio
         bins.dir().display()
     );
     println!("  server at rest: {idle:.0} µs of CPU per second");
-    println!("  {:>5} {:>10} {:>12} {:>14} {:>18}", "via", "in Mbit/s", "server µs/s", "µs per Mbit", "net µs per Mbit");
+    println!(
+        "  {:>5} {:>10} {:>12} {:>14} {:>18}",
+        "via", "in Mbit/s", "server µs/s", "µs per Mbit", "net µs per Mbit"
+    );
     for (via, mbit, us) in &ingest {
         println!(
             "  {:>5} {:>10.2} {:>12.0} {:>14.0} {:>18.0}",

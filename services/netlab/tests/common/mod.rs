@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use netlab::demo;
 use netlab::lab::Lab;
+use netlab::plan::ns_name;
 use netlab::run::{self, Bins, UpOptions};
 use netlab::state::{self, LabState};
-use netlab::plan::ns_name;
 use netlab::{plan, probe, sys};
 
 /// Lab tests take the machine's two cores: one lab at a time per binary.

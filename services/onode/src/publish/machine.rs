@@ -26,10 +26,18 @@ pub struct Announced {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Options,
-    Announce { stream: String, tracks: Vec<Announced> },
+    Announce {
+        stream: String,
+        tracks: Vec<Announced>,
+    },
     /// SETUP of the track whose control is `control`, interleaved on these
     /// channels.
-    Setup { stream: String, control: String, rtp_channel: u8, rtcp_channel: u8 },
+    Setup {
+        stream: String,
+        control: String,
+        rtp_channel: u8,
+        rtcp_channel: u8,
+    },
     Record,
     Teardown,
     KeepAlive,
@@ -70,13 +78,15 @@ pub fn announced(sdp: &[u8]) -> Result<Vec<Announced>, Refusal> {
         if media.media != "video" && media.media != "audio" {
             return Err(unsupported(format!("media {} is not taken: publish video and audio", shown(&media.media))));
         }
-        let pt: u8 = media
-            .fmt
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse().ok())
-            .filter(|&pt| pt < 128)
-            .ok_or_else(|| Refusal::new(StatusCode::BadRequest, format!("media format {} is not a payload type", shown(&media.fmt))))?;
+        let pt: u8 =
+            media.fmt.split_whitespace().next().and_then(|f| f.parse().ok()).filter(|&pt| pt < 128).ok_or_else(
+                || {
+                    Refusal::new(
+                        StatusCode::BadRequest,
+                        format!("media format {} is not a payload type", shown(&media.fmt)),
+                    )
+                },
+            )?;
         let attribute = |name: &'static str| {
             media.attributes.iter().filter(move |a| a.attribute == name).filter_map(|a| a.value.as_deref())
         };
@@ -91,18 +101,28 @@ pub fn announced(sdp: &[u8]) -> Result<Vec<Announced>, Refusal> {
                 let encoding = parts.next().unwrap_or_default().to_string();
                 let clock = parts.next().and_then(|c| c.parse::<u32>().ok()).filter(|&c| c > 0);
                 let Some(clock) = clock else {
-                    return Err(Refusal::new(StatusCode::BadRequest, format!("rtpmap {} has no clock rate", shown(map))));
+                    return Err(Refusal::new(
+                        StatusCode::BadRequest,
+                        format!("rtpmap {} has no clock rate", shown(map)),
+                    ));
                 };
                 (encoding, clock, parts.next().and_then(|c| c.parse::<u32>().ok()))
             }
-            None => return Err(unsupported(format!("payload type {pt} has no rtpmap (static payload types are not taken)"))),
+            None => {
+                return Err(unsupported(format!(
+                    "payload type {pt} has no rtpmap (static payload types are not taken)"
+                )))
+            }
         };
         let codec = Codec::from_rtp(&encoding).map_err(unsupported)?;
         if codec.is_video() != (media.media == "video") {
             return Err(unsupported(format!("{} is not {} media", shown(&encoding), media.media)));
         }
         if tracks.iter().any(|t| t.track.codec.is_video() == codec.is_video()) {
-            return Err(unsupported(format!("a second {} track is not taken: publish one video and one audio", media.media)));
+            return Err(unsupported(format!(
+                "a second {} track is not taken: publish one video and one audio",
+                media.media
+            )));
         }
         let fmtp = attribute("fmtp")
             .find_map(for_pt)
@@ -132,7 +152,9 @@ pub fn track_for(tracks: &[Announced], control: &str) -> Option<usize> {
         return Some(i);
     }
     if let Some(i) = tracks.iter().position(|t| {
-        t.control.contains("://") && !control.is_empty() && t.control.trim_end_matches('/').ends_with(&format!("/{control}"))
+        t.control.contains("://")
+            && !control.is_empty()
+            && t.control.trim_end_matches('/').ends_with(&format!("/{control}"))
     }) {
         return Some(i);
     }
@@ -257,7 +279,12 @@ pub struct RateBound {
 
 impl RateBound {
     pub fn new(limit_kbit: u32) -> RateBound {
-        RateBound { limit_bytes_2s: u64::from(limit_kbit) * 1000 / 8 * 2 * 3 / 2, current: 0, previous: 0, second_ms: 0 }
+        RateBound {
+            limit_bytes_2s: u64::from(limit_kbit) * 1000 / 8 * 2 * 3 / 2,
+            current: 0,
+            previous: 0,
+            second_ms: 0,
+        }
     }
 
     /// Counts `bytes` at `now_ms`; false once the last two seconds carried
@@ -315,7 +342,9 @@ mod tests {
         assert!(r.reason.contains("H265"), "{}", r.reason);
         let pcm = FFMPEG_SDP.replace("MPEG4-GENERIC/44100/2", "L16/44100/2");
         assert_eq!(announced(pcm.as_bytes()).unwrap_err().status, StatusCode::UnsupportedMediaType);
-        let twice = FFMPEG_SDP.replace("m=audio 0 RTP/AVP 97", "m=video 0 RTP/AVP 97").replace("MPEG4-GENERIC/44100/2", "H264/90000");
+        let twice = FFMPEG_SDP
+            .replace("m=audio 0 RTP/AVP 97", "m=video 0 RTP/AVP 97")
+            .replace("MPEG4-GENERIC/44100/2", "H264/90000");
         assert!(announced(twice.as_bytes()).unwrap_err().reason.contains("second video"));
         assert_eq!(announced(b"garbage").unwrap_err().status, StatusCode::BadRequest);
         assert_eq!(announced(&vec![b'v'; MAX_SDP + 1]).unwrap_err().status, StatusCode::RequestMessageBodyTooLarge);
@@ -331,7 +360,9 @@ mod tests {
         );
         let p = parse(&request(&announce)).unwrap();
         assert_eq!(p.token.as_deref(), Some("abc"));
-        assert!(matches!(p.command, Command::Announce { ref stream, ref tracks } if stream == "cam" && tracks.len() == 2));
+        assert!(
+            matches!(p.command, Command::Announce { ref stream, ref tracks } if stream == "cam" && tracks.len() == 2)
+        );
         let setup = "SETUP rtsp://10.0.25.10:8554/cam/streamid=0 RTSP/1.0\r\nCSeq: 3\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1;mode=record\r\n\r\n";
         assert_eq!(
             parse(&request(setup)).unwrap().command,

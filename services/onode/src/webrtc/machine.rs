@@ -230,7 +230,10 @@ pub fn publish_answer(offer: &str, candidate: SocketAddr, now: Instant) -> Resul
         rtc.codec_config().find(|p| p.spec().codec == codec && remote.contains(&p.pt())).map(|p| *p.pt())
     };
     let pick = |kind: MediaKind, codec: Codec| {
-        added.iter().filter(|(_, k, d)| *k == kind && receives(*d)).find_map(|&(m, ..)| agreed(m, codec).map(|pt| (m, pt)))
+        added
+            .iter()
+            .filter(|(_, k, d)| *k == kind && receives(*d))
+            .find_map(|&(m, ..)| agreed(m, codec).map(|pt| (m, pt)))
     };
     if !added.iter().any(|(_, k, d)| *k == MediaKind::Video && receives(*d)) {
         return Err(Refusal::new(400, "the offer sends no video (WHIP needs a sendonly or sendrecv video m-line)"));
@@ -483,15 +486,21 @@ mod tests {
         let vp8 = chromium_offer(VP8_ONLY).replace("a=recvonly", "a=sendonly");
         assert_eq!(publish_answer(&vp8, pop(), Instant::now()).unwrap_err().status, 406);
         let viewer = chromium_offer(CHROMIUM_H264);
-        assert_eq!(publish_answer(&viewer, pop(), Instant::now()).unwrap_err().status, 400, "a viewer's offer sends nothing");
+        assert_eq!(
+            publish_answer(&viewer, pop(), Instant::now()).unwrap_err().status,
+            400,
+            "a viewer's offer sends nothing"
+        );
     }
 
     #[test]
     fn rtp_is_rebuilt_from_its_fields() {
         let b = rtp_bytes(102, true, 0xabcd, 90_000, 7, b"xy");
         let p = Packet::parse(&b).unwrap();
-        assert_eq!((p.payload_type(), p.sequence(), p.timestamp(), p.ssrc(), p.marker()), (102, 0xabcd, 90_000, 7, true));
+        assert_eq!(
+            (p.payload_type(), p.sequence(), p.timestamp(), p.ssrc(), p.marker()),
+            (102, 0xabcd, 90_000, 7, true)
+        );
         assert_eq!(rtp_payload(&b), Some(&b"xy"[..]));
     }
-
 }
