@@ -107,19 +107,7 @@ impl StreamSource {
                 }
             }
         }
-        if let Err(e) = source.pipeline.set_state(gst::State::Playing) {
-            return Err(MediaError::Start {
-                pipeline: context,
-                reason: bus_error(&source.pipeline).unwrap_or_else(|| e.to_string()),
-            });
-        }
-        source.watcher = Some(spawn_watcher(
-            source.stream.clone(),
-            source.pipeline.clone(),
-            source.stopping.clone(),
-            source.first_error.clone(),
-            loop_clock,
-        )?);
+        source.play(loop_clock)?;
         info!(stream, ?spec, "stream source started");
         Ok(source)
     }
@@ -134,20 +122,27 @@ impl StreamSource {
             first_error: Arc::new(Mutex::new(None)),
             watcher: None,
         };
-        if let Err(e) = source.pipeline.set_state(gst::State::Playing) {
+        source.play(None)?;
+        Ok(source)
+    }
+
+    /// Sets the pipeline PLAYING and follows its bus (looping a file when
+    /// given its loop clock).
+    fn play(&mut self, loop_clock: Option<Arc<Mutex<LoopClock>>>) -> Result<(), MediaError> {
+        if let Err(e) = self.pipeline.set_state(gst::State::Playing) {
             return Err(MediaError::Start {
-                pipeline: format!("stream {stream}"),
-                reason: bus_error(&source.pipeline).unwrap_or_else(|| e.to_string()),
+                pipeline: format!("stream {}", self.stream),
+                reason: bus_error(&self.pipeline).unwrap_or_else(|| e.to_string()),
             });
         }
-        source.watcher = Some(spawn_watcher(
-            source.stream.clone(),
-            source.pipeline.clone(),
-            source.stopping.clone(),
-            source.first_error.clone(),
-            None,
+        self.watcher = Some(spawn_watcher(
+            self.stream.clone(),
+            self.pipeline.clone(),
+            self.stopping.clone(),
+            self.first_error.clone(),
+            loop_clock,
         )?);
-        Ok(source)
+        Ok(())
     }
 
     /// The stream this source plays.

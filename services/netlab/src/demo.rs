@@ -81,6 +81,24 @@ pub fn make_media(dir: &Path, streams: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Makes `path`: what an encoder would publish, 10 s of H.264 (main
+/// profile, B-frames, a keyframe a second) and AAC sound, with ffmpeg.
+pub fn make_encoder_file(path: &Path) -> Result<()> {
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", "10", "-c:v", "libx264", "-profile:v", "main", "-g", "30", "-pix_fmt", "yuv420p"])
+        .args(["-b:v", "800k", "-c:a", "aac", "-b:a", "96k", "-ac", "2"])
+        .arg(path)
+        .output()
+        .context("running ffmpeg")?;
+    if !out.status.success() {
+        bail!("making {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// The streams the lab's clients watch, in order of first use.
 pub fn client_streams(lab: &Lab) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();

@@ -25,21 +25,6 @@ use netlab::run::{self, ClientRun};
 /// Seconds a published name waits for its publisher in this test.
 const GRACE_S: u64 = 3;
 
-/// A file an encoder would send: 10 s of H.264 (main profile, B-frames,
-/// a keyframe a second) and AAC sound.
-fn make_file(path: &Path) {
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", "10", "-c:v", "libx264", "-profile:v", "main", "-g", "30", "-pix_fmt", "yuv420p"])
-        .args(["-b:v", "800k", "-c:a", "aac", "-b:a", "96k", "-ac", "2"])
-        .arg(path)
-        .output()
-        .expect("ffmpeg runs");
-    assert!(out.status.success(), "making {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-}
-
 /// An ffmpeg publishing `file` in a loop, in real time, from `host`.
 struct Publisher {
     child: Child,
@@ -122,7 +107,7 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     };
     let (s1, s2) = (addr_of("s1"), addr_of("s2"));
     let file = st.dir().join("encoder.mp4");
-    make_file(&file);
+    netlab::demo::make_encoder_file(&file).expect("the encoder's file");
     let log = |name: &str| st.dir().join(format!("publisher-{name}.log"));
     let mut problems = Vec::new();
 

@@ -271,15 +271,7 @@ async fn answer(
     body: &[u8],
 ) -> Result<(String, String), Refusal> {
     let node = &edge.node;
-    overlay_core::names::check_name("stream", stream).map_err(|why| Refusal::new(400, why))?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim().to_ascii_lowercase().starts_with("application/sdp") {
-        return Err(Refusal::new(
-            415,
-            format!("the offer must be sent as application/sdp, not {}", overlay_core::names::shown(content_type)),
-        ));
-    }
-    let offer = std::str::from_utf8(body).map_err(|_| Refusal::new(400, "the offer is not UTF-8 text"))?;
+    let offer = offer_body(stream, headers, body)?;
     authorize(node, conn.peer, stream, headers)?;
     // Nothing is joined for an offer that cannot be answered.
     machine::check_offer(offer)?;
@@ -360,15 +352,35 @@ async fn answer(
     Ok((id, sdp))
 }
 
+/// The SDP offer of a WHEP or WHIP request for `stream`: a valid stream
+/// name, `application/sdp`, UTF-8 text; or why not.
+pub(crate) fn offer_body<'a>(stream: &str, headers: &HeaderMap, body: &'a [u8]) -> Result<&'a str, Refusal> {
+    overlay_core::names::check_name("stream", stream).map_err(|why| Refusal::new(400, why))?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim().to_ascii_lowercase().starts_with("application/sdp") {
+        return Err(Refusal::new(
+            415,
+            format!("the offer must be sent as application/sdp, not {}", overlay_core::names::shown(content_type)),
+        ));
+    }
+    std::str::from_utf8(body).map_err(|_| Refusal::new(400, "the offer is not UTF-8 text"))
+}
+
+/// The token of an `Authorization: Bearer` header, as WHEP and WHIP
+/// players give one.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
 /// Checks the viewer's token (`Authorization: Bearer`) when the POP
 /// requires one.
 fn authorize(node: &Node, peer: SocketAddr, stream: &str, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(verifier) = &node.settings.tokens else { return Ok(()) };
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let token = bearer(headers);
     let now = crate::net::unix_us() / 1_000_000;
     match verifier.check(token, Action::Read, stream, now) {
         Ok(claims) => {

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::publish::{Claim, Publishing};
 use crate::token::TokenError;
 use crate::webrtc::machine::{self, Published, Refusal};
-use crate::webrtc::{cors, preflight, receive, refused, Conn, Sockets};
+use crate::webrtc::{bearer, cors, offer_body, preflight, receive, refused, Conn, Sockets};
 
 /// The publisher page, served at `/NAME/publish`.
 const PUBLISHER: &str = include_str!("whip/publisher.html");
@@ -155,20 +155,8 @@ async fn answer(
     body: &[u8],
 ) -> Result<(String, String), Refusal> {
     let publishing = &edge.publishing;
-    overlay_core::names::check_name("stream", stream).map_err(|why| Refusal::new(400, why))?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim().to_ascii_lowercase().starts_with("application/sdp") {
-        return Err(Refusal::new(
-            415,
-            format!("the offer must be sent as application/sdp, not {}", overlay_core::names::shown(content_type)),
-        ));
-    }
-    let offer = std::str::from_utf8(body).map_err(|_| Refusal::new(400, "the offer is not UTF-8 text"))?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let offer = offer_body(stream, headers, body)?;
+    let token = bearer(headers);
     publishing.authorize(stream, token).map_err(|e| {
         let status = if matches!(e, TokenError::NotGranted { .. }) { 403 } else { 401 };
         Refusal::new(status, e.to_string())

@@ -12,29 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use netlab::lab::{Lab, RoleKind};
 use netlab::run::{self, Bins};
 use netlab::state::LabState;
 use netlab::{cpu, faults};
 use serde_json::Value;
-
-/// An encoder's file: 10 s of H.264 (main, a keyframe a second) and AAC.
-fn make_file(path: &Path) -> Result<()> {
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", "10", "-c:v", "libx264", "-profile:v", "main", "-g", "30", "-pix_fmt", "yuv420p"])
-        .args(["-b:v", "800k", "-c:a", "aac", "-b:a", "96k", "-ac", "2"])
-        .arg(path)
-        .output()
-        .context("running ffmpeg")?;
-    if !out.status.success() {
-        bail!("making {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 /// ffmpeg publishing `file` in a loop from `host`'s namespace.
 struct Publisher(Child);
@@ -130,7 +113,7 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, rounds: usize, window: Duratio
         .map(|p| p.pid)
         .ok_or_else(|| anyhow!("{server} is not running"))?;
     let file = st.dir().join("encoder.mp4");
-    make_file(&file)?;
+    netlab::demo::make_encoder_file(&file)?;
 
     let cpu_over = |w: Duration| -> Result<(f64, u64)> {
         let bytes = |v: &Value| v["published"]["counters"]["bytes_in"].as_u64().unwrap_or(0);

@@ -5,9 +5,9 @@
 use overlay_core::codec::{Codec, RtpTrack};
 use overlay_core::names::shown;
 use rtsp_types::headers::{self, Transport, Transports};
-use rtsp_types::{Method, Request, StatusCode, Version};
+use rtsp_types::{Method, Request, StatusCode};
 
-use crate::rtsp::machine::{request_token, Refusal};
+use crate::rtsp::machine::{head, request_token, Refusal};
 
 /// The methods a server's RTSP port announces in `Public`.
 pub const PUBLIC: &str = "OPTIONS, ANNOUNCE, SETUP, RECORD, TEARDOWN, GET_PARAMETER";
@@ -186,18 +186,7 @@ fn record_transport(req: &Request<Vec<u8>>) -> Result<(u8, u8), Refusal> {
 
 /// Parses a publisher's request.
 pub fn parse(req: &Request<Vec<u8>>) -> Result<Parsed, Refusal> {
-    let cseq = req
-        .header(&headers::CSEQ)
-        .map(|v| v.as_str().trim().to_string())
-        .filter(|c| !c.is_empty() && c.len() <= 10 && c.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| Refusal::new(StatusCode::BadRequest, "the request has no valid CSeq"))?;
-    if req.version() != Version::V1_0 {
-        return Err(Refusal::new(StatusCode::RTSPVersionNotSupported, "this server speaks RTSP/1.0"));
-    }
-    let session = req.header(&headers::SESSION).map(|v| {
-        let v = v.as_str();
-        v.split(';').next().unwrap_or(v).trim().chars().take(64).collect::<String>()
-    });
+    let (cseq, session) = head(req)?;
     let (stream, control) = target(req)?;
     let need_stream = || stream.clone().ok_or_else(|| Refusal::new(StatusCode::NotFound, "the URL names no stream"));
     let command = match req.method() {

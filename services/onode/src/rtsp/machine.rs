@@ -217,19 +217,26 @@ pub fn too_many_headers(buf: &[u8]) -> Option<Refusal> {
 }
 
 /// Parses a request from `peer` into what it asks for.
-pub fn parse(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<Parsed, Refusal> {
+/// What every request carries, checked: its CSeq, RTSP/1.0, and the
+/// Session it names (without parameters), if any.
+pub fn head(req: &Request<Vec<u8>>) -> Result<(String, Option<String>), Refusal> {
     let cseq = req
         .header(&headers::CSEQ)
         .map(|v| v.as_str().trim().to_string())
         .filter(|c| !c.is_empty() && c.len() <= 10 && c.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| Refusal::new(StatusCode::BadRequest, "the request has no valid CSeq"))?;
     if req.version() != Version::V1_0 {
-        return Err(Refusal::new(StatusCode::RTSPVersionNotSupported, "this POP speaks RTSP/1.0"));
+        return Err(Refusal::new(StatusCode::RTSPVersionNotSupported, "this node speaks RTSP/1.0"));
     }
     let session = req.header(&headers::SESSION).map(|v| {
         let v = v.as_str();
         v.split(';').next().unwrap_or(v).trim().chars().take(64).collect::<String>()
     });
+    Ok((cseq, session))
+}
+
+pub fn parse(req: &Request<Vec<u8>>, peer: IpAddr) -> Result<Parsed, Refusal> {
+    let (cseq, session) = head(req)?;
     let token = request_token(req);
     let (stream, track) = target(req)?;
     let need_stream = || stream.clone().ok_or_else(|| Refusal::new(StatusCode::NotFound, "the URL names no stream"));

@@ -111,18 +111,19 @@ pub fn check_offer(offer: &str) -> Result<SdpOffer, Refusal> {
         .map_err(|e| Refusal::new(400, format!("malformed SDP offer: {}", shown(&e.to_string()))))
 }
 
-/// Answers `offer` for a stream in `format`, with the POP's `candidate`
-/// (the address and UDP port the browser reaches): the new peer, the SDP
-/// answer and what was negotiated; or why not.
-pub fn answer(
+/// A peer built from `config` with one host `candidate` that accepted
+/// `offer`: the peer, its answer, and the offer's m-lines by mid with the
+/// kind and direction str0m agreed to.
+#[allow(clippy::type_complexity)]
+fn accept(
+    config: RtcConfig,
     offer: &str,
-    format: StreamFormat,
     candidate: SocketAddr,
     now: Instant,
-) -> Result<(Rtc, String, Negotiated), Refusal> {
+) -> Result<(Rtc, str0m::change::SdpAnswer, Vec<(Mid, MediaKind, Direction)>), Refusal> {
     let offer_text = offer;
     let offer = check_offer(offer)?;
-    let mut rtc = config(format).build(now);
+    let mut rtc = config.build(now);
     let candidate = Candidate::host(candidate, "udp")
         .map_err(|e| Refusal::new(500, format!("no ICE candidate for {candidate}: {e}")))?;
     rtc.add_local_candidate(candidate);
@@ -132,12 +133,25 @@ pub fn answer(
         .map_err(|e| Refusal::new(400, format!("the offer cannot be answered: {}", shown(&e.to_string()))))?;
     // The offer's m-lines by their mids (str0m has parsed and checked it;
     // its media tell kind and direction).
-    let added: Vec<(Mid, MediaKind, Direction)> = offer_text
+    let added = offer_text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("a=mid:"))
         .take(16)
         .filter_map(|m| rtc.media(Mid::from(m.trim())).map(|media| (media.mid(), media.kind(), media.direction())))
         .collect();
+    Ok((rtc, answer, added))
+}
+
+/// Answers `offer` for a stream in `format`, with the POP's `candidate`
+/// (the address and UDP port the browser reaches): the new peer, the SDP
+/// answer and what was negotiated; or why not.
+pub fn answer(
+    offer: &str,
+    format: StreamFormat,
+    candidate: SocketAddr,
+    now: Instant,
+) -> Result<(Rtc, String, Negotiated), Refusal> {
+    let (rtc, answer, added) = accept(config(format), offer, candidate, now)?;
     let negotiated = negotiated(&rtc, &added, format)?;
     Ok((rtc, answer.to_sdp_string(), negotiated))
 }
@@ -208,23 +222,8 @@ fn publish_config() -> RtcConfig {
 /// Answers a publisher's offer (WHIP) with `candidate`: the new peer, the
 /// SDP answer and what it will send; or why not (406 without H.264).
 pub fn publish_answer(offer: &str, candidate: SocketAddr, now: Instant) -> Result<(Rtc, String, Published), Refusal> {
-    let offer_text = offer;
-    let offer = check_offer(offer)?;
-    let mut rtc = publish_config().build(now);
-    let candidate = Candidate::host(candidate, "udp")
-        .map_err(|e| Refusal::new(500, format!("no ICE candidate for {candidate}: {e}")))?;
-    rtc.add_local_candidate(candidate);
-    let answer = rtc
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| Refusal::new(400, format!("the offer cannot be answered: {}", shown(&e.to_string()))))?;
+    let (rtc, answer, added) = accept(publish_config(), offer, candidate, now)?;
     let receives = |d: Direction| matches!(d, Direction::RecvOnly | Direction::SendRecv);
-    let added: Vec<(Mid, MediaKind, Direction)> = offer_text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("a=mid:"))
-        .take(16)
-        .filter_map(|m| rtc.media(Mid::from(m.trim())).map(|media| (media.mid(), media.kind(), media.direction())))
-        .collect();
     let agreed = |mid: Mid, codec: Codec| {
         let remote = rtc.media(mid)?.remote_pts();
         rtc.codec_config().find(|p| p.spec().codec == codec && remote.contains(&p.pt())).map(|p| *p.pt())
