@@ -23,6 +23,18 @@ test:
     start=$SECONDS
     just build
     built=$SECONDS
+    # The role images (debootstrap, apt) are mostly waiting on the network:
+    # they build beside the lab tests, and the compose test finds them made.
+    images=""
+    if docker info >/dev/null 2>&1; then
+        log=target/images-for-test.log
+        echo "just test: building the role images in the background (log: $log)"
+        BIN_DIR="$PWD/target/debug" nice deploy/images.sh >"$log" 2>&1 &
+        images=$!
+    fi
+    # Wait for the background build however the tests end (its lock would
+    # otherwise outlive them).
+    trap '[ -z "$images" ] || wait "$images" || true' EXIT
     cargo test --workspace -- --test-threads=2
     echo "just test: build $((built - start)) s, tests $((SECONDS - built)) s"
 

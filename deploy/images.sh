@@ -22,6 +22,15 @@ for role in "${roles[@]}"; do
     [[ -f $repo/deploy/$role.Dockerfile ]] || { echo "images: unknown role $role" >&2; usage; exit 2; }
 done
 
+# One build at a time on this machine: `just test` starts one beside the
+# lab tests and the compose test asks again; the second waits, then finds
+# every layer cached.
+exec 9>/tmp/overlay-images.lock
+if ! flock -n 9; then
+    echo "images: another image build runs here; waiting for it" >&2
+    flock 9
+fi
+
 if ! docker image inspect "$base" >/dev/null 2>&1; then
     if [[ $base == overlay-base:bookworm ]]; then
         "$repo/deploy/base-image.sh" "$base"

@@ -177,6 +177,11 @@ impl Links {
         self.liveness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Periodic beats sent to `neighbour` and missed by it, since start.
+    pub fn beat_totals(&self, neighbour: &str) -> overlay_core::liveness::BeatTotals {
+        self.liveness().totals(neighbour)
+    }
+
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<bool>>> {
         self.checks.lock().unwrap_or_else(|p| p.into_inner())
     }

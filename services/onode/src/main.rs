@@ -212,11 +212,11 @@ struct Common {
     /// POPs: most open sessions in total.
     #[arg(long, default_value_t = 1024)]
     max_sessions: usize,
-    /// TCP port of the Prometheus metrics (http://NODE:PORT/metrics, e.g.
-    /// 9998); 0, the default, turns them off. They name the node, its
-    /// neighbours and its streams and ask for no certificate: open them
-    /// only where clients cannot reach (an operator network).
-    #[arg(long, env = "ONODE_METRICS_PORT", default_value_t = 0)]
+    /// TCP port of the Prometheus metrics (http://NODE:PORT/metrics); 0
+    /// turns them off. They name the node, its neighbours and its streams
+    /// and ask for no certificate: where clients can reach the node, keep
+    /// the port to the operators' network with a firewall, or turn it off.
+    #[arg(long, env = "ONODE_METRICS_PORT", default_value_t = 9998)]
     metrics_port: u16,
     /// TCP port of the RTSP server: at POPs players watch
     /// (rtsp://POP:PORT/STREAM), at servers encoders publish
@@ -470,6 +470,7 @@ async fn serve(
     }
     use services::{BOOTSTRAP_MAX_MESSAGE, OVERLAY_MAX_MESSAGE, SESSION_MAX_MESSAGE};
     let router = builder
+        .layer(metrics::CountRequests(node.requests.clone()))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)))

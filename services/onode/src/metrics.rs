@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub neighbours: Vec<NeighbourFigures>,
     /// Open sessions by phase.
     pub sessions: Vec<(String, u64)>,
+    pub session_counts: overlay_core::session::SessionCounts,
+    /// Control requests answered: (method, status, count).
+    pub requests: Vec<(&'static str, &'static str, u64)>,
     pub rtcp_report_blocks: u64,
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
@@ -39,9 +42,18 @@ pub struct StreamFigures {
     /// Empty at the stream's server.
     pub upstream: String,
     pub downstream: u64,
-    /// Playing viewers by protocol ("grpc", "rtsp").
+    /// Playing viewers by protocol ("grpc", "rtsp", "webrtc").
     pub viewers: Vec<(String, u64)>,
     pub gop_packets: u64,
+    /// "root" (its server), "branch" (feeds neighbours) or "leaf".
+    pub tree_role: &'static str,
+    /// Packets and bytes taken in (from upstream, or the server's own
+    /// pipeline).
+    pub received: (u64, u64),
+    /// Packets and bytes sent, by destination: a neighbour, or "viewers".
+    pub sent: Vec<(String, (u64, u64))>,
+    pub repairs: u64,
+    pub last_repair_gap_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -49,6 +61,8 @@ pub struct NeighbourFigures {
     pub neighbour: String,
     pub up: bool,
     pub delay_seconds: Option<f64>,
+    pub heartbeats_sent: u64,
+    pub heartbeats_missed: u64,
 }
 
 #[derive(Debug)]
@@ -57,6 +71,20 @@ struct Figures(Snapshot);
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// One counter family: a series per label set.
+fn counters<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (labels, v) in series {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// One gauge family: a series per label set.
@@ -106,13 +134,14 @@ impl Collector for Figures {
         gauges(
             &mut e,
             "overlay_stream_info",
-            "A stream this node carries: its server and upstream (empty at the server).",
+            "A stream this node carries: its server, upstream (empty at the server) and role in its tree.",
             s.streams.iter().map(|st| {
                 (
                     vec![
                         ("stream", st.stream.as_str()),
                         ("server", st.server.as_str()),
                         ("upstream", st.upstream.as_str()),
+                        ("tree_role", st.tree_role),
                     ],
                     1,
                 )
@@ -140,6 +169,52 @@ impl Collector for Figures {
             "Packets of the stream's video since its last keyframe, cached for new viewers.",
             s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.gop_packets as i64)),
         )?;
+        counters(
+            &mut e,
+            "overlay_stream_received_packets",
+            "Packets of the stream this node took in (from upstream, or its own pipeline at the server).",
+            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.received.0)),
+        )?;
+        counters(
+            &mut e,
+            "overlay_stream_received_bytes",
+            "Bytes of the stream this node took in.",
+            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.received.1)),
+        )?;
+        counters(
+            &mut e,
+            "overlay_stream_sent_packets",
+            "Packets of the stream this node sent, by destination: a neighbour, or its viewers.",
+            s.streams.iter().flat_map(|st| {
+                st.sent.iter().map(|(to, (p, _))| (vec![("stream", st.stream.as_str()), ("to", to.as_str())], *p))
+            }),
+        )?;
+        counters(
+            &mut e,
+            "overlay_stream_sent_bytes",
+            "Bytes of the stream this node sent, by destination.",
+            s.streams.iter().flat_map(|st| {
+                st.sent.iter().map(|(to, (_, b))| (vec![("stream", st.stream.as_str()), ("to", to.as_str())], *b))
+            }),
+        )?;
+        counters(
+            &mut e,
+            "overlay_stream_repairs",
+            "Times this node's branch of the stream found a new upstream after losing its own.",
+            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.repairs)),
+        )?;
+        let gap = ConstGauge::new(0.0f64);
+        let mut m = e.encode_descriptor(
+            "overlay_stream_last_repair_gap",
+            "Media gap of the stream's last repair here: last packet before the loss to first packet after.",
+            Some(&Unit::Seconds),
+            gap.metric_type(),
+        )?;
+        for st in &s.streams {
+            if let Some(g) = st.last_repair_gap_seconds {
+                ConstGauge::new(g).encode(m.encode_family(&[("stream", st.stream.as_str())])?)?;
+            }
+        }
         gauges(
             &mut e,
             "overlay_neighbour_up",
@@ -158,11 +233,43 @@ impl Collector for Figures {
                 ConstGauge::new(d).encode(m.encode_family(&[("neighbour", n.neighbour.as_str())])?)?;
             }
         }
+        counters(
+            &mut e,
+            "overlay_neighbour_heartbeats",
+            "Periodic heartbeats sent to the neighbour.",
+            s.neighbours.iter().map(|n| (vec![("neighbour", n.neighbour.as_str())], n.heartbeats_sent)),
+        )?;
+        counters(
+            &mut e,
+            "overlay_neighbour_heartbeats_missed",
+            "Heartbeats the neighbour did not answer in time.",
+            s.neighbours.iter().map(|n| (vec![("neighbour", n.neighbour.as_str())], n.heartbeats_missed)),
+        )?;
         gauges(
             &mut e,
             "overlay_sessions",
             "Open viewer sessions, by phase.",
             s.sessions.iter().map(|(phase, n)| (vec![("phase", phase.as_str())], *n as i64)),
+        )?;
+        let c = &s.session_counts;
+        counter(&mut e, "overlay_sessions_opened", "Viewer sessions opened.", c.opened)?;
+        counters(
+            &mut e,
+            "overlay_sessions_refused",
+            "Viewer sessions refused, by reason.",
+            [(vec![("reason", "pop_full")], c.refused_full), (vec![("reason", "address_limit")], c.refused_address)],
+        )?;
+        counter(
+            &mut e,
+            "overlay_sessions_timed_out",
+            "Viewer sessions ended because their client went silent.",
+            c.timed_out,
+        )?;
+        counters(
+            &mut e,
+            "overlay_control_requests",
+            "Control-plane (gRPC) requests answered, by method and status.",
+            s.requests.iter().map(|(method, status, n)| (vec![("method", *method), ("status", *status)], *n)),
         )?;
         counter(
             &mut e,
@@ -186,6 +293,126 @@ impl Collector for Figures {
             rss.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+/// Control-plane requests answered, by method and status. Both labels
+/// come from fixed lists: a path that names no method of ours counts as
+/// "other", whatever a caller sends.
+#[derive(Debug, Default)]
+pub struct RequestCounts(std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>);
+
+/// The methods of our gRPC services (proto/overlay/v1).
+const METHODS: &[&str] = &[
+    "Ping",
+    "Join",
+    "Leave",
+    "Refresh",
+    "Reroot",
+    "Inspect",
+    "Observe",
+    "ConnectPop",
+    "Setup",
+    "Play",
+    "Pause",
+    "Teardown",
+    "Keepalive",
+    "Register",
+    "Watch",
+    "Login",
+    "Overview",
+];
+
+impl RequestCounts {
+    pub fn add(&self, method: &'static str, status: &'static str) {
+        *crate::node::lock_unpoisoned(&self.0).entry((method, status)).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        crate::node::lock_unpoisoned(&self.0).iter().map(|((m, s), n)| (*m, *s, *n)).collect()
+    }
+}
+
+/// The method label of a gRPC request path (`/overlay.v1.Overlay/Join`).
+pub fn method_of(path: &str) -> &'static str {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    if !service.starts_with("overlay.v1.") {
+        return "other";
+    }
+    METHODS.iter().find(|m| **m == method).copied().unwrap_or("other")
+}
+
+/// The status label of a gRPC answer: its `grpc-status` header when the
+/// answer is an error at once (trailers-only), "OK" otherwise (a stream
+/// that fails later is counted by how it started).
+pub fn status_of(headers: &axum::http::HeaderMap) -> &'static str {
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A tower layer for the gRPC server that counts every answer in
+/// [`RequestCounts`].
+#[derive(Debug, Clone)]
+pub struct CountRequests(pub Arc<RequestCounts>);
+
+impl<S> tower::Layer<S> for CountRequests {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted { inner, counts: self.0.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Counted<S> {
+    inner: S,
+    counts: Arc<RequestCounts>,
+}
+
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for Counted<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let method = method_of(request.uri().path());
+        let counts = self.counts.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let out = answer.await;
+            counts.add(method, out.as_ref().map_or("TRANSPORT_ERROR", |r| status_of(r.headers())));
+            out
+        })
     }
 }
 
@@ -265,9 +492,27 @@ mod tests {
                 downstream: 0,
                 viewers: vec![("grpc".into(), 1), ("rtsp".into(), 2)],
                 gop_packets: 40,
+                tree_role: "leaf",
+                received: (100, 120_000),
+                sent: vec![("viewers".into(), (300, 360_000))],
+                repairs: 1,
+                last_repair_gap_seconds: Some(0.25),
             }],
-            neighbours: vec![NeighbourFigures { neighbour: "o4".into(), up: true, delay_seconds: Some(0.004) }],
+            neighbours: vec![NeighbourFigures {
+                neighbour: "o4".into(),
+                up: true,
+                delay_seconds: Some(0.004),
+                heartbeats_sent: 50,
+                heartbeats_missed: 3,
+            }],
             sessions: vec![("PLAYING".into(), 3)],
+            session_counts: overlay_core::session::SessionCounts {
+                opened: 4,
+                refused_full: 0,
+                refused_address: 2,
+                timed_out: 1,
+            },
+            requests: vec![("Setup", "OK", 4), ("other", "UNIMPLEMENTED", 1)],
             rtcp_report_blocks: 5,
             cpu_seconds: 1.5,
             resident_bytes: 4096,
@@ -277,7 +522,16 @@ mod tests {
             "overlay_node_info{node=\"o5\",role=\"pop\"} 1",
             "overlay_relay_sent_packets_total 7",
             "overlay_relay_dropped_packets_total{reason=\"duplicate\"} 2",
-            "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\"} 1",
+            "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\",tree_role=\"leaf\"} 1",
+            "overlay_stream_received_bytes_total{stream=\"test\"} 120000",
+            "overlay_stream_sent_packets_total{stream=\"test\",to=\"viewers\"} 300",
+            "overlay_stream_repairs_total{stream=\"test\"} 1",
+            "overlay_stream_last_repair_gap_seconds{stream=\"test\"} 0.25",
+            "overlay_neighbour_heartbeats_missed_total{neighbour=\"o4\"} 3",
+            "overlay_sessions_opened_total 4",
+            "overlay_sessions_refused_total{reason=\"address_limit\"} 2",
+            "overlay_sessions_timed_out_total 1",
+            "overlay_control_requests_total{method=\"Setup\",status=\"OK\"} 4",
             "overlay_stream_viewers{stream=\"test\",protocol=\"rtsp\"} 2",
             "overlay_stream_gop_cache_packets{stream=\"test\"} 40",
             "overlay_neighbour_up{neighbour=\"o4\"} 1",
@@ -290,6 +544,14 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
         }
+        assert_eq!(method_of("/overlay.v1.Session/Setup"), "Setup");
+        assert_eq!(method_of("/overlay.v1.Session/Nonsense"), "other");
+        assert_eq!(method_of("/evil.v1.X/Setup"), "other");
+        assert_eq!(method_of("garbage"), "other");
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(status_of(&h), "OK");
+        h.insert("grpc-status", "7".parse().unwrap());
+        assert_eq!(status_of(&h), "PERMISSION_DENIED");
         let (cpu, rss) = process_figures();
         assert!(cpu >= 0.0 && rss > 0, "this process: {cpu} s, {rss} bytes");
     }

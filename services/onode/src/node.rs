@@ -15,7 +15,7 @@ use overlay_core::session::{SessionLimits, Sessions};
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
-use relay::{Accept, ForwardTable, Heard, Relay, Route, SharedContinuity, SplitDest};
+use relay::{Accept, ForwardTable, Heard, Relay, Route, SharedContinuity, SplitDest, Tally};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -177,6 +177,37 @@ struct State {
     /// When each stream's branch last got a new upstream (join, repair,
     /// move): it is not moved again before it settles.
     changed: HashMap<String, Instant>,
+    /// Per stream carried: what the data plane took in and sent on.
+    tallies: HashMap<String, StreamTallies>,
+    /// Per stream: its repairs since start and the last one's media gap.
+    repairs: HashMap<String, Repairs>,
+}
+
+/// What one stream's packets did at this node (metrics).
+#[derive(Debug, Default)]
+struct StreamTallies {
+    received: Tally,
+    /// By destination: a neighbour's name, or [`VIEWERS`].
+    sent: BTreeMap<String, Tally>,
+}
+
+/// The destination name of a stream's viewers at this POP, whatever their
+/// protocol, in [`StreamTallies::sent`].
+pub const VIEWERS: &str = "viewers";
+
+impl StreamTallies {
+    fn to(&mut self, dest: &str) -> Tally {
+        self.sent.entry(dest.to_string()).or_default().clone()
+    }
+}
+
+/// A stream's repairs at this node (metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Repairs {
+    pub count: u64,
+    /// From the last packet before the upstream was lost to the first one
+    /// after the repair; None until that first packet comes.
+    pub last_gap: Option<Duration>,
 }
 
 /// A running overlay node.
@@ -199,6 +230,11 @@ pub struct Node {
     pub webrtc: crate::webrtc::Counters,
     /// A server's publishers, once its publish edges run.
     publishing: std::sync::OnceLock<Arc<crate::publish::Publishing>>,
+    /// Bumped whenever what the overlay map shows of this node may have
+    /// changed (trees, viewers, neighbours); observers wait on it.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Control requests answered, by method and status.
+    pub requests: Arc<crate::metrics::RequestCounts>,
 }
 
 /// Locks `m`, also after a panic elsewhere poisoned it.
@@ -263,6 +299,8 @@ impl Node {
             lines: HashMap::new(),
             silence_checks: HashMap::new(),
             changed: HashMap::new(),
+            tallies: HashMap::new(),
+            repairs: HashMap::new(),
         };
         Ok(Arc::new(Node {
             id,
@@ -280,6 +318,8 @@ impl Node {
             rtcp_intake: Default::default(),
             webrtc: Default::default(),
             publishing: Default::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+            requests: Default::default(),
         }))
     }
 
@@ -413,6 +453,7 @@ impl Node {
             if st.routes.is_down(neighbour) {
                 st.routes.neighbour_up(neighbour);
                 info!(node = %self.id.name, %neighbour, "neighbour answers again");
+                self.changes.send_modify(|v| *v += 1);
             }
             st.connected.insert(neighbour.to_string())
         };
@@ -634,6 +675,12 @@ impl Node {
     /// is gone.
     async fn repair(self: Arc<Self>, stream: String, avoid: Vec<String>) {
         let started = Instant::now();
+        // When the stream's last packet came, on the clock the data plane
+        // marks packets with: the repair's gap is measured from there.
+        let last_packet_ms = {
+            let st = self.lock();
+            st.heard.get(&stream).and_then(|(_, h)| h.silent_ms()).map(|ms| relay::clock_ms().saturating_sub(ms))
+        };
         let mut tried: Vec<String> = avoid.clone();
         let mut stuck = 0u32;
         // Whether every way tried since the last round led back into this
@@ -688,6 +735,9 @@ impl Node {
                                 took_ms = started.elapsed().as_millis() as u64, "tree repaired"
                             );
                             let me = self.clone();
+                            let s2 = stream.clone();
+                            self.tasks.spawn(async move { me.measure_repair(s2, last_packet_ms).await });
+                            let me = self.clone();
                             let (s2, t2) = (stream.clone(), to.clone());
                             self.tasks.spawn(async move { me.request_refresh(s2, t2).await });
                             for d in downstream {
@@ -718,6 +768,35 @@ impl Node {
                         tokio::time::sleep(self.settings.heartbeat).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Counts a repair of `stream` and, once the first packet comes through
+    /// the new upstream (within 10 s), its gap: from `last_packet_ms` (the
+    /// last one before, on [`relay::clock_ms`]) to that first one.
+    async fn measure_repair(self: Arc<Self>, stream: String, last_packet_ms: Option<u64>) {
+        let heard = {
+            let mut st = self.lock();
+            st.repairs.entry(stream.clone()).or_default().count += 1;
+            st.repairs.get_mut(&stream).map(|r| r.last_gap = None);
+            st.heard.get(&stream).map(|(_, h)| h.clone())
+        };
+        self.changes.send_modify(|v| *v += 1);
+        let (Some(heard), Some(before)) = (heard, last_packet_ms) else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut tick = self.ticker(Duration::from_millis(10));
+        while tick.next().await && Instant::now() < deadline {
+            // The marker holds the latest packet: read at the first tick
+            // after the first packet, it is that packet to within a tick.
+            if let Some(silent) = heard.silent_ms() {
+                let first = relay::clock_ms().saturating_sub(silent);
+                let gap = Duration::from_millis(first.saturating_sub(before));
+                info!(node = %self.id.name, %stream, gap_ms = gap.as_millis() as u64, "media flows again after the repair");
+                if let Some(r) = self.lock().repairs.get_mut(&stream) {
+                    r.last_gap = Some(gap);
+                }
+                return;
             }
         }
     }
@@ -1229,18 +1308,20 @@ impl Node {
     /// A downstream asks for the last GOP of `stream`.
     pub fn refresh(&self, stream: &str, sender: &str) -> usize {
         let target = {
-            let st = self.lock();
+            let mut st = self.lock();
             let branch = st.trees.branch(stream);
             let ssrc = branch.filter(|b| b.downstream.contains(sender)).and_then(|b| b.desc.ssrcs.first().copied());
             let addr = self.neighbour(sender).map(|n| n.address);
             match (ssrc, addr) {
                 (Some(ssrc), Some(addr)) => {
-                    Some((ssrc, SocketAddr::new(addr, *st.data_ports.get(sender).unwrap_or(&self.settings.data_port))))
+                    let port = *st.data_ports.get(sender).unwrap_or(&self.settings.data_port);
+                    let tally = st.tallies.entry(stream.to_string()).or_default().to(sender);
+                    Some((ssrc, SocketAddr::new(addr, port), tally))
                 }
                 _ => None,
             }
         };
-        target.map(|(ssrc, dest)| self.relay.send_gop(ssrc, dest)).unwrap_or(0)
+        target.map(|(ssrc, dest, tally)| self.relay.send_gop(ssrc, dest, &tally)).unwrap_or(0)
     }
 
     async fn send_leave(self: &Arc<Self>, stream: String, up: String) {
@@ -1280,6 +1361,7 @@ impl Node {
         let mut table = ForwardTable::default();
         st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
         st.changed.retain(|stream, _| st.trees.branch(stream).is_some());
+        st.tallies.retain(|stream, _| st.trees.branch(stream).is_some());
         // A line outlives a repair (the branch may be gone meanwhile): it
         // ends when no session watches its stream any more.
         let watched: std::collections::HashSet<&str> =
@@ -1298,15 +1380,22 @@ impl Node {
                     None => continue,
                 },
             };
-            let mut downstream: Vec<SocketAddr> = branch
+            let tallies = st.tallies.entry(stream.clone()).or_default();
+            let (mut downstream, mut sent): (Vec<SocketAddr>, Vec<Tally>) = branch
                 .downstream
                 .iter()
                 .filter_map(|n| {
                     let addr = self.neighbour(n)?.address;
-                    Some(SocketAddr::new(addr, *st.data_ports.get(n).unwrap_or(&self.settings.data_port)))
+                    let port = *st.data_ports.get(n).unwrap_or(&self.settings.data_port);
+                    Some((SocketAddr::new(addr, port), tallies.to(n)))
                 })
-                .collect();
-            downstream.extend(st.sessions.playing(stream));
+                .unzip();
+            let viewers = tallies.to(VIEWERS);
+            let received = tallies.received.clone();
+            for addr in st.sessions.playing(stream) {
+                downstream.push(addr);
+                sent.push(viewers.clone());
+            }
             let tracks: Vec<_> = st.sessions.playing_tracks(stream).collect();
             for (i, ssrc) in branch.desc.ssrcs.iter().enumerate() {
                 // Every node keeps the video's last GOP for downstreams and
@@ -1322,6 +1411,9 @@ impl Node {
                     continuity,
                     cache_gop,
                     heard: heard.clone(),
+                    received: received.clone(),
+                    sent: sent.clone(),
+                    split_sent: viewers.clone(),
                 };
                 table.insert(*ssrc, route);
             }
@@ -1331,18 +1423,12 @@ impl Node {
         for stream in &st.published {
             let [video, _] = media::stream_ssrcs(stream);
             if table.get(video).is_none() {
-                let route = Route {
-                    accept: Accept::Local,
-                    downstream: Vec::new(),
-                    split: Vec::new(),
-                    continuity: None,
-                    cache_gop: true,
-                    heard: Heard::default(),
-                };
+                let route = Route { cache_gop: true, ..Route::plain(Accept::Local, Vec::new()) };
                 table.insert(video, route);
             }
         }
         self.relay.publish(table);
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// PLAY: the session's client first gets the cached GOP of the video
@@ -1357,18 +1443,22 @@ impl Node {
                 let stream = s.stream.as_deref()?;
                 let ssrc = *st.trees.branch(stream)?.desc.ssrcs.first()?;
                 let video = s.tracks.iter().find(|t| t.track == 0);
+                let tally = st.tallies.entry(stream.to_string()).or_default().to(VIEWERS);
                 match (s.rtp_dest, video) {
-                    (Some(d), _) => Some((ssrc, SplitDest { rtp: d, rtcp: d }, None)),
-                    (None, Some(t)) => {
-                        Some((ssrc, SplitDest { rtp: t.rtp, rtcp: t.rtcp }, Some(line(&mut st.lines, stream, 0))))
-                    }
+                    (Some(d), _) => Some((ssrc, SplitDest { rtp: d, rtcp: d }, None, tally)),
+                    (None, Some(t)) => Some((
+                        ssrc,
+                        SplitDest { rtp: t.rtp, rtcp: t.rtcp },
+                        Some(line(&mut st.lines, stream, 0)),
+                        tally,
+                    )),
                     (None, None) => None,
                 }
             });
             (phase, burst)
         };
-        if let Some((ssrc, dest, line)) = burst {
-            let n = self.relay.send_gop_on(ssrc, dest, line.as_ref());
+        if let Some((ssrc, dest, line, tally)) = burst {
+            let n = self.relay.send_gop_on(ssrc, dest, line.as_ref(), &tally);
             info!(node = %self.id.name, dest = %dest.rtp, "PLAY starts with the cached GOP: {n} packets");
         }
         let mut st = self.lock();
@@ -1473,15 +1563,28 @@ impl Node {
                     .take_while(|((s, _), _)| *s == stream)
                     .map(|((_, protocol), n)| (protocol.to_string(), *n))
                     .collect();
+                let tallies = st.tallies.get(&stream);
+                let repairs = st.repairs.get(&stream).copied().unwrap_or_default();
                 StreamFigures {
                     upstream: match &b.source {
                         Source::Local => String::new(),
                         Source::Neighbour(n) => n.clone(),
                     },
+                    tree_role: match (&b.source, b.downstream.is_empty()) {
+                        (Source::Local, _) => "root",
+                        (_, false) => "branch",
+                        (_, true) => "leaf",
+                    },
                     server: b.desc.server.clone(),
                     downstream: b.downstream.len() as u64,
                     viewers,
                     gop_packets: b.desc.ssrcs.first().map_or(0, |v| self.relay.gop_len(*v) as u64),
+                    received: tallies.map(|t| t.received.get()).unwrap_or_default(),
+                    sent: tallies
+                        .map(|t| t.sent.iter().map(|(to, tally)| (to.clone(), tally.get())).collect())
+                        .unwrap_or_default(),
+                    repairs: repairs.count,
+                    last_repair_gap_seconds: repairs.last_gap.map(|g| g.as_secs_f64()),
                     stream,
                 }
             })
@@ -1490,12 +1593,18 @@ impl Node {
             .id
             .neighbours
             .iter()
-            .map(|n| NeighbourFigures {
-                neighbour: n.name.clone(),
-                up: !st.routes.is_down(&n.name),
-                delay_seconds: st.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
+            .map(|n| {
+                let beats = self.links.beat_totals(&n.name);
+                NeighbourFigures {
+                    neighbour: n.name.clone(),
+                    up: !st.routes.is_down(&n.name),
+                    delay_seconds: st.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
+                    heartbeats_sent: beats.sent,
+                    heartbeats_missed: beats.missed,
+                }
             })
             .collect();
+        let session_counts = st.sessions.counts;
         drop(st);
         let (cpu_seconds, resident_bytes) = crate::metrics::process_figures();
         Snapshot {
@@ -1505,6 +1614,8 @@ impl Node {
             streams,
             neighbours,
             sessions: sessions.into_iter().collect(),
+            session_counts,
+            requests: self.requests.snapshot(),
             rtcp_report_blocks: self.rtcp_intake.blocks.load(Ordering::Relaxed),
             cpu_seconds,
             resident_bytes,

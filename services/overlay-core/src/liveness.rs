@@ -59,6 +59,15 @@ pub struct Liveness {
     next_seq: u64,
     outstanding: BTreeMap<u64, Beat>,
     misses: HashMap<String, u32>,
+    /// Per neighbour: periodic beats sent, and those missed, since start.
+    totals: HashMap<String, BeatTotals>,
+}
+
+/// Periodic beats to one neighbour since the node started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BeatTotals {
+    pub sent: u64,
+    pub missed: u64,
 }
 
 impl Liveness {
@@ -76,6 +85,9 @@ impl Liveness {
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
+        if kind == BeatKind::Periodic {
+            self.totals.entry(neighbour.to_string()).or_default().sent += 1;
+        }
         self.outstanding
             .insert(seq, Beat { neighbour: neighbour.to_string(), sent: now, deadline: now + timeout, kind });
         Some(seq)
@@ -102,6 +114,7 @@ impl Liveness {
             match beat.kind {
                 BeatKind::Check => out.checks.push(seq),
                 BeatKind::Periodic => {
+                    self.totals.entry(beat.neighbour.clone()).or_default().missed += 1;
                     let misses = self.misses.entry(beat.neighbour.clone()).or_insert(0);
                     *misses += 1;
                     if *misses == MISS_LIMIT {
@@ -128,6 +141,11 @@ impl Liveness {
     /// Periodic beats missed in a row by `neighbour`.
     pub fn misses(&self, neighbour: &str) -> u32 {
         self.misses.get(neighbour).copied().unwrap_or(0)
+    }
+
+    /// Periodic beats sent to `neighbour` and missed by it, since start.
+    pub fn totals(&self, neighbour: &str) -> BeatTotals {
+        self.totals.get(neighbour).copied().unwrap_or_default()
     }
 
     /// Beats out now.
@@ -179,6 +197,11 @@ mod tests {
         // Further misses do not report it again.
         assert!(l.expire(t0 + ms(1000)).lost.is_empty());
         assert_eq!(l.misses("o2"), 6);
+        // The totals (for metrics) count every periodic beat and miss;
+        // checks are not periodic beats.
+        l.send("o2", BeatKind::Check, t0 + ms(1000), T);
+        assert_eq!(l.totals("o2"), BeatTotals { sent: 6, missed: 6 });
+        assert_eq!(l.totals("o3"), BeatTotals::default());
     }
 
     #[test]

@@ -146,21 +146,37 @@ pub struct Session {
 pub struct Sessions {
     sessions: BTreeMap<String, Session>,
     limits: SessionLimits,
+    pub counts: SessionCounts,
+}
+
+/// Sessions since the node started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    pub opened: u64,
+    /// Refused because the POP holds its most sessions.
+    pub refused_full: u64,
+    /// Refused because their client address holds its most sessions.
+    pub refused_address: u64,
+    /// Ended because their client went silent.
+    pub timed_out: u64,
 }
 
 impl Sessions {
     pub fn new(limits: SessionLimits) -> Sessions {
-        Sessions { sessions: BTreeMap::new(), limits }
+        Sessions { sessions: BTreeMap::new(), limits, counts: SessionCounts::default() }
     }
 
     /// Opens a session for a client at `peer`, within the limits.
     pub fn connect(&mut self, id: String, client: String, peer: IpAddr, now: Instant) -> Result<(), SessionError> {
         if self.sessions.len() >= self.limits.total {
+            self.counts.refused_full += 1;
             return Err(SessionError::TooMany { limit: self.limits.total });
         }
         if self.sessions.values().filter(|s| s.peer == peer).count() >= self.limits.per_address {
+            self.counts.refused_address += 1;
             return Err(SessionError::TooManyFromAddress { peer, limit: self.limits.per_address });
         }
+        self.counts.opened += 1;
         let session = Session {
             client,
             peer,
@@ -208,6 +224,7 @@ impl Sessions {
             .filter(|(_, s)| now.saturating_duration_since(s.last_seen) > idle)
             .map(|(id, _)| id.clone())
             .collect();
+        self.counts.timed_out += gone.len() as u64;
         gone.into_iter().filter_map(|id| self.sessions.remove(&id).map(|s| (id, s))).collect()
     }
 
@@ -470,6 +487,7 @@ mod tests {
         // Media is back at 30 s: the viewer has `idle` from then to speak.
         assert!(s.expire(t0 + Duration::from_secs(39), idle, |_| false).is_empty());
         assert_eq!(s.expire(t0 + Duration::from_secs(41), idle, |_| false).len(), 1);
+        assert_eq!(s.counts.timed_out, 1);
     }
 
     #[test]
@@ -505,6 +523,8 @@ mod tests {
         s.teardown("1").unwrap();
         s.connect("4".into(), "c".into(), a, now).unwrap();
         assert_eq!(s.len(), 3);
+        let c = s.counts;
+        assert_eq!((c.opened, c.refused_address, c.refused_full, c.timed_out), (4, 1, 1, 0));
     }
 
     #[test]

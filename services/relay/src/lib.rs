@@ -10,4 +10,4 @@ pub mod table;
 
 pub use continuity::{Continuity, SharedContinuity};
 pub use socket::{CounterSnapshot, Relay};
-pub use table::{clock_ms, decide, Accept, DropReason, ForwardTable, Heard, Route, SplitDest, Verdict};
+pub use table::{clock_ms, decide, Accept, DropReason, ForwardTable, Heard, Route, SplitDest, Tally, Verdict};

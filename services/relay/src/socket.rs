@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::continuity::SharedContinuity;
 use crate::gop::GopCache;
-use crate::table::{clock_ms, decide, DropReason, ForwardTable, Route, SplitDest, Verdict};
+use crate::table::{clock_ms, decide, DropReason, ForwardTable, Route, SplitDest, Tally, Verdict};
 use overlay_core::rtp::{Kind, Packet};
 
 const BATCH: usize = 32;
@@ -208,19 +208,14 @@ impl Relay {
 
     /// Sends the cached GOP of `ssrc` (packets since its last keyframe) to
     /// `dest`, so a viewer starting now decodes at once. Returns the count.
-    pub fn send_gop(&self, ssrc: u32, dest: SocketAddr) -> usize {
-        self.send_gop_split(ssrc, SplitDest { rtp: dest, rtcp: dest })
+    pub fn send_gop(&self, ssrc: u32, dest: SocketAddr, tally: &Tally) -> usize {
+        self.send_gop_on(ssrc, SplitDest { rtp: dest, rtcp: dest }, None, tally)
     }
 
     /// [`Relay::send_gop`] to a destination with a port for RTP and one for
-    /// RTCP.
-    pub fn send_gop_split(&self, ssrc: u32, dest: SplitDest) -> usize {
-        self.send_gop_on(ssrc, dest, None)
-    }
-
-    /// [`Relay::send_gop_split`] with each packet rewritten onto a
-    /// continuity line first (RTSP players).
-    pub fn send_gop_on(&self, ssrc: u32, dest: SplitDest, line: Option<&SharedContinuity>) -> usize {
+    /// RTCP, each packet rewritten onto a continuity line first when there
+    /// is one (RTSP players). What went out is added to `tally`.
+    pub fn send_gop_on(&self, ssrc: u32, dest: SplitDest, line: Option<&SharedContinuity>, tally: &Tally) -> usize {
         let mut packets = self.gop(ssrc);
         if let Some(line) = line {
             let mut line = line.lock();
@@ -228,8 +223,15 @@ impl Relay {
         }
         for p in &packets {
             let rtcp = Packet::parse(p).is_ok_and(|p| p.kind() == Kind::Rtcp);
-            if self.socket.send_to(p, if rtcp { dest.rtcp } else { dest.rtp }).is_err() {
-                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            match self.socket.send_to(p, if rtcp { dest.rtcp } else { dest.rtp }) {
+                Ok(n) => {
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    tally.add(1, n as u64);
+                }
+                Err(_) => {
+                    self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         packets.len()
@@ -257,8 +259,10 @@ impl Relay {
                 self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             }
         };
-        for d in &route.downstream {
+        route.received.add(1, bytes.len() as u64);
+        for (j, d) in route.downstream.iter().enumerate() {
             send(bytes, d);
+            route.count_sent(j, bytes.len());
         }
         if route.split.is_empty() {
             return;
@@ -267,6 +271,7 @@ impl Relay {
         if let Some(b) = route.for_split(bytes, &mut scratch) {
             for d in route.split_targets(rtcp) {
                 send(b, d);
+                route.split_sent.add(1, b.len() as u64);
             }
         }
     }
@@ -325,14 +330,16 @@ impl Relay {
                 match decide(&table, &bufs[i][..len], src) {
                     Verdict::Forward { ssrc, route, rtcp } => {
                         route.heard.mark(now_ms);
+                        route.received.add(1, len as u64);
                         if route.cache_gop && !self.remember(ssrc, &bufs[i][..len]) {
                             continue;
                         }
-                        for d in &route.downstream {
+                        for (j, d) in route.downstream.iter().enumerate() {
                             if out.is_full() {
                                 out.flush(fd, &self.counters);
                             }
                             out.push(&bufs[i][..len], d);
+                            route.count_sent(j, len);
                         }
                         if !route.split.is_empty() {
                             // Copies for players go from their own buffer,
@@ -343,6 +350,7 @@ impl Relay {
                                         out.flush(fd, &self.counters);
                                     }
                                     out.push(b, d);
+                                    route.split_sent.add(1, b.len() as u64);
                                 }
                             }
                         }
@@ -494,6 +502,7 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         }
         let heard = Heard::default();
+        let (received, first) = (Tally::default(), Tally::default());
         let mut t = ForwardTable::default();
         t.insert(
             9,
@@ -504,6 +513,9 @@ mod tests {
                 continuity: None,
                 cache_gop: false,
                 heard: heard.clone(),
+                received: received.clone(),
+                sent: vec![first.clone()],
+                split_sent: Default::default(),
             },
         );
         assert_eq!(heard.silent_ms(), None);
@@ -531,6 +543,10 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
+        // The route's tallies: ten in, ten to the first sink; the other
+        // sinks have none and are not counted.
+        assert_eq!(received.get(), (10, 3000));
+        assert_eq!(first.get(), (10, 3000));
         // The forwarded packets marked their stream as heard just now.
         assert!(heard.silent_ms().is_some_and(|ms| ms < 60_000), "{:?}", heard.silent_ms());
         let c = relay.counters();
@@ -566,6 +582,7 @@ mod tests {
             continuity: None,
             cache_gop: false,
             heard: Heard::default(),
+            ..Route::plain(Accept::Any, Vec::new())
         };
         t.insert(77, route);
         relay.publish(t);
@@ -601,6 +618,7 @@ mod tests {
             continuity: None,
             cache_gop: true,
             heard: Heard::default(),
+            ..Route::plain(Accept::Any, Vec::new())
         };
         t.insert(77, route);
         relay.publish(t);
@@ -645,6 +663,7 @@ mod tests {
                 continuity: Some(SharedContinuity::new(90_000)),
                 cache_gop: true,
                 heard: Heard::default(),
+                ..Route::plain(Accept::Any, Vec::new())
             },
         );
         relay.publish(t);
@@ -682,6 +701,7 @@ mod tests {
             continuity: Some(line.clone()),
             cache_gop: false,
             heard: Heard::default(),
+            ..Route::plain(Accept::Any, Vec::new())
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s2) = (relay.clone(), stop.clone());

@@ -46,6 +46,15 @@ pub struct Route {
     /// Marked whenever a packet of this SSRC is forwarded; the control
     /// plane shares one per stream to notice a silent upstream.
     pub heard: Heard,
+    /// What came in on this route (the control plane shares one per
+    /// stream, for its metrics).
+    pub received: Tally,
+    /// What went to each of `downstream`, in its order (a tally per
+    /// neighbour and one for viewers, shared by a stream's SSRCs); a
+    /// destination past its end is not counted.
+    pub sent: Vec<Tally>,
+    /// What went to `split` destinations.
+    pub split_sent: Tally,
 }
 
 /// Milliseconds on a process-wide monotonic clock (what [`Heard`] keeps).
@@ -84,7 +93,58 @@ impl PartialEq for Heard {
 
 impl Eq for Heard {}
 
+/// Packets and bytes counted by the data plane (two relaxed adds a
+/// packet), read by the control plane. Clones share the same counts.
+#[derive(Debug, Clone, Default)]
+pub struct Tally(Arc<(AtomicU64, AtomicU64)>);
+
+impl Tally {
+    pub fn add(&self, packets: u64, bytes: u64) {
+        self.0 .0.fetch_add(packets, Ordering::Relaxed);
+        self.0 .1.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (packets, bytes) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.0 .0.load(Ordering::Relaxed), self.0 .1.load(Ordering::Relaxed))
+    }
+}
+
+impl PartialEq for Tally {
+    /// The same counts, not the same reading.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Tally {}
+
 impl Route {
+    /// A route that forwards from `accept` to `downstream`, counting
+    /// nothing per stream, caching no GOP and with no player (benchmarks,
+    /// tests, tools).
+    pub fn plain(accept: Accept, downstream: Vec<SocketAddr>) -> Route {
+        Route {
+            accept,
+            downstream,
+            split: Vec::new(),
+            continuity: None,
+            cache_gop: false,
+            heard: Heard::default(),
+            received: Tally::default(),
+            sent: Vec::new(),
+            split_sent: Tally::default(),
+        }
+    }
+
+    /// Counts one packet of `len` bytes sent to `downstream[i]`.
+    #[inline]
+    pub fn count_sent(&self, i: usize, len: usize) {
+        if let Some(t) = self.sent.get(i) {
+            t.add(1, len as u64);
+        }
+    }
+
     /// The split destinations' addresses for a packet (`rtcp`: control).
     pub fn split_targets(&self, rtcp: bool) -> impl Iterator<Item = &SocketAddr> {
         self.split.iter().map(move |s| if rtcp { &s.rtcp } else { &s.rtp })
@@ -196,28 +256,8 @@ mod tests {
         let other: SocketAddr = "10.0.0.9:7071".parse().unwrap();
         let down: Vec<SocketAddr> = vec!["10.0.1.2:7071".parse().unwrap(), "10.0.2.2:5000".parse().unwrap()];
         let mut t = ForwardTable::default();
-        t.insert(
-            42,
-            Route {
-                accept: Accept::From(up),
-                downstream: down.clone(),
-                cache_gop: false,
-                heard: Heard::default(),
-                split: Vec::new(),
-                continuity: None,
-            },
-        );
-        t.insert(
-            43,
-            Route {
-                accept: Accept::Local,
-                downstream: down.clone(),
-                cache_gop: false,
-                heard: Heard::default(),
-                split: Vec::new(),
-                continuity: None,
-            },
-        );
+        t.insert(42, Route::plain(Accept::From(up), down.clone()));
+        t.insert(43, Route::plain(Accept::Local, down.clone()));
         assert!(
             matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r, rtcp: false } if r.downstream == down)
         );

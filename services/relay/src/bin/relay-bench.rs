@@ -26,12 +26,8 @@ fn main() {
     table.insert(
         ssrc,
         Route {
-            accept: Accept::Any,
-            downstream,
-            split: Vec::new(),
-            continuity: None,
             cache_gop: std::env::var_os("RELAY_BENCH_CACHE_GOP").is_some_and(|v| v == "1"),
-            heard: Default::default(),
+            ..Route::plain(Accept::Any, downstream)
         },
     );
     relay.publish(table);
