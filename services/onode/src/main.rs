@@ -6,6 +6,7 @@
 mod bootstrap;
 mod convert;
 mod link;
+mod map;
 mod metrics;
 mod net;
 mod node;
@@ -218,6 +219,12 @@ struct Common {
     /// the port to the operators' network with a firewall, or turn it off.
     #[arg(long, env = "ONODE_METRICS_PORT", default_value_t = 9998)]
     metrics_port: u16,
+    /// The bootstrapper only: TCP port of the live overlay map
+    /// (http://BOOTSTRAPPER:PORT/: nodes, links and delays, each stream's
+    /// tree, viewers, failures); 0 turns it off. Like the metrics it asks
+    /// for no certificate: keep it to the operators' network.
+    #[arg(long, env = "ONODE_MAP_PORT", default_value_t = 9997)]
+    map_port: u16,
     /// TCP port of the RTSP server: at POPs players watch
     /// (rtsp://POP:PORT/STREAM), at servers encoders publish
     /// (rtsp://SERVER:PORT/NAME, ANNOUNCE and RECORD over TCP); 0 turns it off.
@@ -531,11 +538,25 @@ async fn run_bootstrapper(
     let cancel = CancellationToken::new();
     on_signal(cancel.clone());
     let metrics = bind_metrics(&common).await?;
+    let map_listener = if common.map_port == 0 {
+        None
+    } else {
+        let addr = SocketAddr::new(common.bind, common.map_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the overlay map (--map-port 0 turns it off)"))?;
+        Some(listener)
+    };
     let publish = bind_publish(&common).await?;
     let webrtc = bind_webrtc(&common).await?;
     let node = Node::new(identity, settings(Role::Server, &common, tls)?, catalogue, cancel.clone())?;
     if let Some(listener) = metrics {
         node.tasks.spawn(metrics::serve(node.clone(), listener));
+    }
+    if let Some(listener) = map_listener {
+        let overlay_map = map::Map::new(topology.clone());
+        map::observe_all(&overlay_map, &node);
+        node.tasks.spawn(map::serve(overlay_map, node.clone(), listener));
     }
     start_publishing(&node, &common, publish, webrtc)?;
     let mut events = bootstrapper.subscribe();

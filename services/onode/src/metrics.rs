@@ -45,7 +45,8 @@ pub struct StreamFigures {
     /// Playing viewers by protocol ("grpc", "rtsp", "webrtc").
     pub viewers: Vec<(String, u64)>,
     pub gop_packets: u64,
-    /// "root" (its server), "branch" (feeds neighbours) or "leaf".
+    /// "root" (its server), "branch" (feeds neighbours) or "leaf"; empty
+    /// when the stream is no longer carried (its counters stay).
     pub tree_role: &'static str,
     /// Packets and bytes taken in (from upstream, or the server's own
     /// pipeline).
@@ -135,7 +136,7 @@ impl Collector for Figures {
             &mut e,
             "overlay_stream_info",
             "A stream this node carries: its server, upstream (empty at the server) and role in its tree.",
-            s.streams.iter().map(|st| {
+            s.streams.iter().filter(|st| !st.tree_role.is_empty()).map(|st| {
                 (
                     vec![
                         ("stream", st.stream.as_str()),
@@ -151,7 +152,10 @@ impl Collector for Figures {
             &mut e,
             "overlay_stream_downstream_neighbours",
             "Neighbours this node feeds the stream to.",
-            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.downstream as i64)),
+            s.streams
+                .iter()
+                .filter(|st| !st.tree_role.is_empty())
+                .map(|st| (vec![("stream", st.stream.as_str())], st.downstream as i64)),
         )?;
         gauges(
             &mut e,
@@ -167,7 +171,10 @@ impl Collector for Figures {
             &mut e,
             "overlay_stream_gop_cache_packets",
             "Packets of the stream's video since its last keyframe, cached for new viewers.",
-            s.streams.iter().map(|st| (vec![("stream", st.stream.as_str())], st.gop_packets as i64)),
+            s.streams
+                .iter()
+                .filter(|st| !st.tree_role.is_empty())
+                .map(|st| (vec![("stream", st.stream.as_str())], st.gop_packets as i64)),
         )?;
         counters(
             &mut e,

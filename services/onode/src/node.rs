@@ -191,6 +191,9 @@ struct StreamTallies {
     sent: BTreeMap<String, Tally>,
 }
 
+/// Most streams whose figures are kept once they are no longer carried.
+const KEPT_STREAMS: usize = 256;
+
 /// The destination name of a stream's viewers at this POP, whatever their
 /// protocol, in [`StreamTallies::sent`].
 pub const VIEWERS: &str = "viewers";
@@ -777,9 +780,14 @@ impl Node {
     /// last one before, on [`relay::clock_ms`]) to that first one.
     async fn measure_repair(self: Arc<Self>, stream: String, last_packet_ms: Option<u64>) {
         let heard = {
-            let mut st = self.lock();
-            st.repairs.entry(stream.clone()).or_default().count += 1;
-            st.repairs.get_mut(&stream).map(|r| r.last_gap = None);
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.repairs.len() > KEPT_STREAMS {
+                st.repairs.retain(|s, _| st.trees.branch(s).is_some());
+            }
+            let repairs = st.repairs.entry(stream.clone()).or_default();
+            repairs.count += 1;
+            repairs.last_gap = None;
             st.heard.get(&stream).map(|(_, h)| h.clone())
         };
         self.changes.send_modify(|v| *v += 1);
@@ -1361,7 +1369,11 @@ impl Node {
         let mut table = ForwardTable::default();
         st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
         st.changed.retain(|stream, _| st.trees.branch(stream).is_some());
-        st.tallies.retain(|stream, _| st.trees.branch(stream).is_some());
+        // The figures of streams no longer carried stay (counters do), up
+        // to a bound.
+        if st.tallies.len() > KEPT_STREAMS {
+            st.tallies.retain(|stream, _| st.trees.branch(stream).is_some());
+        }
         // A line outlives a repair (the branch may be gone meanwhile): it
         // ends when no session watches its stream any more.
         let watched: std::collections::HashSet<&str> =
@@ -1390,13 +1402,15 @@ impl Node {
                     Some((SocketAddr::new(addr, port), tallies.to(n)))
                 })
                 .unzip();
-            let viewers = tallies.to(VIEWERS);
             let received = tallies.received.clone();
-            for addr in st.sessions.playing(stream) {
+            let players: Vec<SocketAddr> = st.sessions.playing(stream).collect();
+            let tracks: Vec<_> = st.sessions.playing_tracks(stream).collect();
+            // A tally for viewers only where there are some.
+            let viewers = if players.is_empty() && tracks.is_empty() { Tally::default() } else { tallies.to(VIEWERS) };
+            for addr in players {
                 downstream.push(addr);
                 sent.push(viewers.clone());
             }
-            let tracks: Vec<_> = st.sessions.playing_tracks(stream).collect();
             for (i, ssrc) in branch.desc.ssrcs.iter().enumerate() {
                 // Every node keeps the video's last GOP for downstreams and
                 // viewers who start now.
@@ -1553,11 +1567,19 @@ impl Node {
                 *playing.entry((stream, protocol)).or_default() += 1;
             }
         }
-        let streams = st
+        // Streams carried now, and those carried before (their counters
+        // stay, as counters do).
+        let names: std::collections::BTreeSet<String> = st
             .trees
             .active()
-            .map(|b| {
-                let stream = b.desc.stream.clone();
+            .map(|b| b.desc.stream.clone())
+            .chain(st.tallies.keys().cloned())
+            .chain(st.repairs.keys().cloned())
+            .collect();
+        let streams = names
+            .into_iter()
+            .map(|stream| {
+                let branch = st.trees.branch(&stream);
                 let viewers = playing
                     .range((stream.as_str(), "")..)
                     .take_while(|((s, _), _)| *s == stream)
@@ -1566,19 +1588,20 @@ impl Node {
                 let tallies = st.tallies.get(&stream);
                 let repairs = st.repairs.get(&stream).copied().unwrap_or_default();
                 StreamFigures {
-                    upstream: match &b.source {
-                        Source::Local => String::new(),
-                        Source::Neighbour(n) => n.clone(),
+                    upstream: match branch.map(|b| &b.source) {
+                        Some(Source::Neighbour(n)) => n.clone(),
+                        _ => String::new(),
                     },
-                    tree_role: match (&b.source, b.downstream.is_empty()) {
-                        (Source::Local, _) => "root",
-                        (_, false) => "branch",
-                        (_, true) => "leaf",
+                    tree_role: match branch.map(|b| (&b.source, b.downstream.is_empty())) {
+                        None => "",
+                        Some((Source::Local, _)) => "root",
+                        Some((_, false)) => "branch",
+                        Some((_, true)) => "leaf",
                     },
-                    server: b.desc.server.clone(),
-                    downstream: b.downstream.len() as u64,
+                    server: branch.map(|b| b.desc.server.clone()).unwrap_or_default(),
+                    downstream: branch.map_or(0, |b| b.downstream.len() as u64),
                     viewers,
-                    gop_packets: b.desc.ssrcs.first().map_or(0, |v| self.relay.gop_len(*v) as u64),
+                    gop_packets: branch.and_then(|b| b.desc.ssrcs.first()).map_or(0, |v| self.relay.gop_len(*v) as u64),
                     received: tallies.map(|t| t.received.get()).unwrap_or_default(),
                     sent: tallies
                         .map(|t| t.sent.iter().map(|(to, tally)| (to.clone(), tally.get())).collect())
@@ -1619,6 +1642,51 @@ impl Node {
             rtcp_report_blocks: self.rtcp_intake.blocks.load(Ordering::Relaxed),
             cpu_seconds,
             resident_bytes,
+        }
+    }
+
+    /// What the overlay map shows of this node ([`pb::NodeView`]).
+    pub fn view(&self) -> pb::NodeView {
+        let st = self.lock();
+        let mut viewers: HashMap<&str, u32> = HashMap::new();
+        for (_, s) in st.sessions.iter() {
+            if let (overlay_core::session::Phase::Playing, Some(stream)) = (s.phase, s.stream.as_deref()) {
+                *viewers.entry(stream).or_default() += 1;
+            }
+        }
+        let neighbours = self
+            .id
+            .neighbours
+            .iter()
+            .map(|n| pb::NeighbourView {
+                name: n.name.clone(),
+                delay_us: st.routes.link_delay_us(&n.name).unwrap_or(0),
+                down: st.routes.is_down(&n.name),
+            })
+            .collect();
+        let branches = st
+            .trees
+            .active()
+            .map(|b| pb::BranchView {
+                stream: b.desc.stream.clone(),
+                server: b.desc.server.clone(),
+                upstream: match &b.source {
+                    Source::Local => String::new(),
+                    Source::Neighbour(n) => n.clone(),
+                },
+                downstream: b.downstream.iter().cloned().collect(),
+                viewers: viewers.get(b.desc.stream.as_str()).copied().unwrap_or(0),
+                repairing: b.repairing,
+            })
+            .collect();
+        pb::NodeView {
+            node: self.id.name.clone(),
+            role: match self.settings.role {
+                Role::Node => "relay".into(),
+                role => role.as_str().into(),
+            },
+            neighbours,
+            branches,
         }
     }
 

@@ -179,6 +179,78 @@ impl pb::overlay_server::Overlay for OverlayService {
         operator(self.0.settings.tls.is_some(), &format!("node {}", self.0.id.name), &request)?;
         Ok(Response::new(pb::InspectReply { json: self.0.inspect().to_string() }))
     }
+
+    type ObserveStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::NodeView, Status>> + Send>>;
+
+    async fn observe(&self, request: Request<pb::ObserveRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        let node = self.0.clone();
+        if node.settings.tls.is_some() && !matches!(Peer::of(&request), Peer::Node(_) | Peer::Operator(_)) {
+            return Err(Status::permission_denied(format!(
+                "node {}: the map's view is for overlay nodes and operators, and the caller is {}",
+                node.id.name,
+                Peer::of(&request)
+            )));
+        }
+        let Some(slot) = ObserverSlot::take() else {
+            return Err(Status::resource_exhausted(format!(
+                "node {}: {MAX_OBSERVERS} observers already watch this node",
+                node.id.name
+            )));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let mut changes = node.changes.subscribe();
+        let tasks = node.tasks.clone();
+        tasks.spawn(async move {
+            let _slot = slot;
+            loop {
+                if tx.send(Ok(node.view())).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = node.cancel.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Changes that come together go in one view.
+                        tokio::time::sleep(OBSERVE_COALESCE).await;
+                        changes.borrow_and_update();
+                    }
+                    _ = tokio::time::sleep(OBSERVE_REFRESH) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Most observers of one node at once (the bootstrapper's map is one).
+pub const MAX_OBSERVERS: usize = 8;
+/// How long an observer's view waits for further changes.
+const OBSERVE_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
+/// An observer gets a view at least this often (link delays move).
+const OBSERVE_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+static OBSERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_OBSERVERS`] places, given back on drop.
+struct ObserverSlot;
+
+impl ObserverSlot {
+    fn take() -> Option<ObserverSlot> {
+        use std::sync::atomic::Ordering;
+        OBSERVERS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_OBSERVERS).then_some(n + 1))
+            .ok()
+            .map(|_| ObserverSlot)
+    }
+}
+
+impl Drop for ObserverSlot {
+    fn drop(&mut self) {
+        OBSERVERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 pub struct SessionService(pub Arc<Node>);
