@@ -9,7 +9,11 @@ role (bootstrapper, server, node, pop, client). The static routes are not
 computed here: they are `netlab validate --routes LAB` (services/netlab,
 unit-tested), installed by each container's entry point from
 OVERLAY_ROUTES. A `telemetry` network joins every onode and oclient
-container to the Jaeger service of the `traces` profile.
+container to the Jaeger service of the `traces` profile and to the
+Prometheus service of the `metrics` profile, which scrapes every node's
+/metrics (port 9998) as deploy/prometheus.yml (also written here) says.
+The bootstrapper's live map (port 9997) is published on the host's
+loopback.
 
 The control plane runs over mutual TLS: every node container gets the
 overlay's CA certificate and its own certificate and key from ./tls
@@ -35,6 +39,10 @@ DEPLOY = os.path.join(REPO, "deploy")
 TELEMETRY_NET = ipaddress.ip_network("10.99.0.0/24")
 JAEGER_ADDR = "10.99.0.2"
 JAEGER_IMAGE = "jaegertracing/all-in-one:1.62.0"
+PROMETHEUS_ADDR = "10.99.0.3"
+PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
+METRICS_PORT = 9998
+MAP_PORT = 9997
 BUILTIN_STREAM = "test"
 CLIENT_DURATION_S = 12
 # Where containers find the TLS files compose mounts, and where the entry
@@ -96,6 +104,44 @@ def q(value):
     return json.dumps(str(value))
 
 
+def telemetry_addresses(lab):
+    """Host -> its address on the telemetry network (every host with a role
+    but routers)."""
+    kinds = {h["name"]: h.get("kind", "host") for h in lab["hosts"]}
+    roles = {r["host"]: r for r in lab["roles"]}
+    out, next_addr = {}, 10
+    for h in (h["name"] for h in lab["hosts"]):
+        if kinds[h] != "router" and h in roles:
+            out[h] = str(TELEMETRY_NET.network_address + next_addr)
+            next_addr += 1
+    return out
+
+
+def prometheus(lab_path):
+    """The Prometheus configuration: every overlay node's /metrics at its
+    telemetry address, labelled with its name and role."""
+    with open(lab_path) as f:
+        lab = json.load(f)
+    addrs = telemetry_addresses(lab)
+    w = [
+        f"# Prometheus scrape configuration of the overlay of {os.path.relpath(lab_path, REPO)}; generated",
+        "# by deploy/gen-compose.py with deploy/compose.yml (the `metrics` profile mounts it).",
+        "global:",
+        "  scrape_interval: 5s",
+        "  scrape_timeout: 4s",
+        "scrape_configs:",
+        "  - job_name: overlay",
+        "    static_configs:",
+    ]
+    for r in lab["roles"]:
+        if r["role"] == "client":
+            continue
+        name = r.get("name", r["host"])
+        w.append(f"      - targets: [\"{addrs[r['host']]}:{METRICS_PORT}\"]")
+        w.append(f"        labels: {{node: {name}, role: {r['role']}}}")
+    return "\n".join(w) + "\n"
+
+
 def generate(lab_path, netlab):
     with open(lab_path) as f:
         lab = json.load(f)
@@ -149,12 +195,7 @@ def generate(lab_path, netlab):
     for name, net, addrs in segs:
         for h, a in addrs.items():
             addr_of[h][name] = a
-    telemetry_addr = {}
-    next_addr = 10
-    for h in hosts:
-        if kinds[h] != "router" and h in roles:
-            telemetry_addr[h] = str(TELEMETRY_NET.network_address + next_addr)
-            next_addr += 1
+    telemetry_addr = telemetry_addresses(lab)
 
     for h in hosts:
         role = roles.get(h, {}).get("role", "router" if kinds[h] == "router" else None)
@@ -182,6 +223,9 @@ def generate(lab_path, netlab):
             # Clients wait for this: every node has registered. Dialled at
             # an address its certificate names, with the operator's.
             healthcheck = f"[\"CMD-SHELL\", \"onode overview {bootstrap} | grep -q '\\\"ready\\\": true'\"]"
+            # The live map, for the operator on this host.
+            w.append("    ports:")
+            w.append(f'      - "127.0.0.1:{MAP_PORT}:{MAP_PORT}"')
         elif role in ("server", "node", "pop"):
             image = "server" if role == "server" else role
             w.append(f"    image: overlay-{image}:${{TAG:-latest}}")
@@ -256,13 +300,27 @@ def generate(lab_path, netlab):
     w.append('      - "127.0.0.1:16686:16686"')
     w.append("    networks:")
     w.append(f"      telemetry: {{ipv4_address: {JAEGER_ADDR}}}")
+    w.append("  prometheus:")
+    w.append("    # Scrapes every node's /metrics (deploy/prometheus.yml); opt-in because")
+    w.append("    # its image must be pulled.")
+    w.append("    profiles: [metrics]")
+    w.append(f"    image: ${{PROMETHEUS_IMAGE:-{PROMETHEUS_IMAGE}}}")
+    w.append("    init: true")
+    w.append("    hostname: prometheus")
+    w.append("    volumes:")
+    w.append("      - ./prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+    w.append("    ports:")
+    w.append('      - "127.0.0.1:9090:9090"')
+    w.append("    networks:")
+    w.append(f"      telemetry: {{ipv4_address: {PROMETHEUS_ADDR}}}")
     w.append("")
     w.append("volumes:")
     w.append("  # Clients' statistics: /stats/NAME.json.")
     w.append("  stats: {}")
     w.append("")
     w.append("networks:")
-    for name, net, addrs in segs + [("telemetry", TELEMETRY_NET, {"jaeger": JAEGER_ADDR, **telemetry_addr})]:
+    extra = {"jaeger": JAEGER_ADDR, "prometheus": PROMETHEUS_ADDR}
+    for name, net, addrs in segs + [("telemetry", TELEMETRY_NET, {**extra, **telemetry_addr})]:
         w.append(f"  {name}:")
         w.append("    driver_opts:")
         w.append('      com.docker.network.bridge.enable_ip_masquerade: "false"')
@@ -292,14 +350,18 @@ def main():
         if not found:
             sys.exit("gen-compose: no netlab binary; run `cargo build -p netlab` or pass --netlab")
         netlab = found[0]
-    text = generate(args.lab, netlab)
-    if args.check:
-        with open(args.out) as f:
-            if f.read() != text:
-                sys.exit(f"gen-compose: {args.out} is stale: run deploy/gen-compose.py")
-        return
-    with open(args.out, "w") as f:
-        f.write(text)
+    outputs = [
+        (args.out, generate(args.lab, netlab)),
+        (os.path.join(os.path.dirname(os.path.abspath(args.out)), "prometheus.yml"), prometheus(args.lab)),
+    ]
+    for path, text in outputs:
+        if args.check:
+            with open(path) as f:
+                if f.read() != text:
+                    sys.exit(f"gen-compose: {path} is stale: run deploy/gen-compose.py")
+            continue
+        with open(path, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
