@@ -268,16 +268,27 @@ fn seed_lab_established_tree_follows_a_slower_link() {
     let run = run::ClientRun {
         host: "c5".into(),
         stream: "test".into(),
-        duration_s: Some(24.0),
+        duration_s: Some(32.0),
         headless: true,
         stats: st.dir().join("clients").join("established.json"),
         log: Some(st.dir().join("logs").join("established-client.log")),
     };
     let mut child = run::start_client(&st, &bins, &run).expect("start a client");
+    // The tree is built on the routes the nodes measure when the viewer
+    // joins; a busy machine can tilt a measurement for a while, and then
+    // the tree settles onto the routes of the links' delays once it may
+    // move (4 s here). Either way it is on them within 10 s.
     std::thread::sleep(Duration::from_secs(3));
-    let before = tree_up(&lab, &prefix, &bins, "o7");
-    let server = before.last().expect("a tree").clone();
-    assert!(off_route(&before, &server, &want).is_empty(), "the tree should start on the routes: {before:?}");
+    let started = Instant::now();
+    let (before, server) = loop {
+        let tree = tree_up(&lab, &prefix, &bins, "o7");
+        let server = tree.last().expect("a tree").clone();
+        if off_route(&tree, &server, &want).is_empty() {
+            break (tree, server);
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the tree should settle on the routes: {tree:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
     // Raise a link the tree crosses, whichever server roots it.
     let (link, raised_ms, mover, new_up) =
         if server == "s1" { ("o2-o3", 25.0, "o3", "o9") } else { ("o8-o9", 60.0, "o3", "o4") };
