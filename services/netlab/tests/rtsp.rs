@@ -158,24 +158,33 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
         }
     }
 
-    // GStreamer's rtspsrc on c3 (POP o6): 90 decoded frames, then EOS.
-    // (Over TCP it decodes too, but its PAUSE at EOS sometimes finds the
-    // connection closed, and gst-launch then exits 1: not judged here yet.)
+    // GStreamer's rtspsrc on c3 (POP o6), over UDP and over TCP: 90
+    // decoded frames, then EOS. What is judged is the frames the sink
+    // took (gst-launch -v prints one line per buffer), not gst-launch's
+    // exit status: at EOS rtspsrc's own state change to READY flushes its
+    // connection while its PAUSE is in flight ("connection flush busy
+    // PAUSE" in its log), and now and then that surfaces as an error
+    // ("Received end-of-file") and exit status 1, the POP having answered
+    // everything it was sent.
     let url = format!("rtsp://{}:8554/test", pop_addr("o6"));
-    {
-        let protocol = "udp";
+    for protocol in ["udp", "tcp"] {
         let gst = Command::new("ip")
-            .args(["netns", "exec", &ns_name(&prefix, "c3"), "timeout", "30", "gst-launch-1.0", "-q"])
+            .args(["netns", "exec", &ns_name(&prefix, "c3"), "timeout", "30", "gst-launch-1.0", "-v"])
             .args(["rtspsrc", &format!("location={url}"), &format!("protocols={protocol}"), "!", "rtph264depay"])
-            .args(["!", "h264parse", "!", "avdec_h264", "!", "identity", "eos-after=90", "!", "fakesink", "sync=false"])
+            .args(["!", "h264parse", "!", "avdec_h264", "!", "identity", "eos-after=90"])
+            .args(["!", "fakesink", "name=sink", "sync=false", "silent=false"])
             .output()
             .expect("gst-launch runs");
-        println!("gst-launch rtspsrc on c3 over {protocol}: {}", gst.status);
-        if !gst.status.success() {
+        let stdout = String::from_utf8_lossy(&gst.stdout);
+        let frames = stdout.lines().filter(|l| l.contains("sink: last-message = chain")).count();
+        println!("gst-launch rtspsrc on c3 over {protocol}: {frames} frames, {}", gst.status);
+        // The sink reports 89 or 90 of the 90 buffers identity passes.
+        if frames < 85 {
+            let tail: Vec<&str> = stdout.lines().rev().take(20).collect();
             problems.push(format!(
-                "gst-launch rtspsrc on c3 over {protocol} did not decode 90 frames of {url}: {}\n{}\n{}",
+                "gst-launch rtspsrc on c3 over {protocol} decoded {frames} of 90 frames of {url}: {}\n{}\n{}",
                 gst.status,
-                String::from_utf8_lossy(&gst.stdout),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
                 String::from_utf8_lossy(&gst.stderr)
             ));
         }
