@@ -116,21 +116,18 @@ impl Collector for Figures {
         counter(&mut e, "overlay_relay_sent_bytes", "Bytes the data plane sent.", r.sent_bytes)?;
         counter(&mut e, "overlay_relay_injected_packets", "Packets of this node's own pipelines.", r.injected)?;
         counter(&mut e, "overlay_relay_send_errors", "Sends that failed.", r.send_errors)?;
-        let drops = ConstCounter::new(0u64);
-        let mut m = e.encode_descriptor(
+        counters(
+            &mut e,
             "overlay_relay_dropped_packets",
             "Datagrams the data plane dropped, by reason.",
-            None,
-            drops.metric_type(),
+            [
+                ("not_rtp", r.dropped_not_rtp),
+                ("unknown_ssrc", r.dropped_unknown_ssrc),
+                ("wrong_source", r.dropped_wrong_source),
+                ("duplicate", r.dropped_duplicate),
+            ]
+            .map(|(reason, v)| (vec![("reason", reason)], v)),
         )?;
-        for (reason, v) in [
-            ("not_rtp", r.dropped_not_rtp),
-            ("unknown_ssrc", r.dropped_unknown_ssrc),
-            ("wrong_source", r.dropped_wrong_source),
-            ("duplicate", r.dropped_duplicate),
-        ] {
-            ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
-        }
 
         gauges(
             &mut e,

@@ -54,20 +54,6 @@ fn just(args: &[&str]) -> Command {
     cmd
 }
 
-/// The body of `GET path` at `addr` (HTTP/1.1, 200 expected).
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    match reply.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
-        _ => panic!("GET {path} at {addr}: {reply}"),
-    }
-}
-
 /// Containers, networks and volumes of the project, one per line.
 fn leftovers() -> String {
     let label = format!("label=com.docker.compose.project={PROJECT}");
@@ -192,7 +178,7 @@ fn compose_deployment_of_the_original_topology() {
     // The operator's view: the live map on the host's loopback shows every
     // node alive, and each node's metrics are there for the Prometheus of
     // the `metrics` profile (deploy/prometheus.yml) to scrape.
-    let map: Value = serde_json::from_str(&http_get("127.0.0.1:9997", "/state")).expect("map state JSON");
+    let map: Value = serde_json::from_str(&common::http_get("127.0.0.1:9997", "/state")).expect("map state JSON");
     let nodes = map["nodes"].as_array().cloned().unwrap_or_default();
     let dead: Vec<&Value> = nodes.iter().filter(|n| n["alive"] != true).collect();
     assert!(
@@ -205,7 +191,7 @@ fn compose_deployment_of_the_original_topology() {
         prometheus.lines().filter_map(|l| l.trim().strip_prefix("- targets: [\"")?.strip_suffix("\"]")).collect();
     assert_eq!(targets.len(), 10, "deploy/prometheus.yml names {} targets:\n{prometheus}", targets.len());
     for target in &targets {
-        let text = http_get(target, "/metrics");
+        let text = common::http_get(target, "/metrics");
         assert!(text.contains("overlay_node_info{"), "no node info in the metrics at {target}:\n{text}");
     }
     eprintln!("map: {} nodes alive; metrics scraped at {} targets", nodes.len(), targets.len());

@@ -260,14 +260,7 @@ impl Overlay {
 
     /// A scrape of `node`'s Prometheus metrics (`GET /metrics`, port 9998).
     pub fn metrics(&self, node: &str) -> String {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect((self.addr[node], 9998)).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(conn, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr[node]).unwrap();
-        let mut reply = String::new();
-        conn.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "metrics of {node}: {reply}");
-        reply
+        http_get(&format!("{}:9998", self.addr[node]), "/metrics")
     }
 
     /// The value of one series (`name{labels}`, as written) in a scrape.
@@ -465,4 +458,19 @@ fn strip_colours(line: &str) -> String {
         }
     }
     out
+}
+
+/// The body of `GET path` at `addr` (HTTP/1.1; anything but 200 panics,
+/// showing the reply).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap_or_else(|e| panic!("GET {path} at {addr}: {e}"));
+    match reply.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
+        _ => panic!("GET {path} at {addr}: {reply}"),
+    }
 }
