@@ -4,10 +4,14 @@
 //! per neighbour, the freshest copy: the accumulated path delay (the sum of
 //! measured one-way link delays, so it stays right when clocks differ), the
 //! hop count and the send time (the original's clock-based metric, kept for
-//! display). It forwards each (server, seq) once, to neighbours the copy has
-//! not visited, advertising its own best delay (never one learnt from the
-//! neighbour it sends to). The best next hop toward a server has the lowest
-//! delay; when delays are within 10% of each other, fewer hops wins.
+//! display). It passes the first copy of each round (server, seq) on to
+//! the neighbours the copy has not visited, with that copy's path delay, and
+//! a later copy of the same round only if its path is clearly shorter: each
+//! round settles on paths that exist now. The best next hop toward a server
+//! has the lowest delay; when delays are within 10% of each other, fewer
+//! hops wins; routes of the newest rounds come first. A server the
+//! bootstrapper reports failed is forgotten, and copies of its last round
+//! still travelling are ignored.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -44,11 +48,16 @@ pub struct RoutingConfig {
     pub tie_floor_us: u64,
     /// A route not refreshed by a probe for this long is forgotten.
     pub stale_after: Duration,
+    /// A route learnt from a probe this many rounds older than the newest
+    /// one seen from its server is not used: its neighbour did not pass
+    /// the newer rounds on (it lost its own way to the server, or its way
+    /// now runs through this node), so following it could loop.
+    pub rounds_kept: u64,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        RoutingConfig { tie_ratio: 0.10, tie_floor_us: 500, stale_after: Duration::from_millis(1500) }
+        RoutingConfig { tie_ratio: 0.10, tie_floor_us: 500, stale_after: Duration::from_millis(1500), rounds_kept: 1 }
     }
 }
 
@@ -109,6 +118,11 @@ pub struct RouteTable {
     config: RoutingConfig,
     entries: BTreeMap<String, BTreeMap<String, RouteEntry>>,
     last_seq: BTreeMap<String, u64>,
+    /// Per server, the path delay this node passed on for its newest round.
+    passed: BTreeMap<String, u64>,
+    /// Servers reported failed: probes of theirs up to this sequence
+    /// number (copies still on their way) are ignored.
+    failed: BTreeMap<String, u64>,
     offers: BTreeMap<String, BTreeSet<String>>,
     link_rtt: BTreeMap<String, VecDeque<u64>>,
     carrying: BTreeMap<String, BTreeSet<String>>,
@@ -123,6 +137,8 @@ impl RouteTable {
             config,
             entries: BTreeMap::new(),
             last_seq: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            passed: BTreeMap::new(),
             offers: BTreeMap::new(),
             link_rtt: BTreeMap::new(),
             carrying: BTreeMap::new(),
@@ -168,6 +184,9 @@ impl RouteTable {
         if probe.server == self.me || !self.neighbours.contains(&probe.sender) {
             return Vec::new();
         }
+        if self.failed.get(&probe.server).is_some_and(|&floor| probe.seq <= floor) {
+            return Vec::new();
+        }
         let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
         let entry = RouteEntry {
             delay_us,
@@ -185,11 +204,29 @@ impl RouteTable {
         }
         self.offers.insert(probe.server.clone(), probe.streams.iter().cloned().collect());
 
-        let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
-        if probe.seq <= *last || probe.visited.contains(&self.me) {
+        if probe.visited.contains(&self.me) {
             return Vec::new();
         }
+        // The first copy of a round goes on at once, with its own path's
+        // delay; a later copy of the same round goes on too if its path is
+        // clearly shorter (beyond the tie band) than what this node passed
+        // on for the round. Each round thus settles on the paths that exist
+        // now: advertising the table's best instead would mix in earlier
+        // rounds, whose paths may be gone, and bad news would take several
+        // rounds to count up.
+        let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
+        let passed = self.passed.entry(probe.server.clone()).or_insert(u64::MAX);
+        if probe.seq < *last {
+            return Vec::new();
+        }
+        if probe.seq == *last {
+            let band = ((delay_us as f64 * self.config.tie_ratio) as u64).max(self.config.tie_floor_us);
+            if delay_us + band >= *passed {
+                return Vec::new();
+            }
+        }
         *last = probe.seq;
+        *passed = delay_us;
 
         let mut visited = probe.visited.clone();
         visited.push(self.me.clone());
@@ -198,18 +235,15 @@ impl RouteTable {
             if probe.visited.contains(n) {
                 continue;
             }
-            let Some(best) = self.best_next_hop(&probe.server, now, &[n.as_str()]) else {
-                continue;
-            };
             out.push((
                 n.clone(),
                 Probe {
                     server: probe.server.clone(),
                     seq: probe.seq,
                     send_time_unix_us: probe.send_time_unix_us,
-                    hops: best.hops + 1,
+                    hops: probe.hops + 1,
                     visited: visited.clone(),
-                    path_delay_us: best.delay_us,
+                    path_delay_us: delay_us,
                     streams: probe.streams.clone(),
                     sender: self.me.clone(),
                 },
@@ -260,6 +294,10 @@ impl RouteTable {
     /// A node failed somewhere (the bootstrapper's notice): forget it as a
     /// server; if it is a neighbour, as a next hop too.
     pub fn node_failed(&mut self, node: &str) {
+        // Copies of its last round may still be travelling, and a node
+        // that comes back starts a new, higher sequence.
+        let floor = self.last_seq.get(node).map_or(0, |s| s + 1);
+        self.failed.insert(node.to_string(), floor);
         self.entries.remove(node);
         self.offers.remove(node);
         if self.neighbours.iter().any(|n| n == node) {
@@ -274,14 +312,19 @@ impl RouteTable {
         })
     }
 
-    /// The best neighbour toward `server`, never one of `exclude`.
+    /// The best neighbour toward `server`, never one of `exclude`. Routes
+    /// of the last [`RoutingConfig::rounds_kept`] rounds are preferred:
+    /// an older one is taken only when no recent one is left (its newer
+    /// copies may just have been lost).
     pub fn best_next_hop(&self, server: &str, now: Instant, exclude: &[&str]) -> Option<Route> {
-        let candidates: Vec<Route> = self
-            .fresh(server, now)
-            .filter(|(via, _)| !exclude.contains(&via.as_str()))
-            .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
-            .collect();
-        pick(&candidates, &self.config)
+        let oldest = self.last_seq.get(server).map_or(0, |s| s.saturating_sub(self.config.rounds_kept));
+        let candidates = |recent_only: bool| -> Vec<Route> {
+            self.fresh(server, now)
+                .filter(|(via, e)| !exclude.contains(&via.as_str()) && (!recent_only || e.seq >= oldest))
+                .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
+                .collect()
+        };
+        pick(&candidates(true), &self.config).or_else(|| pick(&candidates(false), &self.config))
     }
 
     /// The route toward `server` through `via`, while fresh.
@@ -339,6 +382,11 @@ impl RouteTable {
             }
             None => Err(NoUpstream::UnknownStream),
         }
+    }
+
+    /// The newest round (sequence number) heard from `server`.
+    pub fn newest_seq(&self, server: &str) -> Option<u64> {
+        self.last_seq.get(server).copied()
     }
 
     /// Every fresh entry, for inspection: server → via → entry.
@@ -484,16 +532,58 @@ mod tests {
     }
 
     #[test]
-    fn advertises_its_best_but_not_back_to_where_it_came_from() {
+    fn passes_on_each_rounds_own_path_and_a_clearly_shorter_one_of_the_same_round() {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9", "o4"]);
-        t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 50_000), now, 0);
-        t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
-        let out = t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 50_000), now, 0);
-        let to_o4 = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
-        assert_eq!(to_o4.path_delay_us, 1_000, "o4 hears o3's best route, via o2");
-        let to_o2 = &out.iter().find(|(n, _)| n == "o2").unwrap().1;
-        assert_eq!(to_o2.path_delay_us, 50_000, "o2 never hears its own route back");
+        t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        // Round 2 comes first by o9, on a long path: that is what goes on,
+        // not round 1's short one (its path may be gone), and not back to o9.
+        let out = t.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 50_000), now, 0);
+        let to: Vec<(&str, u64)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us)).collect();
+        assert_eq!(to, [("o2", 50_000), ("o4", 50_000)]);
+        // Round 2 by o2, clearly shorter: passed on too, to all but o2.
+        let out = t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        let to: Vec<(&str, u64, u32)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us, p.hops)).collect();
+        assert_eq!(to, [("o9", 1_000, 3), ("o4", 1_000, 3)]);
+        // Longer, or shorter only within the tie band: not passed on.
+        assert!(t.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 40_000), now, 0).is_empty());
+        let mut banded = table("o3", &["o2", "o9", "o4"]);
+        banded.config.tie_floor_us = 500;
+        banded.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 10_000), now, 0);
+        assert!(banded.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 9_500), now, 0).is_empty());
+        assert_eq!(banded.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 8_000), now, 0).len(), 2);
+        // An older round is recorded but never passed on.
+        assert!(t.on_probe(&probe("s1", 1, "o4", &["s1", "o4"], 2, 100), now, 0).is_empty());
+    }
+
+    #[test]
+    fn a_failed_server_is_not_brought_back_by_copies_still_on_their_way() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        t.on_probe(&probe("s1", 5, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        t.node_failed("s1");
+        assert_eq!(t.best_next_hop("s1", now, &[]), None);
+        for seq in [5, 6] {
+            assert!(t.on_probe(&probe("s1", seq, "o9", &["s1", "o9"], 2, 1_000), now, 0).is_empty());
+            assert_eq!(t.best_next_hop("s1", now, &[]), None, "round {seq} is from before the failure");
+            assert!(!t.offered("test"));
+        }
+        // Restarted, it probes with a higher sequence: welcome back.
+        assert_eq!(t.on_probe(&probe("s1", 1_000, "o9", &["s1", "o9"], 2, 1_000), now, 0).len(), 1);
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
+    }
+
+    #[test]
+    fn a_route_rounds_behind_is_used_only_when_nothing_newer_is_left() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 5_000), now, 0);
+        // o2 passed on neither round 2 nor 3: its way may now run through
+        // this node.
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
+        t.neighbour_down("o9");
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2", "better than none");
     }
 
     #[test]
