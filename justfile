@@ -60,6 +60,11 @@ bench ROUNDS="3": build release
     target/release/rtspbench netns/labs/seed.json 8
     target/release/pubbench netns/labs/seed.json {{ROUNDS}} 8
 
+# Simulate the routing protocol at scale on a virtual clock: 1,000 nodes, 10 servers, 200 POPs,
+# SEEDS seeded fault schedules judged against a route oracle (overlay-sim --help for more).
+sim SEEDS="8" *FLAGS:
+    cargo run --release -p overlay-sim -- --seeds {{SEEDS}} {{FLAGS}}
+
 # Bring a netns lab up (default: the original topology).
 lab-up LAB="netns/labs/seed.json": build
     netns/lab.sh up {{LAB}}

@@ -1,0 +1,173 @@
+//! `overlay-sim`: seeded fault schedules on a simulated overlay, judged
+//! against the route oracle; prints convergence, message load and delay
+//! penalty. A seed that fails is printed with its trace; `--seed N
+//! --trace` replays it.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use overlay_sim::graph::Shape;
+use overlay_sim::sim::Config;
+use overlay_sim::{by_kind, quantile, run, Report};
+
+#[derive(Parser, Debug)]
+#[command(about = "Simulates the overlay's STATUS probes and route tables (overlay-core's code) on a virtual clock: \
+a seeded topology, a cold start, then random faults, each judged against a route oracle until the routes pass")]
+struct Args {
+    /// Nodes in the overlay.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Servers among them (each offers one stream).
+    #[arg(long, default_value_t = 10)]
+    servers: usize,
+    /// POPs among them.
+    #[arg(long, default_value_t = 200)]
+    pops: usize,
+    /// Links each node makes to its nearest others (mean degree about twice this).
+    #[arg(long, default_value_t = 2)]
+    nearest: usize,
+    /// Seeds to run (each: its own topology and fault schedule).
+    #[arg(long, default_value_t = 8)]
+    seeds: u64,
+    /// The first seed; seeds run from it upward.
+    #[arg(long, default_value_t = 1)]
+    first_seed: u64,
+    /// Run only this seed (replay), printing its trace.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Faults per seed, each followed by convergence.
+    #[arg(long, default_value_t = 12)]
+    faults: usize,
+    /// Chance that a message (probe or heartbeat) is lost.
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
+    /// Queueing jitter added to each message, up to this many µs.
+    #[arg(long, default_value_t = 2000)]
+    jitter_us: u64,
+    /// Rounds a route may lag its server's newest probe and still be used
+    /// (onode: 1).
+    #[arg(long, default_value_t = 1)]
+    rounds_kept: u64,
+    /// A route not refreshed for this long is forgotten, ms (onode: three
+    /// probe intervals and 200 ms).
+    #[arg(long, default_value_t = 1700)]
+    stale_ms: u64,
+    /// Print every seed's trace, not only failing ones.
+    #[arg(long)]
+    trace: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.servers + args.pops > args.nodes || args.servers == 0 {
+        eprintln!(
+            "overlay-sim: --servers ({}) + --pops ({}) must fit in --nodes ({}), with at least one server",
+            args.servers, args.pops, args.nodes
+        );
+        return ExitCode::from(2);
+    }
+    if !(0.0..1.0).contains(&args.loss) {
+        eprintln!("overlay-sim: --loss must be in [0, 1), not {}", args.loss);
+        return ExitCode::from(2);
+    }
+    let shape =
+        Shape { nodes: args.nodes, servers: args.servers, pops: args.pops, nearest: args.nearest, side_km: 6000 };
+    let mut config = Config { loss: args.loss, jitter_us: args.jitter_us, ..Config::default() };
+    config.routing.rounds_kept = args.rounds_kept;
+    config.routing.stale_after = std::time::Duration::from_millis(args.stale_ms);
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.first_seed..args.first_seed + args.seeds).collect(),
+    };
+    println!(
+        "overlay-sim: {} nodes ({} servers, {} POPs), {} seeds x {} faults, loss {:.1}%, jitter {} µs, probe interval {} ms",
+        args.nodes,
+        args.servers,
+        args.pops,
+        seeds.len(),
+        args.faults,
+        args.loss * 100.0,
+        args.jitter_us,
+        config.probe_interval_us / 1000
+    );
+    let started = Instant::now();
+    let mut reports: Vec<Report> = Vec::new();
+    for seed in seeds {
+        let t = Instant::now();
+        let r = run(shape, config, seed, args.faults);
+        let failures = r.failures();
+        println!(
+            "seed {seed}: degree {:.2}, cold start {} intervals, {:.1} probes/node/interval, delay penalty mean {:.4} max {:.3} ({:.1} s)",
+            r.mean_degree,
+            r.start.as_ref().map_or("NOT CONVERGED".to_string(), |k| k.to_string()),
+            r.messages_per_node_interval,
+            r.penalty_mean,
+            r.penalty_max,
+            t.elapsed().as_secs_f64()
+        );
+        if args.trace || !failures.is_empty() {
+            for line in &r.trace {
+                println!("    {line}");
+            }
+        }
+        for f in &failures {
+            println!(
+                "PROBLEM seed {seed}: {f} (replay: overlay-sim --seed {seed} --nodes {} --faults {} --trace)",
+                args.nodes, args.faults
+            );
+        }
+        reports.push(r);
+    }
+
+    let bound = reports.iter().map(|r| r.mean_degree * r.servers as f64).fold(f64::MAX, f64::min);
+    let msgs: Vec<f64> = reports.iter().map(|r| r.messages_per_node_interval).collect();
+    let starts: Vec<u32> = {
+        let mut v: Vec<u32> = reports.iter().filter_map(|r| r.start.as_ref().ok().copied()).collect();
+        v.sort_unstable();
+        v
+    };
+    println!();
+    println!("summary over {} seeds ({:.1} s):", reports.len(), started.elapsed().as_secs_f64());
+    println!(
+        "  cold start: routes pass the oracle after {}..{} probe intervals (median {})",
+        starts.first().copied().unwrap_or(0),
+        starts.last().copied().unwrap_or(0),
+        quantile(&starts, 0.5)
+    );
+    println!(
+        "  control messages: {:.1}..{:.1} probe copies per node per probe interval (bound: mean degree x servers = {:.1})",
+        msgs.iter().copied().fold(f64::MAX, f64::min),
+        msgs.iter().copied().fold(0.0, f64::max),
+        bound
+    );
+    println!(
+        "  routes failing the oracle at rest (lost probes, rounds crossing): {:.3}% (worst seed {:.3}%)",
+        100.0 * reports.iter().map(|r| r.rest_failing).sum::<f64>() / reports.len().max(1) as f64,
+        100.0 * reports.iter().map(|r| r.rest_failing).fold(0.0, f64::max)
+    );
+    println!(
+        "  relative delay penalty after convergence: mean {:.4}, worst route {:.3}",
+        reports.iter().map(|r| r.penalty_mean).sum::<f64>() / reports.len().max(1) as f64,
+        reports.iter().map(|r| r.penalty_max).fold(0.0, f64::max)
+    );
+    println!("  convergence after a fault, in probe intervals:");
+    println!("    {:<24} {:>5} {:>7} {:>5} {:>5}", "fault", "count", "median", "p95", "max");
+    for (kind, mut v) in by_kind(&reports) {
+        v.sort_unstable();
+        println!(
+            "    {:<24} {:>5} {:>7} {:>5} {:>5}",
+            kind.label(),
+            v.len(),
+            quantile(&v, 0.5),
+            quantile(&v, 0.95),
+            v.last().copied().unwrap_or(0)
+        );
+    }
+    let failed: usize = reports.iter().map(|r| r.failures().len()).sum();
+    if failed > 0 {
+        println!("{failed} runs did not converge within {} probe intervals (PROBLEM lines above)", overlay_sim::LIMIT);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
