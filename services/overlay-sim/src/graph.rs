@@ -29,13 +29,17 @@ pub struct Shape {
     /// Links each node makes to its nearest others (the mean degree is
     /// about twice this).
     pub nearest: usize,
+    /// Long-haul links between random nodes, per 100 nodes: they keep the
+    /// overlay's diameter near what real ones have (a few tens of hops
+    /// at most, not a chain across the continent).
+    pub long_haul: usize,
     /// Side of the square the nodes are placed on, in km.
     pub side_km: u32,
 }
 
 impl Shape {
     /// The scale: 1,000 nodes, 10 servers, 200 POPs.
-    pub const LARGE: Shape = Shape { nodes: 1000, servers: 10, pops: 200, nearest: 2, side_km: 6000 };
+    pub const LARGE: Shape = Shape { nodes: 1000, servers: 10, pops: 200, nearest: 3, long_haul: 10, side_km: 6000 };
 }
 
 /// One undirected link: its ends (indices) and one-way delay.
@@ -74,6 +78,12 @@ impl Graph {
             let mut others: Vec<usize> = (0..n).filter(|&j| j != i).collect();
             others.sort_by(|&x, &y| km(i, x).total_cmp(&km(i, y)));
             for &j in others.iter().take(shape.nearest) {
+                pairs.insert((i.min(j), i.max(j)));
+            }
+        }
+        for _ in 0..shape.long_haul * n / 100 {
+            let (i, j) = (rng.random_range(0..n), rng.random_range(0..n));
+            if i != j {
                 pairs.insert((i.min(j), i.max(j)));
             }
         }
@@ -203,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_generated_overlay_is_connected_has_its_roles_and_is_the_same_for_a_seed() {
-        let shape = Shape { nodes: 120, servers: 4, pops: 30, nearest: 2, side_km: 3000 };
+        let shape = Shape { nodes: 120, servers: 4, pops: 30, nearest: 2, long_haul: 5, side_km: 3000 };
         let g = Graph::generate(shape, 7);
         assert_eq!(g.servers().count(), 4);
         assert_eq!(g.roles.iter().filter(|r| **r == Role::Pop).count(), 30);

@@ -6,8 +6,9 @@
 //! servers, partitions and their healing, links getting slower, the
 //! bootstrapper's notices lost). After each fault the routes of every live
 //! node are judged against an oracle (lowest summed real delay, within the
-//! tie band fewer hops) until they pass: how many probe intervals that
-//! takes is the figure. A run that does not converge names its seed and
+//! tie band fewer hops), walking them as a stream request would, until no
+//! more fail than did at rest: how many probe intervals that takes is the
+//! figure. A run that does not converge names its seed and
 //! prints what happened, so that it can be replayed.
 //!
 //! This covers the STATUS probes and route tables. Stream trees, their
@@ -76,6 +77,11 @@ pub struct Report {
     pub messages_per_node_interval: f64,
     /// Share of (node, server) routes failing the oracle at rest.
     pub rest_failing: f64,
+    /// Routes failing at one instant at rest: the median and the most of
+    /// ten looks. After a fault, the routes count as converged when no
+    /// more fail than the median.
+    pub rest_typical: usize,
+    pub rest_most: usize,
     /// Relative delay penalty of the routes after the last convergence.
     pub penalty_mean: f64,
     pub penalty_max: f64,
@@ -116,20 +122,25 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
     let mean_degree = graph.mean_degree();
     let mut w = World::new(graph, config, seed);
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let start = w.converge(LIMIT).map_err(|v| shown(&v));
+    let start = w.converge(LIMIT, 0).map_err(|v| shown(&v));
 
     // At rest, over ten intervals: probes sent, and how often a route
     // fails the oracle (lost probes making a route look gone, a loop
     // between rounds), judged in the middle of each interval.
     let before = w.probes_sent;
     let (mut checked, mut failing) = (0u64, 0u64);
+    let mut counts = Vec::new();
     for _ in 0..10 {
         w.run_until(w.now + config.probe_interval_us / 2);
         let j = w.judge();
         checked += j.routes + j.violations.len() as u64;
         failing += j.violations.len() as u64;
+        counts.push(j.violations.len());
         w.run_until(w.now + config.probe_interval_us - config.probe_interval_us / 2);
     }
+    counts.sort_unstable();
+    let rest_typical = counts[counts.len() / 2];
+    let rest_most = counts.last().copied().unwrap_or(0);
     let messages_per_node_interval = (w.probes_sent - before) as f64 / (10.0 * shape.nodes as f64);
     let rest_failing = if checked == 0 { 0.0 } else { failing as f64 / checked as f64 };
 
@@ -238,7 +249,8 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
                 }
             }
         }
-        results.push((kind, w.converge(LIMIT).map_err(|v| shown(&v))));
+        // Converged: back to no more failing routes than typically at rest.
+        results.push((kind, w.converge(LIMIT, rest_typical).map_err(|v| shown(&v))));
     }
     let j = w.judge();
     Report {
@@ -250,6 +262,8 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
         faults: results,
         messages_per_node_interval,
         rest_failing,
+        rest_typical,
+        rest_most,
         penalty_mean: if j.routes == 0 { 1.0 } else { j.penalty_sum / j.routes as f64 },
         penalty_max: j.penalty_max,
         trace: w.trace,

@@ -113,7 +113,9 @@ struct SimNode {
 pub enum Violation {
     /// A live node has no route to a live server it can reach.
     NoRoute { node: String, server: String },
-    /// Following next hops from `node` toward `server` never gets there.
+    /// A request walking from node to best next hop (never back onto its
+    /// own path, as stream requests go) reaches `node`, whose every way to
+    /// `server` leads back into `path`.
     Loop { node: String, server: String, path: Vec<String> },
     /// A next hop is over a link that is down or to a dead node.
     DeadHop { node: String, server: String, via: String },
@@ -425,47 +427,68 @@ impl World {
             let server = &self.graph.names[s];
             let best: Vec<Option<u64>> =
                 if self.nodes[s].alive { self.graph.shortest(s, |k| self.usable(k)) } else { vec![None; n] };
+            // Every live node's next hop toward s, asked once.
+            let next: Vec<Option<usize>> = (0..n)
+                .map(|i| {
+                    if i == s || !self.nodes[i].alive {
+                        return None;
+                    }
+                    self.nodes[i].table.best_next_hop(server, now, &[]).map(|r| self.index[&r.via])
+                })
+                .collect();
+            // A chain broken at one node is reported once, for that node.
+            let mut broken = std::collections::HashSet::new();
             for i in (0..n).filter(|&i| i != s && self.nodes[i].alive) {
                 let node = &self.graph.names[i];
-                let route = self.nodes[i].table.best_next_hop(server, now, &[]);
                 let Some(best_us) = best[i] else {
-                    if route.is_some() {
+                    if next[i].is_some() {
                         j.violations.push(Violation::Phantom { node: node.clone(), server: server.clone() });
                     }
                     continue;
                 };
-                if route.is_none() {
-                    j.violations.push(Violation::NoRoute { node: node.clone(), server: server.clone() });
-                    continue;
-                }
-                // Follow the next hops to the server, adding real delays.
-                let (mut at, mut delay_us, mut path) = (i, 0u64, vec![node.clone()]);
+                // Walk as a stream request does: from each node to its best
+                // next hop that is not already on the request's path, adding
+                // real delays.
+                let (mut at, mut delay_us, mut hops) = (i, 0u64, 0usize);
+                let mut path: Vec<usize> = vec![i];
                 let outcome = loop {
                     if at == s {
                         break Ok(());
                     }
-                    if path.len() > n {
-                        break Err(Violation::Loop { node: node.clone(), server: server.clone(), path: path.clone() });
-                    }
-                    let Some(hop) = self.nodes[at].table.best_next_hop(server, now, &[]) else {
-                        break Err(Violation::NoRoute { node: self.graph.names[at].clone(), server: server.clone() });
+                    let hop = match next[at] {
+                        Some(h) if !path.contains(&h) => Some(h),
+                        Some(_) => {
+                            let exclude: Vec<&str> = path.iter().map(|&x| self.graph.names[x].as_str()).collect();
+                            self.nodes[at].table.best_next_hop(server, now, &exclude).map(|r| self.index[&r.via])
+                        }
+                        None => None,
                     };
-                    let next = self.index[&hop.via];
-                    let k = self.graph.link_between(at, next).expect("routes go to neighbours");
+                    let Some(hop) = hop else {
+                        let v = if next[at].is_some() {
+                            // Every way it knows leads back into the path.
+                            let names = path.iter().map(|&x| self.graph.names[x].clone()).collect();
+                            Violation::Loop { node: self.graph.names[at].clone(), server: server.clone(), path: names }
+                        } else {
+                            Violation::NoRoute { node: self.graph.names[at].clone(), server: server.clone() }
+                        };
+                        break Err((at, v));
+                    };
+                    let k = self.graph.link_between(at, hop).expect("routes go to neighbours");
                     if !self.usable(k) {
-                        break Err(Violation::DeadHop {
+                        let v = Violation::DeadHop {
                             node: self.graph.names[at].clone(),
                             server: server.clone(),
-                            via: hop.via,
-                        });
+                            via: self.graph.names[hop].clone(),
+                        };
+                        break Err((at, v));
                     }
                     delay_us += self.graph.links[k].delay_us;
-                    path.push(hop.via);
-                    at = next;
+                    hops += 1;
+                    path.push(hop);
+                    at = hop;
                 };
-                if let Err(v) = outcome {
-                    // One broken chain is reported once, by its first node.
-                    if !j.violations.contains(&v) {
+                if let Err((at, v)) = outcome {
+                    if broken.insert(at) {
                         j.violations.push(v);
                     }
                     continue;
@@ -474,7 +497,7 @@ impl World {
                 // fewer hops; measured delays carry up to half the jitter
                 // per link on top.
                 let band = ((best_us as f64 * cfg.tie_ratio) as u64).max(cfg.tie_floor_us);
-                let noise = self.config.jitter_us / 2 * (path.len() as u64);
+                let noise = self.config.jitter_us / 2 * hops as u64;
                 if delay_us > best_us + band + noise {
                     j.violations.push(Violation::Longer {
                         node: node.clone(),
@@ -492,15 +515,17 @@ impl World {
         j
     }
 
-    /// Runs probe interval by probe interval until the routes pass the
-    /// oracle, for at most `limit` intervals: the intervals it took, or
-    /// the last judgement's violations.
-    pub fn converge(&mut self, limit: u32) -> Result<u32, Vec<Violation>> {
+    /// Runs probe interval by probe interval until at most `tolerated`
+    /// routes fail the oracle (0: all pass; at scale, with loss and
+    /// jitter, a few always fail for a moment at rest), for at most
+    /// `limit` intervals: the intervals it took, or the last judgement's
+    /// violations.
+    pub fn converge(&mut self, limit: u32, tolerated: usize) -> Result<u32, Vec<Violation>> {
         let mut last = Vec::new();
         for k in 1..=limit {
             self.run_until(self.now + self.config.probe_interval_us);
             let j = self.judge();
-            if j.violations.is_empty() {
+            if j.violations.len() <= tolerated {
                 return Ok(k);
             }
             last = j.violations;

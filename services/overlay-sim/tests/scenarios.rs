@@ -27,7 +27,7 @@ fn quiet() -> Config {
 #[test]
 fn a_cold_square_routes_the_short_way_within_three_probe_intervals() {
     let mut w = World::new(square(), quiet(), 1);
-    let k = w.converge(LIMIT).expect("converges");
+    let k = w.converge(LIMIT, 0).expect("converges");
     assert!(k <= 3, "took {k} probe intervals");
     let j = w.judge();
     assert!(j.violations.is_empty(), "{:?}", j.violations);
@@ -38,7 +38,7 @@ fn a_cold_square_routes_the_short_way_within_three_probe_intervals() {
 #[test]
 fn the_oracle_catches_a_dead_hop_and_a_longer_route_and_both_are_repaired() {
     let mut w = World::new(square(), quiet(), 2);
-    w.converge(LIMIT).expect("converges");
+    w.converge(LIMIT, 0).expect("converges");
 
     // a dies: at once, p's route goes through a dead node.
     w.crash(1);
@@ -48,13 +48,13 @@ fn the_oracle_catches_a_dead_hop_and_a_longer_route_and_both_are_repaired() {
         "{:?}",
         j.violations
     );
-    let k = w.converge(LIMIT).expect("repairs");
+    let k = w.converge(LIMIT, 0).expect("repairs");
     assert!(k <= 3, "repair took {k} probe intervals");
 
     // a comes back; then the a-p link gets slow (10 -> 60 ms): the route
     // by a is now longer than the one by b, which the oracle says at once.
     w.restart(1);
-    w.converge(LIMIT).expect("converges after the restart");
+    w.converge(LIMIT, 0).expect("converges after the restart");
     w.set_delay(1, 60_000);
     let j = w.judge();
     assert!(
@@ -62,7 +62,7 @@ fn the_oracle_catches_a_dead_hop_and_a_longer_route_and_both_are_repaired() {
         "{:?}",
         j.violations
     );
-    let k = w.converge(LIMIT).expect("moves to b");
+    let k = w.converge(LIMIT, 0).expect("moves to b");
     assert!(k <= 4, "took {k} probe intervals");
 }
 
@@ -70,9 +70,9 @@ fn the_oracle_catches_a_dead_hop_and_a_longer_route_and_both_are_repaired() {
 fn a_dead_server_is_forgotten_with_and_without_the_bootstrappers_notice() {
     for notices in [true, false] {
         let mut w = World::new(square(), Config { notices, ..quiet() }, 3);
-        w.converge(LIMIT).expect("converges");
+        w.converge(LIMIT, 0).expect("converges");
         w.crash(0);
-        let k = w.converge(LIMIT).expect("forgets the server");
+        let k = w.converge(LIMIT, 0).expect("forgets the server");
         println!("server crash, notices {notices}: routes gone after {k} probe intervals");
         assert!(k <= 5, "took {k} probe intervals");
     }
@@ -82,18 +82,18 @@ fn a_dead_server_is_forgotten_with_and_without_the_bootstrappers_notice() {
 fn a_cut_off_region_loses_its_routes_and_gets_them_back() {
     // p is cut off entirely (both its links), then one comes back.
     let mut w = World::new(square(), quiet(), 4);
-    w.converge(LIMIT).expect("converges");
+    w.converge(LIMIT, 0).expect("converges");
     w.cut(1);
     w.cut(3);
-    w.converge(LIMIT).expect("p has no route, and no one routes through it");
+    w.converge(LIMIT, 0).expect("p has no route, and no one routes through it");
     w.restore(3);
-    let k = w.converge(LIMIT).expect("p routes by b");
+    let k = w.converge(LIMIT, 0).expect("p routes by b");
     assert!(k <= 3, "took {k} probe intervals");
 }
 
 #[test]
 fn a_seed_replays_exactly() {
-    let shape = Shape { nodes: 60, servers: 3, pops: 12, nearest: 2, side_km: 3000 };
+    let shape = Shape { nodes: 60, servers: 3, pops: 12, nearest: 3, long_haul: 10, side_km: 3000 };
     let a = run(shape, Config::default(), 11, 6);
     let b = run(shape, Config::default(), 11, 6);
     assert_eq!(a.trace, b.trace);
@@ -106,7 +106,7 @@ fn a_seed_replays_exactly() {
 /// interval. (`just sim` runs 1,000 nodes and more seeds.)
 #[test]
 fn random_fault_schedules_converge() {
-    let shape = Shape { nodes: 100, servers: 4, pops: 20, nearest: 2, side_km: 4000 };
+    let shape = Shape { nodes: 100, servers: 4, pops: 20, nearest: 3, long_haul: 10, side_km: 4000 };
     let mut problems = Vec::new();
     let mut worst = 0;
     for seed in 1..=24 {
