@@ -62,7 +62,7 @@ bench ROUNDS="3": build release
 
 # Simulate the routing protocol at scale on a virtual clock: 1,000 nodes, 10 servers, 200 POPs,
 # SEEDS seeded fault schedules judged against a route oracle (overlay-sim --help for more).
-sim SEEDS="8" *FLAGS:
+sim SEEDS="4" *FLAGS:
     cargo run --release -p overlay-sim -- --seeds {{SEEDS}} {{FLAGS}}
 
 # Bring a netns lab up (default: the original topology).
