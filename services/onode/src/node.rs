@@ -527,7 +527,18 @@ impl Node {
             // Meanwhile the branch may have been repaired, moved or pruned.
             let still =
                 st.trees.branch(&stream).is_some_and(|b| !b.repairing && b.source == Source::Neighbour(from.clone()));
-            let out = if still { st.trees.repaired(&to, desc) } else { None };
+            // A move keeps the root server (another server's stream would
+            // restart the viewers' RTP timing): the new upstream may have
+            // attached us to a tree of another server, and then we stay.
+            let root = st.trees.branch(&stream).map(|b| b.desc.server.clone()).unwrap_or_default();
+            let same_root = desc.server == root;
+            if still && !same_root {
+                info!(
+                    node = %self.id.name, %stream, via = %to, root = %root, offered = %desc.server,
+                    "move not made: the better upstream feeds the stream from another server"
+                );
+            }
+            let out = if still && same_root { st.trees.repaired(&to, desc) } else { None };
             if out.is_some() {
                 st.upstream_data.insert(stream.clone(), data_addr);
                 st.changed.insert(stream.clone(), Instant::now());
