@@ -4,14 +4,12 @@
 //! per neighbour, the freshest copy: the accumulated path delay (the sum of
 //! measured one-way link delays, so it stays right when clocks differ), the
 //! hop count and the send time (the original's clock-based metric, kept for
-//! display). It passes the first copy of each round (server, seq) on to
-//! the neighbours the copy has not visited, with that copy's path delay, and
-//! a later copy of the same round only if its path is clearly shorter: each
-//! round settles on paths that exist now. The best next hop toward a server
-//! has the lowest delay; when delays are within 10% of each other, fewer
-//! hops wins; routes of the newest rounds come first. A server the
-//! bootstrapper reports failed is forgotten, and copies of its last round
-//! still travelling are ignored.
+//! display). It forwards each (server, seq) once, to neighbours the copy has
+//! not visited, advertising its own best delay (never one learnt from the
+//! neighbour it sends to). The best next hop toward a server has the lowest
+//! delay; when delays are within 10% of each other, fewer hops wins. A
+//! server the bootstrapper reports failed is forgotten, and copies of its
+//! last round still travelling are ignored.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -49,15 +47,21 @@ pub struct RoutingConfig {
     /// A route not refreshed by a probe for this long is forgotten.
     pub stale_after: Duration,
     /// A route learnt from a probe this many rounds older than the newest
-    /// one seen from its server is not used: its neighbour did not pass
-    /// the newer rounds on (it lost its own way to the server, or its way
-    /// now runs through this node), so following it could loop.
+    /// one seen from its server is used only when no newer one is left:
+    /// its neighbour did not pass the newer rounds on (it lost its own way
+    /// to the server, or its way now runs through this node). Off
+    /// (u64::MAX) by default; overlay-sim explores it.
     pub rounds_kept: u64,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        RoutingConfig { tie_ratio: 0.10, tie_floor_us: 500, stale_after: Duration::from_millis(1500), rounds_kept: 1 }
+        RoutingConfig {
+            tie_ratio: 0.10,
+            tie_floor_us: 500,
+            stale_after: Duration::from_millis(1500),
+            rounds_kept: u64::MAX,
+        }
     }
 }
 
@@ -118,8 +122,6 @@ pub struct RouteTable {
     config: RoutingConfig,
     entries: BTreeMap<String, BTreeMap<String, RouteEntry>>,
     last_seq: BTreeMap<String, u64>,
-    /// Per server, the path delay this node passed on for its newest round.
-    passed: BTreeMap<String, u64>,
     /// Servers reported failed: probes of theirs up to this sequence
     /// number (copies still on their way) are ignored.
     failed: BTreeMap<String, u64>,
@@ -138,7 +140,6 @@ impl RouteTable {
             entries: BTreeMap::new(),
             last_seq: BTreeMap::new(),
             failed: BTreeMap::new(),
-            passed: BTreeMap::new(),
             offers: BTreeMap::new(),
             link_rtt: BTreeMap::new(),
             carrying: BTreeMap::new(),
@@ -204,29 +205,11 @@ impl RouteTable {
         }
         self.offers.insert(probe.server.clone(), probe.streams.iter().cloned().collect());
 
-        if probe.visited.contains(&self.me) {
-            return Vec::new();
-        }
-        // The first copy of a round goes on at once, with its own path's
-        // delay; a later copy of the same round goes on too if its path is
-        // clearly shorter (beyond the tie band) than what this node passed
-        // on for the round. Each round thus settles on the paths that exist
-        // now: advertising the table's best instead would mix in earlier
-        // rounds, whose paths may be gone, and bad news would take several
-        // rounds to count up.
         let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
-        let passed = self.passed.entry(probe.server.clone()).or_insert(u64::MAX);
-        if probe.seq < *last {
+        if probe.seq <= *last || probe.visited.contains(&self.me) {
             return Vec::new();
-        }
-        if probe.seq == *last {
-            let band = ((delay_us as f64 * self.config.tie_ratio) as u64).max(self.config.tie_floor_us);
-            if delay_us + band >= *passed {
-                return Vec::new();
-            }
         }
         *last = probe.seq;
-        *passed = delay_us;
 
         let mut visited = probe.visited.clone();
         visited.push(self.me.clone());
@@ -235,15 +218,18 @@ impl RouteTable {
             if probe.visited.contains(n) {
                 continue;
             }
+            let Some(best) = self.best_next_hop(&probe.server, now, &[n.as_str()]) else {
+                continue;
+            };
             out.push((
                 n.clone(),
                 Probe {
                     server: probe.server.clone(),
                     seq: probe.seq,
                     send_time_unix_us: probe.send_time_unix_us,
-                    hops: probe.hops + 1,
+                    hops: best.hops + 1,
                     visited: visited.clone(),
-                    path_delay_us: delay_us,
+                    path_delay_us: best.delay_us,
                     streams: probe.streams.clone(),
                     sender: self.me.clone(),
                 },
@@ -532,28 +518,16 @@ mod tests {
     }
 
     #[test]
-    fn passes_on_each_rounds_own_path_and_a_clearly_shorter_one_of_the_same_round() {
+    fn advertises_its_best_but_not_back_to_where_it_came_from() {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9", "o4"]);
-        t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
-        // Round 2 comes first by o9, on a long path: that is what goes on,
-        // not round 1's short one (its path may be gone), and not back to o9.
-        let out = t.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 50_000), now, 0);
-        let to: Vec<(&str, u64)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us)).collect();
-        assert_eq!(to, [("o2", 50_000), ("o4", 50_000)]);
-        // Round 2 by o2, clearly shorter: passed on too, to all but o2.
-        let out = t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
-        let to: Vec<(&str, u64, u32)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us, p.hops)).collect();
-        assert_eq!(to, [("o9", 1_000, 3), ("o4", 1_000, 3)]);
-        // Longer, or shorter only within the tie band: not passed on.
-        assert!(t.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 40_000), now, 0).is_empty());
-        let mut banded = table("o3", &["o2", "o9", "o4"]);
-        banded.config.tie_floor_us = 500;
-        banded.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 10_000), now, 0);
-        assert!(banded.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 9_500), now, 0).is_empty());
-        assert_eq!(banded.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 8_000), now, 0).len(), 2);
-        // An older round is recorded but never passed on.
-        assert!(t.on_probe(&probe("s1", 1, "o4", &["s1", "o4"], 2, 100), now, 0).is_empty());
+        t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 50_000), now, 0);
+        t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        let out = t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 50_000), now, 0);
+        let to_o4 = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
+        assert_eq!(to_o4.path_delay_us, 1_000, "o4 hears o3's best route, via o2");
+        let to_o2 = &out.iter().find(|(n, _)| n == "o2").unwrap().1;
+        assert_eq!(to_o2.path_delay_us, 50_000, "o2 never hears its own route back");
     }
 
     #[test]
@@ -577,6 +551,7 @@ mod tests {
     fn a_route_rounds_behind_is_used_only_when_nothing_newer_is_left() {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9"]);
+        t.config.rounds_kept = 1;
         t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
         t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 5_000), now, 0);
         // o2 passed on neither round 2 nor 3: its way may now run through

@@ -48,10 +48,10 @@ struct Args {
     /// Queueing jitter added to each message, up to this many µs.
     #[arg(long, default_value_t = 2000)]
     jitter_us: u64,
-    /// Rounds a route may lag its server's newest probe and still be used
-    /// (onode: 1).
-    #[arg(long, default_value_t = 1)]
-    rounds_kept: u64,
+    /// Prefer routes at most this many rounds behind their server's newest
+    /// probe (onode: no preference).
+    #[arg(long)]
+    rounds_kept: Option<u64>,
     /// A route not refreshed for this long is forgotten, ms (onode: three
     /// probe intervals and 200 ms).
     #[arg(long, default_value_t = 1700)]
@@ -83,7 +83,9 @@ fn main() -> ExitCode {
         side_km: 6000,
     };
     let mut config = Config { loss: args.loss, jitter_us: args.jitter_us, ..Config::default() };
-    config.routing.rounds_kept = args.rounds_kept;
+    if let Some(r) = args.rounds_kept {
+        config.routing.rounds_kept = r;
+    }
     config.routing.stale_after = std::time::Duration::from_millis(args.stale_ms);
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
