@@ -370,11 +370,6 @@ impl RouteTable {
         }
     }
 
-    /// The newest round (sequence number) heard from `server`.
-    pub fn newest_seq(&self, server: &str) -> Option<u64> {
-        self.last_seq.get(server).copied()
-    }
-
     /// Every fresh entry, for inspection: server → via → entry.
     pub fn entries(&self, now: Instant) -> BTreeMap<String, Vec<(String, RouteEntry)>> {
         self.entries

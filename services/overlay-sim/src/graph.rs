@@ -37,11 +37,6 @@ pub struct Shape {
     pub side_km: u32,
 }
 
-impl Shape {
-    /// The scale: 1,000 nodes, 10 servers, 200 POPs.
-    pub const LARGE: Shape = Shape { nodes: 1000, servers: 10, pops: 200, nearest: 3, long_haul: 10, side_km: 6000 };
-}
-
 /// One undirected link: its ends (indices) and one-way delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Link {
@@ -147,10 +142,6 @@ impl Graph {
 
     pub fn mean_degree(&self) -> f64 {
         2.0 * self.links.len() as f64 / self.names.len() as f64
-    }
-
-    pub fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
     }
 
     /// The link between two nodes, if they are neighbours.
