@@ -753,7 +753,7 @@ impl Node {
                             self.tasks.spawn(async move { me.measure_repair(s2, last_packet_ms).await });
                             let me = self.clone();
                             let (s2, t2) = (stream.clone(), to.clone());
-                            self.tasks.spawn(async move { me.request_refresh(s2, t2).await });
+                            self.tasks.spawn(async move { me.request_refresh(s2, t2).await; });
                             for d in downstream {
                                 let me = self.clone();
                                 let desc = desc.clone();
@@ -1082,8 +1082,18 @@ impl Node {
                 let me = self.clone();
                 let (stream2, to2, answer2) = (stream.clone(), to.clone(), answer.clone());
                 self.tasks.spawn(async move {
-                    let mut refresh = Box::pin(me.request_refresh(stream2, to2));
-                    let done = tokio::time::timeout(VIEWER_REFRESH_WAIT, refresh.as_mut()).await.is_ok();
+                    let deadline = tokio::time::Instant::now() + VIEWER_REFRESH_WAIT;
+                    let video = answer2.as_ref().ok().and_then(|d| d.ssrcs.first().copied());
+                    let mut refresh = Box::pin(me.clone().request_refresh(stream2, to2));
+                    let sent = tokio::time::timeout_at(deadline, refresh.as_mut()).await;
+                    let done = sent.is_ok();
+                    // The upstream has sent its GOP when it answers; the
+                    // packets are ours once our relay has taken them in.
+                    if let (Ok(Some(packets)), Some(video)) = (sent, video) {
+                        while me.relay.gop_len(video) < packets && tokio::time::Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
                     for tx in viewers {
                         let _ = tx.send(answer2.clone());
                     }
@@ -1312,15 +1322,21 @@ impl Node {
         }
     }
 
-    /// Asks the upstream for the stream's last GOP (our table is ready now).
-    async fn request_refresh(self: Arc<Self>, stream: String, up: String) {
-        let Some(mut client) = self.clients.get(&up).cloned() else { return };
+    /// Asks the upstream for the stream's last GOP (our table is ready now);
+    /// the packets it sent.
+    async fn request_refresh(self: Arc<Self>, stream: String, up: String) -> Option<usize> {
+        let mut client = self.clients.get(&up).cloned()?;
         let request = pb::RefreshRequest { stream: stream.clone(), sender: self.id.name.clone() };
         match tokio::time::timeout(Duration::from_secs(2), client.refresh(request)).await {
             Ok(Ok(r)) => {
-                debug!(node = %self.id.name, %stream, upstream = %up, packets = r.into_inner().packets, "GOP refreshed")
+                let packets = r.into_inner().packets;
+                debug!(node = %self.id.name, %stream, upstream = %up, packets, "GOP refreshed");
+                Some(packets as usize)
             }
-            _ => debug!(node = %self.id.name, %stream, upstream = %up, "GOP refresh failed"),
+            _ => {
+                debug!(node = %self.id.name, %stream, upstream = %up, "GOP refresh failed");
+                None
+            }
         }
     }
 
