@@ -753,7 +753,9 @@ impl Node {
                             self.tasks.spawn(async move { me.measure_repair(s2, last_packet_ms).await });
                             let me = self.clone();
                             let (s2, t2) = (stream.clone(), to.clone());
-                            self.tasks.spawn(async move { me.request_refresh(s2, t2).await; });
+                            self.tasks.spawn(async move {
+                                me.request_refresh(s2, t2).await;
+                            });
                             for d in downstream {
                                 let me = self.clone();
                                 let desc = desc.clone();
