@@ -1,6 +1,6 @@
 //! Translation between wire messages and core types, at the edge.
 
-use overlay_core::routing::Probe;
+use overlay_core::routing::{LinkDown, Probe};
 use overlay_core::tree::{Nak, NakReason, StreamDesc};
 use overlay_proto as pb;
 
@@ -14,6 +14,7 @@ pub fn probe_from_wire(p: pb::Probe) -> Probe {
         path_delay_us: p.path_delay_us,
         streams: p.streams,
         sender: p.sender,
+        withdrawn: p.withdrawn,
     }
 }
 
@@ -27,7 +28,16 @@ pub fn probe_to_wire(p: Probe) -> pb::Probe {
         path_delay_us: p.path_delay_us,
         streams: p.streams,
         sender: p.sender,
+        withdrawn: p.withdrawn,
     }
+}
+
+pub fn link_down_from_wire(n: pb::LinkDown, sender: String) -> LinkDown {
+    LinkDown { a: n.a, b: n.b, id: n.id, sender }
+}
+
+pub fn link_down_to_wire(n: LinkDown) -> pb::LinkDown {
+    pb::LinkDown { a: n.a, b: n.b, id: n.id }
 }
 
 pub fn desc_to_wire(d: &StreamDesc, data_port: u16) -> pb::StreamInfo {

@@ -119,6 +119,8 @@ pub enum Incoming {
     Answer { from: String, answer: Answer, carrying: Vec<String> },
     /// A STATUS probe.
     Probe(pb::Probe),
+    /// A link-down notice, from the neighbour named.
+    LinkDown { from: String, notice: pb::LinkDown },
 }
 
 /// Datagrams refused, by reason (for inspect).
@@ -241,6 +243,13 @@ impl Links {
         }
     }
 
+    /// Sends a link-down notice to `neighbour`.
+    pub fn send_link_down(&self, neighbour: &str, notice: pb::LinkDown) {
+        if let Some(addr) = self.peers.get(neighbour) {
+            self.send(*addr, pb::link_datagram::Body::LinkDown(notice));
+        }
+    }
+
     /// Ends the beats whose time is up at `now` and returns the neighbours
     /// that just missed too many in a row. (A check's asker has its own
     /// timeout; its expired beat is only forgotten here.)
@@ -315,6 +324,7 @@ impl Links {
                 p.sender = from_name;
                 Some(Incoming::Probe(p))
             }
+            pb::link_datagram::Body::LinkDown(notice) => Some(Incoming::LinkDown { from: from_name, notice }),
         }
     }
 

@@ -439,6 +439,7 @@ impl Node {
                 Ok(Incoming::Heartbeat { seq, reply_to }) => self.links.answer(reply_to, seq, self.carrying()),
                 Ok(Incoming::Answer { from, answer, carrying }) => self.on_answer(&from, answer.rtt, carrying),
                 Ok(Incoming::Probe(probe)) => self.on_probe(probe),
+                Ok(Incoming::LinkDown { from, notice }) => self.on_link_down(from, notice),
                 Err(e) => {
                     warn!(node = %self.id.name, "heartbeat socket: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -639,13 +640,19 @@ impl Node {
     /// bootstrapper's notice); after missed heartbeats, which a lossy link
     /// also causes, only if it is still silent a few seconds later.
     pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str, certain: bool) {
-        let repairs = {
+        let (repairs, notices, probes) = {
             let mut st = self.lock();
+            let news = !st.routes.is_down(neighbour);
             st.routes.neighbour_down(neighbour);
+            // Every route through the link dies at once, everywhere.
+            let notices = if news { st.routes.announce_link_down(neighbour, net::unix_us()) } else { Vec::new() };
+            let probes = st.routes.tell_changes(Instant::now());
             st.connected.remove(neighbour);
             self.links.mark_lost(neighbour);
-            st.trees.upstream_lost(neighbour)
+            (st.trees.upstream_lost(neighbour), notices, probes)
         };
+        self.send_link_downs(notices);
+        self.send_probes(probes);
         for stream in repairs {
             warn!(node = %self.id.name, %stream, upstream = %neighbour, "upstream lost: repairing the tree");
             let me = self.clone();
@@ -931,6 +938,29 @@ impl Node {
         for (to, probe) in out {
             self.links.send_probe(&to, convert::probe_to_wire(probe));
         }
+    }
+
+    fn send_link_downs(&self, out: Vec<(String, overlay_core::routing::LinkDown)>) {
+        for (to, notice) in out {
+            self.links.send_link_down(&to, convert::link_down_to_wire(notice));
+        }
+    }
+
+    /// A link-down notice from a neighbour: passed on once, and the routes
+    /// through the link are withdrawn.
+    pub fn on_link_down(self: &Arc<Self>, from: String, notice: pb::LinkDown) {
+        let notice = convert::link_down_from_wire(notice, from);
+        let (notices, probes) = {
+            let mut st = self.lock();
+            let notices = st.routes.on_link_down(&notice);
+            let probes = if notices.is_empty() { Vec::new() } else { st.routes.tell_changes(Instant::now()) };
+            (notices, probes)
+        };
+        if !notices.is_empty() {
+            info!(node = %self.id.name, a = %notice.a, b = %notice.b, "link-down notice: routes through the link withdrawn");
+        }
+        self.send_link_downs(notices);
+        self.send_probes(probes);
     }
 
     /// A STATUS probe from a neighbour.
@@ -1376,7 +1406,12 @@ impl Node {
     /// and one that answers is believed over the notice.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
         if self.neighbour(node).is_none() {
-            self.lock().routes.node_failed(node);
+            let probes = {
+                let mut st = self.lock();
+                st.routes.node_failed(node);
+                st.routes.tell_changes(Instant::now())
+            };
+            self.send_probes(probes);
             return;
         }
         let me = self.clone();
@@ -1387,7 +1422,12 @@ impl Node {
                 warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
                 return;
             }
-            me.lock().routes.node_failed(&node);
+            let probes = {
+                let mut st = me.lock();
+                st.routes.node_failed(&node);
+                st.routes.tell_changes(Instant::now())
+            };
+            me.send_probes(probes);
             me.neighbour_lost(&node, true);
         });
     }

@@ -1,15 +1,33 @@
 //! STATUS probes and the route table built from them.
 //!
-//! Every server floods a probe each period. A node records, per server and
-//! per neighbour, the freshest copy: the accumulated path delay (the sum of
-//! measured one-way link delays, so it stays right when clocks differ), the
-//! hop count and the send time (the original's clock-based metric, kept for
-//! display). It forwards each (server, seq) once, to neighbours the copy has
-//! not visited, advertising its own best delay (never one learnt from the
-//! neighbour it sends to). The best next hop toward a server has the lowest
-//! delay; when delays are within 10% of each other, fewer hops wins. A
-//! server the bootstrapper reports failed is forgotten, and copies of its
-//! last round still travelling are ignored.
+//! Every server floods a probe each period (a round, numbered by `seq`). A
+//! node records, per server and per neighbour, what the neighbour last told
+//! it: the accumulated path delay (the sum of measured one-way link delays,
+//! so it stays right when clocks differ), the hop count, the path and the
+//! send time (the original's clock-based metric, kept for display).
+//!
+//! What a node tells a neighbour is its best way that avoids that
+//! neighbour, from the current and the previous round only (an older
+//! round's route is never passed on, so bad news is never hidden behind
+//! it), and the copy carries the way's path, so no told route ever loops:
+//! - at the first copy of a round, every neighbour not on that copy's path
+//!   hears its way (the round's refresh);
+//! - later, a neighbour whose way changed (another path, hop count, or a
+//!   delay beyond the tie band) hears the change at once: bad news always,
+//!   good news a few times a round (the next round carries the rest);
+//! - a neighbour left with no way is told so (a withdrawal);
+//! - near-equal ways do not swap: the way told stays until another is a
+//!   clear gain.
+//!
+//! A node that finds a link dead floods a link-down notice, and every node
+//! forgets the routes through the link at once; the bootstrapper's notice
+//! of a failed node does the same for routes through the node. Copies of
+//! the rounds already under way that crossed the dead link are ignored.
+//!
+//! The best next hop toward a server has the lowest delay; when delays are
+//! within 10% of each other, fewer hops wins. Routes of the two newest
+//! rounds are preferred over older ones. A stream request never goes to a
+//! neighbour whose way runs through a node already on the request's path.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,7 +51,51 @@ pub struct Probe {
     pub streams: Vec<String>,
     /// The neighbour that sent this copy.
     pub sender: String,
+    /// The sender withdraws the way it advertised earlier: it has none
+    /// left that avoids the receiver.
+    pub withdrawn: bool,
 }
+
+/// A neighbour's notice that the link between `a` and `b` is dead, flooded
+/// once over the overlay so that every route through it dies at once, not
+/// when its round goes stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDown {
+    pub a: String,
+    pub b: String,
+    /// Unique per notice from `a` (its clock at detection).
+    pub id: u64,
+    /// The neighbour that passed this copy on.
+    pub sender: String,
+}
+
+/// Something known dead that routes must not run through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cut {
+    Link(String, String),
+    Node(String),
+}
+
+impl Cut {
+    fn crossed_by(&self, path: &[String]) -> bool {
+        match self {
+            Cut::Node(x) => path.iter().any(|p| p == x),
+            Cut::Link(a, b) => path.windows(2).any(|w| (w[0] == *a && w[1] == *b) || (w[0] == *b && w[1] == *a)),
+        }
+    }
+}
+
+/// A cut, and per server the newest round seen when it was learnt: copies
+/// of those rounds that crossed it are ignored (they were on their way),
+/// newer rounds are trusted (they crossed it, so it is back).
+#[derive(Debug, Clone)]
+struct Dead {
+    cut: Cut,
+    floors: BTreeMap<String, u64>,
+}
+
+/// Link-down notices remembered to pass each on once.
+const NOTICES_KEPT: usize = 256;
 
 /// Knobs of route selection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,12 +108,16 @@ pub struct RoutingConfig {
     pub tie_floor_us: u64,
     /// A route not refreshed by a probe for this long is forgotten.
     pub stale_after: Duration,
-    /// A route learnt from a probe this many rounds older than the newest
-    /// one seen from its server is used only when no newer one is left:
-    /// its neighbour did not pass the newer rounds on (it lost its own way
-    /// to the server, or its way now runs through this node). Off
-    /// (u64::MAX) by default; overlay-sim explores it.
+    /// A route learnt from a probe more than this many rounds older than
+    /// the newest one seen from its server is used only when no newer one
+    /// is left: its neighbour did not pass the newer rounds on (it lost its
+    /// own way to the server, or its way now runs through this node). One
+    /// round of slack covers a copy lost on the way and the moments when a
+    /// round's copies are still arriving.
     pub rounds_kept: u64,
+    /// Updates a node may send each neighbour per round after its first
+    /// copy, when later copies change what it advertises.
+    pub updates_per_round: u32,
 }
 
 impl Default for RoutingConfig {
@@ -60,7 +126,8 @@ impl Default for RoutingConfig {
             tie_ratio: 0.10,
             tie_floor_us: 500,
             stale_after: Duration::from_millis(1500),
-            rounds_kept: u64::MAX,
+            rounds_kept: 1,
+            updates_per_round: 2,
         }
     }
 }
@@ -74,6 +141,8 @@ pub struct RouteEntry {
     pub received: Instant,
     /// Receive wall time minus send wall time: the original's delay metric.
     pub clock_delay_us: i64,
+    /// The nodes the route runs through, server first, the neighbour last.
+    pub path: Vec<String>,
 }
 
 /// A chosen next hop.
@@ -113,6 +182,19 @@ pub enum NoUpstream {
 
 const LINK_SAMPLES: usize = 8;
 
+/// What a node last told a neighbour of its way to a server.
+#[derive(Debug, Clone)]
+struct Sent {
+    /// The round it was told in.
+    seq: u64,
+    delay_us: u64,
+    hops: u32,
+    /// The route's path, or None: a withdrawal (no way that avoids it).
+    path: Option<Vec<String>>,
+    /// Updates sent in this round after the round's first copy.
+    updates: u32,
+}
+
 /// Per-node route state: probe dedup, routes per (server, neighbour), link
 /// delays, and which neighbours carry which streams.
 #[derive(Debug, Clone)]
@@ -122,6 +204,13 @@ pub struct RouteTable {
     config: RoutingConfig,
     entries: BTreeMap<String, BTreeMap<String, RouteEntry>>,
     last_seq: BTreeMap<String, u64>,
+    /// (server, neighbour) → what the neighbour was last told.
+    sent: BTreeMap<(String, String), Sent>,
+    /// Per server: the send time of its newest round, for updates sent
+    /// between rounds.
+    send_times: BTreeMap<String, u64>,
+    dead: Vec<Dead>,
+    notices_seen: VecDeque<(String, String, u64)>,
     /// Servers reported failed: probes of theirs up to this sequence
     /// number (copies still on their way) are ignored.
     failed: BTreeMap<String, u64>,
@@ -139,6 +228,10 @@ impl RouteTable {
             config,
             entries: BTreeMap::new(),
             last_seq: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            send_times: BTreeMap::new(),
+            dead: Vec::new(),
+            notices_seen: VecDeque::new(),
             failed: BTreeMap::new(),
             offers: BTreeMap::new(),
             link_rtt: BTreeMap::new(),
@@ -169,6 +262,7 @@ impl RouteTable {
                     path_delay_us: 0,
                     streams: streams.clone(),
                     sender: self.me.clone(),
+                    withdrawn: false,
                 };
                 (n.clone(), probe)
             })
@@ -179,8 +273,11 @@ impl RouteTable {
         self.neighbours.iter().filter(|n| !self.down.contains(*n))
     }
 
-    /// Records a probe copy and returns the copies to forward (at most one
-    /// per neighbour, and only for the first copy of each sequence number).
+    /// Records a probe copy (or a withdrawal) and returns what to tell
+    /// neighbours: at the first copy of a round, every neighbour its way
+    /// (its refresh); later, a neighbour whose way changed (another path,
+    /// hop count, or delay beyond the tie band) hears the change, and one
+    /// that has no way left hears a withdrawal.
     pub fn on_probe(&mut self, probe: &Probe, now: Instant, now_unix_us: u64) -> Vec<(String, Probe)> {
         if probe.server == self.me || !self.neighbours.contains(&probe.sender) {
             return Vec::new();
@@ -188,54 +285,195 @@ impl RouteTable {
         if self.failed.get(&probe.server).is_some_and(|&floor| probe.seq <= floor) {
             return Vec::new();
         }
-        let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
-        let entry = RouteEntry {
-            delay_us,
-            hops: probe.hops,
-            seq: probe.seq,
-            received: now,
-            clock_delay_us: now_unix_us as i64 - probe.send_time_unix_us as i64,
-        };
-        let per_server = self.entries.entry(probe.server.clone()).or_default();
-        match per_server.get(&probe.sender) {
-            Some(old) if old.seq > probe.seq => {}
-            _ => {
-                per_server.insert(probe.sender.clone(), entry);
-            }
-        }
-        self.offers.insert(probe.server.clone(), probe.streams.iter().cloned().collect());
-
-        let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
-        if probe.seq <= *last || probe.visited.contains(&self.me) {
+        if probe.visited.contains(&self.me) && !probe.withdrawn {
             return Vec::new();
         }
-        *last = probe.seq;
+        if !probe.withdrawn
+            && self.dead.iter().any(|d| {
+                d.floors.get(&probe.server).is_some_and(|&f| probe.seq <= f) && d.cut.crossed_by(&probe.visited)
+            })
+        {
+            return Vec::new();
+        }
+        let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
+        let per_server = self.entries.entry(probe.server.clone()).or_default();
+        if probe.withdrawn {
+            if per_server.get(&probe.sender).is_some_and(|old| old.seq <= probe.seq) {
+                per_server.remove(&probe.sender);
+            }
+        } else {
+            let entry = RouteEntry {
+                delay_us,
+                hops: probe.hops,
+                seq: probe.seq,
+                received: now,
+                clock_delay_us: now_unix_us as i64 - probe.send_time_unix_us as i64,
+                path: probe.visited.clone(),
+            };
+            match per_server.get(&probe.sender) {
+                Some(old) if old.seq > probe.seq => {}
+                // An update within a round does not make the round any
+                // younger: a route is as fresh as its round's first copy.
+                Some(old) if old.seq == probe.seq => {
+                    let received = old.received;
+                    per_server.insert(probe.sender.clone(), RouteEntry { received, ..entry });
+                }
+                _ => {
+                    per_server.insert(probe.sender.clone(), entry);
+                }
+            }
+            self.offers.insert(probe.server.clone(), probe.streams.iter().cloned().collect());
+        }
 
-        let mut visited = probe.visited.clone();
-        visited.push(self.me.clone());
+        let last = self.last_seq.entry(probe.server.clone()).or_insert(0);
+        let new_round = probe.seq > *last && !probe.withdrawn;
+        if new_round {
+            *last = probe.seq;
+        }
+        let round = *last;
+        if new_round {
+            self.send_times.insert(probe.server.clone(), probe.send_time_unix_us);
+            // Two rounds on, no copy from before a cut is still fresh.
+            let seq = probe.seq;
+            for d in &mut self.dead {
+                d.floors.retain(|server, f| server != &probe.server || seq <= *f + 2);
+            }
+            self.dead.retain(|d| !d.floors.is_empty());
+        }
+        // The copy's path needs no refresh: it knows the way it just sent.
+        let refresh: &[String] = if new_round { &probe.visited } else { &[] };
+        self.tell(&probe.server, round, new_round, refresh, probe.send_time_unix_us, &probe.streams, now)
+    }
+
+    /// After a neighbour went down or a node failed: the updates and
+    /// withdrawals that the lost routes call for, so that bad news travels
+    /// at once rather than with the next round (or the stale timer).
+    pub fn tell_changes(&mut self, now: Instant) -> Vec<(String, Probe)> {
+        let servers: Vec<(String, u64)> = self.last_seq.iter().map(|(s, q)| (s.clone(), *q)).collect();
         let mut out = Vec::new();
-        for n in self.live_neighbours() {
-            if probe.visited.contains(n) {
+        for (server, round) in servers {
+            if self.failed.get(&server).is_some_and(|&floor| round < floor) {
                 continue;
             }
-            let Some(best) = self.best_next_hop(&probe.server, now, &[n.as_str()]) else {
-                continue;
-            };
-            out.push((
-                n.clone(),
-                Probe {
-                    server: probe.server.clone(),
-                    seq: probe.seq,
-                    send_time_unix_us: probe.send_time_unix_us,
-                    hops: best.hops + 1,
-                    visited: visited.clone(),
-                    path_delay_us: best.delay_us,
-                    streams: probe.streams.clone(),
-                    sender: self.me.clone(),
-                },
-            ));
+            let streams: Vec<String> =
+                self.offers.get(&server).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+            let sent_at = self.send_times.get(&server).copied().unwrap_or(0);
+            out.extend(self.tell(&server, round, false, &[], sent_at, &streams, now));
         }
         out
+    }
+
+    /// What each live neighbour should hear of this node's way to `server`
+    /// now (see [`RouteTable::on_probe`]).
+    fn tell(
+        &mut self,
+        server: &str,
+        round: u64,
+        new_round: bool,
+        known: &[String],
+        send_time_unix_us: u64,
+        streams: &[String],
+        now: Instant,
+    ) -> Vec<(String, Probe)> {
+        let mut out = Vec::new();
+        let live: Vec<String> = self.live_neighbours().cloned().collect();
+        for n in live {
+            let refresh = new_round && !known.contains(&n);
+            let best = self.advertised(server, round, &n, now);
+            let key = (server.to_string(), n.clone());
+            let prev = self.sent.get(&key);
+            let updates = match prev {
+                Some(p) if p.seq == round => p.updates,
+                _ => 0,
+            };
+            let send = match (prev, &best) {
+                (None, Some(_)) => true,
+                (Some(_), Some(_)) if refresh => true,
+                // Bad news always goes (a route believed where it no longer
+                // runs makes requests loop); good news a few times a round,
+                // the next round carries the rest.
+                (Some(p), Some(b)) => {
+                    changes(&self.config, p, b)
+                        && (updates < self.config.updates_per_round
+                            || !improves(&self.config, (b.delay_us, b.hops), (p.delay_us, p.hops)))
+                }
+                (Some(p), None) => p.path.is_some(),
+                (None, None) => false,
+            };
+            if !send {
+                continue;
+            }
+            let counted = if refresh { 0 } else { updates + 1 };
+            let probe = match best {
+                Some(b) => {
+                    self.sent.insert(
+                        key,
+                        Sent {
+                            seq: round,
+                            delay_us: b.delay_us,
+                            hops: b.hops,
+                            path: Some(b.path.clone()),
+                            updates: counted,
+                        },
+                    );
+                    let mut visited = b.path;
+                    visited.push(self.me.clone());
+                    Probe {
+                        server: server.to_string(),
+                        seq: round,
+                        send_time_unix_us,
+                        hops: b.hops + 1,
+                        visited,
+                        path_delay_us: b.delay_us,
+                        streams: streams.to_vec(),
+                        sender: self.me.clone(),
+                        withdrawn: false,
+                    }
+                }
+                None => {
+                    self.sent.insert(key, Sent { seq: round, delay_us: 0, hops: 0, path: None, updates: counted });
+                    Probe {
+                        server: server.to_string(),
+                        seq: round,
+                        send_time_unix_us,
+                        hops: 0,
+                        visited: vec![self.me.clone()],
+                        path_delay_us: 0,
+                        streams: streams.to_vec(),
+                        sender: self.me.clone(),
+                        withdrawn: true,
+                    }
+                }
+            };
+            out.push((n, probe));
+        }
+        out
+    }
+
+    /// The route this node advertises to `to` in round `seq`: the best of
+    /// the round's copies that did not come through `to`.
+    fn advertised(&self, server: &str, seq: u64, to: &str, now: Instant) -> Option<RouteEntry> {
+        let candidates: Vec<Route> = self
+            .fresh(server, now)
+            .filter(|(via, e)| {
+                e.seq >= seq.saturating_sub(self.config.rounds_kept)
+                    && via.as_str() != to
+                    && !e.path.iter().any(|p| p == to)
+            })
+            .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
+            .collect();
+        let mut route = pick(&candidates, &self.config)?;
+        // Keep telling the way told before while the new pick is no clear
+        // gain: near-equal routes would otherwise swap with every
+        // measurement, and every swap is an update.
+        let before = self.sent.get(&(server.to_string(), to.to_string())).and_then(|s| s.path.as_ref()?.last());
+        if let Some(kept) = before.and_then(|v| candidates.iter().find(|c| &c.via == v)) {
+            let key = |r: &Route| (r.delay_us, r.hops);
+            if !improves(&self.config, key(&route), key(kept)) {
+                route = kept.clone();
+            }
+        }
+        self.entries.get(server)?.get(&route.via).cloned()
     }
 
     /// Records one measured round trip to a neighbour.
@@ -266,6 +504,7 @@ impl RouteTable {
         }
         self.carrying.remove(neighbour);
         self.link_rtt.remove(neighbour);
+        self.sent.retain(|(_, n), _| n != neighbour);
     }
 
     /// A neighbour answers again.
@@ -286,8 +525,67 @@ impl RouteTable {
         self.failed.insert(node.to_string(), floor);
         self.entries.remove(node);
         self.offers.remove(node);
+        self.sent.retain(|(server, _), _| server != node);
         if self.neighbours.iter().any(|n| n == node) {
             self.neighbour_down(node);
+        }
+        self.learn_cut(Cut::Node(node.to_string()));
+    }
+
+    /// This node found its link to `neighbour` dead (after
+    /// [`RouteTable::neighbour_down`]): the notice to flood, one copy per
+    /// live neighbour.
+    pub fn announce_link_down(&mut self, neighbour: &str, id: u64) -> Vec<(String, LinkDown)> {
+        let notice = LinkDown { a: self.me.clone(), b: neighbour.to_string(), id, sender: self.me.clone() };
+        self.remember_notice(&notice);
+        self.pass_on(&notice)
+    }
+
+    /// A link-down notice from a neighbour: the first copy kills every route
+    /// through the link and is passed on to the other neighbours. The
+    /// caller then sends what [`RouteTable::tell_changes`] returns.
+    pub fn on_link_down(&mut self, notice: &LinkDown) -> Vec<(String, LinkDown)> {
+        if !self.neighbours.contains(&notice.sender) || !self.remember_notice(notice) {
+            return Vec::new();
+        }
+        self.learn_cut(Cut::Link(notice.a.clone(), notice.b.clone()));
+        self.pass_on(notice)
+    }
+
+    /// Whether the notice is new (and now remembered).
+    fn remember_notice(&mut self, notice: &LinkDown) -> bool {
+        let key = (notice.a.clone(), notice.b.clone(), notice.id);
+        if self.notices_seen.contains(&key) {
+            return false;
+        }
+        if self.notices_seen.len() == NOTICES_KEPT {
+            self.notices_seen.pop_front();
+        }
+        self.notices_seen.push_back(key);
+        true
+    }
+
+    fn pass_on(&self, notice: &LinkDown) -> Vec<(String, LinkDown)> {
+        self.live_neighbours()
+            .filter(|n| **n != notice.sender && **n != notice.a && **n != notice.b)
+            .map(|n| (n.clone(), LinkDown { sender: self.me.clone(), ..notice.clone() }))
+            .collect()
+    }
+
+    /// Forgets every route through `cut`, and ignores copies of the rounds
+    /// seen so far that crossed it.
+    fn learn_cut(&mut self, cut: Cut) {
+        for per_server in self.entries.values_mut() {
+            per_server.retain(|_, e| !cut.crossed_by(&e.path));
+        }
+        // The round after the newest seen may have crossed the cut before
+        // it died, too.
+        let floors: BTreeMap<String, u64> = self.last_seq.iter().map(|(s, q)| (s.clone(), q + 1)).collect();
+        if !floors.is_empty() {
+            if self.dead.len() == NOTICES_KEPT {
+                self.dead.remove(0);
+            }
+            self.dead.push(Dead { cut, floors });
         }
     }
 
@@ -306,7 +604,11 @@ impl RouteTable {
         let oldest = self.last_seq.get(server).map_or(0, |s| s.saturating_sub(self.config.rounds_kept));
         let candidates = |recent_only: bool| -> Vec<Route> {
             self.fresh(server, now)
-                .filter(|(via, e)| !exclude.contains(&via.as_str()) && (!recent_only || e.seq >= oldest))
+                .filter(|(via, e)| {
+                    !exclude.contains(&via.as_str())
+                        && !e.path.iter().any(|p| exclude.contains(&p.as_str()))
+                        && (!recent_only || e.seq >= oldest)
+                })
                 .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
                 .collect()
         };
@@ -384,6 +686,23 @@ impl RouteTable {
 /// then name, so the choice is deterministic).
 pub fn pick(candidates: &[Route], config: &RoutingConfig) -> Option<Route> {
     choose(candidates, route_key, config).map(|i| candidates[i].clone())
+}
+
+/// Whether `new` (delay, hops) is a clear gain over `old`: lower by more
+/// than the tie band, or fewer hops within it.
+fn improves(config: &RoutingConfig, new: (u64, u32), old: (u64, u32)) -> bool {
+    let band = ((new.0.min(old.0) as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
+    new.0 + band < old.0 || (new.0.abs_diff(old.0) <= band && new.1 < old.1)
+}
+
+/// Whether a route differs from what was advertised enough to tell the
+/// neighbour now rather than next round: another path (a route must never
+/// be believed to run where it does not, or requests loop), another hop
+/// count, or a delay beyond the tie band (smaller drifts are measurement
+/// noise, and the next round carries them anyway).
+fn changes(config: &RoutingConfig, sent: &Sent, now: &RouteEntry) -> bool {
+    let band = ((sent.delay_us.min(now.delay_us) as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
+    sent.path.as_ref() != Some(&now.path) || sent.hops != now.hops || sent.delay_us.abs_diff(now.delay_us) > band
 }
 
 fn upstream_key(o: &Upstream) -> (u64, u32, &str) {
@@ -469,6 +788,7 @@ mod tests {
             path_delay_us: delay,
             streams: vec!["test".into()],
             sender: sender.into(),
+            withdrawn: false,
         }
     }
 
@@ -513,16 +833,137 @@ mod tests {
     }
 
     #[test]
-    fn advertises_its_best_but_not_back_to_where_it_came_from() {
+    fn a_later_copy_that_improves_the_round_is_passed_on_as_an_update() {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9", "o4"]);
-        t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 50_000), now, 0);
-        t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 1_000), now, 0);
-        let out = t.on_probe(&probe("s1", 3, "o9", &["s1", "o9"], 2, 50_000), now, 0);
-        let to_o4 = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
-        assert_eq!(to_o4.path_delay_us, 1_000, "o4 hears o3's best route, via o2");
-        let to_o2 = &out.iter().find(|(n, _)| n == "o2").unwrap().1;
-        assert_eq!(to_o2.path_delay_us, 50_000, "o2 never hears its own route back");
+        // Round 1's first copy comes the slow way.
+        let out = t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 50_000), now, 0);
+        let to: Vec<(&str, u64)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us)).collect();
+        assert_eq!(to, [("o2", 50_000), ("o4", 50_000)], "never back to o9");
+        // Its fast copy follows: o4 and o9 hear the better route, o2 (on its
+        // path) does not.
+        let out = t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        let to: Vec<(&str, u64, u32)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us, p.hops)).collect();
+        assert_eq!(to, [("o9", 1_000, 3), ("o4", 1_000, 3)]);
+        assert!(out.iter().all(|(_, p)| p.visited == ["s1", "o2", "o3"] && p.sender == "o3" && !p.withdrawn));
+        // The same copy again changes nothing, so nothing is sent.
+        assert!(t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0).is_empty());
+        // Round 2 starts the slow way again: the fast way of round 1 is
+        // still told (a copy late or lost is no news), o9 is not told back.
+        let out = t.on_probe(&probe("s1", 2, "o9", &["s1", "o9"], 2, 50_000), now, 0);
+        let to: Vec<(&str, u64)> = out.iter().map(|(n, p)| (n.as_str(), p.path_delay_us)).collect();
+        assert_eq!(to, [("o2", 50_000), ("o4", 1_000)]);
+    }
+
+    #[test]
+    fn a_way_lost_is_withdrawn_and_a_withdrawal_forgets_the_route() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        let out = t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), now, 0);
+        assert_eq!(out.len(), 1, "o9 hears the way via o2");
+        t.neighbour_down("o2");
+        let out = t.tell_changes(now);
+        assert_eq!(out.len(), 1);
+        let (to, w) = &out[0];
+        assert_eq!((to.as_str(), w.withdrawn, w.server.as_str(), w.seq), ("o9", true, "s1", 1));
+        assert!(t.tell_changes(now).is_empty(), "said once");
+
+        // At the receiving end.
+        let mut u = table("o9", &["o3", "o8"]);
+        u.on_probe(&probe("s1", 1, "o3", &["s1", "o2", "o3"], 3, 2_000), now, 0);
+        assert_eq!(u.best_next_hop("s1", now, &[]).unwrap().via, "o3");
+        let mut w = w.clone();
+        w.sender = "o3".into();
+        u.on_probe(&w, now, 0);
+        assert_eq!(u.best_next_hop("s1", now, &[]), None);
+    }
+
+    #[test]
+    fn near_equal_ways_do_not_swap_with_every_copy() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o1", "o2", "o4"]);
+        t.on_probe(&probe("s1", 1, "o1", &["s1", "o1"], 2, 10_000), now, 0);
+        // A way 3% faster with the same hops: no clear gain, no update.
+        assert!(t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 9_700), now, 0).iter().all(|(n, _)| n != "o4"));
+        // Next round, whichever copy comes first, o4 keeps hearing the way via o1.
+        let out = t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 9_700), now, 0);
+        let p = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
+        assert_eq!(p.visited, ["s1", "o1", "o3"]);
+    }
+
+    #[test]
+    fn a_link_down_notice_kills_the_routes_through_it_and_is_passed_on_once() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9", "o4"]);
+        t.on_probe(&probe("s1", 5, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        t.on_probe(&probe("s1", 5, "o9", &["s1", "y", "o9"], 3, 9_000), now, 0);
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2");
+        let notice = LinkDown { a: "x".into(), b: "s1".into(), id: 7, sender: "o2".into() };
+        let out = t.on_link_down(&notice);
+        let to: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(to, ["o9", "o4"], "passed on, not back");
+        assert!(out.iter().all(|(_, n)| n.sender == "o3" && n.id == 7));
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9", "the way through x-s1 is gone");
+        let told = t.tell_changes(now);
+        assert!(told.iter().any(|(n, p)| n == "o4" && p.visited == ["s1", "y", "o9", "o3"]), "{told:?}");
+        let again = LinkDown { sender: "o9".into(), ..notice.clone() };
+        assert!(t.on_link_down(&again).is_empty(), "a notice is passed on once");
+        // A copy of a round from before the cut that crossed it is ignored;
+        // a newer round crossed it, so the link is back.
+        t.on_probe(&probe("s1", 6, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
+        t.on_probe(&probe("s1", 7, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2");
+    }
+
+    #[test]
+    fn a_failed_node_takes_the_routes_through_it_along() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        t.on_probe(&probe("s1", 5, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        t.on_probe(&probe("s1", 5, "o9", &["s1", "y", "o9"], 3, 9_000), now, 0);
+        t.node_failed("x");
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
+        assert_eq!(t.best_next_hop("s1", now, &["y"]), None, "no next hop whose path crosses the request's");
+    }
+
+    #[test]
+    fn an_update_does_not_make_its_round_younger() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        t.on_probe(&probe("s1", 1, "o2", &["s1", "a", "o2"], 3, 9_000), now, 0);
+        let later = now + Duration::from_millis(1_000);
+        t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), later, 0);
+        let past_stale = now + cfg().stale_after + Duration::from_millis(1);
+        assert_eq!(t.best_next_hop("s1", past_stale, &[]), None);
+    }
+
+    #[test]
+    fn fewer_hops_within_the_band_is_an_update_and_updates_are_bounded() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o1", "o2", "o4"]);
+        let out = t.on_probe(&probe("s1", 7, "o1", &["s1", "x", "y", "o1"], 4, 10_000), now, 0);
+        assert!(out.iter().any(|(n, p)| n == "o4" && p.hops == 5));
+        // Slower by 5%, but two hops fewer: the tie rule prefers it.
+        let out = t.on_probe(&probe("s1", 7, "o2", &["s1", "o2"], 2, 10_500), now, 0);
+        let p = &out.iter().find(|(n, _)| n == "o4").unwrap().1;
+        assert_eq!((p.hops, p.path_delay_us), (3, 10_500));
+        // A neighbour that keeps changing its mind is heard a bounded
+        // number of times a round.
+        let mut sent = 0;
+        for d in 0..10u64 {
+            let out = t.on_probe(&probe("s1", 7, "o2", &["s1", "o2"], 2, 9_000 - d * 500), now, 0);
+            sent += out.iter().filter(|(n, _)| n == "o4").count();
+        }
+        assert_eq!(sent, 1, "{} updates a round after the first copy", cfg().updates_per_round);
+    }
+
+    #[test]
+    fn a_copy_that_already_went_through_this_node_is_ignored() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o2", "o9"]);
+        assert!(t.on_probe(&probe("s1", 1, "o2", &["s1", "o3", "o2"], 3, 1_000), now, 0).is_empty());
+        assert_eq!(t.best_next_hop("s1", now, &[]), None);
     }
 
     #[test]

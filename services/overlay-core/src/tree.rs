@@ -561,6 +561,7 @@ mod tests {
             path_delay_us: 0,
             streams: vec!["test".into()],
             sender: via.into(),
+            withdrawn: false,
         };
         t.on_probe(&p, now, 0);
     }
@@ -715,6 +716,7 @@ mod tests {
             path_delay_us: delay_us,
             streams: vec!["test".into()],
             sender: via.into(),
+            withdrawn: false,
         };
         t.on_probe(&p, now, 0);
     }

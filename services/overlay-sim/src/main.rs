@@ -52,10 +52,18 @@ struct Args {
     /// probe (onode: no preference).
     #[arg(long)]
     rounds_kept: Option<u64>,
+    /// Updates a node may send each neighbour per round after the round's
+    /// first copy (onode: 2).
+    #[arg(long)]
+    updates_per_round: Option<u32>,
     /// A route not refreshed for this long is forgotten, ms (onode: three
     /// probe intervals and 200 ms).
     #[arg(long, default_value_t = 1700)]
     stale_ms: u64,
+    /// Trace the routes still failing at every interval after this many
+    /// since a fault (print with --trace).
+    #[arg(long)]
+    explain_after: Option<u32>,
     /// Print every seed's trace, not only failing ones.
     #[arg(long)]
     trace: bool,
@@ -82,9 +90,13 @@ fn main() -> ExitCode {
         long_haul: args.long_haul,
         side_km: 6000,
     };
-    let mut config = Config { loss: args.loss, jitter_us: args.jitter_us, ..Config::default() };
+    let mut config =
+        Config { loss: args.loss, jitter_us: args.jitter_us, explain_after: args.explain_after, ..Config::default() };
     if let Some(r) = args.rounds_kept {
         config.routing.rounds_kept = r;
+    }
+    if let Some(u) = args.updates_per_round {
+        config.routing.updates_per_round = u;
     }
     config.routing.stale_after = std::time::Duration::from_millis(args.stale_ms);
     let seeds: Vec<u64> = match args.seed {

@@ -14,7 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use overlay_core::liveness::MISS_LIMIT;
-use overlay_core::routing::{Probe, RouteTable, RoutingConfig};
+use overlay_core::routing::{LinkDown, Probe, RouteTable, RoutingConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,6 +33,9 @@ pub struct Config {
     /// does while it is up).
     pub notices: bool,
     pub routing: RoutingConfig,
+    /// Convergence slower than this many intervals is explained in the
+    /// trace: the violations left at each further interval.
+    pub explain_after: Option<u32>,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             jitter_us: 2_000,
             loss: 0.01,
             notices: true,
+            explain_after: None,
             routing: RoutingConfig { stale_after: Duration::from_millis(1700), ..RoutingConfig::default() },
         }
     }
@@ -63,6 +67,12 @@ enum Event {
         to: usize,
         link: usize,
         probe: Probe,
+    },
+    /// A link-down notice arrives.
+    Tell {
+        to: usize,
+        link: usize,
+        notice: LinkDown,
     },
     /// `node` sees `about` down (heartbeats missed) or up (answering).
     Notice {
@@ -151,6 +161,8 @@ pub struct World {
     rng: StdRng,
     /// Probe copies sent, since the start.
     pub probes_sent: u64,
+    /// Link-down notices announced so far (their ids).
+    notices: u64,
     /// What was done to the overlay and when, for replay.
     pub trace: Vec<String>,
 }
@@ -170,6 +182,7 @@ impl World {
             index,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_517e),
             probes_sent: 0,
+            notices: 0,
             trace: Vec::new(),
         };
         for i in 0..w.graph.names.len() {
@@ -297,6 +310,22 @@ impl World {
                     table.neighbour_up(&name);
                 } else {
                     self.nodes[node].table.neighbour_down(&name);
+                    self.notices += 1;
+                    let notices = self.nodes[node].table.announce_link_down(&name, self.notices);
+                    self.send_notices(node, notices);
+                    let out = self.nodes[node].table.tell_changes(now);
+                    self.send(node, out);
+                }
+            }
+            Event::Tell { to, link, notice } => {
+                if !self.usable(link) {
+                    return;
+                }
+                let notices = self.nodes[to].table.on_link_down(&notice);
+                if !notices.is_empty() {
+                    self.send_notices(to, notices);
+                    let out = self.nodes[to].table.tell_changes(now);
+                    self.send(to, out);
                 }
             }
             Event::Failed { about } => {
@@ -304,8 +333,12 @@ impl World {
                     return;
                 }
                 let name = self.graph.names[about].clone();
-                for n in self.nodes.iter_mut().filter(|n| n.alive) {
-                    n.table.node_failed(&name);
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].alive {
+                        self.nodes[i].table.node_failed(&name);
+                        let out = self.nodes[i].table.tell_changes(now);
+                        self.send(i, out);
+                    }
                 }
             }
         }
@@ -323,6 +356,20 @@ impl World {
             let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
             let delay = self.graph.links[k].delay_us + jitter;
             self.schedule(delay, Event::Deliver { to: j, link: k, probe });
+        }
+    }
+
+    fn send_notices(&mut self, from: usize, out: Vec<(String, LinkDown)>) {
+        for (to, notice) in out {
+            let Some(&j) = self.index.get(&to) else { continue };
+            let Some(k) = self.graph.link_between(from, j) else { continue };
+            self.probes_sent += 1;
+            if !self.usable(k) || (self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
+                continue;
+            }
+            let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
+            let delay = self.graph.links[k].delay_us + jitter;
+            self.schedule(delay, Event::Tell { to: j, link: k, notice });
         }
     }
 
@@ -527,6 +574,10 @@ impl World {
             let j = self.judge();
             if j.violations.len() <= tolerated {
                 return Ok(k);
+            }
+            if self.config.explain_after.is_some_and(|after| k > after) {
+                let shown: Vec<String> = j.violations.iter().take(3).map(|v| format!("{v:?}")).collect();
+                self.note(format!("interval {k}: {} routes fail, e.g. {}", j.violations.len(), shown.join("; ")));
             }
             last = j.violations;
         }
