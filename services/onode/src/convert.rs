@@ -1,6 +1,6 @@
 //! Translation between wire messages and core types, at the edge.
 
-use overlay_core::routing::{LinkDown, Probe};
+use overlay_core::routing::{LinkNotice, Probe};
 use overlay_core::tree::{Nak, NakReason, StreamDesc};
 use overlay_proto as pb;
 
@@ -32,12 +32,12 @@ pub fn probe_to_wire(p: Probe) -> pb::Probe {
     }
 }
 
-pub fn link_down_from_wire(n: pb::LinkDown, sender: String) -> LinkDown {
-    LinkDown { a: n.a, b: n.b, id: n.id, sender }
+pub fn link_notice_from_wire(n: pb::LinkNotice, sender: String) -> LinkNotice {
+    LinkNotice { a: n.a, b: n.b, id: n.id, up: n.up, sender }
 }
 
-pub fn link_down_to_wire(n: LinkDown) -> pb::LinkDown {
-    pb::LinkDown { a: n.a, b: n.b, id: n.id }
+pub fn link_notice_to_wire(n: LinkNotice) -> pb::LinkNotice {
+    pb::LinkNotice { a: n.a, b: n.b, id: n.id, up: n.up }
 }
 
 pub fn desc_to_wire(d: &StreamDesc, data_port: u16) -> pb::StreamInfo {

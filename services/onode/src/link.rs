@@ -119,8 +119,8 @@ pub enum Incoming {
     Answer { from: String, answer: Answer, carrying: Vec<String> },
     /// A STATUS probe.
     Probe(pb::Probe),
-    /// A link-down notice, from the neighbour named.
-    LinkDown { from: String, notice: pb::LinkDown },
+    /// A link notice, from the neighbour named.
+    LinkNotice { from: String, notice: pb::LinkNotice },
 }
 
 /// Datagrams refused, by reason (for inspect).
@@ -243,10 +243,10 @@ impl Links {
         }
     }
 
-    /// Sends a link-down notice to `neighbour`.
-    pub fn send_link_down(&self, neighbour: &str, notice: pb::LinkDown) {
+    /// Sends a link notice to `neighbour`.
+    pub fn send_link_notice(&self, neighbour: &str, notice: pb::LinkNotice) {
         if let Some(addr) = self.peers.get(neighbour) {
-            self.send(*addr, pb::link_datagram::Body::LinkDown(notice));
+            self.send(*addr, pb::link_datagram::Body::LinkNotice(notice));
         }
     }
 
@@ -324,7 +324,7 @@ impl Links {
                 p.sender = from_name;
                 Some(Incoming::Probe(p))
             }
-            pb::link_datagram::Body::LinkDown(notice) => Some(Incoming::LinkDown { from: from_name, notice }),
+            pb::link_datagram::Body::LinkNotice(notice) => Some(Incoming::LinkNotice { from: from_name, notice }),
         }
     }
 

@@ -439,7 +439,7 @@ impl Node {
                 Ok(Incoming::Heartbeat { seq, reply_to }) => self.links.answer(reply_to, seq, self.carrying()),
                 Ok(Incoming::Answer { from, answer, carrying }) => self.on_answer(&from, answer.rtt, carrying),
                 Ok(Incoming::Probe(probe)) => self.on_probe(probe),
-                Ok(Incoming::LinkDown { from, notice }) => self.on_link_down(from, notice),
+                Ok(Incoming::LinkNotice { from, notice }) => self.on_link_notice(from, notice),
                 Err(e) => {
                     warn!(node = %self.id.name, "heartbeat socket: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -450,17 +450,21 @@ impl Node {
 
     /// A neighbour answered a heartbeat after `rtt`.
     fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
-        let connect = {
+        let (connect, notices) = {
             let mut st = self.lock();
             st.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
             st.routes.set_carrying(neighbour, carrying);
-            if st.routes.is_down(neighbour) {
+            let notices = if st.routes.is_down(neighbour) {
                 st.routes.neighbour_up(neighbour);
                 info!(node = %self.id.name, %neighbour, "neighbour answers again");
                 self.changes.send_modify(|v| *v += 1);
-            }
-            st.connected.insert(neighbour.to_string())
+                st.routes.announce_link(neighbour, true, net::unix_us())
+            } else {
+                Vec::new()
+            };
+            (st.connected.insert(neighbour.to_string()), notices)
         };
+        self.send_link_notices(notices);
         if connect {
             let me = self.clone();
             let neighbour = neighbour.to_string();
@@ -645,13 +649,13 @@ impl Node {
             let news = !st.routes.is_down(neighbour);
             st.routes.neighbour_down(neighbour);
             // Every route through the link dies at once, everywhere.
-            let notices = if news { st.routes.announce_link_down(neighbour, net::unix_us()) } else { Vec::new() };
+            let notices = if news { st.routes.announce_link(neighbour, false, net::unix_us()) } else { Vec::new() };
             let probes = st.routes.tell_changes(Instant::now());
             st.connected.remove(neighbour);
             self.links.mark_lost(neighbour);
             (st.trees.upstream_lost(neighbour), notices, probes)
         };
-        self.send_link_downs(notices);
+        self.send_link_notices(notices);
         self.send_probes(probes);
         for stream in repairs {
             warn!(node = %self.id.name, %stream, upstream = %neighbour, "upstream lost: repairing the tree");
@@ -940,26 +944,31 @@ impl Node {
         }
     }
 
-    fn send_link_downs(&self, out: Vec<(String, overlay_core::routing::LinkDown)>) {
+    fn send_link_notices(&self, out: Vec<(String, overlay_core::routing::LinkNotice)>) {
         for (to, notice) in out {
-            self.links.send_link_down(&to, convert::link_down_to_wire(notice));
+            self.links.send_link_notice(&to, convert::link_notice_to_wire(notice));
         }
     }
 
-    /// A link-down notice from a neighbour: passed on once, and the routes
-    /// through the link are withdrawn.
-    pub fn on_link_down(self: &Arc<Self>, from: String, notice: pb::LinkDown) {
-        let notice = convert::link_down_from_wire(notice, from);
+    /// A link notice from a neighbour: passed on once; routes through a
+    /// dead link are withdrawn.
+    pub fn on_link_notice(self: &Arc<Self>, from: String, notice: pb::LinkNotice) {
+        let notice = convert::link_notice_from_wire(notice, from);
         let (notices, probes) = {
             let mut st = self.lock();
-            let notices = st.routes.on_link_down(&notice);
+            let notices = st.routes.on_link_notice(&notice, Instant::now());
             let probes = if notices.is_empty() { Vec::new() } else { st.routes.tell_changes(Instant::now()) };
             (notices, probes)
         };
         if !notices.is_empty() {
-            info!(node = %self.id.name, a = %notice.a, b = %notice.b, "link-down notice: routes through the link withdrawn");
+            let (a, b) = (&notice.a, &notice.b);
+            if notice.up {
+                info!(node = %self.id.name, %a, %b, "link notice: the link is back");
+            } else {
+                info!(node = %self.id.name, %a, %b, "link notice: the link is dead, routes through it withdrawn");
+            }
         }
-        self.send_link_downs(notices);
+        self.send_link_notices(notices);
         self.send_probes(probes);
     }
 
@@ -1408,7 +1417,7 @@ impl Node {
         if self.neighbour(node).is_none() {
             let probes = {
                 let mut st = self.lock();
-                st.routes.node_failed(node);
+                st.routes.node_failed(node, Instant::now());
                 st.routes.tell_changes(Instant::now())
             };
             self.send_probes(probes);
@@ -1424,7 +1433,7 @@ impl Node {
             }
             let probes = {
                 let mut st = me.lock();
-                st.routes.node_failed(&node);
+                st.routes.node_failed(&node, Instant::now());
                 st.routes.tell_changes(Instant::now())
             };
             me.send_probes(probes);

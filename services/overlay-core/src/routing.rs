@@ -56,15 +56,18 @@ pub struct Probe {
     pub withdrawn: bool,
 }
 
-/// A neighbour's notice that the link between `a` and `b` is dead, flooded
-/// once over the overlay so that every route through it dies at once, not
-/// when its round goes stale.
+/// A node's notice that its link to neighbour `b` died (or came back),
+/// flooded once over the overlay: every route through a dead link dies at
+/// once, not when its round goes stale, and copies still travelling that
+/// crossed it are ignored until it is back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkDown {
+pub struct LinkNotice {
     pub a: String,
     pub b: String,
     /// Unique per notice from `a` (its clock at detection).
     pub id: u64,
+    /// The link is back (else dead).
+    pub up: bool,
     /// The neighbour that passed this copy on.
     pub sender: String,
 }
@@ -79,23 +82,24 @@ enum Cut {
 impl Cut {
     fn crossed_by(&self, path: &[String]) -> bool {
         match self {
-            Cut::Node(x) => path.iter().any(|p| p == x),
+            // A failed server's own rounds are judged by their sequence
+            // numbers: a restarted one starts higher.
+            Cut::Node(x) => path.iter().skip(1).any(|p| p == x),
             Cut::Link(a, b) => path.windows(2).any(|w| (w[0] == *a && w[1] == *b) || (w[0] == *b && w[1] == *a)),
         }
     }
 }
 
-/// A cut, and per server the newest round seen when it was learnt: copies
-/// of those rounds that crossed it are ignored (they were on their way),
-/// newer rounds are trusted (they crossed it, so it is back).
+/// A cut and when it was learnt: copies that crossed it are ignored until
+/// a notice says it is back, or for the stale time at most (a lost notice).
 #[derive(Debug, Clone)]
 struct Dead {
     cut: Cut,
-    floors: BTreeMap<String, u64>,
+    since: Instant,
 }
 
-/// Link-down notices remembered to pass each on once.
-const NOTICES_KEPT: usize = 256;
+/// Link notices remembered to pass each on once, and cuts remembered.
+const NOTICES_KEPT: usize = 4096;
 
 /// Knobs of route selection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -210,7 +214,7 @@ pub struct RouteTable {
     /// between rounds.
     send_times: BTreeMap<String, u64>,
     dead: Vec<Dead>,
-    notices_seen: VecDeque<(String, String, u64)>,
+    notices_seen: VecDeque<(String, String, u64, bool)>,
     /// Servers reported failed: probes of theirs up to this sequence
     /// number (copies still on their way) are ignored.
     failed: BTreeMap<String, u64>,
@@ -288,11 +292,9 @@ impl RouteTable {
         if probe.visited.contains(&self.me) && !probe.withdrawn {
             return Vec::new();
         }
-        if !probe.withdrawn
-            && self.dead.iter().any(|d| {
-                d.floors.get(&probe.server).is_some_and(|&f| probe.seq <= f) && d.cut.crossed_by(&probe.visited)
-            })
-        {
+        let stale_after = self.config.stale_after;
+        self.dead.retain(|d| now.saturating_duration_since(d.since) <= stale_after);
+        if !probe.withdrawn && self.dead.iter().any(|d| d.cut.crossed_by(&probe.visited)) {
             return Vec::new();
         }
         let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
@@ -333,12 +335,6 @@ impl RouteTable {
         let round = *last;
         if new_round {
             self.send_times.insert(probe.server.clone(), probe.send_time_unix_us);
-            // Two rounds on, no copy from before a cut is still fresh.
-            let seq = probe.seq;
-            for d in &mut self.dead {
-                d.floors.retain(|server, f| server != &probe.server || seq <= *f + 2);
-            }
-            self.dead.retain(|d| !d.floors.is_empty());
         }
         // The copy's path needs no refresh: it knows the way it just sent.
         let refresh: &[String] = if new_round { &probe.visited } else { &[] };
@@ -518,7 +514,7 @@ impl RouteTable {
 
     /// A node failed somewhere (the bootstrapper's notice): forget it as a
     /// server; if it is a neighbour, as a next hop too.
-    pub fn node_failed(&mut self, node: &str) {
+    pub fn node_failed(&mut self, node: &str, now: Instant) {
         // Copies of its last round may still be travelling, and a node
         // that comes back starts a new, higher sequence.
         let floor = self.last_seq.get(node).map_or(0, |s| s + 1);
@@ -529,32 +525,42 @@ impl RouteTable {
         if self.neighbours.iter().any(|n| n == node) {
             self.neighbour_down(node);
         }
-        self.learn_cut(Cut::Node(node.to_string()));
+        self.learn_cut(Cut::Node(node.to_string()), now);
     }
 
     /// This node found its link to `neighbour` dead (after
-    /// [`RouteTable::neighbour_down`]): the notice to flood, one copy per
+    /// [`RouteTable::neighbour_down`]) or back (after
+    /// [`RouteTable::neighbour_up`]): the notice to flood, one copy per
     /// live neighbour.
-    pub fn announce_link_down(&mut self, neighbour: &str, id: u64) -> Vec<(String, LinkDown)> {
-        let notice = LinkDown { a: self.me.clone(), b: neighbour.to_string(), id, sender: self.me.clone() };
+    pub fn announce_link(&mut self, neighbour: &str, up: bool, id: u64) -> Vec<(String, LinkNotice)> {
+        let notice = LinkNotice { a: self.me.clone(), b: neighbour.to_string(), id, up, sender: self.me.clone() };
         self.remember_notice(&notice);
         self.pass_on(&notice)
     }
 
-    /// A link-down notice from a neighbour: the first copy kills every route
-    /// through the link and is passed on to the other neighbours. The
-    /// caller then sends what [`RouteTable::tell_changes`] returns.
-    pub fn on_link_down(&mut self, notice: &LinkDown) -> Vec<(String, LinkDown)> {
+    /// A link notice from a neighbour: the first copy is passed on to the
+    /// other neighbours; a dead link takes every route through it along.
+    /// The caller then sends what [`RouteTable::tell_changes`] returns.
+    pub fn on_link_notice(&mut self, notice: &LinkNotice, now: Instant) -> Vec<(String, LinkNotice)> {
         if !self.neighbours.contains(&notice.sender) || !self.remember_notice(notice) {
             return Vec::new();
         }
-        self.learn_cut(Cut::Link(notice.a.clone(), notice.b.clone()));
+        if notice.up {
+            // Both ends live, and the link between them carries.
+            let (a, b) = (&notice.a, &notice.b);
+            self.dead.retain(|d| match &d.cut {
+                Cut::Node(x) => x != a && x != b,
+                Cut::Link(x, y) => !((x == a && y == b) || (x == b && y == a)),
+            });
+        } else {
+            self.learn_cut(Cut::Link(notice.a.clone(), notice.b.clone()), now);
+        }
         self.pass_on(notice)
     }
 
     /// Whether the notice is new (and now remembered).
-    fn remember_notice(&mut self, notice: &LinkDown) -> bool {
-        let key = (notice.a.clone(), notice.b.clone(), notice.id);
+    fn remember_notice(&mut self, notice: &LinkNotice) -> bool {
+        let key = (notice.a.clone(), notice.b.clone(), notice.id, notice.up);
         if self.notices_seen.contains(&key) {
             return false;
         }
@@ -565,28 +571,23 @@ impl RouteTable {
         true
     }
 
-    fn pass_on(&self, notice: &LinkDown) -> Vec<(String, LinkDown)> {
+    fn pass_on(&self, notice: &LinkNotice) -> Vec<(String, LinkNotice)> {
         self.live_neighbours()
             .filter(|n| **n != notice.sender && **n != notice.a && **n != notice.b)
-            .map(|n| (n.clone(), LinkDown { sender: self.me.clone(), ..notice.clone() }))
+            .map(|n| (n.clone(), LinkNotice { sender: self.me.clone(), ..notice.clone() }))
             .collect()
     }
 
-    /// Forgets every route through `cut`, and ignores copies of the rounds
-    /// seen so far that crossed it.
-    fn learn_cut(&mut self, cut: Cut) {
+    /// Forgets every route through `cut`, and ignores copies that crossed
+    /// it from now on.
+    fn learn_cut(&mut self, cut: Cut, now: Instant) {
         for per_server in self.entries.values_mut() {
             per_server.retain(|_, e| !cut.crossed_by(&e.path));
         }
-        // The round after the newest seen may have crossed the cut before
-        // it died, too.
-        let floors: BTreeMap<String, u64> = self.last_seq.iter().map(|(s, q)| (s.clone(), q + 1)).collect();
-        if !floors.is_empty() {
-            if self.dead.len() == NOTICES_KEPT {
-                self.dead.remove(0);
-            }
-            self.dead.push(Dead { cut, floors });
+        if self.dead.len() == NOTICES_KEPT {
+            self.dead.remove(0);
         }
+        self.dead.push(Dead { cut, since: now });
     }
 
     fn fresh<'a>(&'a self, server: &str, now: Instant) -> impl Iterator<Item = (&'a String, &'a RouteEntry)> {
@@ -596,17 +597,32 @@ impl RouteTable {
         })
     }
 
-    /// The best neighbour toward `server`, never one of `exclude`. Routes
-    /// of the last [`RoutingConfig::rounds_kept`] rounds are preferred:
-    /// an older one is taken only when no recent one is left (its newer
-    /// copies may just have been lost).
+    /// The best neighbour toward `server`, never one of `exclude` nor one
+    /// whose way runs through one of them. Routes of the last
+    /// [`RoutingConfig::rounds_kept`] rounds are preferred: an older one is
+    /// taken only when no recent one is left (its newer copies may just
+    /// have been lost).
     pub fn best_next_hop(&self, server: &str, now: Instant, exclude: &[&str]) -> Option<Route> {
+        self.best_next_hop_avoiding(server, now, exclude, exclude)
+    }
+
+    /// [`RouteTable::best_next_hop`] with the next hops to skip
+    /// (`not_via`) apart from the nodes no way may run through
+    /// (`not_through`).
+    pub fn best_next_hop_avoiding(
+        &self,
+        server: &str,
+        now: Instant,
+        not_via: &[&str],
+        not_through: &[&str],
+    ) -> Option<Route> {
         let oldest = self.last_seq.get(server).map_or(0, |s| s.saturating_sub(self.config.rounds_kept));
         let candidates = |recent_only: bool| -> Vec<Route> {
             self.fresh(server, now)
                 .filter(|(via, e)| {
-                    !exclude.contains(&via.as_str())
-                        && !e.path.iter().any(|p| exclude.contains(&p.as_str()))
+                    !not_via.contains(&via.as_str())
+                        && !not_through.contains(&via.as_str())
+                        && !e.path.iter().any(|p| not_through.contains(&p.as_str()))
                         && (!recent_only || e.seq >= oldest)
                 })
                 .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
@@ -892,27 +908,29 @@ mod tests {
     }
 
     #[test]
-    fn a_link_down_notice_kills_the_routes_through_it_and_is_passed_on_once() {
+    fn a_link_down_notice_kills_the_routes_through_it_until_it_is_back() {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9", "o4"]);
         t.on_probe(&probe("s1", 5, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         t.on_probe(&probe("s1", 5, "o9", &["s1", "y", "o9"], 3, 9_000), now, 0);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2");
-        let notice = LinkDown { a: "x".into(), b: "s1".into(), id: 7, sender: "o2".into() };
-        let out = t.on_link_down(&notice);
+        let notice = LinkNotice { a: "x".into(), b: "s1".into(), id: 7, up: false, sender: "o2".into() };
+        let out = t.on_link_notice(&notice, now);
         let to: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(to, ["o9", "o4"], "passed on, not back");
-        assert!(out.iter().all(|(_, n)| n.sender == "o3" && n.id == 7));
+        assert!(out.iter().all(|(_, n)| n.sender == "o3" && n.id == 7 && !n.up));
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9", "the way through x-s1 is gone");
         let told = t.tell_changes(now);
         assert!(told.iter().any(|(n, p)| n == "o4" && p.visited == ["s1", "y", "o9", "o3"]), "{told:?}");
-        let again = LinkDown { sender: "o9".into(), ..notice.clone() };
-        assert!(t.on_link_down(&again).is_empty(), "a notice is passed on once");
-        // A copy of a round from before the cut that crossed it is ignored;
-        // a newer round crossed it, so the link is back.
-        t.on_probe(&probe("s1", 6, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        let again = LinkNotice { sender: "o9".into(), ..notice.clone() };
+        assert!(t.on_link_notice(&again, now).is_empty(), "a notice is passed on once");
+        // Copies that crossed the dead link, of any round, are ignored...
+        t.on_probe(&probe("s1", 9, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
-        t.on_probe(&probe("s1", 7, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
+        // ... until the link is said to be back.
+        let back = LinkNotice { id: 8, up: true, ..notice.clone() };
+        assert_eq!(t.on_link_notice(&back, now).len(), 2);
+        t.on_probe(&probe("s1", 10, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2");
     }
 
@@ -922,7 +940,7 @@ mod tests {
         let mut t = table("o3", &["o2", "o9"]);
         t.on_probe(&probe("s1", 5, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         t.on_probe(&probe("s1", 5, "o9", &["s1", "y", "o9"], 3, 9_000), now, 0);
-        t.node_failed("x");
+        t.node_failed("x", now);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
         assert_eq!(t.best_next_hop("s1", now, &["y"]), None, "no next hop whose path crosses the request's");
     }
@@ -971,7 +989,7 @@ mod tests {
         let now = Instant::now();
         let mut t = table("o3", &["o2", "o9"]);
         t.on_probe(&probe("s1", 5, "o2", &["s1", "o2"], 2, 1_000), now, 0);
-        t.node_failed("s1");
+        t.node_failed("s1", now);
         assert_eq!(t.best_next_hop("s1", now, &[]), None);
         for seq in [5, 6] {
             assert!(t.on_probe(&probe("s1", seq, "o9", &["s1", "o9"], 2, 1_000), now, 0).is_empty());

@@ -482,9 +482,11 @@ impl Trees {
             .filter_map(|b| {
                 let Source::Neighbour(up) = &b.source else { return None };
                 let server = &b.desc.server;
-                let mut exclude: Vec<&str> = b.downstream.iter().map(String::as_str).collect();
-                exclude.extend([up.as_str(), self.me.as_str()]);
-                let best = routes.best_next_hop(server, now, &exclude)?;
+                // Never into the branch's own subtree; a way on through the
+                // current upstream is fine (a slower link after it).
+                let mut subtree: Vec<&str> = b.downstream.iter().map(String::as_str).collect();
+                subtree.push(self.me.as_str());
+                let best = routes.best_next_hop_avoiding(server, now, &[up.as_str()], &subtree)?;
                 match routes.route_via(server, up, now) {
                     Some(current) => routes.clearly_better(&best, &current),
                     // The upstream no longer offers a way to the server:
@@ -759,6 +761,40 @@ mod tests {
         t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
         r.neighbour_down("o2");
         t.neighbour_lost("o2");
+        assert!(t.better_upstreams(&r, now).is_empty());
+    }
+
+    fn heard_along(t: &mut RouteTable, path: &[&str], delay_us: u64, seq: u64, now: Instant) {
+        let p = Probe {
+            server: path[0].into(),
+            seq,
+            send_time_unix_us: 0,
+            hops: path.len() as u32,
+            visited: path.iter().map(|s| s.to_string()).collect(),
+            path_delay_us: delay_us,
+            streams: vec!["test".into()],
+            sender: path.last().unwrap().to_string(),
+            withdrawn: false,
+        };
+        t.on_probe(&p, now, 0);
+    }
+
+    #[test]
+    fn a_move_may_go_on_through_the_upstream_but_never_through_the_subtree() {
+        let now = Instant::now();
+        let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
+        let mut r = RouteTable::new("o3", ["o2", "o9", "o7"].map(String::from).to_vec(), cfg);
+        heard_along(&mut r, &["s1", "o2"], 5_000, 1, now);
+        let mut t = Trees::new("o3", []);
+        t.request("test", n("o7"), &["o7".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o2".into()), desc("s1", 1));
+        // o2-o3 went slow; o9's way runs on through o2: s1-o2-o9-o3.
+        heard_along(&mut r, &["s1", "o2"], 30_000, 2, now);
+        heard_along(&mut r, &["s1", "o2", "o9"], 6_000, 2, now);
+        assert_eq!(t.better_upstreams(&r, now), [("test".to_string(), "o9".to_string())]);
+        // A way through the branch's own downstream is no way.
+        heard_along(&mut r, &["s1", "x", "o7", "o9"], 6_000, 3, now);
+        heard_along(&mut r, &["s1", "o2"], 30_000, 3, now);
         assert!(t.better_upstreams(&r, now).is_empty());
     }
 

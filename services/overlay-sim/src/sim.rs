@@ -14,7 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use overlay_core::liveness::MISS_LIMIT;
-use overlay_core::routing::{LinkDown, Probe, RouteTable, RoutingConfig};
+use overlay_core::routing::{LinkNotice, Probe, RouteTable, RoutingConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -68,11 +68,11 @@ enum Event {
         link: usize,
         probe: Probe,
     },
-    /// A link-down notice arrives.
+    /// A link notice arrives.
     Tell {
         to: usize,
         link: usize,
-        notice: LinkDown,
+        notice: LinkNotice,
     },
     /// `node` sees `about` down (heartbeats missed) or up (answering).
     Notice {
@@ -307,11 +307,16 @@ impl World {
                     let rtt = self.rtt(k);
                     let table = &mut self.nodes[node].table;
                     table.on_link_rtt(&name, rtt);
-                    table.neighbour_up(&name);
+                    if table.is_down(&name) {
+                        table.neighbour_up(&name);
+                        self.notices += 1;
+                        let notices = self.nodes[node].table.announce_link(&name, true, self.notices);
+                        self.send_notices(node, notices);
+                    }
                 } else {
                     self.nodes[node].table.neighbour_down(&name);
                     self.notices += 1;
-                    let notices = self.nodes[node].table.announce_link_down(&name, self.notices);
+                    let notices = self.nodes[node].table.announce_link(&name, false, self.notices);
                     self.send_notices(node, notices);
                     let out = self.nodes[node].table.tell_changes(now);
                     self.send(node, out);
@@ -321,7 +326,7 @@ impl World {
                 if !self.usable(link) {
                     return;
                 }
-                let notices = self.nodes[to].table.on_link_down(&notice);
+                let notices = self.nodes[to].table.on_link_notice(&notice, now);
                 if !notices.is_empty() {
                     self.send_notices(to, notices);
                     let out = self.nodes[to].table.tell_changes(now);
@@ -335,7 +340,7 @@ impl World {
                 let name = self.graph.names[about].clone();
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].alive {
-                        self.nodes[i].table.node_failed(&name);
+                        self.nodes[i].table.node_failed(&name, now);
                         let out = self.nodes[i].table.tell_changes(now);
                         self.send(i, out);
                     }
@@ -359,7 +364,7 @@ impl World {
         }
     }
 
-    fn send_notices(&mut self, from: usize, out: Vec<(String, LinkDown)>) {
+    fn send_notices(&mut self, from: usize, out: Vec<(String, LinkNotice)>) {
         for (to, notice) in out {
             let Some(&j) = self.index.get(&to) else { continue };
             let Some(k) = self.graph.link_between(from, j) else { continue };
