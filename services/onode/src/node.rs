@@ -1415,12 +1415,7 @@ impl Node {
     /// and one that answers is believed over the notice.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
         if self.neighbour(node).is_none() {
-            let probes = {
-                let mut st = self.lock();
-                st.routes.node_failed(node, Instant::now());
-                st.routes.tell_changes(Instant::now())
-            };
-            self.send_probes(probes);
+            self.forget_failed(node);
             return;
         }
         let me = self.clone();
@@ -1431,14 +1426,20 @@ impl Node {
                 warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
                 return;
             }
-            let probes = {
-                let mut st = me.lock();
-                st.routes.node_failed(&node, Instant::now());
-                st.routes.tell_changes(Instant::now())
-            };
-            me.send_probes(probes);
+            me.forget_failed(&node);
             me.neighbour_lost(&node, true);
         });
+    }
+
+    /// Routes through a failed node die here, and the neighbours hear what
+    /// that changes.
+    fn forget_failed(&self, node: &str) {
+        let probes = {
+            let mut st = self.lock();
+            st.routes.node_failed(node, Instant::now());
+            st.routes.tell_changes(Instant::now())
+        };
+        self.send_probes(probes);
     }
 
     /// Rebuilds the forwarding table from the trees and sessions and

@@ -21,8 +21,9 @@
 //!
 //! A node that finds a link dead floods a link-down notice, and every node
 //! forgets the routes through the link at once; the bootstrapper's notice
-//! of a failed node does the same for routes through the node. Copies of
-//! the rounds already under way that crossed the dead link are ignored.
+//! of a failed node does the same for routes through the node. Copies that
+//! crossed a dead link are ignored until a notice says it is back (or for
+//! the stale time, should that notice be lost).
 //!
 //! The best next hop toward a server has the lowest delay; when delays are
 //! within 10% of each other, fewer hops wins. Routes of the two newest
@@ -85,8 +86,21 @@ impl Cut {
             // A failed server's own rounds are judged by their sequence
             // numbers: a restarted one starts higher.
             Cut::Node(x) => path.iter().skip(1).any(|p| p == x),
-            Cut::Link(a, b) => path.windows(2).any(|w| (w[0] == *a && w[1] == *b) || (w[0] == *b && w[1] == *a)),
+            Cut::Link(..) => path.windows(2).any(|w| self.is_link(&w[0], &w[1])),
         }
+    }
+
+    /// Whether the link between `a` and `b` comes back with this cut gone:
+    /// the link itself, or either end.
+    fn healed_by(&self, a: &str, b: &str) -> bool {
+        match self {
+            Cut::Node(x) => x == a || x == b,
+            Cut::Link(..) => self.is_link(a, b),
+        }
+    }
+
+    fn is_link(&self, a: &str, b: &str) -> bool {
+        matches!(self, Cut::Link(x, y) if (x == a && y == b) || (x == b && y == a))
     }
 }
 
@@ -331,11 +345,9 @@ impl RouteTable {
         let new_round = probe.seq > *last && !probe.withdrawn;
         if new_round {
             *last = probe.seq;
-        }
-        let round = *last;
-        if new_round {
             self.send_times.insert(probe.server.clone(), probe.send_time_unix_us);
         }
+        let round = self.last_seq[&probe.server];
         // The copy's path needs no refresh: it knows the way it just sent.
         let refresh: &[String] = if new_round { &probe.visited } else { &[] };
         self.tell(&probe.server, round, new_round, refresh, probe.send_time_unix_us, &probe.streams, now)
@@ -400,47 +412,28 @@ impl RouteTable {
                 continue;
             }
             let counted = if refresh { 0 } else { updates + 1 };
-            let probe = match best {
-                Some(b) => {
-                    self.sent.insert(
-                        key,
-                        Sent {
-                            seq: round,
-                            delay_us: b.delay_us,
-                            hops: b.hops,
-                            path: Some(b.path.clone()),
-                            updates: counted,
-                        },
-                    );
-                    let mut visited = b.path;
-                    visited.push(self.me.clone());
-                    Probe {
-                        server: server.to_string(),
-                        seq: round,
-                        send_time_unix_us,
-                        hops: b.hops + 1,
-                        visited,
-                        path_delay_us: b.delay_us,
-                        streams: streams.to_vec(),
-                        sender: self.me.clone(),
-                        withdrawn: false,
-                    }
-                }
-                None => {
-                    self.sent.insert(key, Sent { seq: round, delay_us: 0, hops: 0, path: None, updates: counted });
-                    Probe {
-                        server: server.to_string(),
-                        seq: round,
-                        send_time_unix_us,
-                        hops: 0,
-                        visited: vec![self.me.clone()],
-                        path_delay_us: 0,
-                        streams: streams.to_vec(),
-                        sender: self.me.clone(),
-                        withdrawn: true,
-                    }
-                }
+            let told = Sent {
+                seq: round,
+                delay_us: best.as_ref().map_or(0, |b| b.delay_us),
+                hops: best.as_ref().map_or(0, |b| b.hops),
+                path: best.map(|b| b.path),
+                updates: counted,
             };
+            // A withdrawal names only its sender.
+            let mut visited = told.path.clone().unwrap_or_default();
+            visited.push(self.me.clone());
+            let probe = Probe {
+                server: server.to_string(),
+                seq: round,
+                send_time_unix_us,
+                hops: if told.path.is_some() { told.hops + 1 } else { 0 },
+                visited,
+                path_delay_us: told.delay_us,
+                streams: streams.to_vec(),
+                sender: self.me.clone(),
+                withdrawn: told.path.is_none(),
+            };
+            self.sent.insert(key, told);
             out.push((n, probe));
         }
         out
@@ -451,11 +444,7 @@ impl RouteTable {
     fn advertised(&self, server: &str, seq: u64, to: &str, now: Instant) -> Option<RouteEntry> {
         let candidates: Vec<Route> = self
             .fresh(server, now)
-            .filter(|(via, e)| {
-                e.seq >= seq.saturating_sub(self.config.rounds_kept)
-                    && via.as_str() != to
-                    && !e.path.iter().any(|p| p == to)
-            })
+            .filter(|(_, e)| e.seq >= seq.saturating_sub(self.config.rounds_kept) && !e.path.iter().any(|p| p == to))
             .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
             .collect();
         let mut route = pick(&candidates, &self.config)?;
@@ -547,11 +536,7 @@ impl RouteTable {
         }
         if notice.up {
             // Both ends live, and the link between them carries.
-            let (a, b) = (&notice.a, &notice.b);
-            self.dead.retain(|d| match &d.cut {
-                Cut::Node(x) => x != a && x != b,
-                Cut::Link(x, y) => !((x == a && y == b) || (x == b && y == a)),
-            });
+            self.dead.retain(|d| !d.cut.healed_by(&notice.a, &notice.b));
         } else {
             self.learn_cut(Cut::Link(notice.a.clone(), notice.b.clone()), now);
         }
@@ -620,8 +605,8 @@ impl RouteTable {
         let candidates = |recent_only: bool| -> Vec<Route> {
             self.fresh(server, now)
                 .filter(|(via, e)| {
+                    // A way's path ends with its neighbour.
                     !not_via.contains(&via.as_str())
-                        && !not_through.contains(&via.as_str())
                         && !e.path.iter().any(|p| not_through.contains(&p.as_str()))
                         && (!recent_only || e.seq >= oldest)
                 })
@@ -646,7 +631,7 @@ impl RouteTable {
     /// delay within the band with fewer hops (hop counts are exact).
     pub fn clearly_better(&self, candidate: &Route, current: &Route) -> bool {
         let low = candidate.delay_us.min(current.delay_us);
-        let band = ((low as f64 * self.config.tie_ratio) as u64).max(self.config.tie_floor_us);
+        let band = tie_band(&self.config, low);
         if current.delay_us > candidate.delay_us + 2 * band {
             return true;
         }
@@ -704,10 +689,15 @@ pub fn pick(candidates: &[Route], config: &RoutingConfig) -> Option<Route> {
     choose(candidates, route_key, config).map(|i| candidates[i].clone())
 }
 
+/// How far above `low_us` a delay still ties with it.
+fn tie_band(config: &RoutingConfig, low_us: u64) -> u64 {
+    ((low_us as f64 * config.tie_ratio) as u64).max(config.tie_floor_us)
+}
+
 /// Whether `new` (delay, hops) is a clear gain over `old`: lower by more
 /// than the tie band, or fewer hops within it.
 fn improves(config: &RoutingConfig, new: (u64, u32), old: (u64, u32)) -> bool {
-    let band = ((new.0.min(old.0) as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
+    let band = tie_band(config, new.0.min(old.0));
     new.0 + band < old.0 || (new.0.abs_diff(old.0) <= band && new.1 < old.1)
 }
 
@@ -717,7 +707,7 @@ fn improves(config: &RoutingConfig, new: (u64, u32), old: (u64, u32)) -> bool {
 /// count, or a delay beyond the tie band (smaller drifts are measurement
 /// noise, and the next round carries them anyway).
 fn changes(config: &RoutingConfig, sent: &Sent, now: &RouteEntry) -> bool {
-    let band = ((sent.delay_us.min(now.delay_us) as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
+    let band = tie_band(config, sent.delay_us.min(now.delay_us));
     sent.path.as_ref() != Some(&now.path) || sent.hops != now.hops || sent.delay_us.abs_diff(now.delay_us) > band
 }
 
@@ -740,7 +730,7 @@ fn choose<T>(
     config: &RoutingConfig,
 ) -> Option<usize> {
     let min = candidates.iter().map(|c| key(c).0).min()?;
-    let tolerance = ((min as f64 * config.tie_ratio) as u64).max(config.tie_floor_us);
+    let tolerance = tie_band(config, min);
     (0..candidates.len()).filter(|&i| key(&candidates[i]).0 <= min + tolerance).min_by(|&a, &b| {
         let (da, ha, na) = key(&candidates[a]);
         let (db, hb, nb) = key(&candidates[b]);

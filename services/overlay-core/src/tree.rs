@@ -709,15 +709,20 @@ mod tests {
 
     /// A probe from `server` through `via` that says `delay_us` to here.
     fn heard_at(t: &mut RouteTable, server: &str, via: &str, hops: u32, delay_us: u64, seq: u64, now: Instant) {
+        heard_on(t, &[server, via], hops, delay_us, seq, now);
+    }
+
+    /// A copy that came along `path` (server first, the neighbour last).
+    fn heard_on(t: &mut RouteTable, path: &[&str], hops: u32, delay_us: u64, seq: u64, now: Instant) {
         let p = Probe {
-            server: server.into(),
+            server: path[0].into(),
             seq,
             send_time_unix_us: 0,
             hops,
-            visited: vec![server.into(), via.into()],
+            visited: path.iter().map(|s| s.to_string()).collect(),
             path_delay_us: delay_us,
             streams: vec!["test".into()],
-            sender: via.into(),
+            sender: path.last().unwrap().to_string(),
             withdrawn: false,
         };
         t.on_probe(&p, now, 0);
@@ -765,18 +770,7 @@ mod tests {
     }
 
     fn heard_along(t: &mut RouteTable, path: &[&str], delay_us: u64, seq: u64, now: Instant) {
-        let p = Probe {
-            server: path[0].into(),
-            seq,
-            send_time_unix_us: 0,
-            hops: path.len() as u32,
-            visited: path.iter().map(|s| s.to_string()).collect(),
-            path_delay_us: delay_us,
-            streams: vec!["test".into()],
-            sender: path.last().unwrap().to_string(),
-            withdrawn: false,
-        };
-        t.on_probe(&p, now, 0);
+        heard_on(t, path, path.len() as u32, delay_us, seq, now);
     }
 
     #[test]

@@ -351,31 +351,33 @@ impl World {
 
     fn send(&mut self, from: usize, out: Vec<(String, Probe)>) {
         for (to, mut probe) in out {
-            let Some(&j) = self.index.get(&to) else { continue };
-            let Some(k) = self.graph.link_between(from, j) else { continue };
-            self.probes_sent += 1;
             probe.sender = self.graph.names[from].clone();
-            if !self.usable(k) || (self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
-                continue;
+            if let Some((to, link, delay)) = self.carry(from, &to) {
+                self.schedule(delay, Event::Deliver { to, link, probe });
             }
-            let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
-            let delay = self.graph.links[k].delay_us + jitter;
-            self.schedule(delay, Event::Deliver { to: j, link: k, probe });
         }
     }
 
     fn send_notices(&mut self, from: usize, out: Vec<(String, LinkNotice)>) {
         for (to, notice) in out {
-            let Some(&j) = self.index.get(&to) else { continue };
-            let Some(k) = self.graph.link_between(from, j) else { continue };
-            self.probes_sent += 1;
-            if !self.usable(k) || (self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
-                continue;
+            if let Some((to, link, delay)) = self.carry(from, &to) {
+                self.schedule(delay, Event::Tell { to, link, notice });
             }
-            let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
-            let delay = self.graph.links[k].delay_us + jitter;
-            self.schedule(delay, Event::Tell { to: j, link: k, notice });
         }
+    }
+
+    /// One control message from `from` to its neighbour `to`, counted: the
+    /// receiver, the link and the delay, unless the link is down or loses
+    /// it.
+    fn carry(&mut self, from: usize, to: &str) -> Option<(usize, usize, u64)> {
+        let j = *self.index.get(to)?;
+        let k = self.graph.link_between(from, j)?;
+        self.probes_sent += 1;
+        if !self.usable(k) || (self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
+            return None;
+        }
+        let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
+        Some((j, k, self.graph.links[k].delay_us + jitter))
     }
 
     fn note(&mut self, what: String) {
