@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 mod machine;
 
 fuzz_target!(|data: &[u8]| {
-    if let Some(payload) = machine::rtp_payload(data) {
+    if let Some(payload) = overlay_core::rtp::Packet::parse(data).ok().and_then(|p| p.payload()) {
         assert!(payload.len() <= data.len());
     }
     let mut track = machine::TrackOut::new(90_000);

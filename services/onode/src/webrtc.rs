@@ -677,7 +677,7 @@ fn write(p: &mut Peer, packet: &[u8]) {
         return;
     }
     let track = if view.payload_type() == media::AUDIO_PT { 1 } else { 0 };
-    let Some(payload) = machine::rtp_payload(packet) else { return };
+    let Some(payload) = view.payload() else { return };
     p.ssrcs[track] = Some(view.ssrc());
     let (mid, pt, out) = match (track, p.negotiated.audio) {
         (0, _) => (p.negotiated.video, p.negotiated.video_pt, &mut p.video),

@@ -26,10 +26,12 @@ pub enum Kind {
 }
 
 /// A validated view over one packet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet<'a> {
     bytes: &'a [u8],
     kind: Kind,
+    /// Where an RTP payload starts (after CSRCs and extension); 0 for RTCP.
+    header_len: usize,
 }
 
 const FIXED_HEADER: usize = 12;
@@ -47,7 +49,7 @@ impl<'a> Packet<'a> {
         }
         let second = bytes[1];
         if (200..=206).contains(&second) {
-            return Ok(Packet { bytes, kind: Kind::Rtcp });
+            return Ok(Packet { bytes, kind: Kind::Rtcp, header_len: 0 });
         }
         if bytes.len() < FIXED_HEADER {
             return Err(RtpError::TooShort(bytes.len()));
@@ -64,7 +66,7 @@ impl<'a> Packet<'a> {
         if bytes.len() < needed {
             return Err(RtpError::Truncated { needed, len: bytes.len() });
         }
-        Ok(Packet { bytes, kind: Kind::Rtp })
+        Ok(Packet { bytes, kind: Kind::Rtp, header_len: needed })
     }
 
     pub fn kind(&self) -> Kind {
@@ -110,6 +112,20 @@ impl<'a> Packet<'a> {
 
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
+    }
+
+    /// The RTP payload: after the header, its CSRCs and extension, without
+    /// padding. None for RTCP, or when the padding is longer than the
+    /// payload.
+    pub fn payload(&self) -> Option<&'a [u8]> {
+        if self.kind != Kind::Rtp {
+            return None;
+        }
+        let mut end = self.bytes.len();
+        if self.bytes[0] & 0x20 != 0 {
+            end = end.checked_sub(usize::from(*self.bytes.last()?))?;
+        }
+        self.bytes.get(self.header_len..end)
     }
 }
 
@@ -199,6 +215,19 @@ mod tests {
         assert_eq!(p.timestamp(), 90_000);
         assert_eq!(p.payload_type(), 96);
         assert!(p.marker());
+    }
+
+    #[test]
+    fn the_payload_skips_csrcs_extension_and_padding() {
+        let payload = |b: &[u8]| Packet::parse(b).ok().and_then(|p| p.payload()).map(<[u8]>::to_vec);
+        let mut p = vec![0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 7, 7];
+        assert_eq!(payload(&p), Some(vec![7, 7]));
+        // One CSRC, an extension of one word, two bytes of padding.
+        p = vec![0xb1, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 1, 2, 3, 4, 0xbe, 0xde, 0, 1, 5, 5, 5, 5, 9, 9, 0, 2];
+        assert_eq!(payload(&p), Some(vec![9, 9]));
+        assert_eq!(payload(&p[..14]), None);
+        assert_eq!(payload(&[0xa0, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 200]), None, "padding longer than the payload");
+        assert_eq!(payload(&[0x80, 200, 0, 1, 0, 0, 0, 7]), None, "RTCP has no RTP payload");
     }
 
     #[test]

@@ -309,24 +309,6 @@ impl TrackOut {
     }
 }
 
-/// The RTP payload of a packet (after the header, its CSRCs and
-/// extension, without padding); None when the lengths do not add up.
-pub fn rtp_payload(packet: &[u8]) -> Option<&[u8]> {
-    if packet.len() < 12 {
-        return None;
-    }
-    let mut start = 12 + 4 * usize::from(packet[0] & 0x0f);
-    if packet[0] & 0x10 != 0 {
-        let words = packet.get(start + 2..start + 4)?;
-        start += 4 + 4 * usize::from(u16::from_be_bytes([words[0], words[1]]));
-    }
-    let mut end = packet.len();
-    if packet[0] & 0x20 != 0 {
-        end = end.checked_sub(usize::from(*packet.last()?))?;
-    }
-    packet.get(start..end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,16 +447,6 @@ mod tests {
     }
 
     #[test]
-    fn the_payload_skips_csrcs_extension_and_padding() {
-        let mut p = vec![0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 7, 7];
-        assert_eq!(rtp_payload(&p), Some(&[7u8, 7][..]));
-        // One CSRC, an extension of one word, two bytes of padding.
-        p = vec![0xb1, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 1, 2, 3, 4, 0xbe, 0xde, 0, 1, 5, 5, 5, 5, 9, 9, 0, 2];
-        assert_eq!(rtp_payload(&p), Some(&[9u8, 9][..]));
-        assert_eq!(rtp_payload(&p[..14]), None);
-        assert_eq!(rtp_payload(&[0xa0, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9, 200]), None);
-    }
-    #[test]
     fn a_publishers_offer_is_answered_for_h264_and_opus() {
         let send = chromium_offer(CHROMIUM_H264).replace("a=recvonly", "a=sendonly");
         let (_, sdp, published) = publish_answer(&send, pop(), Instant::now()).unwrap();
@@ -500,6 +472,6 @@ mod tests {
             (p.payload_type(), p.sequence(), p.timestamp(), p.ssrc(), p.marker()),
             (102, 0xabcd, 90_000, 7, true)
         );
-        assert_eq!(rtp_payload(&b), Some(&b"xy"[..]));
+        assert_eq!(p.payload(), Some(&b"xy"[..]));
     }
 }
