@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub node: String,
     pub role: String,
     pub relay: relay::CounterSnapshot,
+    /// What the route protocol told and heard.
+    pub routes: overlay_core::routing::RouteCounters,
     pub streams: Vec<StreamFigures>,
     pub neighbours: Vec<NeighbourFigures>,
     /// Open sessions by phase.
@@ -116,6 +118,12 @@ impl Collector for Figures {
         counter(&mut e, "overlay_relay_sent_bytes", "Bytes the data plane sent.", r.sent_bytes)?;
         counter(&mut e, "overlay_relay_injected_packets", "Packets of this node's own pipelines.", r.injected)?;
         counter(&mut e, "overlay_relay_send_errors", "Sends that failed.", r.send_errors)?;
+        counter(
+            &mut e,
+            "overlay_relay_held_early_packets",
+            "Packets of a stream not yet in the table, from a neighbour, held for the join's answer.",
+            r.held_early,
+        )?;
         counters(
             &mut e,
             "overlay_relay_dropped_packets",
@@ -129,6 +137,20 @@ impl Collector for Figures {
             .map(|(reason, v)| (vec![("reason", reason)], v)),
         )?;
 
+        let rc = &s.routes;
+        counters(
+            &mut e,
+            "overlay_route_messages_sent",
+            "Route messages this node sent its neighbours: a round's refresh, an update between rounds, a withdrawal.",
+            [("refresh", rc.refreshes), ("update", rc.updates), ("withdrawal", rc.withdrawals)]
+                .map(|(kind, v)| (vec![("kind", kind)], v)),
+        )?;
+        counters(
+            &mut e,
+            "overlay_link_notices",
+            "Link notices (a link dead or back): started by this node for its own links, or heard first from a neighbour.",
+            [("started", rc.notices_started), ("heard", rc.notices_heard)].map(|(event, v)| (vec![("event", event)], v)),
+        )?;
         gauges(
             &mut e,
             "overlay_stream_info",
@@ -488,7 +510,14 @@ mod tests {
         let s = Snapshot {
             node: "o5".into(),
             role: "pop".into(),
-            relay: relay::CounterSnapshot { sent: 7, dropped_duplicate: 2, ..Default::default() },
+            relay: relay::CounterSnapshot { sent: 7, dropped_duplicate: 2, held_early: 9, ..Default::default() },
+            routes: overlay_core::routing::RouteCounters {
+                refreshes: 20,
+                updates: 3,
+                withdrawals: 1,
+                notices_started: 1,
+                notices_heard: 4,
+            },
             streams: vec![StreamFigures {
                 stream: "test".into(),
                 server: "s1".into(),
@@ -526,6 +555,10 @@ mod tests {
             "overlay_node_info{node=\"o5\",role=\"pop\"} 1",
             "overlay_relay_sent_packets_total 7",
             "overlay_relay_dropped_packets_total{reason=\"duplicate\"} 2",
+            "overlay_relay_held_early_packets_total 9",
+            "overlay_route_messages_sent_total{kind=\"update\"} 3",
+            "overlay_route_messages_sent_total{kind=\"withdrawal\"} 1",
+            "overlay_link_notices_total{event=\"heard\"} 4",
             "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\",tree_role=\"leaf\"} 1",
             "overlay_stream_received_bytes_total{stream=\"test\"} 120000",
             "overlay_stream_sent_packets_total{stream=\"test\",to=\"viewers\"} 300",

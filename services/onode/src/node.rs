@@ -226,6 +226,8 @@ pub struct Node {
     links: Links,
     tickets: AtomicU64,
     relay_stop: Arc<AtomicBool>,
+    /// The relay's socket loop, joined at shutdown.
+    relay_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     started: Instant,
     /// What came to the RTSP edge's RTCP port.
     pub rtcp_intake: crate::rtsp::RtcpCounters,
@@ -269,6 +271,9 @@ impl Node {
         let data_addr = SocketAddr::new(settings.bind, settings.data_port);
         let relay = Relay::bind(data_addr)
             .map_err(|e| anyhow::anyhow!("node {}: cannot bind the data socket {data_addr}: {e}", id.name))?;
+        // Streams come only from neighbours: nobody else's packets are held
+        // for a join's answer.
+        relay.hold_early_from(id.neighbours.iter().map(|n| n.address).collect());
         let link_addr = SocketAddr::new(settings.bind, settings.control_port);
         let links = Links::bind(link_addr, &id.name, &id.neighbours, settings.control_port).map_err(|e| {
             anyhow::anyhow!("node {}: cannot bind the heartbeat socket {link_addr} (udp): {e}", id.name)
@@ -317,6 +322,7 @@ impl Node {
             links,
             tickets: AtomicU64::new(1),
             relay_stop: Arc::new(AtomicBool::new(false)),
+            relay_thread: Mutex::new(None),
             started: Instant::now(),
             rtcp_intake: Default::default(),
             webrtc: Default::default(),
@@ -338,10 +344,11 @@ impl Node {
     pub fn start(self: &Arc<Self>) {
         let relay = self.relay.clone();
         let stop = self.relay_stop.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || relay.run(&stop))
             .expect("spawn the relay thread");
+        *lock_unpoisoned(&self.relay_thread) = Some(thread);
         let me = self.clone();
         self.tasks.spawn(async move { me.heartbeat_loop().await });
         let me = self.clone();
@@ -397,6 +404,13 @@ impl Node {
             tokio::task::spawn_blocking(move || p.stop()).await.ok();
         }
         self.relay_stop.store(true, Ordering::Relaxed);
+        // The loop sees the flag within its 100 ms receive timeout.
+        let thread = lock_unpoisoned(&self.relay_thread).take();
+        if let Some(thread) = thread {
+            if tokio::task::spawn_blocking(move || thread.join()).await.is_ok_and(|r| r.is_err()) {
+                warn!(node = %self.id.name, "the relay thread had panicked");
+            }
+        }
     }
 
     /// A period that ends with the node; see [`Ticker`].
@@ -1707,12 +1721,14 @@ impl Node {
             })
             .collect();
         let session_counts = st.sessions.counts;
+        let routes = st.routes.counters();
         drop(st);
         let (cpu_seconds, resident_bytes) = crate::metrics::process_figures();
         Snapshot {
             node: self.id.name.clone(),
             role: self.settings.role.as_str().to_string(),
             relay: self.relay.counters(),
+            routes,
             streams,
             neighbours,
             sessions: sessions.into_iter().collect(),

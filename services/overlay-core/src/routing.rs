@@ -112,6 +112,22 @@ struct Dead {
     since: Instant,
 }
 
+/// What a route table has told its neighbours and heard from them since it
+/// was made: the protocol's own traffic, for a node's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteCounters {
+    /// Copies of a round passed on as its refresh.
+    pub refreshes: u64,
+    /// Changes told between refreshes.
+    pub updates: u64,
+    /// Ways withdrawn from a neighbour.
+    pub withdrawals: u64,
+    /// Link notices this node started: a link of its own found dead or back.
+    pub notices_started: u64,
+    /// Link notices heard for the first time from a neighbour.
+    pub notices_heard: u64,
+}
+
 /// Link notices remembered to pass each on once, and cuts remembered.
 const NOTICES_KEPT: usize = 4096;
 
@@ -236,6 +252,7 @@ pub struct RouteTable {
     link_rtt: BTreeMap<String, VecDeque<u64>>,
     carrying: BTreeMap<String, BTreeSet<String>>,
     down: BTreeSet<String>,
+    counters: RouteCounters,
 }
 
 impl RouteTable {
@@ -255,7 +272,13 @@ impl RouteTable {
             link_rtt: BTreeMap::new(),
             carrying: BTreeMap::new(),
             down: BTreeSet::new(),
+            counters: RouteCounters::default(),
         }
+    }
+
+    /// What this table has told and heard so far.
+    pub fn counters(&self) -> RouteCounters {
+        self.counters
     }
 
     pub fn me(&self) -> &str {
@@ -373,6 +396,7 @@ impl RouteTable {
 
     /// What each live neighbour should hear of this node's way to `server`
     /// now (see [`RouteTable::on_probe`]).
+    #[allow(clippy::too_many_arguments)]
     fn tell(
         &mut self,
         server: &str,
@@ -434,6 +458,12 @@ impl RouteTable {
                 withdrawn: told.path.is_none(),
             };
             self.sent.insert(key, told);
+            let counter = match (probe.withdrawn, refresh) {
+                (true, _) => &mut self.counters.withdrawals,
+                (false, true) => &mut self.counters.refreshes,
+                (false, false) => &mut self.counters.updates,
+            };
+            *counter += 1;
             out.push((n, probe));
         }
         out
@@ -524,6 +554,7 @@ impl RouteTable {
     pub fn announce_link(&mut self, neighbour: &str, up: bool, id: u64) -> Vec<(String, LinkNotice)> {
         let notice = LinkNotice { a: self.me.clone(), b: neighbour.to_string(), id, up, sender: self.me.clone() };
         self.remember_notice(&notice);
+        self.counters.notices_started += 1;
         self.pass_on(&notice)
     }
 
@@ -534,6 +565,7 @@ impl RouteTable {
         if !self.neighbours.contains(&notice.sender) || !self.remember_notice(notice) {
             return Vec::new();
         }
+        self.counters.notices_heard += 1;
         if notice.up {
             // Both ends live, and the link between them carries.
             self.dead.retain(|d| !d.cut.healed_by(&notice.a, &notice.b));
@@ -873,6 +905,11 @@ mod tests {
         let (to, w) = &out[0];
         assert_eq!((to.as_str(), w.withdrawn, w.server.as_str(), w.seq), ("o9", true, "s1", 1));
         assert!(t.tell_changes(now).is_empty(), "said once");
+        assert_eq!(
+            t.counters(),
+            RouteCounters { refreshes: 1, withdrawals: 1, ..Default::default() },
+            "one refresh to o9, then its withdrawal"
+        );
 
         // At the receiving end.
         let mut u = table("o9", &["o3", "o8"]);
@@ -920,6 +957,9 @@ mod tests {
         // ... until the link is said to be back.
         let back = LinkNotice { id: 8, up: true, ..notice.clone() };
         assert_eq!(t.on_link_notice(&back, now).len(), 2);
+        assert_eq!((t.counters().notices_heard, t.counters().notices_started), (2, 0), "each notice counted once");
+        t.announce_link("o4", false, 9);
+        assert_eq!(t.counters().notices_started, 1);
         t.on_probe(&probe("s1", 10, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o2");
     }
@@ -964,6 +1004,7 @@ mod tests {
             sent += out.iter().filter(|(n, _)| n == "o4").count();
         }
         assert_eq!(sent, 1, "{} updates a round after the first copy", cfg().updates_per_round);
+        assert_eq!(t.counters().updates, 2 + 2, "two to o4, and the same two to o1");
     }
 
     #[test]

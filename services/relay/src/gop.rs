@@ -80,7 +80,8 @@ impl SeqWindow {
 #[derive(Debug, Default)]
 pub struct GopCache {
     arena: Vec<u8>,
-    packets: Vec<(usize, usize)>,
+    /// (offset in the arena, length, sequence number) per packet.
+    packets: Vec<(usize, usize, u16)>,
     /// RTP timestamp of the keyframe the cache starts with.
     key_timestamp: Option<u32>,
     overflowed: bool,
@@ -93,24 +94,21 @@ pub struct GopCache {
 impl GopCache {
     /// Takes one packet of the video SSRC on its way through: false (and
     /// not cached) if it is a copy of one that came lately.
-    pub fn admit(&mut self, bytes: &[u8]) -> bool {
-        let Ok(packet) = Packet::parse(bytes) else { return true };
+    pub fn admit(&mut self, packet: &Packet<'_>) -> bool {
         if packet.kind() != Kind::Rtp {
             return true;
         }
         // A copy still goes to the cache: after a burst's keyframe the
         // cache starts again from it and needs every packet that follows.
         let fresh = self.window.admit(packet.sequence(), packet.timestamp());
-        self.cache(&packet, bytes);
+        self.cache(packet);
         fresh
     }
 
     fn forget_all(&mut self) {
-        for &(at, len) in &self.packets {
-            if let Ok(p) = Packet::parse(&self.arena[at..at + len]) {
-                let seq = usize::from(p.sequence());
-                self.cached[seq / 64] &= !(1 << (seq % 64));
-            }
+        for &(_, _, seq) in &self.packets {
+            let seq = usize::from(seq);
+            self.cached[seq / 64] &= !(1 << (seq % 64));
         }
         self.arena.clear();
         self.packets.clear();
@@ -120,17 +118,18 @@ impl GopCache {
     pub fn push(&mut self, bytes: &[u8]) {
         if let Ok(packet) = Packet::parse(bytes) {
             if packet.kind() == Kind::Rtp {
-                self.cache(&packet, bytes);
+                self.cache(&packet);
             }
         }
     }
 
-    /// [`GopCache::push`] of a packet already parsed (`packet` is `bytes`).
-    fn cache(&mut self, packet: &Packet<'_>, bytes: &[u8]) {
+    /// [`GopCache::push`] of a packet already parsed.
+    fn cache(&mut self, packet: &Packet<'_>) {
+        let bytes = packet.bytes();
         if self.cached.is_empty() {
             self.cached = vec![0; 65_536 / 64];
         }
-        let payload = &bytes[rtp_header_len(bytes)..];
+        let payload = packet.payload().unwrap_or_default();
         if starts_keyframe(payload) && self.key_timestamp != Some(packet.timestamp()) {
             self.forget_all();
             self.key_timestamp = Some(packet.timestamp());
@@ -150,13 +149,13 @@ impl GopCache {
             return;
         }
         self.cached[seq / 64] |= bit;
-        self.packets.push((self.arena.len(), bytes.len()));
+        self.packets.push((self.arena.len(), bytes.len(), packet.sequence()));
         self.arena.extend_from_slice(bytes);
     }
 
     /// Packets from the last keyframe on, oldest first.
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.packets.iter().map(|&(at, len)| &self.arena[at..at + len])
+        self.packets.iter().map(|&(at, len, _)| &self.arena[at..at + len])
     }
 
     pub fn len(&self) -> usize {
@@ -181,11 +180,7 @@ pub fn parameter_sets<'a>(packets: impl IntoIterator<Item = &'a [u8]>) -> Option
         _ => {}
     };
     for bytes in packets {
-        let Ok(packet) = Packet::parse(bytes) else { continue };
-        if packet.kind() != Kind::Rtp {
-            continue;
-        }
-        let payload = &bytes[rtp_header_len(bytes)..];
+        let Some(payload) = Packet::parse(bytes).ok().and_then(|p| p.payload()) else { continue };
         match payload.first().map(|b| b & 0x1f) {
             Some(STAP_A) => {
                 let mut rest = &payload[1..];
@@ -201,14 +196,6 @@ pub fn parameter_sets<'a>(packets: impl IntoIterator<Item = &'a [u8]>) -> Option
         }
     }
     Some((sps?, pps?))
-}
-
-fn rtp_header_len(bytes: &[u8]) -> usize {
-    let mut len = 12 + 4 * usize::from(bytes[0] & 0x0f);
-    if bytes[0] & 0x10 != 0 && bytes.len() >= len + 4 {
-        len += 4 + 4 * usize::from(u16::from_be_bytes([bytes[len + 2], bytes[len + 3]]));
-    }
-    len.min(bytes.len())
 }
 
 #[cfg(test)]
@@ -292,13 +279,13 @@ mod tests {
         let forwarded: Vec<bool> =
             [p(10, 900), p(11, 900), p(12, 1000), key(8), p(9, 800), p(10, 900), p(11, 900), p(12, 1000), p(13, 1100)]
                 .iter()
-                .map(|b| c.admit(b))
+                .map(|b| c.admit(&Packet::parse(b).unwrap()))
                 .collect();
         assert_eq!(forwarded, [true, true, true, true, true, false, false, false, true]);
         let seqs: Vec<u16> = c.packets().map(|p| u16::from_be_bytes([p[2], p[3]])).collect();
         assert_eq!(seqs, [8, 9, 10, 11, 12, 13], "the cache starts at the burst's keyframe, each packet once");
         // A refresh of the same GOP again adds nothing.
-        assert!(!c.admit(&key(8)));
+        assert!(!c.admit(&Packet::parse(&key(8)).unwrap()));
         assert_eq!(c.len(), 6);
     }
 }

@@ -1,17 +1,18 @@
 //! The relay's socket loop: one UDP socket, batched receive (recvmmsg) and
-//! batched send (sendmmsg), no allocation per packet, no lock: the table is
-//! read through an `ArcSwap` once per batch.
+//! batched send (sendmmsg), no allocation per packet. The table is read
+//! through an `ArcSwap` once per batch; the GOP caches are locked at most
+//! once per batch.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -40,6 +41,8 @@ pub struct Counters {
     /// Copies of packets that came lately (a GOP burst overlapping the
     /// live stream).
     pub dropped_duplicate: AtomicU64,
+    /// Packets of an unknown SSRC held for a table that may learn it.
+    pub held_early: AtomicU64,
     pub send_errors: AtomicU64,
 }
 
@@ -55,6 +58,7 @@ pub struct CounterSnapshot {
     pub dropped_unknown_ssrc: u64,
     pub dropped_wrong_source: u64,
     pub dropped_duplicate: u64,
+    pub held_early: u64,
     pub send_errors: u64,
 }
 
@@ -71,6 +75,7 @@ impl Counters {
             dropped_unknown_ssrc: g(&self.dropped_unknown_ssrc),
             dropped_wrong_source: g(&self.dropped_wrong_source),
             dropped_duplicate: g(&self.dropped_duplicate),
+            held_early: g(&self.held_early),
             send_errors: g(&self.send_errors),
         }
     }
@@ -91,15 +96,32 @@ pub struct Relay {
     counters: Counters,
     gops: Mutex<HashMap<u32, GopCache>>,
     early: Mutex<Early>,
+    /// Set when a new table may know the SSRC of held packets: the relay
+    /// thread sends them on before the next packets it forwards, so that
+    /// no send happens on the publisher's thread (which may hold locks of
+    /// its own) and the stream keeps its order.
+    early_ready: AtomicBool,
 }
 
 /// Packets of an SSRC not (yet) in the table. A node that has just joined
 /// a stream hears its first packets, often the keyframe, a moment before
 /// the join's answer tells it the SSRCs; they are held briefly and sent on
-/// when the table learns them.
-#[derive(Default)]
+/// when the table learns them. Only packets from the hosts that may send
+/// a stream here (the node's neighbours) are held, so that strangers'
+/// datagrams cannot push the real ones out, and the buffers are reused:
+/// nothing is allocated per packet once the ring has grown.
 struct Early {
-    packets: std::collections::VecDeque<(std::time::Instant, u32, SocketAddr, Vec<u8>)>,
+    /// Hosts whose unknown packets are held (None: any host).
+    from: Option<Vec<IpAddr>>,
+    held: VecDeque<Held>,
+    spare: Vec<Vec<u8>>,
+}
+
+struct Held {
+    at: Instant,
+    ssrc: u32,
+    src: SocketAddr,
+    bytes: Vec<u8>,
 }
 
 /// How many early packets are held, and for how long.
@@ -107,11 +129,81 @@ const EARLY_PACKETS: usize = 512;
 const EARLY_FOR: Duration = Duration::from_millis(1500);
 
 impl Early {
-    fn hold(&mut self, ssrc: u32, src: SocketAddr, bytes: &[u8]) {
-        if self.packets.len() == EARLY_PACKETS {
-            self.packets.pop_front();
+    /// Holds a packet of an unknown SSRC; false if its sender is not one
+    /// whose packets are held.
+    fn hold(&mut self, ssrc: u32, src: SocketAddr, bytes: &[u8], now: Instant) -> bool {
+        if self.from.as_ref().is_some_and(|from| !from.contains(&src.ip())) {
+            return false;
         }
-        self.packets.push_back((std::time::Instant::now(), ssrc, src, bytes.to_vec()));
+        let mut buf = match self.held.len() {
+            EARLY_PACKETS => self.held.pop_front().map(|h| h.bytes).unwrap_or_default(),
+            _ => self.spare.pop().unwrap_or_else(|| Vec::with_capacity(BUF)),
+        };
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        self.held.push_back(Held { at: now, ssrc, src, bytes: buf });
+        true
+    }
+
+    /// Moves the held packets whose SSRC `table` knows into `out`, oldest
+    /// first, and forgets the ones held too long.
+    fn take_known(&mut self, table: &ForwardTable, now: Instant, out: &mut Vec<Held>) {
+        let mut keep = VecDeque::new();
+        std::mem::swap(&mut keep, &mut self.held);
+        for h in keep {
+            if now.duration_since(h.at) >= EARLY_FOR {
+                self.spare.push(h.bytes);
+            } else if table.get(h.ssrc).is_some() {
+                out.push(h);
+            } else {
+                self.held.push_back(h);
+            }
+        }
+    }
+}
+
+/// Where forwarded packets go out: the batch of the socket loop, or one
+/// send at a time for packets made by this node's own pipeline.
+trait Sink {
+    /// Sends `bytes` to `dest`; the bytes stay untouched until the sink is
+    /// flushed.
+    fn send(&mut self, bytes: &[u8], dest: &SocketAddr, counters: &Counters);
+}
+
+/// A send per packet, at once.
+struct Direct<'s>(&'s UdpSocket);
+
+impl Sink for Direct<'_> {
+    fn send(&mut self, bytes: &[u8], dest: &SocketAddr, counters: &Counters) {
+        match self.0.send_to(bytes, dest) {
+            Ok(n) => {
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+                counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The GOP caches, locked on first need and held for the rest of a batch:
+/// one lock per batch, not one per video packet.
+struct GopsGuard<'r> {
+    relay: &'r Relay,
+    guard: Option<MutexGuard<'r, HashMap<u32, GopCache>>>,
+}
+
+impl GopsGuard<'_> {
+    /// Caches a packet of a video SSRC; false (and counted) if it is a
+    /// copy of one that came lately, not to be forwarded again.
+    fn admit(&mut self, ssrc: u32, packet: &Packet<'_>) -> bool {
+        let gops = self.guard.get_or_insert_with(|| self.relay.gops());
+        let fresh = gops.get_mut(&ssrc).is_none_or(|cache| cache.admit(packet));
+        if !fresh {
+            self.relay.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
     }
 }
 
@@ -144,7 +236,8 @@ impl Relay {
             table: ArcSwap::from_pointee(ForwardTable::default()),
             counters: Counters::default(),
             gops: Mutex::new(HashMap::new()),
-            early: Mutex::new(Early::default()),
+            early: Mutex::new(Early { from: None, held: VecDeque::new(), spare: Vec::new() }),
+            early_ready: AtomicBool::new(false),
         }))
     }
 
@@ -152,7 +245,14 @@ impl Relay {
         self.socket.local_addr()
     }
 
-    /// Replaces the forwarding table; the loop picks it up at its next batch.
+    /// Holds early packets (see [`Early`]) only from these hosts: the
+    /// neighbours a stream can come from. By default any host's are held.
+    pub fn hold_early_from(&self, hosts: Vec<IpAddr>) {
+        self.early().from = Some(hosts);
+    }
+
+    /// Replaces the forwarding table; the loop picks it up at its next
+    /// batch, and sends on the held packets the table now knows.
     pub fn publish(&self, table: ForwardTable) {
         {
             let mut gops = self.gops();
@@ -161,44 +261,19 @@ impl Relay {
                 gops.entry(ssrc).or_default();
             }
         }
-        let table = Arc::new(table);
-        self.table.store(table.clone());
-        self.release_early(&table);
-    }
-
-    /// Sends on the held packets whose SSRC the table now knows.
-    fn release_early(&self, table: &ForwardTable) {
-        let ready: Vec<(SocketAddr, Vec<u8>)> = {
-            let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
-            early.packets.retain(|(at, ..)| at.elapsed() < EARLY_FOR);
-            let (ready, keep): (Vec<_>, Vec<_>) =
-                early.packets.drain(..).partition(|(_, ssrc, ..)| table.get(*ssrc).is_some());
-            early.packets.extend(keep);
-            ready.into_iter().map(|(_, _, src, bytes)| (src, bytes)).collect()
-        };
-        for (src, bytes) in ready {
-            if let Verdict::Forward { ssrc, route, rtcp } = decide(table, &bytes, Some(src)) {
-                route.heard.mark(clock_ms());
-                if route.cache_gop && !self.remember(ssrc, &bytes) {
-                    continue;
-                }
-                self.send_along(&bytes, route, rtcp);
-            }
+        let release = self.early().held.iter().any(|h| table.get(h.ssrc).is_some());
+        self.table.store(Arc::new(table));
+        if release {
+            self.early_ready.store(true, Ordering::Release);
         }
     }
 
-    fn gops(&self) -> std::sync::MutexGuard<'_, HashMap<u32, GopCache>> {
+    fn early(&self) -> MutexGuard<'_, Early> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gops(&self) -> MutexGuard<'_, HashMap<u32, GopCache>> {
         self.gops.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Caches a packet of a video SSRC; false (and counted) if it is a
-    /// copy of one that came lately, not to be forwarded again.
-    fn remember(&self, ssrc: u32, bytes: &[u8]) -> bool {
-        let fresh = self.gops().get_mut(&ssrc).is_none_or(|cache| cache.admit(bytes));
-        if !fresh {
-            self.counters.dropped_duplicate.fetch_add(1, Ordering::Relaxed);
-        }
-        fresh
     }
 
     /// How many packets the cached GOP of `ssrc` holds.
@@ -221,18 +296,11 @@ impl Relay {
             let mut line = line.lock();
             packets.retain_mut(|p| line.rewrite(p));
         }
+        let mut out = Direct(&self.socket);
         for p in &packets {
             let rtcp = Packet::parse(p).is_ok_and(|p| p.kind() == Kind::Rtcp);
-            match self.socket.send_to(p, if rtcp { dest.rtcp } else { dest.rtp }) {
-                Ok(n) => {
-                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                    self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    tally.add(1, n as u64);
-                }
-                Err(_) => {
-                    self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            out.send(p, if rtcp { &dest.rtcp } else { &dest.rtp }, &self.counters);
+            tally.add(1, p.len() as u64);
         }
         packets.len()
     }
@@ -246,34 +314,44 @@ impl Relay {
         self.counters.snapshot()
     }
 
-    /// Sends one packet to every target of its route, a send at a time (the
-    /// paths outside the batched loop). A copy is made only for players on
-    /// a continuity line.
-    fn send_along(&self, bytes: &[u8], route: &Route, rtcp: bool) {
-        let send = |b: &[u8], d: &SocketAddr| match self.socket.send_to(b, d) {
-            Ok(n) => {
-                self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                self.counters.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        };
+    /// Sends one packet along its route: the one way every path (the
+    /// socket loop, held packets, the node's own pipeline) forwards and
+    /// counts a packet. A video packet that is a copy of one that came
+    /// lately is dropped (false). Copies for players on a continuity line
+    /// are made in `scratch`, which must stay untouched until `out` is
+    /// flushed.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn forward(
+        &self,
+        packet: &Packet<'_>,
+        ssrc: u32,
+        route: &Route,
+        rtcp: bool,
+        now_ms: u64,
+        gops: &mut GopsGuard<'_>,
+        scratch: &mut [u8],
+        out: &mut impl Sink,
+    ) -> bool {
+        let bytes = packet.bytes();
+        route.heard.mark(now_ms);
         route.received.add(1, bytes.len() as u64);
+        if route.cache_gop && !gops.admit(ssrc, packet) {
+            return false;
+        }
         for (j, d) in route.downstream.iter().enumerate() {
-            send(bytes, d);
+            out.send(bytes, d, &self.counters);
             route.count_sent(j, bytes.len());
         }
-        if route.split.is_empty() {
-            return;
-        }
-        let mut scratch = if route.continuity.is_some() { vec![0u8; bytes.len()] } else { Vec::new() };
-        if let Some(b) = route.for_split(bytes, &mut scratch) {
-            for d in route.split_targets(rtcp) {
-                send(b, d);
-                route.split_sent.add(1, b.len() as u64);
+        if !route.split.is_empty() {
+            if let Some(b) = route.for_split(bytes, scratch) {
+                for d in route.split_targets(rtcp) {
+                    out.send(b, d, &self.counters);
+                    route.split_sent.add(1, b.len() as u64);
+                }
             }
         }
+        true
     }
 
     /// Forwards a packet made by this node's own pipeline.
@@ -281,16 +359,45 @@ impl Relay {
         let table = self.table.load();
         self.counters.injected.fetch_add(1, Ordering::Relaxed);
         match decide(&table, bytes, None) {
-            Verdict::Forward { ssrc, route, rtcp } => {
-                if route.cache_gop {
-                    self.remember(ssrc, bytes);
-                }
-                self.send_along(bytes, route, rtcp);
+            Verdict::Forward { packet, ssrc, route, rtcp } => {
+                let mut gops = GopsGuard { relay: self, guard: None };
+                let mut scratch = if route.continuity.is_some() { vec![0u8; bytes.len()] } else { Vec::new() };
+                self.forward(
+                    &packet,
+                    ssrc,
+                    route,
+                    rtcp,
+                    clock_ms(),
+                    &mut gops,
+                    &mut scratch,
+                    &mut Direct(&self.socket),
+                );
             }
             Verdict::Drop(reason) => {
                 self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Sends on the held packets whose SSRC the table now knows, through
+    /// `out` (flushed after each, so that one scratch buffer serves all).
+    fn release_early(
+        &self,
+        table: &ForwardTable,
+        gops: &mut GopsGuard<'_>,
+        scratch: &mut [u8],
+        released: &mut Vec<Held>,
+        out: &mut Outbox,
+    ) {
+        self.early().take_known(table, Instant::now(), released);
+        let now_ms = clock_ms();
+        for h in released.iter() {
+            if let Verdict::Forward { packet, ssrc, route, rtcp } = decide(table, &h.bytes, Some(h.src)) {
+                self.forward(&packet, ssrc, route, rtcp, now_ms, gops, scratch, out);
+                out.flush(&self.counters);
+            }
+        }
+        self.early().spare.extend(released.drain(..).map(|h| h.bytes));
     }
 
     /// Receives and forwards until `stop` is set (checked at least every
@@ -302,7 +409,8 @@ impl Relay {
         let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
         let mut iovs: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(fd);
+        let mut released = Vec::new();
 
         while !stop.load(Ordering::Relaxed) {
             for i in 0..BATCH {
@@ -316,11 +424,16 @@ impl Relay {
             let n = unsafe {
                 libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut())
             };
+            let table = self.table.load();
+            let mut gops = GopsGuard { relay: self, guard: None };
+            // Held packets go first: they came before this batch.
+            if self.early_ready.swap(false, Ordering::Acquire) {
+                self.release_early(&table, &mut gops, &mut rewritten[0], &mut released, &mut out);
+            }
             if n <= 0 {
                 continue; // timeout, EINTR, or a transient error (ICMP report)
             }
             let n = n as usize;
-            let table = self.table.load();
             let now_ms = clock_ms();
             let mut in_bytes = 0u64;
             for i in 0..n {
@@ -328,42 +441,23 @@ impl Relay {
                 in_bytes += len as u64;
                 let src = from_storage(&names[i]);
                 match decide(&table, &bufs[i][..len], src) {
-                    Verdict::Forward { ssrc, route, rtcp } => {
-                        route.heard.mark(now_ms);
-                        route.received.add(1, len as u64);
-                        if route.cache_gop && !self.remember(ssrc, &bufs[i][..len]) {
-                            continue;
-                        }
-                        for (j, d) in route.downstream.iter().enumerate() {
-                            if out.is_full() {
-                                out.flush(fd, &self.counters);
-                            }
-                            out.push(&bufs[i][..len], d);
-                            route.count_sent(j, len);
-                        }
-                        if !route.split.is_empty() {
-                            // Copies for players go from their own buffer,
-                            // alive until the batch is flushed.
-                            if let Some(b) = route.for_split(&bufs[i][..len], &mut rewritten[i]) {
-                                for d in route.split_targets(rtcp) {
-                                    if out.is_full() {
-                                        out.flush(fd, &self.counters);
-                                    }
-                                    out.push(b, d);
-                                    route.split_sent.add(1, b.len() as u64);
-                                }
-                            }
-                        }
+                    Verdict::Forward { packet, ssrc, route, rtcp } => {
+                        // Copies for players go from their own buffer,
+                        // alive until the batch is flushed.
+                        self.forward(&packet, ssrc, route, rtcp, now_ms, &mut gops, &mut rewritten[i], &mut out);
                     }
                     Verdict::Drop(reason) => {
                         self.counters.drop_reason(reason).fetch_add(1, Ordering::Relaxed);
                         if let (DropReason::UnknownSsrc(ssrc), Some(src)) = (reason, src) {
-                            self.early.lock().unwrap_or_else(|p| p.into_inner()).hold(ssrc, src, &bufs[i][..len]);
+                            if self.early().hold(ssrc, src, &bufs[i][..len], Instant::now()) {
+                                self.counters.held_early.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 }
             }
-            out.flush(fd, &self.counters);
+            drop(gops);
+            out.flush(&self.counters);
             self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
             self.counters.received_bytes.fetch_add(in_bytes, Ordering::Relaxed);
         }
@@ -373,6 +467,7 @@ impl Relay {
 /// Sends queued for one sendmmsg call; the iovecs point into the receive
 /// buffers, which stay untouched until the flush.
 struct Outbox {
+    fd: libc::c_int,
     names: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
@@ -380,8 +475,9 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new() -> Self {
+    fn new(fd: libc::c_int) -> Self {
         Outbox {
+            fd,
             names: vec![unsafe { zeroed() }; MAX_OUT],
             iovs: vec![unsafe { zeroed() }; MAX_OUT],
             msgs: vec![unsafe { zeroed() }; MAX_OUT],
@@ -405,7 +501,8 @@ impl Outbox {
         self.len += 1;
     }
 
-    fn flush(&mut self, fd: libc::c_int, counters: &Counters) {
+    fn flush(&mut self, counters: &Counters) {
+        let fd = self.fd;
         let mut done = 0;
         let mut bytes = 0u64;
         let mut sent = 0u64;
@@ -427,6 +524,15 @@ impl Outbox {
         counters.sent.fetch_add(sent, Ordering::Relaxed);
         counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.len = 0;
+    }
+}
+
+impl Sink for Outbox {
+    fn send(&mut self, bytes: &[u8], dest: &SocketAddr, counters: &Counters) {
+        if self.is_full() {
+            self.flush(counters);
+        }
+        self.push(bytes, dest);
     }
 }
 
@@ -595,6 +701,50 @@ mod tests {
         assert_eq!(&buf[..n], &sr[..], "the early sender report follows");
         stop.store(true, Ordering::Relaxed);
         th.join().unwrap();
+    }
+
+    #[test]
+    fn only_a_neighbours_early_packets_are_held() {
+        let relay = Relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        relay.hold_early_from(vec!["127.0.0.1".parse().unwrap()]);
+        let neighbour = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s2) = (relay.clone(), stop.clone());
+        let th = std::thread::spawn(move || r.run(&s2));
+        let to = relay.local_addr().unwrap();
+        let mut pkt = [0u8; 100];
+        for seq in 0..3u16 {
+            write_header(&mut pkt, 96, seq, 0, 77);
+            neighbour.send_to(&pkt, to).unwrap();
+        }
+        // More than the ring holds, from a host that is no neighbour.
+        for seq in 0..(EARLY_PACKETS as u16 + 100) {
+            write_header(&mut pkt, 96, seq, 0, 78);
+            stranger.send_to(&pkt, to).unwrap();
+            if seq % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(2)); // within the socket buffer
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay.counters().dropped_unknown_ssrc < 3 + EARLY_PACKETS as u64 + 100 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut t = ForwardTable::default();
+        t.insert(77, Route::plain(Accept::From(neighbour.local_addr().unwrap()), vec![sink.local_addr().unwrap()]));
+        t.insert(78, Route::plain(Accept::From(stranger.local_addr().unwrap()), vec![sink.local_addr().unwrap()]));
+        relay.publish(t);
+        let mut buf = [0u8; 2048];
+        for seq in 0..3u16 {
+            sink.recv(&mut buf).expect("the neighbour's held packets are sent on");
+            assert_eq!((u16::from_be_bytes([buf[2], buf[3]]), buf[11]), (seq, 77));
+        }
+        assert!(sink.recv(&mut buf).is_err(), "the stranger's packets were not held");
+        stop.store(true, Ordering::Relaxed);
+        th.join().unwrap();
+        assert_eq!(relay.counters().held_early, 3);
     }
 
     #[test]

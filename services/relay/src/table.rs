@@ -206,10 +206,11 @@ pub enum DropReason {
 
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict<'a> {
-    /// Send to the route's downstream; `ssrc` is the packet's, `rtcp`
-    /// whether it is control.
+pub enum Verdict<'a, 'b> {
+    /// Send to the route's downstream; `packet` is the datagram parsed,
+    /// `ssrc` its SSRC, `rtcp` whether it is control.
     Forward {
+        packet: Packet<'b>,
         ssrc: u32,
         route: &'a Route,
         rtcp: bool,
@@ -219,7 +220,7 @@ pub enum Verdict<'a> {
 
 /// Decides the fate of a datagram received from `src` (None: this node's
 /// own pipeline).
-pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>) -> Verdict<'a> {
+pub fn decide<'a, 'b>(table: &'a ForwardTable, bytes: &'b [u8], src: Option<SocketAddr>) -> Verdict<'a, 'b> {
     let Ok(packet) = Packet::parse(bytes) else {
         return Verdict::Drop(DropReason::NotRtp);
     };
@@ -233,7 +234,7 @@ pub fn decide<'a>(table: &'a ForwardTable, bytes: &[u8], src: Option<SocketAddr>
         _ => false,
     };
     if allowed {
-        Verdict::Forward { ssrc: packet.ssrc(), route, rtcp: packet.kind() == Kind::Rtcp }
+        Verdict::Forward { packet, ssrc: packet.ssrc(), route, rtcp: packet.kind() == Kind::Rtcp }
     } else {
         Verdict::Drop(DropReason::WrongSource)
     }
@@ -259,12 +260,12 @@ mod tests {
         t.insert(42, Route::plain(Accept::From(up), down.clone()));
         t.insert(43, Route::plain(Accept::Local, down.clone()));
         assert!(
-            matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r, rtcp: false } if r.downstream == down)
+            matches!(decide(&t, &packet(42), Some(up)), Verdict::Forward { ssrc: 42, route: r, rtcp: false, .. } if r.downstream == down)
         );
         assert_eq!(decide(&t, &packet(42), Some(other)), Verdict::Drop(DropReason::WrongSource));
         assert_eq!(decide(&t, &packet(42), None), Verdict::Drop(DropReason::WrongSource));
         assert!(
-            matches!(decide(&t, &packet(43), None), Verdict::Forward { ssrc: 43, route: r, rtcp: false } if r.downstream == down)
+            matches!(decide(&t, &packet(43), None), Verdict::Forward { ssrc: 43, route: r, rtcp: false, .. } if r.downstream == down)
         );
         assert_eq!(decide(&t, &packet(43), Some(up)), Verdict::Drop(DropReason::WrongSource));
         assert_eq!(decide(&t, &packet(44), Some(up)), Verdict::Drop(DropReason::UnknownSsrc(44)));
