@@ -180,7 +180,7 @@ impl World {
             queue: BinaryHeap::new(),
             order: 0,
             index,
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_517e),
+            rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_517e),
             probes_sent: 0,
             notices: 0,
             trace: Vec::new(),
