@@ -8,7 +8,8 @@
 //! sum of the one-way delays along the underlay path from X to Y's address
 //! and back to X's source address (an overlay link may cross routers).
 //!
-//! The rule (overlay-core's routing): each node advertises its chosen
+//! The rule (overlay-core's routing, whose knobs and choice this module
+//! uses): each node advertises its chosen
 //! route; a node's candidates are its neighbours' advertised routes plus
 //! the link to them; it picks the lowest delay, except that routes within
 //! 10% of the lowest (or within the tie floor, 0.5 ms) are a tie that fewer
@@ -20,22 +21,11 @@
 //! the decisions whose outcome a little measurement noise could flip.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use overlay_core::routing::{self, RoutingConfig};
 
 use crate::lab::{Lab, SegmentKind};
-
-/// The route rule's knobs, as onode's defaults set them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rule {
-    pub tie_ratio: f64,
-    pub tie_floor_ms: f64,
-}
-
-impl Default for Rule {
-    fn default() -> Rule {
-        Rule { tie_ratio: 0.10, tie_floor_ms: 0.5 }
-    }
-}
 
 /// A route toward a server: first overlay hop, summed delay, hops.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,14 +80,16 @@ impl OverlayDelays {
     pub fn of(lab: &Lab) -> Result<OverlayDelays, String> {
         let overlay = lab.overlay.as_ref().ok_or("the lab has no overlay file")?;
         let mut d = OverlayDelays::default();
-        for n in &overlay.nodes {
+        for n in overlay.nodes() {
             let from = lab.host_of_node(&n.name).ok_or(format!("overlay node {} has no host", n.name))?;
             let mut nbrs = Vec::new();
-            for addr in &n.neighbours {
-                let m = overlay.owner(*addr).ok_or(format!("node {}: neighbour {addr} has no owner", n.name))?;
+            for m in &n.neighbours {
+                let IpAddr::V4(addr) = m.address else {
+                    return Err(format!("node {}: neighbour {} is not an IPv4 address", n.name, m.address));
+                };
                 let to = lab.host_of_node(&m.name).ok_or(format!("overlay node {} has no host", m.name))?;
                 let (there, src) =
-                    path_delay(lab, from, *addr).ok_or(format!("node {}: no underlay path to {addr}", n.name))?;
+                    path_delay(lab, from, addr).ok_or(format!("node {}: no underlay path to {addr}", n.name))?;
                 let (back, _) =
                     path_delay(lab, to, src).ok_or(format!("node {}: no underlay path back to {src}", m.name))?;
                 d.link_ms.insert((n.name.clone(), m.name.clone()), (there + back) / 2.0);
@@ -141,18 +133,18 @@ impl OverlayDelays {
     }
 
     /// Every node's route toward every server (node -> server -> choice).
-    pub fn expected_routes(&self, rule: &Rule) -> BTreeMap<String, BTreeMap<String, Choice>> {
+    pub fn expected_routes(&self, rule: &RoutingConfig) -> BTreeMap<String, BTreeMap<String, Choice>> {
         self.solve(rule, &mut |_: &str, _: &str, _: &[Choice]| {})
     }
 
     /// The decisions that are neither clear (the winner ahead by at least
     /// `clear`, say 20%) nor safe ties (within `tie`, say 5%): where
     /// measurement noise of a few percent could change a next hop.
-    pub fn ambiguities(&self, rule: &Rule, clear: f64, tie: f64) -> Vec<String> {
+    pub fn ambiguities(&self, rule: &RoutingConfig, clear: f64, tie: f64) -> Vec<String> {
         let mut found = Vec::new();
         let mut check = |at: &str, server: &str, cands: &[Choice]| {
             let Some(min) = cands.iter().map(|c| c.delay_ms).min_by(f64::total_cmp) else { return };
-            let safe = (min * (1.0 + tie)).max(min + rule.tie_floor_ms);
+            let safe = (min * (1.0 + tie)).max(min + rule.tie_floor_us as f64 / 1000.0);
             let ties: Vec<&Choice> = cands.iter().filter(|c| c.delay_ms <= safe).collect();
             let w = ties.iter().min_by(|a, b| order(a, b)).expect("the lowest is a tie of itself");
             for c in cands {
@@ -179,7 +171,7 @@ impl OverlayDelays {
 
     fn solve(
         &self,
-        rule: &Rule,
+        rule: &RoutingConfig,
         check: &mut dyn FnMut(&str, &str, &[Choice]),
     ) -> BTreeMap<String, BTreeMap<String, Choice>> {
         let mut out: BTreeMap<String, BTreeMap<String, Choice>> = BTreeMap::new();
@@ -199,7 +191,7 @@ impl OverlayDelays {
     /// (x and the nodes that asked it, nearer the querying node).
     fn best(
         &self,
-        rule: &Rule,
+        rule: &RoutingConfig,
         server: &str,
         x: &str,
         path: &mut Vec<String>,
@@ -236,11 +228,16 @@ fn order(a: &Choice, b: &Choice) -> std::cmp::Ordering {
     (a.hops, a.delay_ms, &a.via).partial_cmp(&(b.hops, b.delay_ms, &b.via)).unwrap_or(std::cmp::Ordering::Equal)
 }
 
-/// The rule: lowest delay, fewest hops among those within the tolerance.
-pub fn pick(cands: &[Choice], rule: &Rule) -> Option<Choice> {
-    let min = cands.iter().map(|c| c.delay_ms).min_by(f64::total_cmp)?;
-    let tolerance = (min * rule.tie_ratio).max(rule.tie_floor_ms);
-    cands.iter().filter(|c| c.delay_ms <= min + tolerance).min_by(|a, b| order(a, b)).cloned()
+/// The rule: lowest delay, fewest hops among those within the tolerance;
+/// overlay-core's own [`routing::pick`], on delays rounded to the
+/// microsecond as the nodes measure them.
+pub fn pick(cands: &[Choice], rule: &RoutingConfig) -> Option<Choice> {
+    let routes: Vec<routing::Route> = cands
+        .iter()
+        .map(|c| routing::Route { via: c.via.clone(), delay_us: (c.delay_ms * 1000.0).round() as u64, hops: c.hops })
+        .collect();
+    let chosen = routing::pick(&routes, rule)?;
+    routes.iter().position(|r| *r == chosen).map(|i| cands[i].clone())
 }
 
 #[cfg(test)]
@@ -283,7 +280,7 @@ mod tests {
     #[test]
     fn the_rule_picks_lowest_delay_and_breaks_near_ties_by_hops() {
         let c = |via: &str, delay_ms: f64, hops: u32| Choice { via: via.into(), delay_ms, hops };
-        let r = Rule::default();
+        let r = RoutingConfig::default();
         assert_eq!(pick(&[c("a", 10.0, 3), c("b", 20.0, 1)], &r).unwrap().via, "a");
         assert_eq!(pick(&[c("a", 10.0, 3), c("b", 10.9, 2)], &r).unwrap().via, "b");
         assert_eq!(pick(&[c("a", 10.0, 3), c("b", 11.1, 2)], &r).unwrap().via, "a");
@@ -295,7 +292,7 @@ mod tests {
     fn seed_lab_delays_make_delay_and_hops_disagree() {
         let lab = load("seed.json");
         let d = OverlayDelays::of(&lab).unwrap();
-        let rule = Rule::default();
+        let rule = RoutingConfig::default();
         let r = d.expected_routes(&rule);
         // (a) o9's direct link to s1 (1 hop, 28 ms) loses to o2 (2 hops, 10 ms).
         assert_eq!(via(&r, "o9", "s1"), "o2");
@@ -314,17 +311,17 @@ mod tests {
     fn seed_lab_routes_move_when_o2_o9_slows_down() {
         let lab = with_delay(&load("seed.json"), "o2", "o9", 25.0);
         let d = OverlayDelays::of(&lab).unwrap();
-        let r = d.expected_routes(&Rule::default());
+        let r = d.expected_routes(&RoutingConfig::default());
         assert_eq!(via(&r, "o9", "s1"), "o3");
         assert_eq!(via(&r, "o2", "s2"), "o3");
-        assert_eq!(d.ambiguities(&Rule::default(), 0.2, 0.05), Vec::<String>::new());
+        assert_eq!(d.ambiguities(&RoutingConfig::default(), 0.2, 0.05), Vec::<String>::new());
     }
 
     #[test]
     fn ring_lab_delays_make_delay_and_hops_disagree() {
         let lab = load("ring.json");
         let d = OverlayDelays::of(&lab).unwrap();
-        let rule = Rule::default();
+        let rule = RoutingConfig::default();
         let r = d.expected_routes(&rule);
         // (a) o4 toward s1: the chord (2 hops, 32 ms) loses to o5 (4 hops, 19 ms).
         assert_eq!(via(&r, "o4", "s1"), "o5");
@@ -365,7 +362,7 @@ mod tests {
         // a toward s: direct 13 ms (1 hop) against 6.5 + 5 = 11.5 ms via b
         // (2 hops), 13% apart: a few percent of noise decides.
         d.link_ms.insert(("a".into(), "s".into()), 13.0);
-        let found = d.ambiguities(&Rule::default(), 0.2, 0.05);
+        let found = d.ambiguities(&RoutingConfig::default(), 0.2, 0.05);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("a toward s: via s (13.0 ms, 1 hops) is 13% above via b"), "{found:?}");
     }

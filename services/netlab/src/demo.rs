@@ -193,7 +193,7 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
                 expected_pop: lab.local_pop(r.host),
                 expected_pop_node: lab
                     .local_pop(r.host)
-                    .and_then(|a| lab.overlay.as_ref()?.owner(a))
+                    .and_then(|a| lab.overlay.as_ref()?.owner_of(a.into()))
                     .map(|n| n.name.clone()),
                 pop_node: None,
                 stats: None,
@@ -305,7 +305,8 @@ pub fn play(lab: &Lab, st: &mut LabState, bins: &Bins) -> Result<Scenario> {
         match std::fs::read_to_string(&p.stats) {
             Ok(text) => match serde_json::from_str::<ClientStats>(&text) {
                 Ok(s) => {
-                    o.pop_node = s.pop_addr().and_then(|a| lab.overlay.as_ref()?.owner(a)).map(|n| n.name.clone());
+                    o.pop_node =
+                        s.pop_addr().and_then(|a| lab.overlay.as_ref()?.owner_of(a.into())).map(|n| n.name.clone());
                     o.stats = Some(s);
                 }
                 Err(e) => {

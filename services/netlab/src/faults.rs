@@ -192,7 +192,7 @@ pub fn tree(lab: &Lab, st: &LabState, bins: &Bins, stream: &str) -> Result<Vec<(
 }
 
 fn overlay_degree(lab: &Lab, node: &str) -> usize {
-    lab.overlay.as_ref().and_then(|o| o.nodes.iter().find(|n| n.name == node)).map(|n| n.neighbours.len()).unwrap_or(0)
+    lab.overlay.as_ref().and_then(|o| o.node(node)).map_or(0, |n| n.neighbours.len())
 }
 
 fn role_kind(lab: &Lab, node: &str) -> Option<RoleKind> {

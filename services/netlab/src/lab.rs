@@ -8,14 +8,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{IfAddr, Net};
-use crate::overlay::Overlay;
-use crate::routes::{self, Route};
+pub use crate::routes::Attachment;
+use crate::routes::{self, Route, Subnet};
+use overlay_core::topology::{Topology, TopologyError};
 
 /// Longest host or LAN name: interface names are `v-<peer>` / `l-<lan>` /
 /// `p-<host>` and the kernel allows 15 characters.
@@ -264,7 +265,7 @@ pub enum LabError {
     #[error("{place}: {message}")]
     Invalid { place: String, message: String },
     #[error("overlay file {path}: {source}")]
-    Overlay { path: PathBuf, source: crate::overlay::OverlayError },
+    Overlay { path: PathBuf, source: TopologyError },
 }
 
 fn invalid(place: impl Into<String>, message: impl Into<String>) -> LabError {
@@ -281,7 +282,7 @@ pub struct Lab {
     /// Links first (in file order), then LANs.
     pub segments: Vec<Segment>,
     pub roles: Vec<Role>,
-    pub overlay: Option<Overlay>,
+    pub overlay: Option<Topology>,
     pub overlay_path: Option<PathBuf>,
     /// The overlay file's text, kept so the lab state needs no files.
     pub overlay_text: Option<String>,
@@ -327,13 +328,6 @@ impl Segment {
             _ => None,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Attachment {
-    pub host: usize,
-    pub iface: String,
-    pub addr: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -583,7 +577,10 @@ impl Lab {
             }
         }
 
-        let routes = routes::compute(&hosts, &segments).map_err(|u| {
+        let host_names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        let subnets: Vec<Subnet> =
+            segments.iter().map(|s| Subnet { net: s.net, cost: s.cost, members: &s.members }).collect();
+        let routes = routes::compute(&host_names, &subnets).map_err(|u| {
             invalid(
                 format!("host {}", hosts[u.host].name),
                 format!(
@@ -672,19 +669,19 @@ impl Lab {
         let (overlay, overlay_path, overlay_text) = match overlay_file {
             None => (None, None, None),
             Some((path, text)) => {
-                let o = Overlay::parse(&text).map_err(|source| LabError::Overlay { path: path.clone(), source })?;
+                let o = Topology::parse(&text).map_err(|source| LabError::Overlay { path: path.clone(), source })?;
                 (Some(o), Some(path), Some(text))
             }
         };
         if let Some(o) = &overlay {
-            for n in &o.nodes {
+            for n in o.nodes() {
                 let place = format!("overlay node {}", n.name);
                 let Some(role) = roles.iter().find(|r| r.kind.is_overlay_node() && r.name == n.name) else {
                     return Err(invalid(place, "has no role in the lab"));
                 };
                 let host = &hosts[role.host];
                 for a in &n.names {
-                    if !host.ifaces.iter().any(|i| i.addr.addr == *a) {
+                    if !host.ifaces.iter().any(|i| IpAddr::V4(i.addr.addr) == *a) {
                         return Err(invalid(
                             place,
                             format!("name {a} is not an address of host {} in the lab", host.name),
@@ -757,6 +754,30 @@ impl Lab {
 }
 
 /// A lab shipped in `netns/labs`, for tests.
+impl Lab {
+    /// The hosts a packet from host `from` to `dst` visits, following the
+    /// lab's routes (for tests and `netlab status`); `None` when it would
+    /// loop or dead-end.
+    pub fn trace(&self, from: usize, dst: Ipv4Addr) -> Option<Vec<usize>> {
+        let mut path = vec![from];
+        let mut at = from;
+        loop {
+            let host = &self.hosts[at];
+            if host.ifaces.iter().any(|i| i.addr.addr == dst) {
+                return Some(path);
+            }
+            let on_link = host.ifaces.iter().any(|i| self.segments[i.segment].net.contains(dst));
+            let next_addr = if on_link { dst } else { self.routes[at].iter().find(|r| r.dest.contains(dst))?.via };
+            let next = self.hosts.iter().position(|h| h.ifaces.iter().any(|i| i.addr.addr == next_addr))?;
+            if path.contains(&next) {
+                return None;
+            }
+            path.push(next);
+            at = next;
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn shipped(name: &str) -> Lab {
     Lab::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netns/labs").join(name))
@@ -971,5 +992,91 @@ mod tests {
         let e = Lab::load(&lab_file).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(e, "overlay node s1: name 10.0.9.9 is not an address of host s1 in the lab");
+    }
+
+    // Routes, as the lab computes them.
+
+    fn host_names(lab: &Lab, path: &[usize]) -> Vec<String> {
+        path.iter().map(|h| lab.hosts[*h].name.clone()).collect()
+    }
+
+    fn seed_lab() -> Lab {
+        shipped("seed.json")
+    }
+
+    #[test]
+    fn every_host_reaches_every_address_in_the_seed_lab() {
+        let lab = seed_lab();
+        for (from, _) in lab.hosts.iter().enumerate() {
+            for (_, addr) in lab.all_addresses() {
+                let path = lab.trace(from, addr);
+                assert!(path.is_some(), "{} cannot reach {addr}", lab.hosts[from].name);
+            }
+        }
+    }
+
+    #[test]
+    fn o3_reaches_o7_through_the_router() {
+        let lab = seed_lab();
+        let o3 = lab.host("o3").unwrap();
+        let o7 = lab.host("o7").unwrap();
+        let p = lab.trace(o3, "10.0.14.1".parse().unwrap()).unwrap();
+        assert_eq!(host_names(&lab, &p), ["o3", "r1", "o7"]);
+        let back = lab.trace(o7, "10.0.18.2".parse().unwrap()).unwrap();
+        assert_eq!(host_names(&lab, &back), ["o7", "r1", "o3"]);
+        let r = lab.routes[o3].iter().find(|r| r.dest.to_string() == "10.0.14.0/24").unwrap();
+        assert_eq!(r.via.to_string(), "10.0.18.1");
+        assert_eq!(r.dev, "v-r1");
+    }
+
+    #[test]
+    fn clients_reach_the_bootstrapper_along_a_shortest_path() {
+        let lab = seed_lab();
+        let c5 = lab.host("c5").unwrap();
+        let p = lab.trace(c5, "10.0.25.10".parse().unwrap()).unwrap();
+        // c5 - o7 - r1 - o3 - o2 - s1 (5 hops) is shorter than through o9.
+        assert_eq!(host_names(&lab, &p), ["c5", "o7", "r1", "o3", "o2", "s1"]);
+        // Every host has one route per subnet it is not on.
+        for (h, host) in lab.hosts.iter().enumerate() {
+            assert_eq!(lab.routes[h].len() + host.ifaces.len(), lab.segments.len(), "{}", host.name);
+        }
+    }
+
+    #[test]
+    fn cost_steers_the_path() {
+        // a - b - d and a - c - d; b's links cost 5, so a goes through c.
+        let json = r#"{
+            "hosts": [{"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "d"}],
+            "links": [
+                {"a": {"host": "a", "addr": "10.0.1.1/24"}, "b": {"host": "b", "addr": "10.0.1.2/24"}, "cost": 5},
+                {"a": {"host": "b", "addr": "10.0.2.1/24"}, "b": {"host": "d", "addr": "10.0.2.2/24"}},
+                {"a": {"host": "a", "addr": "10.0.3.1/24"}, "b": {"host": "c", "addr": "10.0.3.2/24"}},
+                {"a": {"host": "c", "addr": "10.0.4.1/24"}, "b": {"host": "d", "addr": "10.0.4.2/24"}}
+            ]
+        }"#;
+        let spec: LabSpec = serde_json::from_str(json).unwrap();
+        let lab = Lab::from_spec(spec, None).unwrap();
+        let p = lab.trace(0, "10.0.2.2".parse().unwrap()).unwrap();
+        assert_eq!(host_names(&lab, &p), ["a", "c", "d"]);
+        let r = &lab.routes[0];
+        let to_b_d = r.iter().find(|r| r.dest.to_string() == "10.0.2.0/24").unwrap();
+        assert_eq!((to_b_d.via.to_string(), to_b_d.cost), ("10.0.3.2".to_string(), 2));
+    }
+
+    #[test]
+    fn ties_break_by_neighbour_name_and_lans_count_as_one_hop() {
+        let json = r#"{
+            "hosts": [{"name": "a"}, {"name": "y"}, {"name": "x"}, {"name": "d"}],
+            "lans": [
+                {"name": "l1", "members": [{"host": "a", "addr": "10.0.1.1/24"}, {"host": "x", "addr": "10.0.1.2/24"}, {"host": "y", "addr": "10.0.1.3/24"}]},
+                {"name": "l2", "members": [{"host": "x", "addr": "10.0.2.1/24"}, {"host": "y", "addr": "10.0.2.2/24"}, {"host": "d", "addr": "10.0.2.3/24"}]}
+            ]
+        }"#;
+        let spec: LabSpec = serde_json::from_str(json).unwrap();
+        let lab = Lab::from_spec(spec, None).unwrap();
+        let r = &lab.routes[0][0];
+        assert_eq!(r.via.to_string(), "10.0.1.2", "x sorts before y");
+        assert_eq!(r.dev, "l-l1");
+        assert_eq!(r.cost, 1);
     }
 }

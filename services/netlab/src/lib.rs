@@ -21,7 +21,6 @@ pub mod demo;
 pub mod faults;
 pub mod lab;
 pub mod media;
-pub mod overlay;
 pub mod plan;
 pub mod probe;
 pub mod routes;

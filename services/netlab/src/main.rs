@@ -315,7 +315,7 @@ fn cmd_validate(path: &Path, routes: bool) -> Result<()> {
 fn overlay_routes(lab: &Lab) -> Result<String> {
     use std::fmt::Write as _;
     let d = delays::OverlayDelays::of(lab).map_err(|e| anyhow!(e))?;
-    let rule = delays::Rule::default();
+    let rule = overlay_core::routing::RoutingConfig::default();
     let mut out = String::from("overlay link delays (ms, as the nodes measure them: half the round trip):\n");
     for ((x, y), ms) in d.link_ms.iter().filter(|((x, y), _)| x < y) {
         let _ = writeln!(out, "  {x}-{y} {ms}");

@@ -78,7 +78,7 @@ fn a_stranger_on_a_client_lan_takes_nothing_and_viewers_keep_playing() {
     // downstream, the bootstrapper; the victim is c2.
     let edges = faults::tree(&lab, &st, &bins, "test").expect("tree of test");
     let overlay = lab.overlay.as_ref().expect("overlay");
-    let node = |name: &str| overlay.nodes.iter().find(|n| n.name == name).unwrap();
+    let node = |name: &str| overlay.node(name).unwrap();
     let is_relay = |n: &str| lab.roles.iter().any(|r| r.name == n && r.kind == RoleKind::Node);
     let (relay, downstream) =
         edges.iter().find(|(u, _)| is_relay(u)).cloned().unwrap_or_else(|| panic!("no relay on the tree: {edges:?}"));

@@ -14,11 +14,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use netlab::delays::{OverlayDelays, Rule};
+use netlab::delays::{self, OverlayDelays};
 use netlab::lab::{Impairment, Lab};
 use netlab::plan::ns_name;
 use netlab::run::{self, Bins};
 use netlab::state::LabState;
+use overlay_core::routing::RoutingConfig;
 
 /// The probe period onode uses by default.
 const PROBE_PERIOD: Duration = Duration::from_millis(500);
@@ -28,9 +29,9 @@ type Table = BTreeMap<String, BTreeMap<String, String>>;
 /// What the lab file says every node's next hop toward every server is.
 fn expected(lab: &Lab) -> Table {
     let d = OverlayDelays::of(lab).expect("overlay delays");
-    let ambiguous = d.ambiguities(&Rule::default(), 0.2, 0.05);
+    let ambiguous = d.ambiguities(&RoutingConfig::default(), 0.2, 0.05);
     assert!(ambiguous.is_empty(), "the lab's delays leave decisions to noise:\n{}", ambiguous.join("\n"));
-    d.expected_routes(&Rule::default())
+    d.expected_routes(&RoutingConfig::default())
         .into_iter()
         .map(|(n, m)| (n, m.into_iter().map(|(s, c)| (s, c.via)).collect()))
         .collect()
@@ -42,8 +43,7 @@ fn observed(lab: &Lab, prefix: &str, bins: &Bins) -> Table {
     let overlay = lab.overlay.as_ref().expect("an overlay");
     std::thread::scope(|scope| {
         let handles: Vec<_> = overlay
-            .nodes
-            .iter()
+            .nodes()
             .map(|n| {
                 scope.spawn(|| {
                     let v = try_inspect(lab, prefix, bins, &n.name).unwrap_or_default();
@@ -146,18 +146,13 @@ fn routes_follow_delay(lab_file: &str, link: &str, raised_ms: f64, must_move: &[
 
 /// Each node's first choice among the servers (same rule as next hops).
 fn best_server_hops(lab: &Lab) -> BTreeMap<String, String> {
-    let rule = Rule::default();
+    let rule = RoutingConfig::default();
     let routes = OverlayDelays::of(lab).expect("overlay delays").expected_routes(&rule);
     routes
         .into_iter()
         .filter_map(|(node, servers)| {
-            let min = servers.values().map(|c| c.delay_ms).fold(f64::INFINITY, f64::min);
-            let band = (min * rule.tie_ratio).max(rule.tie_floor_ms);
-            let best = servers
-                .values()
-                .filter(|c| c.delay_ms <= min + band)
-                .min_by(|a, b| a.hops.cmp(&b.hops).then(a.delay_ms.total_cmp(&b.delay_ms)))?;
-            Some((node, best.via.clone()))
+            let best = delays::pick(&servers.into_values().collect::<Vec<_>>(), &rule)?;
+            Some((node, best.via))
         })
         .collect()
 }
@@ -180,9 +175,8 @@ fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
     let upstream =
         |node: &str| branch(lab, prefix, bins, node).and_then(|b| b["upstream"].as_str().map(str::to_string));
     let pop = overlay
-        .nodes
-        .iter()
-        .filter(|n| !n.pop.is_empty())
+        .nodes()
+        .filter(|n| n.is_pop())
         .map(|n| n.name.clone())
         .find(|p| upstream(p).is_some())
         .expect("a POP carries the new viewer's stream");
@@ -202,7 +196,7 @@ fn setup_follows_routes(lab: &Lab, prefix: &str, bins: &Bins) {
 /// answer.
 fn try_inspect(lab: &Lab, prefix: &str, bins: &Bins, node: &str) -> Option<serde_json::Value> {
     let overlay = lab.overlay.as_ref().expect("an overlay");
-    let n = overlay.nodes.iter().find(|n| n.name == node).expect("node");
+    let n = overlay.node(node).expect("node");
     let ns = ns_name(prefix, &lab.hosts[lab.host_of_node(node).expect("host")].name);
     let addr = format!("{}:{}", n.names[0], lab.spec.control_port);
     let onode = bins.onode.display().to_string();

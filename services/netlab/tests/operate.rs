@@ -5,7 +5,7 @@
 //!   (nftables, at the receiving end) saw cross it, and the packets a POP
 //!   says it sent its viewers are what our client received;
 //! - a killed relay shows as a repair, with its media gap, on the node
-//!   below it;
+//!   below it, and as link notices started or heard on every live node;
 //! - headless Chromium on the bootstrapper's live map draws the tree that
 //!   `onode inspect` reports, marks the killed relay failed and draws the
 //!   repaired tree within 2 s of the overlay having it; a screenshot is
@@ -80,7 +80,7 @@ fn metrics_and_the_map_agree_with_the_overlay() {
     // Overlay node -> (lab host, address).
     let node = |name: &str| {
         let role = lab.roles.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no role {name}"));
-        let addr = overlay.nodes.iter().find(|n| n.name == name).unwrap().names[0].to_string();
+        let addr = overlay.node(name).unwrap().names[0].to_string();
         (lab.hosts[role.host].name.clone(), addr)
     };
     let scrape = |name: &str| {
@@ -284,6 +284,29 @@ fn metrics_and_the_map_agree_with_the_overlay() {
     println!("{below}: {repairs} repairs of test, the last one's gap {:.0} ms", gap * 1000.0);
     if repairs < 1.0 || !(gap > 0.0 && gap < 10.0) {
         problems.push(format!("{below} does not show the repair: {repairs} repairs, gap {gap} s"));
+    }
+
+    // The relay's death was flooded as link notices: every live node
+    // started one (a neighbour of the relay) or heard one, and the route
+    // protocol's messages are counted by kind.
+    for role in lab.roles.iter().filter(|r| r.kind.is_overlay_node() && r.name != relay) {
+        let text = scrape(&role.name);
+        let notices = |event: &str| metric(&text, "overlay_link_notices_total", &[("event", event)]);
+        let sent = |kind: &str| metric(&text, "overlay_route_messages_sent_total", &[("kind", kind)]);
+        let (started, heard) = (notices("started"), notices("heard"));
+        println!(
+            "{}: link notices started {started} heard {heard}; route messages refresh {} update {} withdrawal {}",
+            role.name,
+            sent("refresh"),
+            sent("update"),
+            sent("withdrawal")
+        );
+        if started + heard < 1.0 {
+            problems.push(format!("{} neither started nor heard a link notice of {relay}'s death", role.name));
+        }
+        if !role.name.starts_with('s') && sent("refresh") < 1.0 {
+            problems.push(format!("{} counts no route refresh sent", role.name));
+        }
     }
 
     assert!(problems.is_empty(), "{}\n(logs in {})", problems.join("\n"), st.dir().display());

@@ -102,7 +102,7 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     let prefix = guard.prefix.clone();
     let overlay = lab.overlay.as_ref().expect("overlay");
     let addr_of = |name: &str| {
-        let n = overlay.nodes.iter().find(|n| n.name == name).unwrap();
+        let n = overlay.node(name).unwrap();
         n.pop.first().or(n.names.first()).unwrap().to_string()
     };
     let (s1, s2) = (addr_of("s1"), addr_of("s2"));

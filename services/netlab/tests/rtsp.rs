@@ -32,7 +32,7 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     let (guard, st) = up(&lab, Some(&bins), None);
     let prefix = guard.prefix.clone();
     let overlay = lab.overlay.as_ref().expect("overlay");
-    let pop_addr = |name: &str| overlay.nodes.iter().find(|n| n.name == name).unwrap().pop[0].to_string();
+    let pop_addr = |name: &str| overlay.node(name).unwrap().pop[0].to_string();
     let mut problems = Vec::new();
 
     // Two RTSP players (ffmpeg on c2 over UDP, on c3 over TCP) and our own

@@ -50,7 +50,7 @@ fn browsers_watch_over_webrtc_and_keep_decoding_through_a_relay_crash() {
     let (guard, st) = up(&lab, Some(&bins), Some(media.clone()));
     let prefix = guard.prefix.clone();
     let overlay = lab.overlay.as_ref().expect("overlay");
-    let pop_addr = |name: &str| overlay.nodes.iter().find(|n| n.name == name).unwrap().pop[0].to_string();
+    let pop_addr = |name: &str| overlay.node(name).unwrap().pop[0].to_string();
     let logs = st.dir().join("logs");
     let mut problems = Vec::new();
 

@@ -127,7 +127,7 @@ fn measure(lab: &Lab, st: &LabState, bins: &Bins, window: Duration) -> Result<(V
     // bootstrapper.
     let process = |kind: netlab::lab::RoleKind| st.processes.iter().find(|p| p.role == kind);
     let address = |name: &str| -> Option<String> {
-        let node = lab.overlay.as_ref()?.nodes.iter().find(|n| n.name == name)?;
+        let node = lab.overlay.as_ref()?.node(name)?;
         Some(node.names.first()?.to_string())
     };
     let pop = st
