@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use media::{SourceSpec, StreamSource};
+use overlay_core::moves::{self, Move, Moves};
+use overlay_core::repair::{Repair, Step};
 use overlay_core::routing::{RouteTable, RoutingConfig};
 use overlay_core::session::{SessionLimits, Sessions};
+use overlay_core::silence::{self, Silence};
 use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
@@ -96,13 +99,6 @@ pub struct Identity {
 
 type JoinResult = Result<StreamDesc, Nak>;
 
-/// How long a ping to neighbour `up` may take: a few link round trips,
-/// never less than [`SILENCE_PING_FLOOR`].
-fn ping_limit(st: &State, up: &str) -> Duration {
-    let rtt = Duration::from_micros(2 * st.routes.link_delay_us(up).unwrap_or(0));
-    (rtt * 3).max(SILENCE_PING_FLOOR)
-}
-
 /// The reroot notice that says "I found no way to the root" (empty route).
 fn gave_up(stream: &str) -> StreamDesc {
     StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
@@ -115,8 +111,6 @@ const STARVED_MS: u64 = 1500;
 const DOWNSTREAM_GRACE: Duration = Duration::from_secs(3);
 /// How long a viewer's SETUP may wait for the upstream's GOP after a join.
 const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
-/// The shortest wait for a silent stream's upstream to answer a ping.
-const SILENCE_PING_FLOOR: Duration = Duration::from_millis(100);
 /// How long a stream request waits for its answer before its upstream is
 /// pinged (and pinged again while the wait goes on).
 const JOIN_WATCH: Duration = Duration::from_millis(250);
@@ -127,13 +121,6 @@ const JOIN_RETRY_FLOOR: Duration = Duration::from_millis(100);
 /// stream crossed it (each went to the other) is tried once more after
 /// this pause: the other side has gone another way by then.
 const CROSSING_PAUSE: Duration = Duration::from_millis(150);
-/// An upstream checked for a silent stream is not checked again sooner.
-const SILENCE_RECHECK: Duration = Duration::from_secs(1);
-/// A stream silent this long while its upstream answers pings is no
-/// longer fed (the upstream dropped the branch, or lost its own state):
-/// it is joined again. Longer than an upstream's own repair usually takes,
-/// shorter than the 3.6 s after which viewers leave a POP that answers.
-const REJOIN_SILENCE: Duration = Duration::from_secs(2);
 
 /// The tick of one of the node's periodic tasks: [`Ticker::next`] waits
 /// for the next one and says false once the node is shutting down. A tick
@@ -172,11 +159,9 @@ struct State {
     /// Per stream and track: the one RTP line RTSP players see, whatever
     /// upstream or server the stream comes from.
     lines: HashMap<(String, usize), SharedContinuity>,
-    /// Upstreams checked for a silent stream, and when they may be again.
-    silence_checks: HashMap<String, Instant>,
     /// When each stream's branch last got a new upstream (join, repair,
     /// move): it is not moved again before it settles.
-    changed: HashMap<String, Instant>,
+    moves: Moves,
     /// Per stream carried: what the data plane took in and sent on.
     tallies: HashMap<String, StreamTallies>,
     /// Per stream: its repairs since start and the last one's media gap.
@@ -305,8 +290,7 @@ impl Node {
             connected: Default::default(),
             heard: HashMap::new(),
             lines: HashMap::new(),
-            silence_checks: HashMap::new(),
-            changed: HashMap::new(),
+            moves: Moves::new(settings.settle.unwrap_or(Duration::MAX)),
             tallies: HashMap::new(),
             repairs: HashMap::new(),
         };
@@ -353,9 +337,9 @@ impl Node {
         self.tasks.spawn(async move { me.heartbeat_loop().await });
         let me = self.clone();
         self.tasks.spawn(async move { me.datagram_loop().await });
-        if let Some(settle) = self.settings.settle {
+        if self.settings.settle.is_some() {
             let me = self.clone();
-            self.tasks.spawn(async move { me.improve_loop(settle).await });
+            self.tasks.spawn(async move { me.improve_loop().await });
         }
         if let Some(silence) = self.settings.silence {
             let me = self.clone();
@@ -501,70 +485,56 @@ impl Node {
     /// offer a clearly better way to its server than its upstream (a link
     /// got slower, a node came back) moves there, make-before-break: the
     /// new upstream is joined first, then the old one left.
-    async fn improve_loop(self: Arc<Self>, settle: Duration) {
+    async fn improve_loop(self: Arc<Self>) {
         let mut tick = self.ticker((self.id.probe_interval * 2).max(Duration::from_millis(500)));
         while tick.next().await {
             let now = Instant::now();
-            let moves: Vec<(String, String, String)> = {
+            let due = {
                 let mut st = self.lock();
                 let st = &mut *st;
-                let mut moves = Vec::new();
-                for (stream, to) in st.trees.better_upstreams(&st.routes, now) {
-                    let changed = *st.changed.entry(stream.clone()).or_insert(now);
-                    let from = match st.trees.branch(&stream).map(|b| &b.source) {
-                        Some(Source::Neighbour(from)) => from.clone(),
-                        _ => continue,
-                    };
-                    if now.duration_since(changed) >= settle {
-                        st.changed.insert(stream.clone(), now);
-                        moves.push((stream, from, to));
-                    }
-                }
-                moves
+                st.moves.due(&st.trees, &st.routes, now)
             };
-            for (stream, from, to) in moves {
+            for m in due {
                 let me = self.clone();
-                self.tasks.spawn(async move { me.move_upstream(stream, from, to).await });
+                self.tasks.spawn(async move { me.move_upstream(m).await });
             }
         }
     }
 
-    async fn move_upstream(self: Arc<Self>, stream: String, from: String, to: String) {
+    async fn move_upstream(self: Arc<Self>, m: Move) {
         let started = Instant::now();
         let (desc, data_addr) = match self
-            .request_upstream(&stream, &to, vec![self.id.name.clone()], self.settings.join_timeout)
+            .request_upstream(&m.stream, &m.to, vec![self.id.name.clone()], self.settings.join_timeout)
             .await
         {
             Ok(joined) => joined,
             Err(nak) => {
-                debug!(node = %self.id.name, %stream, via = %to, "move to a better upstream refused: {}", nak.detail);
+                debug!(node = %self.id.name, stream = %m.stream, via = %m.to, "move to a better upstream refused: {}", nak.detail);
                 return;
             }
         };
         let outcome = {
             let mut st = self.lock();
             // Meanwhile the branch may have been repaired, moved or pruned.
-            let still =
-                st.trees.branch(&stream).is_some_and(|b| !b.repairing && b.source == Source::Neighbour(from.clone()));
-            // A move keeps the root server (another server's stream would
-            // restart the viewers' RTP timing): the new upstream may have
-            // attached us to a tree of another server, and then we stay.
-            let root = st.trees.branch(&stream).map(|b| b.desc.server.clone()).unwrap_or_default();
-            let same_root = desc.server == root;
-            if still && !same_root {
-                info!(
-                    node = %self.id.name, %stream, via = %to, root = %root, offered = %desc.server,
-                    "move not made: the better upstream feeds the stream from another server"
-                );
-            }
-            let out = if still && same_root { st.trees.repaired(&to, desc) } else { None };
+            let out = match moves::accept(&st.trees, &m, &desc.server) {
+                moves::Verdict::Take => st.trees.repaired(&m.to, desc),
+                moves::Verdict::Stale => None,
+                moves::Verdict::OtherRoot { root } => {
+                    info!(
+                        node = %self.id.name, stream = %m.stream, via = %m.to, root = %root, offered = %desc.server,
+                        "move not made: the better upstream feeds the stream from another server"
+                    );
+                    None
+                }
+            };
             if out.is_some() {
-                st.upstream_data.insert(stream.clone(), data_addr);
-                st.changed.insert(stream.clone(), Instant::now());
+                st.upstream_data.insert(m.stream.clone(), data_addr);
+                st.moves.changed(&m.stream, Instant::now());
                 self.republish(&mut st);
             }
-            out.and_then(|(down, old)| Some((down, old, st.trees.branch(&stream)?.desc.clone())))
+            out.and_then(|(down, old)| Some((down, old, st.trees.branch(&m.stream)?.desc.clone())))
         };
+        let Move { stream, from, to } = m;
         let Some((downstream, old, desc)) = outcome else {
             let me = self.clone();
             self.tasks.spawn(async move { me.send_leave(stream, to).await });
@@ -592,45 +562,25 @@ impl Node {
     /// three heartbeats would say so. An upstream that answers is left
     /// alone (it may be repairing its own way up) and asked again later.
     async fn silence_loop(self: Arc<Self>, silence: Duration) {
-        let mut tick = self.ticker((silence / 3).max(Duration::from_millis(10)));
+        let mut watcher = Silence::new(silence);
+        let mut tick = self.ticker(watcher.period());
         while tick.next().await {
-            let now = Instant::now();
-            let checks: Vec<(String, Duration)> = {
+            let watch = {
                 let mut st = self.lock();
                 let st = &mut *st;
                 let heard = &st.heard;
-                let suspects = st.trees.silent_upstreams(
-                    |stream| heard.get(stream).and_then(|(_, h)| h.silent_ms()),
-                    silence.as_millis() as u64,
-                );
-                let limit = REJOIN_SILENCE.as_millis() as u64;
-                let stale: Vec<(String, String)> = st
-                    .trees
-                    .silent_branches(|stream| heard.get(stream).and_then(|(_, h)| h.silent_ms()), limit)
-                    .into_iter()
-                    .filter(|(_, up)| !st.routes.is_down(up))
-                    .collect();
-                for (stream, up) in stale {
-                    if st.trees.upstream_abandoned(&stream, &up) {
-                        warn!(
-                            node = %self.id.name, %stream, upstream = %up, silent_ms = REJOIN_SILENCE.as_millis() as u64,
-                            "upstream answers but no longer feeds the stream: joining again"
-                        );
-                        let me = self.clone();
-                        self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
-                    }
-                }
-                let mut checks = Vec::new();
-                for up in suspects {
-                    if st.routes.is_down(&up) || st.silence_checks.get(&up).is_some_and(|next| now < *next) {
-                        continue;
-                    }
-                    st.silence_checks.insert(up.clone(), now + SILENCE_RECHECK);
-                    checks.push((up.clone(), ping_limit(st, &up)));
-                }
-                checks
+                let silent_ms = |stream: &str| heard.get(stream).and_then(|(_, h)| h.silent_ms());
+                watcher.tick(&mut st.trees, &st.routes, silent_ms, Instant::now())
             };
-            for (up, limit) in checks {
+            for (stream, up) in watch.rejoin {
+                warn!(
+                    node = %self.id.name, %stream, upstream = %up, silent_ms = silence::REJOIN_AFTER.as_millis() as u64,
+                    "upstream answers but no longer feeds the stream: joining again"
+                );
+                let me = self.clone();
+                self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
+            }
+            for (up, limit) in watch.ping {
                 let me = self.clone();
                 self.tasks.spawn(async move { me.check_silent_upstream(up, limit).await });
             }
@@ -720,35 +670,26 @@ impl Node {
             let st = self.lock();
             st.heard.get(&stream).and_then(|(_, h)| h.silent_ms()).map(|ms| relay::clock_ms().saturating_sub(ms))
         };
-        let mut tried: Vec<String> = avoid.clone();
-        let mut stuck = 0u32;
-        // Whether every way tried since the last round led back into this
-        // node's own subtree: then no later round will do better.
-        let mut only_loops = true;
+        let mut repair = Repair::new(stream.clone(), avoid);
         loop {
             if self.cancel.is_cancelled() {
                 return;
             }
-            let target = {
+            let step = {
                 let st = self.lock();
-                if st.trees.branch(&stream).is_none_or(|b| !b.repairing) {
-                    return;
-                }
-                st.trees.repair_target(&stream, &st.routes, Instant::now(), &tried)
+                repair.next(&st.trees, &st.routes, Instant::now())
             };
-            let (to, path) = match target {
-                Ok(t) => t,
-                Err(nak) => {
-                    debug!(node = %self.id.name, %stream, "no repair target yet: {}", nak.detail);
-                    stuck += 1;
-                    if stuck == 5 || (only_loops && tried.len() > avoid.len()) {
+            let (to, path) = match step {
+                Step::Done => return,
+                Step::Wait { orphan } => {
+                    debug!(node = %self.id.name, %stream, "no repair target left this round");
+                    if orphan {
                         self.orphan(&stream);
                     }
-                    only_loops = true;
-                    tried = avoid.clone();
                     tokio::time::sleep(self.settings.heartbeat).await;
                     continue;
                 }
+                Step::Ask { to, path } => (to, path),
             };
             match self.request_upstream(&stream, &to, path, self.settings.join_timeout).await {
                 Ok((desc, data_addr)) => {
@@ -757,7 +698,7 @@ impl Node {
                         let out = st.trees.repaired(&to, desc);
                         if out.is_some() {
                             st.upstream_data.insert(stream.clone(), data_addr);
-                            st.changed.insert(stream.clone(), Instant::now());
+                            st.moves.changed(&stream, Instant::now());
                             self.republish(&mut st);
                         }
                         out.map(|(down, old)| (down, old, st.trees.branch(&stream).map(|b| b.desc.clone())))
@@ -793,19 +734,17 @@ impl Node {
                             let me = self.clone();
                             let (s2, t2) = (stream.clone(), to.clone());
                             self.tasks.spawn(async move { me.send_leave(s2, t2).await });
-                            tried.push(to);
+                            repair.undone(&to);
                         }
                     }
                 }
                 Err(nak) => {
                     debug!(node = %self.id.name, %stream, via = %to, "repair attempt refused: {}", nak.detail);
-                    only_loops &= nak.reason == NakReason::Loop;
-                    tried.push(to);
-                    stuck += 1;
-                    if stuck == 5 {
+                    let after = repair.refused(&to, nak.reason);
+                    if after.orphan {
                         self.orphan(&stream);
                     }
-                    if nak.reason != NakReason::Loop {
+                    if after.wait {
                         tokio::time::sleep(self.settings.heartbeat).await;
                     }
                 }
@@ -1120,7 +1059,7 @@ impl Node {
         let (waiters, answer) = match result {
             Ok((desc, data_addr)) => {
                 st.upstream_data.insert(stream.clone(), data_addr);
-                st.changed.insert(stream.clone(), Instant::now());
+                st.moves.changed(&stream, Instant::now());
                 let mut waiters = st.trees.joined(Source::Neighbour(to.clone()), desc);
                 let answer = Ok(st.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined"));
                 info!(node = %self.id.name, %stream, upstream = %to, "joined the tree");
@@ -1205,7 +1144,7 @@ impl Node {
                     _ = tokio::time::sleep(JOIN_WATCH) => {}
                 }
             }
-            let limit = ping_limit(&self.lock(), to) * 2;
+            let limit = silence::ping_limit(&self.lock().routes, to) * 2;
             tokio::select! {
                 r = &mut answer => break r,
                 alive = self.links.check(to, limit) => unanswered = if alive { 0 } else { unanswered + 1 },
@@ -1461,7 +1400,7 @@ impl Node {
     fn republish(&self, st: &mut State) {
         let mut table = ForwardTable::default();
         st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
-        st.changed.retain(|stream, _| st.trees.branch(stream).is_some());
+        st.moves.retain_carried(&st.trees);
         // The figures of streams no longer carried stay (counters do), up
         // to a bound.
         if st.tallies.len() > KEPT_STREAMS {

@@ -7,9 +7,12 @@
 pub mod codec;
 pub mod liveness;
 pub mod membership;
+pub mod moves;
 pub mod names;
+pub mod repair;
 pub mod routing;
 pub mod rtp;
 pub mod session;
+pub mod silence;
 pub mod topology;
 pub mod tree;
