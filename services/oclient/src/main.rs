@@ -62,8 +62,9 @@ struct Cli {
     #[arg(long, default_value_t = media::DEFAULT_LATENCY_MS)]
     latency_ms: u32,
     /// Silence (ms) after which the client checks its POP and, if it does
-    /// not answer, moves to the best remaining one.
-    #[arg(long, default_value_t = 600)]
+    /// not answer, moves to the best remaining one (checked every 100 ms; a
+    /// POP that answers is waited for, its tree may be repairing).
+    #[arg(long, default_value_t = 300)]
     failover_ms: u64,
     /// Use this POP (IP or IP:PORT) instead of probing the ones the bootstrapper lists.
     #[arg(long)]
@@ -296,11 +297,14 @@ struct Candidate {
     on_link: bool,
 }
 
-/// Round trips closer than this (or than half the lowest) are measurement
-/// noise: a loaded host delays its own handshakes by fractions of a ms.
 /// RTCP packet type of a BYE (the server ends a published stream with it).
 const RTCP_BYE: u8 = 203;
+/// Round trips closer than this (or than half the lowest) are measurement
+/// noise: a loaded host delays its own handshakes by fractions of a ms.
 const RTT_NOISE_MS: f64 = 0.5;
+/// How long a silent POP that still answers is waited for (a cold start,
+/// or its tree repairing) before the client moves anyway.
+const ALIVE_POP_PATIENCE: Duration = Duration::from_millis(3600);
 /// How much later than its round trip says a POP's probe result may come
 /// (the probes are staggered by a millisecond, and tasks get scheduled).
 const PROBE_SLACK_MS: f64 = 5.0;
@@ -610,7 +614,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 2048];
     let mut last_packet: Option<Instant> = None;
     let mut first_packet_wall: Option<std::time::SystemTime> = None;
-    let mut watchdog = tokio::time::interval(Duration::from_millis(200));
+    let mut watchdog = tokio::time::interval(Duration::from_millis(100));
     let mut avoid: Vec<SocketAddr> = Vec::new();
     let mut pending_switch: Option<(Switch, Instant)> = None;
     let silence_limit = Duration::from_millis(cli.failover_ms.max(100));
@@ -698,7 +702,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     continue;
                 }
                 let alive = handshake_rtt(pop_addr, 1).await.is_some();
-                if alive && silent < silence_limit * 6 {
+                if alive && silent < (silence_limit * 6).max(ALIVE_POP_PATIENCE) {
                     continue; // the POP answers: its tree is being repaired
                 }
                 warn!(pop = %pop_name, silent_ms = silent.as_millis() as u64, alive, "no media from the POP: moving to another");

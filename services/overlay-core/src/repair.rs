@@ -15,7 +15,8 @@ use crate::routing::RouteTable;
 use crate::tree::{NakReason, Trees};
 
 /// Attempts (refusals, and rounds with no way left) before the branch's
-/// downstreams are told to look on their own.
+/// downstreams are told to look on their own (at once when the first
+/// round has no way at all, or only ways that loop).
 pub const GIVE_UP_AFTER: u32 = 5;
 
 /// What the driver does next for a repairing branch.
@@ -77,8 +78,14 @@ impl Repair {
                 // A round is over with no way left: start the next one from
                 // scratch after a wait (routes change meanwhile).
                 self.stuck += 1;
-                let looped = self.only_loops && self.tried.len() > self.avoid.len();
-                let orphan = self.stuck == GIVE_UP_AFTER || looped;
+                let tried_some = self.tried.len() > self.avoid.len();
+                let looped = self.only_loops && tried_some;
+                // No way at all at the first look: every neighbour left is
+                // a downstream, so the only ways up run through the
+                // subtree. The downstreams look on their own at once
+                // rather than after five rounds of nothing.
+                let walled_in = self.stuck == 1 && !tried_some;
+                let orphan = self.stuck == GIVE_UP_AFTER || looped || walled_in;
                 self.only_loops = true;
                 self.tried = self.avoid.clone();
                 Step::Wait { orphan }
@@ -163,6 +170,20 @@ mod tests {
         assert!(matches!(r.next(&trees, &routes, now), Step::Ask { .. }));
         assert_eq!(r.refused("o9", NakReason::Loop), AfterRefusal { orphan: false, wait: false });
         assert_eq!(r.next(&trees, &routes, now), Step::Wait { orphan: true });
+    }
+
+    #[test]
+    fn a_branch_whose_only_ways_up_run_through_its_subtree_hands_off_at_once() {
+        // o3's upstream o2 died and its routes know no way but through o4,
+        // its downstream (o9 has not been heard from).
+        let now = Instant::now();
+        let (trees, routes) = lost_upstream(&[("o2", &["s1", "o2"]), ("o4", &["s1", "x", "o4"])], now);
+        let mut r = Repair::new("test", vec!["o2".into()]);
+        assert_eq!(r.next(&trees, &routes, now), Step::Wait { orphan: true });
+        // Later rounds with nothing to try wait without handing off again.
+        for _ in 0..3 {
+            assert_eq!(r.next(&trees, &routes, now), Step::Wait { orphan: false });
+        }
     }
 
     #[test]
