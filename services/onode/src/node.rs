@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use media::{SourceSpec, StreamSource};
+use overlay_core::join::{Join, JoinStep};
 use overlay_core::moves::{self, Move, Moves};
 use overlay_core::repair::{Repair, Step};
 use overlay_core::routing::{RouteTable, RoutingConfig};
@@ -124,13 +125,6 @@ const VIEWER_REFRESH_WAIT: Duration = Duration::from_millis(300);
 /// How long a stream request waits for its answer before its upstream is
 /// pinged (and pinged again while the wait goes on).
 const JOIN_WATCH: Duration = Duration::from_millis(250);
-/// A failed stream request is tried another way only if this much of its
-/// time is left.
-const JOIN_RETRY_FLOOR: Duration = Duration::from_millis(100);
-/// A request refused as a loop because the upstream's own request for the
-/// stream crossed it (each went to the other) is tried once more after
-/// this pause: the other side has gone another way by then.
-const CROSSING_PAUSE: Duration = Duration::from_millis(150);
 
 /// The tick of one of the node's periodic tasks: [`Ticker::next`] waits
 /// for the next one and says false once the node is shutting down. A tick

@@ -350,45 +350,32 @@ impl Node {
         }
     }
 
-    pub(super) async fn forward_join(self: Arc<Self>, stream: String, mut to: String, path: Vec<String>) {
+    pub(super) async fn forward_join(self: Arc<Self>, stream: String, to: String, path: Vec<String>) {
         // The requester waits for one join timeout: ways that fail inside
-        // it (a refusal, or an upstream that stopped answering) are tried
-        // one after another, each neighbour once.
-        let deadline = Instant::now() + self.settings.join_timeout;
-        let mut tried = Vec::new();
-        let mut crossed = false;
+        // it are tried one after another (see overlay-core's join.rs).
+        let mut join = Join::new(&stream, path, to, Instant::now(), self.settings.join_timeout);
         let result = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let result = self.request_upstream(&stream, &to, path.clone(), left).await;
-            let Err(nak) = &result else { break result };
-            tried.push(to.clone());
-            let next = {
+            let (to, left) = join.ask(Instant::now());
+            let to = to.to_string();
+            let result = self.request_upstream(&stream, &to, join.path().to_vec(), left).await;
+            let Err(nak) = &result else { break (to, result) };
+            let step = {
                 let mut st = self.lock();
                 let st = &mut *st;
-                (deadline.saturating_duration_since(Instant::now()) > JOIN_RETRY_FLOOR)
-                    .then(|| st.trees.redirect(&stream, &path, &tried, &st.routes, Instant::now()))
-                    .flatten()
+                join.refused(nak.reason, &mut st.trees, &st.routes, Instant::now())
             };
-            let next = match next {
-                Some(next) => next,
-                // Crossing requests: the upstream asked this node for the
-                // stream as this node asked it (a stale view of who
-                // carries it), and each refused the other as a loop. The
-                // upstream tries another way; once it has one, the same
-                // way works. Tried once, while time is left.
-                None if nak.reason == NakReason::Loop
-                    && !crossed
-                    && deadline.saturating_duration_since(Instant::now()) > CROSSING_PAUSE + JOIN_RETRY_FLOOR =>
-                {
-                    crossed = true;
-                    tokio::time::sleep(CROSSING_PAUSE).await;
-                    to.clone()
+            match step {
+                JoinStep::Ask { to: next, .. } => {
+                    info!(node = %self.id.name, %stream, failed = %to, upstream = %next, "stream request failed ({}): trying another way", nak.detail);
                 }
-                None => break result,
-            };
-            info!(node = %self.id.name, %stream, failed = %to, upstream = %next, "stream request failed ({}): trying another way", nak.detail);
-            to = next;
+                JoinStep::AskAfter { pause, .. } => {
+                    info!(node = %self.id.name, %stream, upstream = %to, "stream request crossed another ({}): asking again", nak.detail);
+                    tokio::time::sleep(pause).await;
+                }
+                JoinStep::GiveUp => break (to, result),
+            }
         };
+        let (to, result) = result;
         let mut st = self.lock();
         let st = &mut *st;
         let (waiters, answer) = match result {
