@@ -261,11 +261,10 @@ impl Relay {
                 gops.entry(ssrc).or_default();
             }
         }
-        let release = self.early().held.iter().any(|h| table.get(h.ssrc).is_some());
         self.table.store(Arc::new(table));
-        if release {
-            self.early_ready.store(true, Ordering::Release);
-        }
+        // Always: a packet the loop held under the old table a moment ago
+        // may be one the new table knows.
+        self.early_ready.store(true, Ordering::Release);
     }
 
     fn early(&self) -> MutexGuard<'_, Early> {
@@ -424,10 +423,13 @@ impl Relay {
             let n = unsafe {
                 libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut())
             };
+            // The flag is read before the table: a table published before
+            // the flag was set is then the one loaded (or a newer one).
+            let release = self.early_ready.swap(false, Ordering::Acquire);
             let table = self.table.load();
             let mut gops = GopsGuard { relay: self, guard: None };
             // Held packets go first: they came before this batch.
-            if self.early_ready.swap(false, Ordering::Acquire) {
+            if release {
                 self.release_early(&table, &mut gops, &mut rewritten[0], &mut released, &mut out);
             }
             if n <= 0 {
