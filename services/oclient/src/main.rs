@@ -395,14 +395,22 @@ struct Open {
     rtts: BTreeMap<String, f64>,
     server: String,
     startup: Startup,
+    /// The POPs the bootstrapper listed at LOGIN, and the overlay's control
+    /// port: a later move tries them first, without logging in again.
+    pops: Known,
 }
 
-/// LOGIN, choose a POP (never one of `avoid`), CONNECT_POP and SETUP.
+/// The POPs a LOGIN listed (name, address), and the overlay's control port.
+type Known = (u16, Vec<(String, SocketAddr)>);
+
+/// LOGIN (unless the POPs are `known` from an earlier one), choose a POP
+/// (never one of `avoid`), CONNECT_POP and SETUP.
 async fn open_session(
     cli: &Cli,
     bootstrap: SocketAddr,
     rtp_port: u16,
     avoid: &[SocketAddr],
+    known: Option<&Known>,
     started: Instant,
 ) -> anyhow::Result<Open> {
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
@@ -414,20 +422,29 @@ async fn open_session(
         }
         None => None,
     };
-    let mut boot = BootstrapClient::new(endpoint(bootstrap, ca.as_deref())?);
-    let login = boot
-        .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
-        .await
-        .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
-        .into_inner();
-    startup.login_ms = ms();
-    let port = login.control_port as u16;
-    let mut addrs: Vec<(String, SocketAddr)> = login
-        .pops
-        .iter()
-        .flat_map(|p| p.addresses.iter().filter_map(|a| Some((p.name.clone(), SocketAddr::new(a.parse().ok()?, port)))))
-        .filter(|(_, a)| !avoid.contains(a))
-        .collect();
+    let pops: Known = match known {
+        Some(known) => known.clone(),
+        None => {
+            let mut boot = BootstrapClient::new(endpoint(bootstrap, ca.as_deref())?);
+            let login = boot
+                .login(pb::LoginRequest { client: cli.name.clone(), stream: cli.stream.clone() })
+                .await
+                .with_context(|| format!("LOGIN at the bootstrapper {bootstrap}"))?
+                .into_inner();
+            startup.login_ms = ms();
+            let port = login.control_port as u16;
+            let listed = login
+                .pops
+                .iter()
+                .flat_map(|p| {
+                    p.addresses.iter().filter_map(|a| Some((p.name.clone(), SocketAddr::new(a.parse().ok()?, port))))
+                })
+                .collect();
+            (port, listed)
+        }
+    };
+    let port = pops.0;
+    let mut addrs: Vec<(String, SocketAddr)> = pops.1.iter().filter(|(_, a)| !avoid.contains(a)).cloned().collect();
     if let Some(forced) = &cli.pop {
         let forced = parse_addr(forced, port).context("--pop")?;
         let name =
@@ -522,6 +539,7 @@ async fn open_session(
         pop_name: chosen.name,
         rtts,
         server: setup.stream.map(|s| s.server).unwrap_or_default(),
+        pops,
     })
 }
 
@@ -586,7 +604,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let rtp_port = socket.local_addr()?.port();
 
     let span = tracing::info_span!("session", client = %cli.name, stream = %cli.stream);
-    let open = open_session(&cli, bootstrap, rtp_port, &[], started).instrument(span).await?;
+    let open = open_session(&cli, bootstrap, rtp_port, &[], None, started).instrument(span).await?;
     let mut report = Report {
         client: cli.name.clone(),
         stream: cli.stream.clone(),
@@ -598,7 +616,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         startup: open.startup.clone(),
         ..Report::default()
     };
-    let Open { mut session, id: mut session_id, mut pop_addr, .. } = open;
+    let Open { mut session, id: mut session_id, mut pop_addr, mut pops, .. } = open;
     let mut pop_name = report.pop_name.clone();
 
     let player = player.await.context("player task")??;
@@ -707,7 +725,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 warn!(pop = %pop_name, silent_ms = silent.as_millis() as u64, alive, "no media from the POP: moving to another");
                 avoid.push(pop_addr);
-                match open_session(&cli, bootstrap, rtp_port, &avoid, started).await {
+                // The POPs listed at LOGIN first (no round trip to the
+                // bootstrapper); a new LOGIN if none of them will do.
+                let moved = match open_session(&cli, bootstrap, rtp_port, &avoid, Some(&pops), started).await {
+                    Ok(open) => Ok(open),
+                    Err(e) => {
+                        info!("none of the POPs known will do ({e:#}): logging in again");
+                        open_session(&cli, bootstrap, rtp_port, &avoid, None, started).await
+                    }
+                };
+                match moved {
                     Ok(open) => {
                         let sw = Switch {
                             from: pop_name.clone(),
@@ -719,6 +746,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         pending_switch = Some((sw, silent_since));
                         session = open.session;
                         session_id = open.id;
+                        pops = open.pops;
                         pop_addr = open.pop_addr;
                         pop_name = open.pop_name;
                         report.pop = pop_addr.ip().to_string();
