@@ -151,6 +151,12 @@ impl Collector for Figures {
             "Link notices (a link dead or back): started by this node for its own links, or heard first from a neighbour.",
             [("started", rc.notices_started), ("heard", rc.notices_heard)].map(|(event, v)| (vec![("event", event)], v)),
         )?;
+        counter(
+            &mut e,
+            "overlay_node_failures_heard",
+            "Nodes the bootstrapper reported failed (their neighbours flood no link notice when this comes first).",
+            rc.failures_heard,
+        )?;
         gauges(
             &mut e,
             "overlay_stream_info",
@@ -517,6 +523,7 @@ mod tests {
                 withdrawals: 1,
                 notices_started: 1,
                 notices_heard: 4,
+                failures_heard: 2,
             },
             streams: vec![StreamFigures {
                 stream: "test".into(),
@@ -559,6 +566,7 @@ mod tests {
             "overlay_route_messages_sent_total{kind=\"update\"} 3",
             "overlay_route_messages_sent_total{kind=\"withdrawal\"} 1",
             "overlay_link_notices_total{event=\"heard\"} 4",
+            "overlay_node_failures_heard_total 2",
             "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\",tree_role=\"leaf\"} 1",
             "overlay_stream_received_bytes_total{stream=\"test\"} 120000",
             "overlay_stream_sent_packets_total{stream=\"test\",to=\"viewers\"} 300",

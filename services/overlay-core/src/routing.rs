@@ -126,6 +126,10 @@ pub struct RouteCounters {
     pub notices_started: u64,
     /// Link notices heard for the first time from a neighbour.
     pub notices_heard: u64,
+    /// Nodes the bootstrapper reported failed. A node's neighbours flood no
+    /// link notice for it when this report comes before they miss its
+    /// heartbeats: the report has told every node already.
+    pub failures_heard: u64,
 }
 
 /// Link notices remembered to pass each on once, and cuts remembered.
@@ -538,6 +542,7 @@ impl RouteTable {
         // that comes back starts a new, higher sequence.
         let floor = self.last_seq.get(node).map_or(0, |s| s + 1);
         self.failed.insert(node.to_string(), floor);
+        self.counters.failures_heard += 1;
         self.entries.remove(node);
         self.offers.remove(node);
         self.sent.retain(|(server, _), _| server != node);
@@ -971,6 +976,7 @@ mod tests {
         t.on_probe(&probe("s1", 5, "o2", &["s1", "x", "o2"], 3, 1_000), now, 0);
         t.on_probe(&probe("s1", 5, "o9", &["s1", "y", "o9"], 3, 9_000), now, 0);
         t.node_failed("x", now);
+        assert_eq!(t.counters().failures_heard, 1);
         assert_eq!(t.best_next_hop("s1", now, &[]).unwrap().via, "o9");
         assert_eq!(t.best_next_hop("s1", now, &["y"]), None, "no next hop whose path crosses the request's");
     }
