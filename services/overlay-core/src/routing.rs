@@ -247,6 +247,8 @@ pub struct RouteTable {
     /// Per server: the send time of its newest round, for updates sent
     /// between rounds.
     send_times: BTreeMap<String, u64>,
+    /// Per server: when this node saw the first copy of its newest round.
+    round_seen: BTreeMap<String, Instant>,
     dead: Vec<Dead>,
     notices_seen: VecDeque<(String, String, u64, bool)>,
     /// Servers reported failed: probes of theirs up to this sequence
@@ -269,6 +271,7 @@ impl RouteTable {
             last_seq: BTreeMap::new(),
             sent: BTreeMap::new(),
             send_times: BTreeMap::new(),
+            round_seen: BTreeMap::new(),
             dead: Vec::new(),
             notices_seen: VecDeque::new(),
             failed: BTreeMap::new(),
@@ -339,6 +342,15 @@ impl RouteTable {
             return Vec::new();
         }
         let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
+        // A copy of a round already seen is no fresher than that round's
+        // first copy here: an update, or a copy that comes after its route
+        // was dropped, must not keep a way to a server cut off alive past
+        // the stale time.
+        let newest = self.last_seq.get(&probe.server).copied().unwrap_or(0);
+        let received = match self.round_seen.get(&probe.server) {
+            Some(&seen) if probe.seq <= newest => seen.min(now),
+            _ => now,
+        };
         let per_server = self.entries.entry(probe.server.clone()).or_default();
         if probe.withdrawn {
             if per_server.get(&probe.sender).is_some_and(|old| old.seq <= probe.seq) {
@@ -349,7 +361,7 @@ impl RouteTable {
                 delay_us,
                 hops: probe.hops,
                 seq: probe.seq,
-                received: now,
+                received,
                 clock_delay_us: now_unix_us as i64 - probe.send_time_unix_us as i64,
                 path: probe.visited.clone(),
             };
@@ -373,6 +385,7 @@ impl RouteTable {
         if new_round {
             *last = probe.seq;
             self.send_times.insert(probe.server.clone(), probe.send_time_unix_us);
+            self.round_seen.insert(probe.server.clone(), now);
         }
         let round = self.last_seq[&probe.server];
         // The copy's path needs no refresh: it knows the way it just sent.
@@ -990,6 +1003,11 @@ mod tests {
         t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 1_000), later, 0);
         let past_stale = now + cfg().stale_after + Duration::from_millis(1);
         assert_eq!(t.best_next_hop("s1", past_stale, &[]), None);
+        // Nor does a copy of the round through a neighbour first heard
+        // later (a way told by update, or told again after it was dropped).
+        t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 2_000), later, 0);
+        assert_eq!(t.best_next_hop("s1", past_stale, &[]), None, "as old as the round");
+        assert_eq!(t.best_next_hop("s1", later, &[]).unwrap().via, "o2");
     }
 
     #[test]
