@@ -63,10 +63,6 @@ impl Repair {
         Repair { stream: stream.into(), tried: avoid.clone(), avoid, stuck: 0, only_loops: true }
     }
 
-    pub fn stream(&self) -> &str {
-        &self.stream
-    }
-
     /// The next step, from the branch's state and the routes now.
     pub fn next(&mut self, trees: &Trees, routes: &RouteTable, now: Instant) -> Step {
         if trees.branch(&self.stream).is_none_or(|b| !b.repairing) {

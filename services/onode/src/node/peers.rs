@@ -1,4 +1,6 @@
-//! The node's neighbours: heartbeats and the datagrams they carry (probes, link notices), losses and failures, and quiet streams' upstreams checked at once.
+//! The node's neighbours: heartbeats and the datagrams they carry (probes,
+//! link notices), losses and failures, and quiet streams' upstreams checked
+//! at once.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! The server's own streams: the pipelines of its catalogue and its publishers' names.
+//! The server's own streams: the pipelines of its catalogue and its
+//! publishers' names.
 
 use super::*;
 

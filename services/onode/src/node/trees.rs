@@ -1,4 +1,5 @@
-//! The stream trees through this node: joins and their forwarding, leaves and prunes, repairs, moves and reroots, GOP refreshes.
+//! The stream trees through this node: joins and their forwarding, leaves
+//! and prunes, repairs, moves and reroots, GOP refreshes.
 
 use super::*;
 

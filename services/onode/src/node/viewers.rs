@@ -1,4 +1,6 @@
-//! The POP's viewers and the data plane's table: sessions, PLAY with the cached GOP, RTP lines, and the forwarding table rebuilt from trees and sessions.
+//! The POP's viewers and the data plane's table: sessions, PLAY with the
+//! cached GOP, RTP lines, and the forwarding table rebuilt from trees and
+//! sessions.
 
 use super::*;
 
