@@ -17,13 +17,12 @@
 #![no_main]
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use libfuzzer_sys::{fuzz_target, Corpus};
 use netlab::lab::{HostKind, Lab, LabSpec, RoleKind, SegmentKind};
-use netlab::overlay::Overlay;
-use netlab::routes;
+use overlay_core::topology::Topology;
 
 /// The overlay files of the shipped labs.
 const SHIPPED_OVERLAYS: [(&str, &str); 2] = [
@@ -51,8 +50,8 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         Some(Ok(text)) => Some(text),
         Some(Err(_)) => return Corpus::Reject,
     };
-    if let Some(Ok(o)) = overlay_text.map(Overlay::parse) {
-        overlay_fuzz::check_overlay(&o);
+    if let Some(Ok(t)) = overlay_text.map(Topology::parse) {
+        overlay_fuzz::check_topology(&t);
     }
 
     let spec = match serde_json::from_str::<LabSpec>(lab_text) {
@@ -157,8 +156,8 @@ fn check_lab(spec: &LabSpec, lab: &Lab) {
     if hosts.len() <= TRACE_MAX_HOSTS {
         for from in 0..hosts.len() {
             for (owner, addr) in &addrs {
-                let path = routes::trace(hosts, &lab.segments, &lab.routes, from, *addr)
-                    .unwrap_or_else(|| panic!("host {} cannot reach {addr}", hosts[from].name));
+                let path =
+                    lab.trace(from, *addr).unwrap_or_else(|| panic!("host {} cannot reach {addr}", hosts[from].name));
                 assert_eq!(path.last(), Some(owner), "host {} to {addr}", hosts[from].name);
             }
         }
@@ -174,9 +173,10 @@ fn check_lab(spec: &LabSpec, lab: &Lab) {
         if r.kind == RoleKind::Client {
             assert!(r.stream.as_deref().is_some_and(|s| !s.is_empty()));
             if let Some(pop) = lab.local_pop(r.host) {
-                let on_pop = lab.roles.iter().any(|p| {
-                    p.kind == RoleKind::Pop && hosts[p.host].ifaces.iter().any(|i| i.addr.addr == pop)
-                });
+                let on_pop = lab
+                    .roles
+                    .iter()
+                    .any(|p| p.kind == RoleKind::Pop && hosts[p.host].ifaces.iter().any(|i| i.addr.addr == pop));
                 assert!(on_pop, "client on {}: local POP {pop} is a POP's address", hosts[r.host].name);
             }
         }
@@ -194,12 +194,16 @@ fn check_lab(spec: &LabSpec, lab: &Lab) {
 
     // The overlay file agrees with the lab.
     if let Some(o) = &lab.overlay {
-        overlay_fuzz::check_overlay(o);
-        assert_eq!(lab.overlay_text.as_deref().map(Overlay::parse), Some(Ok(o.clone())));
-        for n in &o.nodes {
+        overlay_fuzz::check_topology(o);
+        assert_eq!(lab.overlay_text.as_deref().map(Topology::parse), Some(Ok(o.clone())));
+        for n in o.nodes() {
             let host = lab.host_of_node(&n.name).expect("every overlay node runs in the lab");
             for a in &n.names {
-                assert!(hosts[host].ifaces.iter().any(|i| i.addr.addr == *a), "overlay node {}: {a}", n.name);
+                assert!(
+                    hosts[host].ifaces.iter().any(|i| IpAddr::V4(i.addr.addr) == *a),
+                    "overlay node {}: {a}",
+                    n.name
+                );
             }
         }
         for r in lab.roles.iter().filter(|r| r.kind.is_overlay_node()) {

@@ -1,39 +1,61 @@
 //! Checks shared by the fuzz targets in `fuzz_targets/`.
 //!
-//! The lab's reading of the overlay file ([`netlab::overlay::Overlay`]) is
-//! reached from two targets: `topology` compares it with the bootstrapper's
-//! full validation, `lab` parses the overlay file that comes with a lab.
+//! A parsed overlay topology ([`overlay_core::topology::Topology`]) is
+//! reached from two targets: `topology` parses arbitrary text, `lab` the
+//! overlay file that comes with a lab.
 
 use std::collections::BTreeSet;
 
-use netlab::overlay::Overlay;
+use overlay_core::topology::{NodeSpec, Topology};
 
-/// Properties every parsed overlay file has.
-pub fn check_overlay(o: &Overlay) {
-    for pair in o.nodes.windows(2) {
+/// Properties every accepted topology has.
+pub fn check_topology(t: &Topology) {
+    let nodes: Vec<_> = t.nodes().collect();
+    for pair in nodes.windows(2) {
         assert!(pair[0].name < pair[1].name, "nodes sorted by name, each once");
     }
-    let mut linked = BTreeSet::new();
-    for n in &o.nodes {
-        assert_eq!(o.node(&n.name), Some(n));
+    assert!(nodes.iter().any(|n| n.server), "a topology has a server");
+    for n in &nodes {
+        assert_eq!(t.node(&n.name), Some(*n));
+        assert_eq!(n.server, n.name.starts_with('s'), "node {}", n.name);
+        assert!(!n.names.is_empty(), "node {} has names", n.name);
+        assert!(!(n.server && n.is_pop()), "server {} is a POP", n.name);
         for a in &n.names {
-            assert_eq!(o.owner(*a).map(|m| &m.name), Some(&n.name), "{a} is a name of {}", n.name);
+            assert_eq!(t.owner_of(*a).map(|o| &o.name), Some(&n.name), "{a} is a name of {}", n.name);
         }
-        for a in &n.neighbours {
-            let m = o.owner(*a).expect("parse refuses a neighbour nobody owns");
-            if m.name != n.name {
-                let pair = if n.name < m.name { (&n.name, &m.name) } else { (&m.name, &n.name) };
-                linked.insert((pair.0.clone(), pair.1.clone()));
-            }
+        for a in &n.pop {
+            assert!(n.names.contains(a), "node {}: pop {a} is one of its names", n.name);
+        }
+        for nb in &n.neighbours {
+            assert_ne!(nb.name, n.name, "node {} is its own neighbour", n.name);
+            assert_eq!(t.owner_of(nb.address).map(|o| &o.name), Some(&nb.name), "node {}: {}", n.name, nb.address);
+            let other = t.node(&nb.name).expect("a neighbour is a node");
+            assert_eq!(nb.server, other.server, "node {}: neighbour {}", n.name, nb.name);
+            assert!(other.neighbours.iter().any(|b| b.name == n.name), "{}-{} one-sided", n.name, nb.name);
         }
     }
-    let edges = o.edges();
-    for pair in edges.windows(2) {
-        assert!(pair[0] < pair[1], "edges sorted, each once");
+
+    let s = t.summary();
+    assert_eq!(s.nodes, nodes.len());
+    let names = |keep: fn(&NodeSpec) -> bool| -> Vec<String> {
+        nodes.iter().filter(|n| keep(n)).map(|n| n.name.clone()).collect()
+    };
+    assert_eq!(s.servers, names(|n| n.server));
+    assert_eq!(s.pops, names(|n| n.is_pop()));
+    assert_eq!(s.relays, names(|n| !n.server && !n.is_pop()));
+    assert_eq!(s.servers.len() + s.pops.len() + s.relays.len(), s.nodes, "roles partition the nodes");
+    assert_eq!(s.edges, t.edges().into_iter().collect::<Vec<_>>());
+    let mut linked = BTreeSet::new();
+    for n in &nodes {
+        for nb in &n.neighbours {
+            linked.insert(if n.name < nb.name {
+                (n.name.clone(), nb.name.clone())
+            } else {
+                (nb.name.clone(), n.name.clone())
+            });
+        }
     }
-    for (x, y) in &edges {
-        assert!(x < y, "edge {x}-{y}: smaller name first");
-        assert!(o.node(x).is_some() && o.node(y).is_some(), "edge {x}-{y} joins two nodes");
-    }
-    assert_eq!(edges.into_iter().collect::<BTreeSet<_>>(), linked, "one edge per pair of neighbours");
+    assert_eq!(s.edges, linked.into_iter().collect::<Vec<_>>(), "one edge per pair of neighbours");
+    let shown = s.to_string();
+    assert!(shown.starts_with(&format!("nodes: {}\n", s.nodes)), "{shown}");
 }
