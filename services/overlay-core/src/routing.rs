@@ -528,6 +528,17 @@ impl RouteTable {
         self.carrying.insert(neighbour.to_string(), streams.into_iter().collect());
     }
 
+    /// `neighbour` pruned its branch of `stream` here: it is taken as not
+    /// carrying the stream until its next heartbeat answer says otherwise.
+    /// (Otherwise a join just after the prune could be sent to it on its
+    /// last answer's word, while its own new join comes here: each would
+    /// wait for the other.)
+    pub fn stopped_carrying(&mut self, neighbour: &str, stream: &str) {
+        if let Some(streams) = self.carrying.get_mut(neighbour) {
+            streams.remove(stream);
+        }
+    }
+
     /// A neighbour (or the link to it) is dead: forget every route through it.
     pub fn neighbour_down(&mut self, neighbour: &str) {
         self.down.insert(neighbour.to_string());
@@ -1096,6 +1107,9 @@ mod tests {
         t.set_carrying("o6", ["test".to_string()]);
         assert_eq!(t.upstream_for("test", now, &[]).unwrap().via(), "o6");
         assert_eq!(t.upstream_for("test", now, &["o6"]).unwrap().via(), "o4");
+        // o6 pruned its branch here: its last heartbeat's word is void.
+        t.stopped_carrying("o6", "test");
+        assert_eq!(t.upstream_for("test", now, &[]).unwrap().via(), "o4");
     }
 
     #[test]

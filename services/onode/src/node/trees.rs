@@ -502,7 +502,13 @@ impl Node {
     /// `requester` leaves `stream`; prunes upstream or stops the pipeline
     /// when it was the last.
     pub fn leave(self: &Arc<Self>, stream: &str, requester: Requester) {
-        let prune = self.lock().trees.leave(stream, &requester);
+        let prune = {
+            let mut st = self.lock();
+            if let Requester::Neighbour(n) = &requester {
+                st.routes.stopped_carrying(n, stream);
+            }
+            st.trees.leave(stream, &requester)
+        };
         self.carry_out_prune(stream, prune, Some(requester));
     }
 
