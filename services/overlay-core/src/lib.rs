@@ -15,5 +15,7 @@ pub mod routing;
 pub mod rtp;
 pub mod session;
 pub mod silence;
+#[cfg(test)]
+mod testing;
 pub mod topology;
 pub mod tree;

@@ -90,44 +90,24 @@ pub fn accept(trees: &Trees, m: &Move, server: &str) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{Probe, RoutingConfig};
-    use crate::tree::{Requester, StreamDesc};
+    use crate::routing::RoutingConfig;
+    use crate::testing::{carrying, probe};
 
     const SETTLE: Duration = Duration::from_secs(30);
 
     /// Round `seq` of s1's probes at `at`: slow through o2, fast through o9.
     fn round(routes: &mut RouteTable, seq: u64, at: Instant) {
         for (via, delay_us) in [("o2", 90_000), ("o9", 10_000)] {
-            let p = Probe {
-                server: "s1".into(),
-                seq,
-                send_time_unix_us: 0,
-                hops: 2,
-                visited: vec!["s1".into(), via.into()],
-                path_delay_us: delay_us,
-                streams: vec!["test".into()],
-                sender: via.into(),
-                withdrawn: false,
-            };
-            routes.on_probe(&p, at, 0);
+            routes.on_probe(&probe("s1", seq, via, &["s1", via], delay_us), at, 0);
         }
     }
 
     /// o3 fed by o2 (a slow way to s1) while o9 offers a fast one.
     fn slow_branch(now: Instant) -> (Trees, RouteTable) {
-        let mut routes =
-            RouteTable::new("o3", ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
+        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
         round(&mut routes, 1, now);
-        let mut trees = Trees::new("o3", []);
-        trees.request("test", Requester::Neighbour("o4".into()), &["o4".into()], 1, &routes, now);
-        let desc = StreamDesc {
-            stream: "test".into(),
-            server: "s1".into(),
-            ssrcs: vec![1, 2],
-            depth: 1,
-            route: vec!["s1".into(), "o2".into()],
-        };
-        trees.joined(Source::Neighbour("o2".into()), desc);
+        let trees = carrying(&routes, "o2", "o4", now);
         (trees, routes)
     }
 

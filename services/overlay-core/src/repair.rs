@@ -108,38 +108,19 @@ impl Repair {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{Probe, RoutingConfig};
-    use crate::tree::{Requester, Source, StreamDesc};
+    use crate::routing::RoutingConfig;
+    use crate::testing::{carrying, probe};
+    use crate::tree::StreamDesc;
 
     /// o3 fed by o2 from s1, feeding o4; `ways` are (neighbour, path from
-    /// the server) it has heard a probe from.
+    /// the server) it has heard a probe from. o2 then goes down.
     fn lost_upstream(ways: &[(&str, &[&str])], now: Instant) -> (Trees, RouteTable) {
-        let mut routes =
-            RouteTable::new("o3", ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
+        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
         for (via, path) in ways {
-            let p = Probe {
-                server: "s1".into(),
-                seq: 1,
-                send_time_unix_us: 0,
-                hops: path.len() as u32,
-                visited: path.iter().map(|s| s.to_string()).collect(),
-                path_delay_us: 0,
-                streams: vec!["test".into()],
-                sender: via.to_string(),
-                withdrawn: false,
-            };
-            routes.on_probe(&p, now, 0);
+            routes.on_probe(&probe("s1", 1, via, path, 0), now, 0);
         }
-        let mut trees = Trees::new("o3", []);
-        trees.request("test", Requester::Neighbour("o4".into()), &["o4".into()], 1, &routes, now);
-        let desc = StreamDesc {
-            stream: "test".into(),
-            server: "s1".into(),
-            ssrcs: vec![1, 2],
-            depth: 1,
-            route: vec!["s1".into(), "o2".into()],
-        };
-        trees.joined(Source::Neighbour("o2".into()), desc);
+        let mut trees = carrying(&routes, "o2", "o4", now);
         routes.neighbour_down("o2");
         assert_eq!(trees.upstream_lost("o2"), ["test"]);
         (trees, routes)

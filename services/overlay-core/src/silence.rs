@@ -93,36 +93,16 @@ impl Silence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{Probe, RoutingConfig};
-    use crate::tree::{Requester, Source, StreamDesc};
+    use crate::routing::RoutingConfig;
+    use crate::testing::{carrying, probe};
 
     /// o3 fed `test` by o2 (link round trip 80 ms), feeding o4.
     fn fed_by_o2(now: Instant) -> (Trees, RouteTable) {
-        let mut routes =
-            RouteTable::new("o3", ["o2", "o4"].iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+        let neighbours = ["o2", "o4"].iter().map(|s| s.to_string()).collect();
+        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
         routes.on_link_rtt("o2", 80_000);
-        let p = Probe {
-            server: "s1".into(),
-            seq: 1,
-            send_time_unix_us: 0,
-            hops: 2,
-            visited: vec!["s1".into(), "o2".into()],
-            path_delay_us: 0,
-            streams: vec!["test".into()],
-            sender: "o2".into(),
-            withdrawn: false,
-        };
-        routes.on_probe(&p, now, 0);
-        let mut trees = Trees::new("o3", []);
-        trees.request("test", Requester::Neighbour("o4".into()), &["o4".into()], 1, &routes, now);
-        let desc = StreamDesc {
-            stream: "test".into(),
-            server: "s1".into(),
-            ssrcs: vec![1, 2],
-            depth: 1,
-            route: vec!["s1".into(), "o2".into()],
-        };
-        trees.joined(Source::Neighbour("o2".into()), desc);
+        routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 0), now, 0);
+        let trees = carrying(&routes, "o2", "o4", now);
         (trees, routes)
     }
 
