@@ -20,13 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use media::{SourceSpec, StreamSource};
-use overlay_core::join::{Join, JoinStep};
-use overlay_core::moves::{self, Move, Moves};
-use overlay_core::repair::{Repair, Step};
+use overlay_core::engine::{Effect, Engine, EngineConfig, Level};
 use overlay_core::routing::{RouteTable, RoutingConfig};
 use overlay_core::session::{SessionLimits, Sessions};
-use overlay_core::silence::{self, Silence};
-use overlay_core::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
+use overlay_core::silence;
+use overlay_core::tree::{Nak, NakReason, Requester, Source, StreamDesc};
 use overlay_proto as pb;
 use overlay_proto::overlay_client::OverlayClient;
 use relay::{Accept, ForwardTable, Heard, Relay, Route, SharedContinuity, SplitDest, Tally};
@@ -110,11 +108,6 @@ pub struct Identity {
 
 type JoinResult = Result<StreamDesc, Nak>;
 
-/// The reroot notice that says "I found no way to the root" (empty route).
-fn gave_up(stream: &str) -> StreamDesc {
-    StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
-}
-
 /// A stream that brought no packet for this long (ms) starves its viewers.
 const STARVED_MS: u64 = 1500;
 /// How long a downstream that missed heartbeats keeps its branch (it may be
@@ -144,14 +137,19 @@ impl Ticker<'_> {
 }
 
 struct State {
-    routes: RouteTable,
-    trees: Trees,
+    /// The tree protocol (with the route table): see overlay-core's
+    /// engine. Its effects are carried out by [`Node::drive`].
+    engine: Engine,
     sessions: Sessions,
+    /// Stream requests waiting for the engine's answer, by ticket.
     waiters: HashMap<u64, oneshot::Sender<JoinResult>>,
     /// Data port of each downstream neighbour (from its join request).
     data_ports: HashMap<String, u16>,
-    /// Data address of each stream's upstream.
-    upstream_data: HashMap<String, SocketAddr>,
+    /// Data port of each upstream neighbour (from its join answers).
+    upstream_ports: HashMap<String, u16>,
+    /// Per stream repairing: when its last packet came before the repair
+    /// (on [`relay::clock_ms`]), the start of the media gap.
+    repair_from: HashMap<String, Option<u64>>,
     pipelines: HashMap<String, StreamSource>,
     /// Streams published live to this server (see `publish`): offered
     /// while a publisher sends or within its grace period.
@@ -163,9 +161,6 @@ struct State {
     /// Per stream and track: the one RTP line RTSP players see, whatever
     /// upstream or server the stream comes from.
     lines: HashMap<(String, usize), SharedContinuity>,
-    /// When each stream's branch last got a new upstream (join, repair,
-    /// move): it is not moved again before it settles.
-    moves: Moves,
     /// Per stream carried: what the data plane took in and sent on.
     tallies: HashMap<String, StreamTallies>,
     /// Per stream: its repairs since start and the last one's media gap.
@@ -217,7 +212,9 @@ pub struct Node {
     relay_stop: Arc<AtomicBool>,
     /// The relay's socket loop, joined at shutdown.
     relay_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    started: Instant,
+    /// Wakes the engine's timer task: an input may have moved its next
+    /// deadline.
+    wake: tokio::sync::Notify,
     /// What came to the RTSP edge's RTCP port.
     pub rtcp_intake: crate::rtsp::RtcpCounters,
     /// What the WebRTC edge (WHEP) answered, refused and dropped.
@@ -282,19 +279,27 @@ impl Node {
             let tls = settings.tls.as_ref().map(|t| (t, n.name.as_str()));
             clients.insert(n.name.clone(), OverlayClient::new(net::channel(addr, local, timeout, tls)?));
         }
+        let engine_config = EngineConfig {
+            join_timeout: settings.join_timeout,
+            retry: settings.heartbeat,
+            probe_interval: id.probe_interval,
+            downstream_grace: DOWNSTREAM_GRACE,
+            silence: settings.silence,
+            settle: settings.settle,
+        };
+        let routes = RouteTable::new(id.name.clone(), names, config);
         let state = State {
-            routes: RouteTable::new(id.name.clone(), names, config),
-            trees: Trees::new(id.name.clone(), offered),
+            engine: Engine::new(routes, offered, engine_config, Instant::now()),
             sessions: Sessions::new(settings.session_limits),
             waiters: HashMap::new(),
             data_ports: HashMap::new(),
-            upstream_data: HashMap::new(),
+            upstream_ports: HashMap::new(),
+            repair_from: HashMap::new(),
             pipelines: HashMap::new(),
             published: Default::default(),
             connected: Default::default(),
             heard: HashMap::new(),
             lines: HashMap::new(),
-            moves: Moves::new(settings.settle.unwrap_or(Duration::MAX)),
             tallies: HashMap::new(),
             repairs: HashMap::new(),
         };
@@ -311,7 +316,7 @@ impl Node {
             tickets: AtomicU64::new(1),
             relay_stop: Arc::new(AtomicBool::new(false)),
             relay_thread: Mutex::new(None),
-            started: Instant::now(),
+            wake: tokio::sync::Notify::new(),
             rtcp_intake: Default::default(),
             webrtc: Default::default(),
             publishing: Default::default(),
@@ -341,14 +346,8 @@ impl Node {
         self.tasks.spawn(async move { me.heartbeat_loop().await });
         let me = self.clone();
         self.tasks.spawn(async move { me.datagram_loop().await });
-        if self.settings.settle.is_some() {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.improve_loop().await });
-        }
-        if let Some(silence) = self.settings.silence {
-            let me = self.clone();
-            self.tasks.spawn(async move { me.silence_loop(silence).await });
-        }
+        let me = self.clone();
+        self.tasks.spawn(async move { me.engine_loop().await });
         if self.id.server {
             let me = self.clone();
             self.tasks.spawn(async move { me.probe_loop().await });
@@ -371,14 +370,7 @@ impl Node {
     pub async fn shutdown(self: &Arc<Self>) {
         let (upstreams, pipelines) = {
             let mut st = self.lock();
-            let ups: Vec<(String, String)> = st
-                .trees
-                .active()
-                .filter_map(|b| match &b.source {
-                    Source::Neighbour(up) => Some((b.desc.stream.clone(), up.clone())),
-                    Source::Local => None,
-                })
-                .collect();
+            let ups = st.engine.upstreams();
             let pipes: Vec<StreamSource> = st.pipelines.drain().map(|(_, p)| p).collect();
             (ups, pipes)
         };

@@ -5,6 +5,7 @@
 //! the outputs.
 
 pub mod codec;
+pub mod engine;
 pub mod join;
 pub mod liveness;
 pub mod membership;

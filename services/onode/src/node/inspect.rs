@@ -26,6 +26,7 @@ impl Node {
         // Streams carried now, and those carried before (their counters
         // stay, as counters do).
         let names: std::collections::BTreeSet<String> = st
+            .engine
             .trees
             .active()
             .map(|b| b.desc.stream.clone())
@@ -35,7 +36,7 @@ impl Node {
         let streams = names
             .into_iter()
             .map(|stream| {
-                let branch = st.trees.branch(&stream);
+                let branch = st.engine.trees.branch(&stream);
                 let viewers = playing
                     .range((stream.as_str(), "")..)
                     .take_while(|((s, _), _)| *s == stream)
@@ -76,15 +77,15 @@ impl Node {
                 let beats = self.links.beat_totals(&n.name);
                 NeighbourFigures {
                     neighbour: n.name.clone(),
-                    up: !st.routes.is_down(&n.name),
-                    delay_seconds: st.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
+                    up: !st.engine.routes.is_down(&n.name),
+                    delay_seconds: st.engine.routes.link_delay_us(&n.name).map(|us| us as f64 / 1e6),
                     heartbeats_sent: beats.sent,
                     heartbeats_missed: beats.missed,
                 }
             })
             .collect();
         let session_counts = st.sessions.counts;
-        let routes = st.routes.counters();
+        let routes = st.engine.routes.counters();
         drop(st);
         let (cpu_seconds, resident_bytes) = crate::metrics::process_figures();
         Snapshot {
@@ -118,11 +119,12 @@ impl Node {
             .iter()
             .map(|n| pb::NeighbourView {
                 name: n.name.clone(),
-                delay_us: st.routes.link_delay_us(&n.name).unwrap_or(0),
-                down: st.routes.is_down(&n.name),
+                delay_us: st.engine.routes.link_delay_us(&n.name).unwrap_or(0),
+                down: st.engine.routes.is_down(&n.name),
             })
             .collect();
         let branches = st
+            .engine
             .trees
             .active()
             .map(|b| pb::BranchView {
@@ -161,14 +163,14 @@ impl Node {
                     "name": n.name,
                     "address": n.address.to_string(),
                     "server": n.server,
-                    "link_delay_us": st.routes.link_delay_us(&n.name),
-                    "down": st.routes.is_down(&n.name),
+                    "link_delay_us": st.engine.routes.link_delay_us(&n.name),
+                    "down": st.engine.routes.is_down(&n.name),
                 })
             })
             .collect();
         let mut routes = serde_json::Map::new();
-        for (server, entries) in st.routes.entries(now) {
-            let best = st.routes.best_next_hop(&server, now, &[]);
+        for (server, entries) in st.engine.routes.entries(now) {
+            let best = st.engine.routes.best_next_hop(&server, now, &[]);
             let entries: Vec<_> = entries
                 .iter()
                 .map(|(via, e)| {
@@ -190,6 +192,7 @@ impl Node {
             );
         }
         let streams: Vec<_> = st
+            .engine
             .trees
             .active()
             .map(|b| {
@@ -239,7 +242,7 @@ impl Node {
             "neighbours": neighbours,
             "routes": routes,
             "streams": streams,
-            "joining": st.trees.joining(),
+            "joining": st.engine.trees.joining(),
             "sessions": sessions,
             "pipelines": pipelines,
             "catalogue": self.catalogue.keys().collect::<Vec<_>>(),

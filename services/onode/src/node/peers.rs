@@ -15,7 +15,7 @@ impl Node {
         while tick.next().await {
             let now = Instant::now();
             for neighbour in self.links.expire(now) {
-                if self.lock().routes.is_down(&neighbour) {
+                if self.lock().engine.routes.is_down(&neighbour) {
                     continue;
                 }
                 warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
@@ -51,13 +51,13 @@ impl Node {
     pub(super) fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
         let (connect, notices) = {
             let mut st = self.lock();
-            st.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
-            st.routes.set_carrying(neighbour, carrying);
-            let notices = if st.routes.is_down(neighbour) {
-                st.routes.neighbour_up(neighbour);
+            st.engine.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
+            st.engine.routes.set_carrying(neighbour, carrying);
+            let notices = if st.engine.routes.is_down(neighbour) {
+                st.engine.routes.neighbour_up(neighbour);
                 info!(node = %self.id.name, %neighbour, "neighbour answers again");
                 self.changes.send_modify(|v| *v += 1);
-                st.routes.announce_link(neighbour, true, net::unix_us())
+                st.engine.routes.announce_link(neighbour, true, net::unix_us())
             } else {
                 Vec::new()
             };
@@ -82,43 +82,12 @@ impl Node {
         }
     }
 
-    /// Watches the streams this node receives: one gone silent gets its
-    /// upstream pinged at once, with a timeout of a few link round trips;
-    /// no answer means the upstream (or the link) is lost, long before
-    /// three heartbeats would say so. An upstream that answers is left
-    /// alone (it may be repairing its own way up) and asked again later.
-    pub(super) async fn silence_loop(self: Arc<Self>, silence: Duration) {
-        let mut watcher = Silence::new(silence);
-        let mut tick = self.ticker(watcher.period());
-        while tick.next().await {
-            let watch = {
-                let mut st = self.lock();
-                let st = &mut *st;
-                let heard = &st.heard;
-                let silent_ms = |stream: &str| heard.get(stream).and_then(|(_, h)| h.silent_ms());
-                watcher.tick(&mut st.trees, &st.routes, silent_ms, Instant::now())
-            };
-            for (stream, up) in watch.rejoin {
-                warn!(
-                    node = %self.id.name, %stream, upstream = %up, silent_ms = silence::REJOIN_AFTER.as_millis() as u64,
-                    "upstream answers but no longer feeds the stream: joining again"
-                );
-                let me = self.clone();
-                self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
-            }
-            for (up, limit) in watch.ping {
-                let me = self.clone();
-                self.tasks.spawn(async move { me.check_silent_upstream(up, limit).await });
-            }
-        }
-    }
-
     pub(super) async fn check_silent_upstream(self: Arc<Self>, up: String, limit: Duration) {
         if self.links.check(&up, limit).await {
             debug!(node = %self.id.name, upstream = %up, "a stream went quiet but its upstream answers");
             return;
         }
-        if self.lock().routes.is_down(&up) {
+        if self.lock().engine.routes.is_down(&up) {
             return;
         }
         warn!(
@@ -128,61 +97,28 @@ impl Node {
         self.neighbour_lost(&up, false);
     }
 
-    /// A neighbour (or the link to it) is gone: forget routes through it
-    /// and repair the branches it fed, at once. The branches it was fed by
-    /// us are pruned at once only when the loss is certain (the
-    /// bootstrapper's notice); after missed heartbeats, which a lossy link
-    /// also causes, only if it is still silent a few seconds later.
+    /// A neighbour (or the link to it) is gone: routes through it die at
+    /// once, everywhere (a link notice), and the engine repairs the
+    /// branches it fed. The branches it was fed by us are pruned at once
+    /// only when the loss is certain (the bootstrapper's notice); after
+    /// missed heartbeats, which a lossy link also causes, only if it is
+    /// still silent a few seconds later.
     pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str, certain: bool) {
-        let (repairs, notices, probes) = {
-            let mut st = self.lock();
-            let news = !st.routes.is_down(neighbour);
-            st.routes.neighbour_down(neighbour);
-            // Every route through the link dies at once, everywhere.
-            let notices = if news { st.routes.announce_link(neighbour, false, net::unix_us()) } else { Vec::new() };
-            let probes = st.routes.tell_changes(Instant::now());
+        let mut notices = Vec::new();
+        let mut probes = Vec::new();
+        self.drive(|st| {
+            let news = !st.engine.routes.is_down(neighbour);
+            st.engine.routes.neighbour_down(neighbour);
+            if news {
+                notices = st.engine.routes.announce_link(neighbour, false, net::unix_us());
+            }
+            probes = st.engine.routes.tell_changes(Instant::now());
             st.connected.remove(neighbour);
             self.links.mark_lost(neighbour);
-            (st.trees.upstream_lost(neighbour), notices, probes)
-        };
+            st.engine.neighbour_lost(neighbour, certain, Instant::now())
+        });
         self.send_link_notices(notices);
         self.send_probes(probes);
-        for stream in repairs {
-            warn!(node = %self.id.name, %stream, upstream = %neighbour, "upstream lost: repairing the tree");
-            let me = self.clone();
-            self.tasks.spawn(async move { me.repair(stream, Vec::new()).await });
-        }
-        if certain {
-            self.prune_downstream(neighbour);
-        } else {
-            let me = self.clone();
-            let neighbour = neighbour.to_string();
-            self.tasks.spawn(async move {
-                tokio::select! {
-                    _ = me.cancel.cancelled() => {}
-                    _ = tokio::time::sleep(DOWNSTREAM_GRACE) => {
-                        if me.lock().routes.is_down(&neighbour) {
-                            me.prune_downstream(&neighbour);
-                        }
-                    }
-                }
-            });
-        }
-        let mut st = self.lock();
-        self.republish(&mut st);
-    }
-
-    pub(super) fn prune_downstream(self: &Arc<Self>, neighbour: &str) {
-        let prunes = self.lock().trees.downstream_lost(neighbour);
-        for (stream, prune) in prunes {
-            info!(node = %self.id.name, %stream, downstream = %neighbour, "downstream lost: pruned");
-            // Should it be alive after all, it learns it lost its upstream.
-            let me = self.clone();
-            let desc = gave_up(&stream);
-            let to = neighbour.to_string();
-            self.tasks.spawn(async move { me.send_reroot(to, desc).await });
-            self.carry_out_prune(&stream, prune, None);
-        }
     }
 
     pub(super) async fn probe_loop(self: Arc<Self>) {
@@ -194,7 +130,7 @@ impl Node {
             let out = {
                 let st = &mut *self.lock();
                 let streams = files.iter().chain(st.published.iter()).cloned().collect();
-                st.routes.originate(seq, net::unix_us(), streams)
+                st.engine.routes.originate(seq, net::unix_us(), streams)
             };
             self.send_probes(out);
         }
@@ -218,8 +154,8 @@ impl Node {
         let notice = convert::link_notice_from_wire(notice, from);
         let (notices, probes) = {
             let mut st = self.lock();
-            let notices = st.routes.on_link_notice(&notice, Instant::now());
-            let probes = if notices.is_empty() { Vec::new() } else { st.routes.tell_changes(Instant::now()) };
+            let notices = st.engine.routes.on_link_notice(&notice, Instant::now());
+            let probes = if notices.is_empty() { Vec::new() } else { st.engine.routes.tell_changes(Instant::now()) };
             (notices, probes)
         };
         if !notices.is_empty() {
@@ -237,7 +173,7 @@ impl Node {
     /// A STATUS probe from a neighbour.
     pub fn on_probe(self: &Arc<Self>, probe: pb::Probe) {
         let probe = convert::probe_from_wire(probe);
-        let out = self.lock().routes.on_probe(&probe, Instant::now(), net::unix_us());
+        let out = self.lock().engine.routes.on_probe(&probe, Instant::now(), net::unix_us());
         self.send_probes(out);
     }
 
@@ -267,8 +203,8 @@ impl Node {
     pub(super) fn forget_failed(&self, node: &str) {
         let probes = {
             let mut st = self.lock();
-            st.routes.node_failed(node, Instant::now());
-            st.routes.tell_changes(Instant::now())
+            st.engine.routes.node_failed(node, Instant::now());
+            st.engine.routes.tell_changes(Instant::now())
         };
         self.send_probes(probes);
     }

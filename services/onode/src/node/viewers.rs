@@ -37,19 +37,19 @@ impl Node {
     /// publishes it to the relay.
     pub(super) fn republish(&self, st: &mut State) {
         let mut table = ForwardTable::default();
-        st.heard.retain(|stream, (source, _)| st.trees.branch(stream).is_some_and(|b| b.source == *source));
-        st.moves.retain_carried(&st.trees);
+        st.heard.retain(|stream, (source, _)| st.engine.trees.branch(stream).is_some_and(|b| b.source == *source));
+        st.engine.forget_gone();
         // The figures of streams no longer carried stay (counters do), up
         // to a bound.
         if st.tallies.len() > KEPT_STREAMS {
-            st.tallies.retain(|stream, _| st.trees.branch(stream).is_some());
+            st.tallies.retain(|stream, _| st.engine.trees.branch(stream).is_some());
         }
         // A line outlives a repair (the branch may be gone meanwhile): it
         // ends when no session watches its stream any more.
         let watched: std::collections::HashSet<&str> =
             st.sessions.iter().filter_map(|(_, s)| s.stream.as_deref()).collect();
         st.lines.retain(|(stream, _), _| watched.contains(stream.as_str()));
-        for branch in st.trees.active() {
+        for branch in st.engine.trees.active() {
             let stream = &branch.desc.stream;
             // A new upstream starts unheard: silence is judged from its
             // first packet on.
@@ -57,9 +57,9 @@ impl Node {
                 st.heard.entry(stream.clone()).or_insert_with(|| (branch.source.clone(), Heard::default())).1.clone();
             let accept = match &branch.source {
                 Source::Local => Accept::Local,
-                Source::Neighbour(_) => match st.upstream_data.get(stream) {
-                    Some(a) => Accept::From(*a),
-                    None => continue,
+                Source::Neighbour(up) => match (self.neighbour(up), st.upstream_ports.get(up)) {
+                    (Some(n), Some(port)) => Accept::From(SocketAddr::new(n.address, *port)),
+                    _ => continue,
                 },
             };
             let tallies = st.tallies.entry(stream.clone()).or_default();
@@ -125,7 +125,7 @@ impl Node {
             let session = st.sessions.iter().find(|(sid, _)| *sid == id).map(|(_, s)| s.clone());
             let burst = session.and_then(|s| {
                 let stream = s.stream.as_deref()?;
-                let ssrc = *st.trees.branch(stream)?.desc.ssrcs.first()?;
+                let ssrc = *st.engine.trees.branch(stream)?.desc.ssrcs.first()?;
                 let video = s.tracks.iter().find(|t| t.track == 0);
                 let tally = st.tallies.entry(stream.to_string()).or_default().to(VIEWERS);
                 match (s.rtp_dest, video) {
@@ -163,7 +163,7 @@ impl Node {
     pub fn line_start(&self, stream: &str) -> Option<(u16, u32)> {
         let (ssrc, line) = {
             let mut st = self.lock();
-            let ssrc = *st.trees.branch(stream)?.desc.ssrcs.first()?;
+            let ssrc = *st.engine.trees.branch(stream)?.desc.ssrcs.first()?;
             (ssrc, line(&mut st.lines, stream, 0))
         };
         let mut first =
@@ -200,7 +200,7 @@ impl Node {
 
     /// The stream as this node carries it now, if it does.
     pub fn desc(&self, stream: &str) -> Option<overlay_core::tree::StreamDesc> {
-        self.lock().trees.branch(stream).map(|b| b.desc.clone())
+        self.lock().engine.trees.branch(stream).map(|b| b.desc.clone())
     }
 
     /// [`Node::with_sessions`] for changes that leave every destination

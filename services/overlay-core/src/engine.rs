@@ -1,0 +1,1041 @@
+//! One node's side of the tree protocol as one object: the route table,
+//! the trees, the joins under way, the repairs, the moves, the quiet
+//! streams' checks, the downstreams given grace and the requests waiting
+//! for routes. Inputs come in with the time (a stream request, the answer
+//! to one this node sent, a prune, a reroot notice, a lost neighbour, a
+//! timer); what the node must do comes out as [`Effect`] values; the next
+//! timer is [`Engine::poll_timeout`]. No sockets and no clock: onode runs
+//! it over gRPC and UDP, overlay-sim runs a thousand of them on a virtual
+//! clock.
+//!
+//! The route table is a field: the STATUS probes, heartbeats and link
+//! notices go to it directly (it is a state machine of its own, see
+//! [`crate::routing`]).
+//!
+//! Every stream request this node sends is an [`Effect::Ask`] with an id;
+//! its outcome comes back through [`Engine::answered`] with that id, and
+//! the engine knows what the request was for: a join on behalf of
+//! requesters ([`Join`]), a branch's repair ([`Repair`]) or a move to a
+//! better upstream ([`Move`]).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::join::{Join, JoinStep};
+use crate::moves::{self, Move, Moves, Verdict};
+use crate::repair::{Repair, Step};
+use crate::routing::RouteTable;
+use crate::silence::Silence;
+use crate::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
+
+/// The engine's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// How long a stream request sent upstream may take, in all.
+    pub join_timeout: Duration,
+    /// The pause between a repair's rounds (a heartbeat).
+    pub retry: Duration,
+    /// The STATUS probe interval: requests that find no way while routes
+    /// are still learnt wait a few of them.
+    pub probe_interval: Duration,
+    /// How long a downstream that may only have missed heartbeats keeps
+    /// its branches.
+    pub downstream_grace: Duration,
+    /// A stream this quiet gets its upstream pinged (None: not watched).
+    pub silence: Option<Duration>,
+    /// A branch keeps its upstream this long before it may move to a
+    /// better one (None: trees never move).
+    pub settle: Option<Duration>,
+}
+
+impl Default for EngineConfig {
+    /// onode's defaults.
+    fn default() -> Self {
+        EngineConfig {
+            join_timeout: Duration::from_secs(3),
+            retry: Duration::from_millis(100),
+            probe_interval: Duration::from_millis(500),
+            downstream_grace: Duration::from_secs(3),
+            silence: Some(Duration::from_millis(150)),
+            settle: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// What the node must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send a stream request for `stream` along `path` to neighbour `to`,
+    /// waiting at most `timeout`; its outcome goes to [`Engine::answered`]
+    /// with `id`.
+    Ask { id: u64, to: String, stream: String, path: Vec<String>, timeout: Duration },
+    /// Answer the stream request the driver gave `ticket`.
+    Answer { ticket: u64, result: Result<StreamDesc, Nak> },
+    /// Ask `from` for its last GOP of `stream` (this node's table is
+    /// ready); then answer the local viewers `tickets` with `desc` (their
+    /// first picture is on its way), or after a short wait if it is slow.
+    Refresh { from: String, stream: String, tickets: Vec<u64>, desc: StreamDesc },
+    /// Send a prune of `stream` to the upstream `to`.
+    Leave { to: String, stream: String },
+    /// Tell downstream `to` the stream's new route to the root; an empty
+    /// route says this node found no way to the root (see [`gave_up`]).
+    Reroot { to: String, desc: StreamDesc },
+    /// Start this server's own source of `stream`; report with
+    /// [`Engine::local_started`].
+    StartLocal { stream: String },
+    /// Stop this server's own source of `stream` (nobody watches).
+    StopLocal { stream: String },
+    /// Ping `to`, waiting at most `timeout`; no answer: the neighbour is
+    /// lost ([`Engine::neighbour_lost`]).
+    Ping { to: String, timeout: Duration },
+    /// A branch's repair starts: the last packet before it is the start of
+    /// the media gap.
+    RepairStarted { stream: String },
+    /// A branch is fed again after a repair, by `upstream` from `server`,
+    /// `took` after the repair started.
+    Repaired { stream: String, upstream: String, server: String, took: Duration },
+    /// The trees changed: the forwarding table is built again.
+    Republish,
+    /// What happened, for the log.
+    Note(Note),
+}
+
+/// How loud a [`Note`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+}
+
+/// A line for the node's log: how loud, about which stream, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub level: Level,
+    pub stream: String,
+    pub what: String,
+}
+
+/// The reroot notice that says "I found no way to the root" (empty route).
+pub fn gave_up(stream: &str) -> StreamDesc {
+    StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
+}
+
+/// What a stream request this node sent is for.
+#[derive(Debug, Clone)]
+enum Purpose {
+    Join,
+    Repair,
+    Move(Move, Instant),
+}
+
+#[derive(Debug, Clone)]
+struct Asked {
+    stream: String,
+    to: String,
+    purpose: Purpose,
+}
+
+/// A join under way: asking (an id) or pausing until a time.
+#[derive(Debug, Clone)]
+struct JoinRun {
+    join: Join,
+    resume_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct RepairRun {
+    repair: Repair,
+    started: Instant,
+    /// Asking (the id), or waiting until a time.
+    asking: Option<u64>,
+    resume_at: Option<Instant>,
+}
+
+/// A request that found no way yet, waiting for the routes.
+#[derive(Debug, Clone)]
+struct Held {
+    stream: String,
+    requester: Requester,
+    path: Vec<String>,
+    ticket: u64,
+    /// When it is refused for good.
+    until_no_route: Instant,
+    until_unknown: Instant,
+    retry_at: Instant,
+}
+
+/// One node's tree protocol.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    me: String,
+    config: EngineConfig,
+    pub routes: RouteTable,
+    pub trees: Trees,
+    moves: Moves,
+    silence: Option<Silence>,
+    started: Instant,
+    next_id: u64,
+    asks: BTreeMap<u64, Asked>,
+    joins: BTreeMap<String, JoinRun>,
+    repairs: BTreeMap<String, RepairRun>,
+    held: Vec<Held>,
+    /// Downstreams that missed heartbeats: pruned at this time if still
+    /// down then.
+    graces: BTreeMap<String, Instant>,
+    next_move: Instant,
+    next_silence: Instant,
+}
+
+impl Engine {
+    /// `offered` are the streams a server serves itself.
+    pub fn new(
+        routes: RouteTable,
+        offered: impl IntoIterator<Item = String>,
+        config: EngineConfig,
+        now: Instant,
+    ) -> Engine {
+        let me = routes.me().to_string();
+        Engine {
+            trees: Trees::new(me.clone(), offered),
+            me,
+            routes,
+            moves: Moves::new(config.settle.unwrap_or(Duration::MAX)),
+            silence: config.silence.map(Silence::new),
+            config,
+            started: now,
+            next_id: 1,
+            asks: BTreeMap::new(),
+            joins: BTreeMap::new(),
+            repairs: BTreeMap::new(),
+            held: Vec::new(),
+            graces: BTreeMap::new(),
+            next_move: now + Self::move_period(&config),
+            next_silence: now,
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn move_period(config: &EngineConfig) -> Duration {
+        (config.probe_interval * 2).max(Duration::from_millis(500))
+    }
+
+    fn note(out: &mut Vec<Effect>, level: Level, stream: &str, what: String) {
+        out.push(Effect::Note(Note { level, stream: stream.to_string(), what }));
+    }
+
+    fn ask(
+        &mut self,
+        out: &mut Vec<Effect>,
+        stream: &str,
+        to: &str,
+        path: Vec<String>,
+        timeout: Duration,
+        purpose: Purpose,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.asks.insert(id, Asked { stream: stream.to_string(), to: to.to_string(), purpose });
+        out.push(Effect::Ask { id, to: to.to_string(), stream: stream.to_string(), path, timeout });
+        id
+    }
+
+    /// Whether a stream request for `stream` this node sent is unanswered.
+    pub fn asking(&self, stream: &str) -> bool {
+        self.asks.values().any(|a| a.stream == stream)
+    }
+
+    /// Streams whose branches are being repaired (a repair under way).
+    pub fn repairing(&self) -> impl Iterator<Item = &str> {
+        self.repairs.keys().map(String::as_str)
+    }
+
+    // ---- stream requests ----
+
+    /// A stream request for `stream` from `requester` (a neighbour, or a
+    /// viewer of this POP), which has been through `path`; the driver
+    /// answers `ticket` when an [`Effect::Answer`] names it. Right after
+    /// start routes are still being learnt, and a neighbour that missed
+    /// heartbeats comes back with the next probe: a request that finds no
+    /// way yet waits a few probe intervals before it is refused.
+    pub fn request(
+        &mut self,
+        stream: &str,
+        requester: Requester,
+        path: Vec<String>,
+        ticket: u64,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let p = self.config.probe_interval;
+        let held = Held {
+            stream: stream.to_string(),
+            requester,
+            path,
+            ticket,
+            until_no_route: (now + p * 3).max(self.started + p * 4),
+            until_unknown: self.started + p * 4,
+            retry_at: now,
+        };
+        let mut out = Vec::new();
+        self.decide(held, now, &mut out);
+        out
+    }
+
+    fn decide(&mut self, held: Held, now: Instant, out: &mut Vec<Effect>) {
+        let stream = held.stream.clone();
+        let d = self.trees.request(&stream, held.requester.clone(), &held.path, held.ticket, &self.routes, now);
+        match d {
+            JoinDecision::Attached(desc) => {
+                Self::note(out, Level::Info, &stream, format!("{:?} attached to the existing tree", held.requester));
+                out.push(Effect::Republish);
+                out.push(Effect::Answer { ticket: held.ticket, result: Ok(desc) });
+            }
+            JoinDecision::Nak(nak) => {
+                let until = match nak.reason {
+                    NakReason::NoRoute => held.until_no_route,
+                    NakReason::UnknownStream => held.until_unknown,
+                    _ => now,
+                };
+                if now < until {
+                    self.held.push(Held { retry_at: now + self.config.probe_interval / 2, ..held });
+                    return;
+                }
+                Self::note(
+                    out,
+                    Level::Info,
+                    &stream,
+                    format!("stream request of {:?} refused: {}", held.requester, nak.detail),
+                );
+                out.push(Effect::Answer { ticket: held.ticket, result: Err(nak) });
+            }
+            JoinDecision::Wait => {
+                Self::note(out, Level::Debug, &stream, "waiting for the join under way".into());
+            }
+            JoinDecision::Forward { to, path } => {
+                Self::note(out, Level::Info, &stream, format!("stream request sent upstream to {to}, path {path:?}"));
+                let join = Join::new(&stream, path.clone(), to.clone(), now, self.config.join_timeout);
+                let (_, timeout) = join.ask(now);
+                self.joins.insert(stream.clone(), JoinRun { join, resume_at: None });
+                self.ask(out, &stream, &to, path, timeout, Purpose::Join);
+            }
+            JoinDecision::ServeLocal => out.push(Effect::StartLocal { stream }),
+        }
+    }
+
+    /// The outcome of the stream request [`Effect::Ask`] `id`.
+    pub fn answered(&mut self, id: u64, result: Result<StreamDesc, Nak>, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let Some(asked) = self.asks.remove(&id) else { return out };
+        match asked.purpose {
+            Purpose::Join => self.join_answered(asked, result, now, &mut out),
+            Purpose::Repair => self.repair_answered(id, asked, result, now, &mut out),
+            Purpose::Move(m, started) => self.move_answered(m, started, result, now, &mut out),
+        }
+        out
+    }
+
+    fn join_answered(&mut self, asked: Asked, result: Result<StreamDesc, Nak>, now: Instant, out: &mut Vec<Effect>) {
+        let Asked { stream, to, .. } = asked;
+        let Some(mut run) = self.joins.remove(&stream) else {
+            // The join ended meanwhile: an answer that attached us is
+            // undone.
+            if result.is_ok() {
+                out.push(Effect::Leave { to, stream });
+            }
+            return;
+        };
+        let nak = match result {
+            Ok(desc) => {
+                self.moves.changed(&stream, now);
+                let waiters = self.trees.joined(Source::Neighbour(to.clone()), desc);
+                let desc = self.trees.branch(&stream).map(|b| b.desc.clone()).expect("just joined");
+                Self::note(out, Level::Info, &stream, format!("joined the tree through {to}"));
+                out.push(Effect::Republish);
+                // Neighbours are answered at once (they ask for their own
+                // GOP); viewers once the GOP is on its way, or a PLAY could
+                // start them mid-GOP.
+                let mut viewers = Vec::new();
+                for w in waiters {
+                    match w.requester {
+                        Requester::Local => viewers.push(w.ticket),
+                        Requester::Neighbour(_) => {
+                            out.push(Effect::Answer { ticket: w.ticket, result: Ok(desc.clone()) })
+                        }
+                    }
+                }
+                out.push(Effect::Refresh { from: to, stream, tickets: viewers, desc });
+                return;
+            }
+            Err(nak) => nak,
+        };
+        match run.join.refused(nak.reason, &mut self.trees, &self.routes, now) {
+            JoinStep::Ask { to: next, timeout } => {
+                Self::note(
+                    out,
+                    Level::Info,
+                    &stream,
+                    format!("stream request failed at {to} ({}): trying {next}", nak.detail),
+                );
+                let path = run.join.path().to_vec();
+                self.joins.insert(stream.clone(), run);
+                self.ask(out, &stream, &next, path, timeout, Purpose::Join);
+            }
+            JoinStep::AskAfter { pause, .. } => {
+                Self::note(
+                    out,
+                    Level::Info,
+                    &stream,
+                    format!("stream request crossed another at {to} ({}): asking again", nak.detail),
+                );
+                run.resume_at = Some(now + pause);
+                self.joins.insert(stream, run);
+            }
+            JoinStep::GiveUp => {
+                Self::note(out, Level::Warn, &stream, format!("join through {to} failed: {}", nak.detail));
+                for w in self.trees.failed(&stream) {
+                    out.push(Effect::Answer { ticket: w.ticket, result: Err(nak.clone()) });
+                }
+                out.push(Effect::Republish);
+            }
+        }
+    }
+
+    /// This server's own source of `stream` started (its description) or
+    /// failed to.
+    pub fn local_started(&mut self, stream: &str, result: Result<StreamDesc, Nak>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let (waiters, answer) = match result {
+            Ok(desc) => {
+                Self::note(&mut out, Level::Info, stream, "this server roots the tree".into());
+                let waiters = self.trees.joined(Source::Local, desc);
+                (waiters, Ok(self.trees.branch(stream).map(|b| b.desc.clone()).expect("just joined")))
+            }
+            Err(nak) => {
+                Self::note(&mut out, Level::Warn, stream, format!("source failed to start: {}", nak.detail));
+                (self.trees.failed(stream), Err(nak))
+            }
+        };
+        for w in waiters {
+            out.push(Effect::Answer { ticket: w.ticket, result: answer.clone() });
+        }
+        out.push(Effect::Republish);
+        out
+    }
+
+    /// This server serves `stream` from now on (a publisher began).
+    pub fn offer(&mut self, stream: &str) -> Vec<Effect> {
+        self.trees.offer(stream);
+        vec![Effect::Republish]
+    }
+
+    /// This server no longer serves `stream`: its tree is dropped, its
+    /// downstreams told the root gave up, waiting requests refused.
+    pub fn withdraw(&mut self, stream: &str, nak: Nak) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let (downstream, waiting) = self.trees.withdraw(stream);
+        for w in waiting {
+            out.push(Effect::Answer { ticket: w.ticket, result: Err(nak.clone()) });
+        }
+        Self::note(&mut out, Level::Info, stream, format!("stream withdrawn; downstreams {downstream:?} told"));
+        for d in downstream {
+            out.push(Effect::Reroot { to: d, desc: gave_up(stream) });
+        }
+        out.push(Effect::Republish);
+        out
+    }
+
+    // ---- leaves ----
+
+    /// `requester` no longer needs `stream`.
+    pub fn leave(&mut self, stream: &str, requester: Requester) -> Vec<Effect> {
+        if let Requester::Neighbour(n) = &requester {
+            // Until its next heartbeat answer says otherwise.
+            self.routes.stopped_carrying(n, stream);
+        }
+        let prune = self.trees.leave(stream, &requester);
+        let mut out = Vec::new();
+        Self::prune(stream, prune, &mut out);
+        out
+    }
+
+    fn prune(stream: &str, prune: Prune, out: &mut Vec<Effect>) {
+        match prune {
+            Prune::Nothing => Self::note(out, Level::Debug, stream, "left; others still watch".into()),
+            Prune::Upstream(up) => {
+                Self::note(out, Level::Info, stream, format!("last viewer left: pruning upstream {up}"));
+                out.push(Effect::Leave { to: up, stream: stream.to_string() });
+            }
+            Prune::StopLocal => {
+                Self::note(out, Level::Info, stream, "last branch pruned".into());
+                out.push(Effect::StopLocal { stream: stream.to_string() });
+            }
+        }
+        out.push(Effect::Republish);
+    }
+
+    /// Every branch this node is fed by a neighbour, to prune at shutdown.
+    pub fn upstreams(&self) -> Vec<(String, String)> {
+        self.trees
+            .active()
+            .filter_map(|b| match &b.source {
+                Source::Neighbour(up) => Some((b.desc.stream.clone(), up.clone())),
+                Source::Local => None,
+            })
+            .collect()
+    }
+
+    // ---- losses and repairs ----
+
+    /// `neighbour` (or the link to it) is lost: the branches it fed are
+    /// repaired at once. The branches it was fed are pruned at once when
+    /// the loss is `certain` (the bootstrapper says it failed); after
+    /// missed heartbeats, which a lossy link also causes, only if it is
+    /// still down after the grace. The route table is the caller's to
+    /// update first.
+    pub fn neighbour_lost(&mut self, neighbour: &str, certain: bool, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for stream in self.trees.upstream_lost(neighbour) {
+            Self::note(&mut out, Level::Warn, &stream, format!("upstream {neighbour} lost: repairing the tree"));
+            self.start_repair(&stream, Vec::new(), now, &mut out);
+        }
+        if certain {
+            self.graces.remove(neighbour);
+            self.prune_downstream(neighbour, &mut out);
+        } else {
+            self.graces.entry(neighbour.to_string()).or_insert(now + self.config.downstream_grace);
+        }
+        out.push(Effect::Republish);
+        out
+    }
+
+    fn prune_downstream(&mut self, neighbour: &str, out: &mut Vec<Effect>) {
+        for (stream, prune) in self.trees.downstream_lost(neighbour) {
+            Self::note(out, Level::Info, &stream, format!("downstream {neighbour} lost: pruned"));
+            // Should it be alive after all, it learns it lost its upstream.
+            out.push(Effect::Reroot { to: neighbour.to_string(), desc: gave_up(&stream) });
+            Self::prune(&stream, prune, out);
+        }
+    }
+
+    /// The upstream of `stream` told this node the root's route changed
+    /// (`route`), or that it gave up (empty route).
+    pub fn rerooted(&mut self, stream: &str, from: &str, server: &str, route: &[String], now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if route.is_empty() {
+            if self.trees.upstream_abandoned(stream, from) {
+                Self::note(&mut out, Level::Warn, stream, format!("upstream {from} gave up: repairing the tree"));
+                self.start_repair(stream, vec![from.to_string()], now, &mut out);
+            }
+            return out;
+        }
+        let downstream = self.trees.rerooted(stream, from, server, route);
+        if let Some(desc) = self.trees.branch(stream).map(|b| b.desc.clone()) {
+            for d in downstream {
+                out.push(Effect::Reroot { to: d, desc: desc.clone() });
+            }
+        }
+        out
+    }
+
+    fn start_repair(&mut self, stream: &str, avoid: Vec<String>, now: Instant, out: &mut Vec<Effect>) {
+        if let Some(run) = self.repairs.get_mut(stream) {
+            // One repair per branch: one that waits goes on at once.
+            if run.asking.is_none() {
+                run.resume_at = Some(now);
+                self.step_repair(stream, now, out);
+            }
+            return;
+        }
+        out.push(Effect::RepairStarted { stream: stream.to_string() });
+        let run = RepairRun { repair: Repair::new(stream, avoid), started: now, asking: None, resume_at: Some(now) };
+        self.repairs.insert(stream.to_string(), run);
+        self.step_repair(stream, now, out);
+    }
+
+    /// Takes the repair of `stream` as far as it goes now.
+    fn step_repair(&mut self, stream: &str, now: Instant, out: &mut Vec<Effect>) {
+        let Some(run) = self.repairs.get_mut(stream) else { return };
+        if run.asking.is_some() || run.resume_at.is_some_and(|t| now < t) {
+            return;
+        }
+        run.resume_at = None;
+        match run.repair.next(&self.trees, &self.routes, now) {
+            Step::Done => {
+                self.repairs.remove(stream);
+            }
+            Step::Wait { orphan } => {
+                run.resume_at = Some(now + self.config.retry);
+                Self::note(out, Level::Debug, stream, "no repair target left this round".into());
+                if orphan {
+                    self.orphan(stream, out);
+                }
+            }
+            Step::Ask { to, path } => {
+                let id = self.ask(out, stream, &to, path, self.config.join_timeout, Purpose::Repair);
+                if let Some(run) = self.repairs.get_mut(stream) {
+                    run.asking = Some(id);
+                }
+            }
+        }
+    }
+
+    fn orphan(&mut self, stream: &str, out: &mut Vec<Effect>) {
+        let downstream = self.trees.orphan(stream);
+        if downstream.is_empty() {
+            return;
+        }
+        Self::note(
+            out,
+            Level::Warn,
+            stream,
+            format!("no way to the root: downstreams {downstream:?} asked to look on their own"),
+        );
+        for d in downstream {
+            out.push(Effect::Reroot { to: d, desc: gave_up(stream) });
+        }
+    }
+
+    fn repair_answered(
+        &mut self,
+        id: u64,
+        asked: Asked,
+        result: Result<StreamDesc, Nak>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let Asked { stream, to, .. } = asked;
+        let live = self.repairs.get(&stream).is_some_and(|r| r.asking == Some(id));
+        if !live {
+            if result.is_ok() {
+                out.push(Effect::Leave { to, stream });
+            }
+            return;
+        }
+        let run = self.repairs.get_mut(&stream).expect("checked");
+        run.asking = None;
+        match result {
+            Ok(desc) => {
+                let server = desc.server.clone();
+                match self.trees.repaired(&to, desc) {
+                    Some((downstream, old)) => {
+                        let run = self.repairs.remove(&stream).expect("checked");
+                        self.moves.changed(&stream, now);
+                        out.push(Effect::Republish);
+                        if let Some(old) = old {
+                            out.push(Effect::Leave { to: old, stream: stream.clone() });
+                        }
+                        let took = now.saturating_duration_since(run.started);
+                        Self::note(
+                            out,
+                            Level::Info,
+                            &stream,
+                            format!("tree repaired through {to} from {server} in {} ms", took.as_millis()),
+                        );
+                        out.push(Effect::Repaired { stream: stream.clone(), upstream: to.clone(), server, took });
+                        let desc = self.trees.branch(&stream).map(|b| b.desc.clone()).expect("just repaired");
+                        for d in downstream {
+                            out.push(Effect::Reroot { to: d, desc: desc.clone() });
+                        }
+                        out.push(Effect::Refresh { from: to, stream, tickets: Vec::new(), desc });
+                    }
+                    None => {
+                        // Attached below itself, or pruned meanwhile: undo.
+                        out.push(Effect::Leave { to: to.clone(), stream: stream.clone() });
+                        run.repair.undone(&to);
+                        self.step_repair(&stream, now, out);
+                    }
+                }
+            }
+            Err(nak) => {
+                Self::note(out, Level::Debug, &stream, format!("repair through {to} refused: {}", nak.detail));
+                let after = run.repair.refused(&to, nak.reason);
+                if after.wait {
+                    run.resume_at = Some(now + self.config.retry);
+                }
+                if after.orphan {
+                    self.orphan(&stream, out);
+                }
+                self.step_repair(&stream, now, out);
+            }
+        }
+    }
+
+    // ---- moves ----
+
+    fn move_answered(
+        &mut self,
+        m: Move,
+        started: Instant,
+        result: Result<StreamDesc, Nak>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let desc = match result {
+            Ok(desc) => desc,
+            Err(nak) => {
+                Self::note(out, Level::Debug, &m.stream, format!("move to {} refused: {}", m.to, nak.detail));
+                return;
+            }
+        };
+        let taken = match moves::accept(&self.trees, &m, &desc.server) {
+            Verdict::Take => self.trees.repaired(&m.to, desc),
+            Verdict::Stale => None,
+            Verdict::OtherRoot { root } => {
+                Self::note(
+                    out,
+                    Level::Info,
+                    &m.stream,
+                    format!("move to {} not made: it feeds the stream from {} rather than {root}", m.to, desc.server),
+                );
+                None
+            }
+        };
+        let Some((downstream, old)) = taken else {
+            out.push(Effect::Leave { to: m.to, stream: m.stream });
+            return;
+        };
+        self.moves.changed(&m.stream, now);
+        out.push(Effect::Republish);
+        Self::note(
+            out,
+            Level::Info,
+            &m.stream,
+            format!(
+                "moved from {} to the better upstream {} in {} ms",
+                m.from,
+                m.to,
+                now.saturating_duration_since(started).as_millis()
+            ),
+        );
+        if let Some(old) = old {
+            out.push(Effect::Leave { to: old, stream: m.stream.clone() });
+        }
+        let desc = self.trees.branch(&m.stream).map(|b| b.desc.clone()).expect("just moved");
+        for d in downstream {
+            out.push(Effect::Reroot { to: d, desc: desc.clone() });
+        }
+    }
+
+    // ---- time ----
+
+    /// When [`Engine::tick`] has work next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        self.held.iter().for_each(|h| at(h.retry_at));
+        self.joins.values().filter_map(|j| j.resume_at).for_each(&mut at);
+        self.repairs.values().filter(|r| r.asking.is_none()).filter_map(|r| r.resume_at).for_each(&mut at);
+        self.graces.values().copied().for_each(&mut at);
+        if self.config.settle.is_some() {
+            at(self.next_move);
+        }
+        if self.silence.is_some() {
+            at(self.next_silence);
+        }
+        next
+    }
+
+    /// Does what is due at `now`; `silent_ms` says how long each stream
+    /// received has been quiet (None: nothing received yet).
+    pub fn tick(&mut self, now: Instant, silent_ms: impl Fn(&str) -> Option<u64>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        // Requests waiting for routes.
+        let (due, wait): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| h.retry_at <= now);
+        self.held = wait;
+        for h in due {
+            self.decide(h, now, &mut out);
+        }
+        // Crossed joins asked again.
+        let resumed: Vec<String> =
+            self.joins.iter().filter(|(_, j)| j.resume_at.is_some_and(|t| t <= now)).map(|(s, _)| s.clone()).collect();
+        for stream in resumed {
+            let run = self.joins.get_mut(&stream).expect("listed");
+            run.resume_at = None;
+            let (to, timeout) = run.join.ask(now);
+            let (to, path) = (to.to_string(), run.join.path().to_vec());
+            self.ask(&mut out, &stream, &to, path, timeout, Purpose::Join);
+        }
+        // Repairs after their wait.
+        let waiting: Vec<String> = self
+            .repairs
+            .iter()
+            .filter(|(_, r)| r.asking.is_none() && r.resume_at.is_none_or(|t| t <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for stream in waiting {
+            self.step_repair(&stream, now, &mut out);
+        }
+        // Downstreams whose grace is over.
+        let over: Vec<String> = self.graces.iter().filter(|(_, t)| **t <= now).map(|(n, _)| n.clone()).collect();
+        for n in over {
+            self.graces.remove(&n);
+            if self.routes.is_down(&n) {
+                self.prune_downstream(&n, &mut out);
+            }
+        }
+        if self.config.settle.is_some() && self.next_move <= now {
+            self.next_move = now + Self::move_period(&self.config);
+            for m in self.moves.due(&self.trees, &self.routes, now) {
+                let path = vec![self.me.clone()];
+                let (stream, to) = (m.stream.clone(), m.to.clone());
+                self.ask(&mut out, &stream, &to, path, self.config.join_timeout, Purpose::Move(m, now));
+            }
+        }
+        if let Some(silence) = self.silence.as_mut() {
+            if self.next_silence <= now {
+                self.next_silence = now + silence.period();
+                let watch = silence.tick(&mut self.trees, &self.routes, &silent_ms, now);
+                for (stream, up) in watch.rejoin {
+                    Self::note(
+                        &mut out,
+                        Level::Warn,
+                        &stream,
+                        format!("upstream {up} answers but no longer feeds the stream: joining again"),
+                    );
+                    self.start_repair(&stream, Vec::new(), now, &mut out);
+                }
+                for (to, timeout) in watch.ping {
+                    out.push(Effect::Ping { to, timeout });
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets the moves' settle times of branches no longer carried.
+    pub fn forget_gone(&mut self) {
+        self.moves.retain_carried(&self.trees);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::RoutingConfig;
+    use crate::testing::probe;
+
+    fn config() -> EngineConfig {
+        EngineConfig { silence: None, settle: None, ..EngineConfig::default() }
+    }
+
+    /// o3 between o2 (toward s1, 2 hops) and o4, with a slower way to s1
+    /// through o9; its routes learnt at `now`.
+    fn o3(now: Instant) -> Engine {
+        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
+        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), now, 0);
+        routes.on_probe(&probe("s1", 1, "o9", &["s1", "o8", "o9"], 40_000), now, 0);
+        Engine::new(routes, [], config(), now)
+    }
+
+    fn desc(route: &[&str]) -> StreamDesc {
+        StreamDesc {
+            stream: "test".into(),
+            server: "s1".into(),
+            ssrcs: vec![1, 2],
+            depth: (route.len() as u32).saturating_sub(1),
+            route: route.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn asks(out: &[Effect]) -> Vec<(u64, &str, &[String])> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Ask { id, to, path, .. } => Some((*id, to.as_str(), path.as_slice())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has(out: &[Effect], wanted: &Effect) -> bool {
+        out.contains(wanted)
+    }
+
+    /// o3 carries `test` from o2 to o4.
+    fn carrying(now: Instant) -> Engine {
+        let mut e = o3(now);
+        let out = e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 7, now);
+        let (id, _, _) = asks(&out)[0];
+        e.answered(id, Ok(desc(&["s1", "o2"])), now);
+        e
+    }
+
+    #[test]
+    fn a_request_goes_upstream_and_its_answer_attaches_the_requester() {
+        let now = Instant::now();
+        let mut e = o3(now);
+        let out = e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 7, now);
+        assert_eq!(asks(&out), [(1, "o2", &["o4".to_string(), "o3".to_string()][..])], "the best way: {out:?}");
+        assert!(e.asking("test"));
+        // A viewer of this node's own asks meanwhile: it waits on the join.
+        assert!(asks(&e.request("test", Requester::Local, vec![], 8, now)).is_empty());
+        let out = e.answered(1, Ok(desc(&["s1", "o2"])), now);
+        let mine = desc(&["s1", "o2", "o3"]);
+        assert!(
+            has(&out, &Effect::Answer { ticket: 7, result: Ok(mine.clone()) }),
+            "neighbour answered at once: {out:?}"
+        );
+        assert!(
+            has(&out, &Effect::Refresh { from: "o2".into(), stream: "test".into(), tickets: vec![8], desc: mine }),
+            "the viewer is answered once the GOP is asked for: {out:?}"
+        );
+        assert!(has(&out, &Effect::Republish));
+        assert!(!e.asking("test"));
+        // The same answer again (a duplicate) changes nothing.
+        assert!(e.answered(1, Ok(desc(&["s1", "o2"])), now).is_empty());
+    }
+
+    #[test]
+    fn a_refused_join_tries_the_next_way_then_refuses_every_waiter() {
+        let now = Instant::now();
+        let mut e = o3(now);
+        e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 7, now);
+        let nak = |reason| Nak { reason, detail: "no".into() };
+        let out = e.answered(1, Err(nak(NakReason::NoRoute)), now);
+        assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"]);
+        let out = e.answered(2, Err(nak(NakReason::Timeout)), now);
+        assert!(has(&out, &Effect::Answer { ticket: 7, result: Err(nak(NakReason::Timeout)) }), "{out:?}");
+        assert!(e.trees.branch("test").is_none() && e.trees.joining().is_empty());
+    }
+
+    #[test]
+    fn a_crossed_join_is_asked_again_after_the_pause() {
+        let now = Instant::now();
+        let neighbours = ["o2", "o4"].iter().map(|s| s.to_string()).collect();
+        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), now, 0);
+        let mut e = Engine::new(routes, [], config(), now);
+        e.request("test", Requester::Local, vec![], 1, now);
+        let out = e.answered(1, Err(Nak { reason: NakReason::Loop, detail: "crossed".into() }), now);
+        assert!(asks(&out).is_empty(), "not at once: {out:?}");
+        let at = e.poll_timeout().expect("a pause");
+        assert_eq!(at, now + crate::join::CROSSING_PAUSE);
+        let out = e.tick(at, |_| None);
+        assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o2"]);
+    }
+
+    #[test]
+    fn a_request_that_finds_no_way_at_start_waits_for_the_routes() {
+        let now = Instant::now();
+        let neighbours = ["o2", "o4"].iter().map(|s| s.to_string()).collect();
+        let routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let mut e = Engine::new(routes, [], config(), now);
+        assert!(e.request("test", Requester::Local, vec![], 1, now).is_empty(), "held, not refused");
+        let retry = e.poll_timeout().expect("a retry");
+        assert!(e.tick(retry, |_| None).is_empty(), "still no way");
+        let later = e.poll_timeout().expect("another retry");
+        e.routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), later, 0);
+        let out = e.tick(later, |_| None);
+        let ask = asks(&out);
+        assert_eq!(ask.iter().map(|a| a.1).collect::<Vec<_>>(), ["o2"], "{out:?}");
+        e.answered(ask[0].0, Err(Nak { reason: NakReason::Timeout, detail: "late".into() }), later);
+        // Long after start, a stream nobody offers is refused at once, and
+        // one whose servers cannot be reached within a few intervals.
+        let late = now + Duration::from_secs(60);
+        let out = e.request("other", Requester::Local, vec![], 2, late);
+        assert!(matches!(&out[..], [Effect::Note(_), Effect::Answer { ticket: 2, result: Err(_) }]), "{out:?}");
+        e.routes.neighbour_down("o2");
+        assert!(e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 3, late).is_empty());
+        let end = late + e.config().probe_interval * 4;
+        let mut refused = false;
+        while let Some(t) = e.poll_timeout().filter(|t| *t <= end) {
+            refused |= e.tick(t, |_| None).iter().any(|x| matches!(x, Effect::Answer { ticket: 3, result: Err(_) }));
+        }
+        assert!(refused, "a stream with no way is refused in the end");
+    }
+
+    #[test]
+    fn a_lost_upstream_is_repaired_through_another_neighbour_and_the_downstream_told() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o2");
+        let out = e.neighbour_lost("o2", false, now);
+        assert!(has(&out, &Effect::RepairStarted { stream: "test".into() }));
+        let ask = asks(&out);
+        assert_eq!(ask.iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"], "never o4, its downstream: {out:?}");
+        let later = now + Duration::from_millis(40);
+        let out = e.answered(ask[0].0, Ok(desc(&["s1", "o8", "o9"])), later);
+        let Some(Effect::Repaired { upstream, took, .. }) = out.iter().find(|x| matches!(x, Effect::Repaired { .. }))
+        else {
+            panic!("repaired: {out:?}")
+        };
+        assert_eq!((upstream.as_str(), *took), ("o9", Duration::from_millis(40)));
+        let mine = desc(&["s1", "o8", "o9", "o3"]);
+        assert!(has(&out, &Effect::Reroot { to: "o4".into(), desc: mine }), "{out:?}");
+        assert!(e.repairing().next().is_none());
+        // o4 keeps its place: only a certain loss prunes at once.
+        assert!(e.trees.branch("test").unwrap().downstream.contains("o4"));
+    }
+
+    #[test]
+    fn a_repair_walled_in_by_its_downstreams_hands_them_the_search() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o2");
+        e.routes.neighbour_down("o9");
+        let out = e.neighbour_lost("o2", false, now);
+        assert!(asks(&out).is_empty());
+        assert!(has(&out, &Effect::Reroot { to: "o4".into(), desc: gave_up("test") }), "{out:?}");
+        assert_eq!(e.poll_timeout(), Some(now + e.config().retry), "the next round after a heartbeat");
+    }
+
+    #[test]
+    fn a_downstream_that_stays_down_past_its_grace_is_pruned_upstream() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o4");
+        let out = e.neighbour_lost("o4", false, now);
+        assert!(!out.iter().any(|x| matches!(x, Effect::Leave { .. })), "not yet: {out:?}");
+        let at = e.poll_timeout().unwrap();
+        assert_eq!(at, now + e.config().downstream_grace);
+        let out = e.tick(at, |_| None);
+        assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
+        assert!(has(&out, &Effect::Reroot { to: "o4".into(), desc: gave_up("test") }));
+        // One that came back in time keeps its branch.
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o4");
+        e.neighbour_lost("o4", false, now);
+        e.routes.neighbour_up("o4");
+        assert!(e.tick(now + e.config().downstream_grace, |_| None).is_empty());
+        assert!(e.trees.branch("test").is_some());
+    }
+
+    #[test]
+    fn the_last_leave_prunes_upstream_and_an_upstream_that_gives_up_starts_a_repair() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        let out = e.rerooted("test", "o2", "", &[], now);
+        assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"], "o2 avoided: {out:?}");
+        let out = e.leave("test", Requester::Neighbour("o4".into()));
+        assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
+        // The repair's answer comes after the branch is gone: undone.
+        let out = e.answered(2, Ok(desc(&["s1", "o8", "o9"])), now);
+        assert_eq!(out, [Effect::Leave { to: "o9".into(), stream: "test".into() }]);
+    }
+
+    #[test]
+    fn a_server_roots_the_tree_and_stops_its_source_when_the_last_leaves() {
+        let now = Instant::now();
+        let routes = RouteTable::new("s1", vec!["o2".into()], RoutingConfig::default());
+        let mut e = Engine::new(routes, ["test".to_string()], config(), now);
+        let out = e.request("test", Requester::Neighbour("o2".into()), vec!["o2".into()], 3, now);
+        assert_eq!(out, [Effect::StartLocal { stream: "test".into() }]);
+        let mut root = desc(&[]);
+        root.depth = 0;
+        let out = e.local_started("test", Ok(root));
+        assert!(
+            matches!(&out[..], [Effect::Note(_), Effect::Answer { ticket: 3, result: Ok(d) }, Effect::Republish] if d.route == ["s1"]),
+            "{out:?}"
+        );
+        let out = e.leave("test", Requester::Neighbour("o2".into()));
+        assert!(has(&out, &Effect::StopLocal { stream: "test".into() }));
+    }
+}
