@@ -183,6 +183,8 @@ pub struct Engine {
     /// Downstreams that missed heartbeats: pruned at this time if still
     /// down then.
     graces: BTreeMap<String, Instant>,
+    /// Prunes sent to neighbours that were down, by neighbour.
+    unsent_leaves: BTreeMap<String, std::collections::BTreeSet<String>>,
     next_move: Instant,
     next_silence: Instant,
 }
@@ -210,6 +212,7 @@ impl Engine {
             repairs: BTreeMap::new(),
             held: Vec::new(),
             graces: BTreeMap::new(),
+            unsent_leaves: BTreeMap::new(),
             next_move: now + Self::move_period(&config),
             next_silence: now,
         }
@@ -290,6 +293,20 @@ impl Engine {
 
     fn decide(&mut self, held: Held, now: Instant, out: &mut Vec<Effect>) {
         let stream = held.stream.clone();
+        // This node asked the requester for the same stream (a repair or a
+        // move) and waits for its answer: accepting would let each take
+        // the stream from the other.
+        if let Requester::Neighbour(r) = &held.requester {
+            if self.asks.values().any(|a| a.stream == stream && &a.to == r) {
+                let nak = Nak {
+                    reason: NakReason::Loop,
+                    detail: format!("node {}: stream {stream:?}: this node is asking {r} for it", self.me),
+                };
+                Self::note(out, Level::Info, &stream, format!("stream request of {r} crossed this node's own"));
+                out.push(Effect::Answer { ticket: held.ticket, result: Err(nak) });
+                return;
+            }
+        }
         let d = self.trees.request(&stream, held.requester.clone(), &held.path, held.ticket, &self.routes, now);
         match d {
             JoinDecision::Attached(desc) => {
@@ -347,7 +364,7 @@ impl Engine {
             // The join ended meanwhile: an answer that attached us is
             // undone.
             if result.is_ok() {
-                out.push(Effect::Leave { to, stream });
+                self.send_leave(to, stream, out);
             }
             return;
         };
@@ -461,16 +478,16 @@ impl Engine {
         }
         let prune = self.trees.leave(stream, &requester);
         let mut out = Vec::new();
-        Self::prune(stream, prune, &mut out);
+        self.prune(stream, prune, &mut out);
         out
     }
 
-    fn prune(stream: &str, prune: Prune, out: &mut Vec<Effect>) {
+    fn prune(&mut self, stream: &str, prune: Prune, out: &mut Vec<Effect>) {
         match prune {
             Prune::Nothing => Self::note(out, Level::Debug, stream, "left; others still watch".into()),
             Prune::Upstream(up) => {
                 Self::note(out, Level::Info, stream, format!("last viewer left: pruning upstream {up}"));
-                out.push(Effect::Leave { to: up, stream: stream.to_string() });
+                self.send_leave(up, stream.to_string(), out);
             }
             Prune::StopLocal => {
                 Self::note(out, Level::Info, stream, "last branch pruned".into());
@@ -478,6 +495,41 @@ impl Engine {
             }
         }
         out.push(Effect::Republish);
+    }
+
+    /// Sends a prune of `stream` to `to`. One to a neighbour that is down
+    /// may not arrive: it is sent again when the neighbour is back
+    /// ([`Engine::neighbour_up`]), or the neighbour would go on sending the
+    /// stream to this node for nothing, and could even take it from here
+    /// later while still sending it here (the link used both ways).
+    fn send_leave(&mut self, to: String, stream: String, out: &mut Vec<Effect>) {
+        // An answer undone (stale, or the branch healed meanwhile) may come
+        // from the branch's own upstream: that prune would cut its feed.
+        if self.trees.branch(&stream).is_some_and(|b| b.source == Source::Neighbour(to.clone())) {
+            return;
+        }
+        if self.routes.is_down(&to) {
+            self.unsent_leaves.entry(to.clone()).or_default().insert(stream.clone());
+        }
+        out.push(Effect::Leave { to, stream });
+    }
+
+    /// `neighbour` answers again (the route table knows already): the
+    /// prunes sent while it was down go again, for the streams it does not
+    /// feed here now and is not being asked to.
+    pub fn neighbour_up(&mut self, neighbour: &str) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.graces.remove(neighbour);
+        for stream in self.unsent_leaves.remove(neighbour).unwrap_or_default() {
+            let fed_by_it =
+                self.trees.branch(&stream).is_some_and(|b| b.source == Source::Neighbour(neighbour.to_string()));
+            let asked = self.asks.values().any(|a| a.stream == stream && a.to == neighbour);
+            if !fed_by_it && !asked {
+                Self::note(&mut out, Level::Debug, &stream, format!("prune sent again to {neighbour}, back up"));
+                out.push(Effect::Leave { to: neighbour.to_string(), stream });
+            }
+        }
+        out
     }
 
     /// Every branch this node is fed by a neighbour, to prune at shutdown.
@@ -520,7 +572,7 @@ impl Engine {
             Self::note(out, Level::Info, &stream, format!("downstream {neighbour} lost: pruned"));
             // Should it be alive after all, it learns it lost its upstream.
             out.push(Effect::Reroot { to: neighbour.to_string(), desc: gave_up(&stream) });
-            Self::prune(&stream, prune, out);
+            self.prune(&stream, prune, out);
         }
     }
 
@@ -531,6 +583,20 @@ impl Engine {
         if route.is_empty() {
             if self.trees.upstream_abandoned(stream, from) {
                 Self::note(&mut out, Level::Warn, stream, format!("upstream {from} gave up: repairing the tree"));
+                self.start_repair(stream, vec![from.to_string()], now, &mut out);
+            }
+            return out;
+        }
+        if route.iter().any(|n| n == &self.me) {
+            // The upstream's way to the root passes through this node:
+            // moves or repairs made at the same moment closed a loop.
+            if self.trees.upstream_abandoned(stream, from) {
+                Self::note(
+                    &mut out,
+                    Level::Warn,
+                    stream,
+                    format!("the route from upstream {from} runs through this node (a loop): repairing the tree"),
+                );
                 self.start_repair(stream, vec![from.to_string()], now, &mut out);
             }
             return out;
@@ -614,12 +680,19 @@ impl Engine {
         let live = self.repairs.get(&stream).is_some_and(|r| r.asking == Some(id));
         if !live {
             if result.is_ok() {
-                out.push(Effect::Leave { to, stream });
+                self.send_leave(to, stream, out);
             }
             return;
         }
         let run = self.repairs.get_mut(&stream).expect("checked");
         run.asking = None;
+        // The upstream found its way again meanwhile (a reroot notice):
+        // the branch is fed, and the answer is undone.
+        if result.is_ok() && self.trees.branch(&stream).is_none_or(|b| !b.repairing) {
+            self.repairs.remove(&stream);
+            self.send_leave(to, stream, out);
+            return;
+        }
         match result {
             Ok(desc) => {
                 let server = desc.server.clone();
@@ -629,7 +702,7 @@ impl Engine {
                         self.moves.changed(&stream, now);
                         out.push(Effect::Republish);
                         if let Some(old) = old {
-                            out.push(Effect::Leave { to: old, stream: stream.clone() });
+                            self.send_leave(old, stream.clone(), out);
                         }
                         let took = now.saturating_duration_since(run.started);
                         Self::note(
@@ -647,8 +720,8 @@ impl Engine {
                     }
                     None => {
                         // Attached below itself, or pruned meanwhile: undo.
-                        out.push(Effect::Leave { to: to.clone(), stream: stream.clone() });
                         run.repair.undone(&to);
+                        self.send_leave(to.clone(), stream.clone(), out);
                         self.step_repair(&stream, now, out);
                     }
                 }
@@ -698,7 +771,7 @@ impl Engine {
             }
         };
         let Some((downstream, old)) = taken else {
-            out.push(Effect::Leave { to: m.to, stream: m.stream });
+            self.send_leave(m.to, m.stream, out);
             return;
         };
         self.moves.changed(&m.stream, now);
@@ -715,7 +788,7 @@ impl Engine {
             ),
         );
         if let Some(old) = old {
-            out.push(Effect::Leave { to: old, stream: m.stream.clone() });
+            self.send_leave(old, m.stream.clone(), out);
         }
         let desc = self.trees.branch(&m.stream).map(|b| b.desc.clone()).expect("just moved");
         for d in downstream {
@@ -1037,5 +1110,90 @@ mod tests {
         );
         let out = e.leave("test", Requester::Neighbour("o2".into()));
         assert!(has(&out, &Effect::StopLocal { stream: "test".into() }));
+    }
+
+    #[test]
+    fn two_nodes_asking_each_other_refuse_each_other() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o2");
+        let out = e.neighbour_lost("o2", false, now);
+        assert_eq!(asks(&out)[0].1, "o9");
+        // o9 asks o3 for the same stream while o3's request to it waits.
+        let out = e.request("test", Requester::Neighbour("o9".into()), vec!["o9".into()], 11, now);
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Note(_), Effect::Answer { ticket: 11, result: Err(Nak { reason: NakReason::Loop, .. }) }]
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_repair_answer_after_the_upstream_found_its_way_again_is_undone() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        let out = e.rerooted("test", "o2", "", &[], now);
+        let (id, to, _) = asks(&out)[0];
+        assert_eq!(to, "o9");
+        // o2 is fed again and says so before o9 answers.
+        let route: Vec<String> = ["s1", "o1", "o2"].iter().map(|s| s.to_string()).collect();
+        e.rerooted("test", "o2", "s1", &route, now);
+        let out = e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
+        assert_eq!(out, [Effect::Leave { to: "o9".into(), stream: "test".into() }]);
+        assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()), "still fed by o2");
+    }
+
+    #[test]
+    fn an_upstream_route_through_this_node_or_its_downstream_is_a_loop() {
+        let now = Instant::now();
+        // The upstream's new route passes through this node: repair.
+        let mut e = carrying(now);
+        let route: Vec<String> = ["s1", "o4", "o3", "o2"].iter().map(|s| s.to_string()).collect();
+        let out = e.rerooted("test", "o2", "s1", &route, now);
+        assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"], "{out:?}");
+        // An answer whose route runs through o4, this branch's downstream,
+        // is not taken.
+        let (id, _, _) = asks(&out)[0];
+        let out = e.answered(id, Ok(desc(&["s1", "o4", "o9"])), now);
+        assert!(has(&out, &Effect::Leave { to: "o9".into(), stream: "test".into() }), "{out:?}");
+        assert!(e.trees.branch("test").unwrap().repairing);
+    }
+
+    #[test]
+    fn a_prune_sent_while_the_neighbour_was_down_goes_again_when_it_is_back() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        // o2's link dies; the repair goes through o9; the prune to o2 is
+        // lost with the link.
+        e.routes.neighbour_down("o2");
+        let out = e.neighbour_lost("o2", false, now);
+        let (id, _, _) = asks(&out)[0];
+        e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
+        e.routes.neighbour_up("o2");
+        let out = e.neighbour_up("o2");
+        assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
+        assert!(e.neighbour_up("o2").is_empty(), "once");
+    }
+
+    #[test]
+    fn a_stale_repair_answer_from_the_upstream_itself_does_not_prune_it() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        // o2 gave up, came back at once; o3 asked o2 itself (o9 refused).
+        let out = e.rerooted("test", "o2", "", &[], now);
+        let (id, _, _) = asks(&out)[0];
+        let out = e.answered(id, Err(Nak { reason: NakReason::NoRoute, detail: "no".into() }), now);
+        let later = e.poll_timeout().unwrap_or(now);
+        let out = if asks(&out).is_empty() { e.tick(later, |_| None) } else { out };
+        let route: Vec<String> = ["s1", "o1", "o2"].iter().map(|s| s.to_string()).collect();
+        // o2's reroot (it is fed again) comes before its answer.
+        e.rerooted("test", "o2", "s1", &route, later);
+        for (id, to, _) in asks(&out) {
+            let answer = e.answered(id, Ok(desc(&["s1", "o1", to])), later);
+            assert!(!has(&answer, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{answer:?}");
+        }
+        assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()));
     }
 }

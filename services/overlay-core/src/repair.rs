@@ -46,7 +46,8 @@ pub struct AfterRefusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repair {
     stream: String,
-    /// Neighbours never to ask (the way that just failed).
+    /// Neighbours not to ask in the first round (the way that just
+    /// failed).
     avoid: Vec<String>,
     /// Neighbours asked this round, `avoid` included.
     tried: Vec<String>,
@@ -83,7 +84,11 @@ impl Repair {
                 let walled_in = self.stuck == 1 && !tried_some;
                 let orphan = self.stuck == GIVE_UP_AFTER || looped || walled_in;
                 self.only_loops = true;
-                self.tried = self.avoid.clone();
+                // The neighbour avoided (it gave up, or its link failed)
+                // may have found a way meanwhile, or restarted: from the
+                // next round on it is asked like any other.
+                self.avoid.clear();
+                self.tried.clear();
                 Step::Wait { orphan }
             }
         }

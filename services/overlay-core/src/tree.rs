@@ -400,6 +400,12 @@ impl Trees {
         }
         let me = self.me.clone();
         let Some(State::Active(b)) = self.streams.get_mut(&desc.stream) else { return None };
+        // A way to the root through one of this branch's own downstreams
+        // (the upstream's route is older than the news that reached us)
+        // is a way through our own subtree.
+        if desc.route.iter().any(|n| b.downstream.contains(n)) {
+            return None;
+        }
         desc.depth += 1;
         desc.route.push(me);
         let old = match std::mem::replace(&mut b.source, Source::Neighbour(upstream.to_string())) {

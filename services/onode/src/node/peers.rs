@@ -49,20 +49,22 @@ impl Node {
 
     /// A neighbour answered a heartbeat after `rtt`.
     pub(super) fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
-        let (connect, notices) = {
-            let mut st = self.lock();
+        let mut notices = Vec::new();
+        let mut connect = false;
+        self.drive(|st| {
             st.engine.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
             st.engine.routes.set_carrying(neighbour, carrying);
-            let notices = if st.engine.routes.is_down(neighbour) {
-                st.engine.routes.neighbour_up(neighbour);
-                info!(node = %self.id.name, %neighbour, "neighbour answers again");
-                self.changes.send_modify(|v| *v += 1);
-                st.engine.routes.announce_link(neighbour, true, net::unix_us())
-            } else {
-                Vec::new()
-            };
-            (st.connected.insert(neighbour.to_string()), notices)
-        };
+            connect = st.connected.insert(neighbour.to_string());
+            if !st.engine.routes.is_down(neighbour) {
+                return Vec::new();
+            }
+            st.engine.routes.neighbour_up(neighbour);
+            info!(node = %self.id.name, %neighbour, "neighbour answers again");
+            self.changes.send_modify(|v| *v += 1);
+            notices = st.engine.routes.announce_link(neighbour, true, net::unix_us());
+            // Prunes it missed while down go again.
+            st.engine.neighbour_up(neighbour)
+        });
         self.send_link_notices(notices);
         if connect {
             let me = self.clone();
