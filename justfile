@@ -60,8 +60,9 @@ bench ROUNDS="3": build release
     target/release/rtspbench netns/labs/seed.json 8
     target/release/pubbench netns/labs/seed.json {{ROUNDS}} 8
 
-# Simulate the routing protocol at scale on a virtual clock: 1,000 nodes, 10 servers, 200 POPs,
-# SEEDS seeded fault schedules judged against a route oracle (overlay-sim --help for more).
+# Simulate the overlay (every node runs overlay-core's engine) on a virtual clock: 1,000 nodes,
+# 10 servers, 200 POPs with viewers, SEEDS seeded fault schedules; routes judged against an oracle,
+# trees checked for loops and bad roots, repair times printed (overlay-sim --help for more).
 sim SEEDS="4" *FLAGS:
     cargo run --release -p overlay-sim -- --seeds {{SEEDS}} {{FLAGS}}
 

@@ -11,9 +11,14 @@
 //! figure. A run that does not converge names its seed and
 //! prints what happened, so that it can be replayed.
 //!
-//! This covers the STATUS probes and route tables. Stream trees, their
-//! repair and sessions still live in onode's driver and are not simulated
-//! yet.
+//! Every node runs overlay-core's [`Engine`](overlay_core::engine::Engine),
+//! the same object onode runs: with the routes come the stream trees. A
+//! share of the POPs have a viewer, each watching one of the streams
+//! (every stream is offered by two servers). The trees are judged every
+//! 50 ms of virtual time: no loop, no link carrying a stream both ways,
+//! every tree rooted at a live server offering its stream; and after a
+//! fault, how long until every viewer's POP that a server can still reach
+//! is fed again. A broken tree, or a POP left unfed, fails the seed.
 
 pub mod graph;
 pub mod sim;
@@ -85,6 +90,23 @@ pub struct Report {
     /// Relative delay penalty of the routes after the last convergence.
     pub penalty_mean: f64,
     pub penalty_max: f64,
+    /// Viewers' POPs.
+    pub viewers: usize,
+    /// From the viewers' first requests until every one was fed, µs.
+    pub trees_start: Result<u64, String>,
+    /// Per fault: its kind and how long until every viewer's POP was fed
+    /// again (µs; 0 when none lost its feed), or why not.
+    pub repairs: Vec<(FaultKind, Result<u64, String>)>,
+    /// Trees broken at some instant (loops, links both ways, bad roots).
+    pub broken: Vec<String>,
+    /// Tree messages (requests, answers, prunes, reroots) per node per
+    /// probe interval at rest.
+    pub tree_messages_per_node_interval: f64,
+    /// Tree delay to each fed POP over the best, after the last fault.
+    pub tree_penalty_mean: f64,
+    pub tree_penalty_max: f64,
+    /// Branches sent to a neighbour fed by another, after the last fault.
+    pub strays: usize,
     pub trace: Vec<String>,
 }
 
@@ -99,6 +121,15 @@ impl Report {
                 out.push(format!("fault {} ({}): {e}", i + 1, kind.label()));
             }
         }
+        if let Err(e) = &self.trees_start {
+            out.push(format!("trees at cold start: {e}"));
+        }
+        for (i, (kind, r)) in self.repairs.iter().enumerate() {
+            if let Err(e) = r {
+                out.push(format!("trees after fault {} ({}): {e}", i + 1, kind.label()));
+            }
+        }
+        out.extend(self.broken.iter().cloned());
         out
     }
 }
@@ -123,11 +154,15 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
     let mut w = World::new(graph, config, seed);
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let start = w.converge(LIMIT, 0).map_err(|v| shown(&v));
+    w.start_viewers();
+    let mut broken = Vec::new();
+    let trees_start = trees_outcome(w.converge_all(LIMIT, usize::MAX, STEP_US), &mut broken, "cold start");
 
     // At rest, over ten intervals: probes sent, and how often a route
     // fails the oracle (lost probes making a route look gone, a loop
     // between rounds), judged in the middle of each interval.
     let before = w.probes_sent;
+    let tree_before = w.tree_messages;
     let (mut checked, mut failing) = (0u64, 0u64);
     let mut counts = Vec::new();
     for _ in 0..10 {
@@ -142,6 +177,7 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
     let rest_typical = counts[counts.len() / 2];
     let rest_most = counts.last().copied().unwrap_or(0);
     let messages_per_node_interval = (w.probes_sent - before) as f64 / (10.0 * shape.nodes as f64);
+    let tree_messages_per_node_interval = (w.tree_messages - tree_before) as f64 / (10.0 * shape.nodes as f64);
     let rest_failing = if checked == 0 { 0.0 } else { failing as f64 / checked as f64 };
 
     let n = shape.nodes;
@@ -150,7 +186,8 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
     let mut servers_down: Vec<usize> = Vec::new();
     let mut partition: Vec<usize> = Vec::new();
     let mut results = Vec::new();
-    for _ in 0..faults {
+    let mut repairs = Vec::new();
+    for f in 0..faults {
         let kind = loop {
             let k = match rng.random_range(0..10) {
                 0 | 1 => FaultKind::LinkCut,
@@ -249,10 +286,14 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
                 }
             }
         }
-        // Converged: back to no more failing routes than typically at rest.
-        results.push((kind, w.converge(LIMIT, rest_typical).map_err(|v| shown(&v))));
+        // Converged: back to no more failing routes than typically at rest,
+        // and every viewer's POP a server reaches fed.
+        let c = w.converge_all(LIMIT, rest_typical, STEP_US);
+        results.push((kind, c.routes.clone().map_err(|v| shown(&v))));
+        repairs.push((kind, trees_outcome(c, &mut broken, &format!("fault {}", f + 1))));
     }
     let j = w.judge();
+    let t = w.judge_trees();
     Report {
         seed,
         nodes: n,
@@ -266,8 +307,47 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
         rest_most,
         penalty_mean: if j.routes == 0 { 1.0 } else { j.penalty_sum / j.routes as f64 },
         penalty_max: j.penalty_max,
+        viewers: w.viewers.len(),
+        trees_start,
+        repairs,
+        broken,
+        tree_messages_per_node_interval,
+        tree_penalty_mean: if t.fed == 0 { 1.0 } else { t.penalty_sum / t.fed as f64 },
+        tree_penalty_max: t.penalty_max,
+        strays: t.strays,
         trace: w.trace,
     }
+}
+
+/// The trees are judged this often (virtual time).
+pub const STEP_US: u64 = 50_000;
+
+/// How long the viewers' POPs took to be fed, or which were not; broken
+/// trees are added to `broken`.
+fn trees_outcome(c: sim::Convergence, broken: &mut Vec<String>, when: &str) -> Result<u64, String> {
+    for v in c.broken.iter().take(3) {
+        broken.push(format!("{when}: broken tree: {v:?}"));
+    }
+    c.fed_after_us.ok_or_else(|| {
+        let shown: Vec<String> = c.unfed.iter().take(5).map(|(p, s)| format!("{p} ({s})")).collect();
+        format!("{} viewers' POPs not fed, e.g. {}", c.unfed.len(), shown.join(", "))
+    })
+}
+
+/// Tree repair times of many reports, by fault kind, in ms: only faults
+/// that took some POP's feed.
+pub fn repairs_by_kind(reports: &[Report]) -> BTreeMap<FaultKind, Vec<u32>> {
+    let mut out: BTreeMap<FaultKind, Vec<u32>> = BTreeMap::new();
+    for r in reports {
+        for (kind, res) in &r.repairs {
+            if let Ok(us) = res {
+                if *us > 0 {
+                    out.entry(*kind).or_default().push((*us / 1000) as u32);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The links leaving the ball of `size` nodes nearest `centre` in hops.

@@ -9,11 +9,12 @@ use std::time::Instant;
 use clap::Parser;
 use overlay_sim::graph::Shape;
 use overlay_sim::sim::Config;
-use overlay_sim::{by_kind, quantile, run, Report};
+use overlay_sim::{by_kind, quantile, repairs_by_kind, run, Report};
 
 #[derive(Parser, Debug)]
-#[command(about = "Simulates the overlay's STATUS probes and route tables (overlay-core's code) on a virtual clock: \
-a seeded topology, a cold start, then random faults, each judged against a route oracle until the routes pass")]
+#[command(about = "Simulates the overlay (overlay-core's engine: STATUS probes, route tables, stream trees and their \
+repair) on a virtual clock: a seeded topology, a cold start, viewers at POPs, then random faults, each judged against a \
+route oracle until the routes pass and every viewer's POP is fed again; trees are checked for loops and bad roots")]
 struct Args {
     /// Nodes in the overlay.
     #[arg(long, default_value_t = 1000)]
@@ -30,6 +31,10 @@ struct Args {
     /// Long-haul links between random nodes, per 100 nodes.
     #[arg(long, default_value_t = 10)]
     long_haul: usize,
+    /// Side of the square the nodes are placed in, km (link delays follow
+    /// distance).
+    #[arg(long, default_value_t = 6000)]
+    side_km: u32,
     /// Seeds to run (each: its own topology and fault schedule).
     #[arg(long, default_value_t = 8)]
     seeds: u64,
@@ -64,6 +69,12 @@ struct Args {
     /// since a fault (print with --trace).
     #[arg(long)]
     explain_after: Option<u32>,
+    /// Share of the POPs with a viewer (each watching one stream).
+    #[arg(long, default_value_t = 0.5)]
+    watching: f64,
+    /// Put every node's log lines (joins, repairs, prunes) in the trace.
+    #[arg(long)]
+    notes: bool,
     /// Print every seed's trace, not only failing ones.
     #[arg(long)]
     trace: bool,
@@ -88,10 +99,20 @@ fn main() -> ExitCode {
         pops: args.pops,
         nearest: args.nearest,
         long_haul: args.long_haul,
-        side_km: 6000,
+        side_km: args.side_km,
     };
-    let mut config =
-        Config { loss: args.loss, jitter_us: args.jitter_us, explain_after: args.explain_after, ..Config::default() };
+    if !(0.0..=1.0).contains(&args.watching) {
+        eprintln!("overlay-sim: --watching must be in [0, 1], not {}", args.watching);
+        return ExitCode::from(2);
+    }
+    let mut config = Config {
+        loss: args.loss,
+        jitter_us: args.jitter_us,
+        explain_after: args.explain_after,
+        watching: args.watching,
+        notes: args.notes,
+        ..Config::default()
+    };
     if let Some(r) = args.rounds_kept {
         config.routing.rounds_kept = r;
     }
@@ -121,12 +142,18 @@ fn main() -> ExitCode {
         let r = run(shape, config, seed, args.faults);
         let failures = r.failures();
         println!(
-            "seed {seed}: degree {:.2}, cold start {} intervals, {:.1} probes/node/interval, delay penalty mean {:.4} max {:.3} ({:.1} s)",
+            "seed {seed}: degree {:.2}, cold start {} intervals, {:.1} probes/node/interval, delay penalty mean {:.4} max {:.3}; \
+{} viewers' POPs fed after {} ms, trees {:.4} over the best (max {:.3}), {:.2} tree messages/node/interval ({:.1} s)",
             r.mean_degree,
             r.start.as_ref().map_or("NOT CONVERGED".to_string(), |k| k.to_string()),
             r.messages_per_node_interval,
             r.penalty_mean,
             r.penalty_max,
+            r.viewers,
+            r.trees_start.as_ref().map_or("NOT".to_string(), |us| (us / 1000).to_string()),
+            r.tree_penalty_mean,
+            r.tree_penalty_max,
+            r.tree_messages_per_node_interval,
             t.elapsed().as_secs_f64()
         );
         if args.trace || !failures.is_empty() {
@@ -189,9 +216,32 @@ fn main() -> ExitCode {
             v.last().copied().unwrap_or(0)
         );
     }
+    println!(
+        "  trees after the last fault: {:.4} over the best delay (worst POP {:.3}); {} branches still sent to a \
+neighbour fed by another",
+        reports.iter().map(|r| r.tree_penalty_mean).sum::<f64>() / reports.len().max(1) as f64,
+        reports.iter().map(|r| r.tree_penalty_max).fold(0.0, f64::max),
+        reports.iter().map(|r| r.strays).sum::<usize>()
+    );
+    println!("  tree repair after a fault (until every viewer's POP a server reaches is fed), in ms, faults that cut a feed:");
+    println!("    {:<24} {:>5} {:>7} {:>5} {:>5}", "fault", "count", "median", "p95", "max");
+    for (kind, mut v) in repairs_by_kind(&reports) {
+        v.sort_unstable();
+        println!(
+            "    {:<24} {:>5} {:>7} {:>5} {:>5}",
+            kind.label(),
+            v.len(),
+            quantile(&v, 0.5),
+            quantile(&v, 0.95),
+            v.last().copied().unwrap_or(0)
+        );
+    }
     let failed: usize = reports.iter().map(|r| r.failures().len()).sum();
     if failed > 0 {
-        println!("{failed} runs did not converge within {} probe intervals (PROBLEM lines above)", overlay_sim::LIMIT);
+        println!(
+            "{failed} problems: runs that did not converge within {} probe intervals, or broken trees (PROBLEM lines above)",
+            overlay_sim::LIMIT
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -1,20 +1,29 @@
-//! Many route tables on one virtual clock.
+//! Many node engines (routes and trees) on one virtual clock.
 //!
-//! Each node of a [`Graph`] runs overlay-core's [`RouteTable`], the same
-//! code onode runs: servers originate a STATUS probe every probe interval,
-//! nodes forward the copies the table returns, heartbeats measure link
-//! round trips, and a neighbour is declared down when [`MISS_LIMIT`]
-//! heartbeats in a row go unanswered. Messages travel the links with their
-//! delay, a random queueing jitter and a random loss. Everything random
-//! comes from one seed, and events at the same instant run in the order
-//! they were scheduled, so a seed replays exactly.
+//! Each node of a [`Graph`] runs overlay-core's [`Engine`], the object
+//! onode runs: servers originate a STATUS probe every probe interval,
+//! nodes forward the copies the route table returns, heartbeats measure
+//! link round trips, and a neighbour is declared down when [`MISS_LIMIT`]
+//! heartbeats in a row go unanswered. Viewers at POPs ask for streams; the
+//! engines' stream requests, answers, prunes and reroot notices travel
+//! the links, and their timers run on the virtual clock. Probes and
+//! heartbeats travel with the link's delay, a random queueing jitter and
+//! a random loss; tree messages ride on gRPC in onode, so the links only
+//! delay them (TCP retransmits), unless a link or node is down. An
+//! unanswered stream request watches its upstream as onode does (pings
+//! after 250 ms). Everything random comes from one seed, and events at the
+//! same instant run in the order they were scheduled, so a seed replays
+//! exactly. (No media flows: the quiet-stream checks, onode's last resort
+//! for a branch fed by nobody, are off, so the judge sees such a branch.)
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
+use overlay_core::engine::{Effect, Engine, EngineConfig};
 use overlay_core::liveness::MISS_LIMIT;
 use overlay_core::routing::{LinkNotice, Probe, RouteTable, RoutingConfig};
+use overlay_core::tree::{Nak, NakReason, Requester, Source, StreamDesc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,6 +42,13 @@ pub struct Config {
     /// does while it is up).
     pub notices: bool,
     pub routing: RoutingConfig,
+    /// The tree protocol's timing (onode's, without the quiet-stream
+    /// checks: no media flows here).
+    pub engine: EngineConfig,
+    /// Share of the POPs with a viewer (each watches one stream).
+    pub watching: f64,
+    /// Every node's log lines (the engine's notes) go into the trace.
+    pub notes: bool,
     /// Convergence slower than this many intervals is explained in the
     /// trace: the violations left at each further interval.
     pub explain_after: Option<u32>,
@@ -50,6 +66,9 @@ impl Default for Config {
             notices: true,
             explain_after: None,
             routing: RoutingConfig { stale_after: Duration::from_millis(1700), ..RoutingConfig::default() },
+            engine: EngineConfig { silence: None, ..EngineConfig::default() },
+            watching: 0.5,
+            notes: false,
         }
     }
 }
@@ -85,7 +104,73 @@ enum Event {
     Failed {
         about: usize,
     },
+    /// A stream request from `from` (its ask `id`) reaches `to`.
+    Ask {
+        to: usize,
+        from: usize,
+        life: u64,
+        link: usize,
+        id: u64,
+        stream: String,
+        path: Vec<String>,
+    },
+    /// The answer to `node`'s ask `id` comes back.
+    Reply {
+        node: usize,
+        life: u64,
+        link: usize,
+        id: u64,
+        result: Result<StreamDesc, Nak>,
+    },
+    /// `node`'s ask `id` to `peer`: while unanswered, the peer is checked
+    /// (onode pings it); gone, or the timeout over, the ask fails.
+    Watch {
+        node: usize,
+        life: u64,
+        id: u64,
+        peer: usize,
+        until: u64,
+    },
+    /// A prune of `stream` from `from` reaches `to`.
+    Leave {
+        to: usize,
+        from: usize,
+        link: usize,
+        stream: String,
+    },
+    /// A reroot notice from `from` reaches `to`.
+    Reroot {
+        to: usize,
+        from: usize,
+        link: usize,
+        desc: StreamDesc,
+    },
+    /// `node`'s engine has a timer due.
+    Timer {
+        node: usize,
+        life: u64,
+    },
+    /// The viewer at POP `node` asks for its stream (again).
+    View {
+        node: usize,
+        life: u64,
+    },
 }
+
+/// Who waits for a stream request's answer.
+#[derive(Debug, Clone, Copy)]
+enum Ticket {
+    /// A neighbour's ask, over `link`.
+    Ask { node: usize, life: u64, link: usize, id: u64 },
+    /// A POP's viewer.
+    Viewer { node: usize, life: u64 },
+}
+
+/// How long onode's stream request waits before it pings the upstream,
+/// and again while the wait goes on (node/trees.rs JOIN_WATCH).
+const JOIN_WATCH_US: u64 = 250_000;
+/// A viewer refused (or whose POP restarted) asks again after this long.
+const VIEW_AGAIN_US: u64 = 1_000_000;
 
 struct Scheduled {
     at: u64,
@@ -111,11 +196,13 @@ impl Ord for Scheduled {
 }
 
 struct SimNode {
-    table: RouteTable,
+    engine: Engine,
     alive: bool,
     /// Bumped at every crash and restart: timers of an earlier life are void.
     life: u64,
     seq: u64,
+    /// When its engine's timer event is scheduled.
+    timer_at: Option<u64>,
 }
 
 /// What went wrong with the routes at one instant.
@@ -136,6 +223,44 @@ pub enum Violation {
     Phantom { node: String, server: String },
 }
 
+/// What is wrong with the trees at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeViolation {
+    /// Following upstreams over live links from `nodes[0]` comes back to
+    /// a node already passed: the stream would circle.
+    Loop { stream: String, nodes: Vec<String> },
+    /// `a` and `b` each send the stream to the other.
+    BothWays { stream: String, a: String, b: String },
+    /// The tree above `node` is rooted at `root`, which is no live server
+    /// offering the stream.
+    BadRoot { stream: String, node: String, root: String },
+}
+
+/// The trees, judged at one instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TreeJudgement {
+    pub broken: Vec<TreeViolation>,
+    /// Viewers' POPs (and their streams) that a live server offering the
+    /// stream could reach, but that no tree feeds now.
+    pub unfed: Vec<(String, String)>,
+    pub fed: usize,
+    /// Branches sent to a neighbour that takes the stream from another
+    /// (a prune on its way): copies the link carries for nothing.
+    pub strays: usize,
+    /// Tree delay from the root to each fed POP over the best delay from
+    /// any live server offering the stream: summed and at most.
+    pub penalty_sum: f64,
+    pub penalty_max: f64,
+}
+
+/// How a walk up a tree from one node ended.
+enum Walk {
+    /// At a live server offering the stream, after this much link delay.
+    Fed(u64),
+    Unfed,
+    Broken(TreeViolation),
+}
+
 /// Routes of every node, judged against the oracle at one instant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Judgement {
@@ -145,6 +270,20 @@ pub struct Judgement {
     pub penalty_sum: f64,
     pub penalty_max: f64,
     pub routes: u64,
+}
+
+/// How the overlay came back after a fault.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    /// Probe intervals until the routes passed, or the last violations.
+    pub routes: Result<u32, Vec<Violation>>,
+    /// Time until every viewer's POP a server reaches was fed (and stayed
+    /// fed to the end): 0 when none lost its feed; None if some still
+    /// were not at the end (those are `unfed`).
+    pub fed_after_us: Option<u64>,
+    pub unfed: Vec<(String, String)>,
+    /// Trees broken on the way, as first seen.
+    pub broken: Vec<TreeViolation>,
 }
 
 pub struct World {
@@ -165,6 +304,16 @@ pub struct World {
     notices: u64,
     /// What was done to the overlay and when, for replay.
     pub trace: Vec<String>,
+    /// Each server's stream (servers share them: two per stream).
+    streams: HashMap<usize, String>,
+    /// The POPs with a viewer, and the stream each watches.
+    pub viewers: Vec<(usize, String)>,
+    tickets: HashMap<u64, Ticket>,
+    next_ticket: u64,
+    /// Stream requests, answers, prunes and reroot notices sent.
+    pub tree_messages: u64,
+    /// Repairs completed, since the start.
+    pub repairs: u64,
 }
 
 impl World {
@@ -184,16 +333,27 @@ impl World {
             probes_sent: 0,
             notices: 0,
             trace: Vec::new(),
+            streams: HashMap::new(),
+            viewers: Vec::new(),
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            tree_messages: 0,
+            repairs: 0,
         };
+        let servers: Vec<usize> = w.graph.servers().collect();
+        let channels = servers.len().div_ceil(2).max(1);
+        for (k, &s) in servers.iter().enumerate() {
+            w.streams.insert(s, format!("ch{}", k % channels));
+        }
         for i in 0..w.graph.names.len() {
-            let table = w.fresh_table(i);
+            let engine = w.fresh_engine(i);
             let seq = w.unix_us();
-            w.nodes.push(SimNode { table, alive: true, life: 0, seq });
+            w.nodes.push(SimNode { engine, alive: true, life: 0, seq, timer_at: None });
             // The first measurements come with the first heartbeats.
             for (j, k) in w.graph.adjacent[i].clone() {
                 let rtt = w.rtt(k);
                 let name = w.graph.names[j].clone();
-                w.nodes[i].table.on_link_rtt(&name, rtt);
+                w.nodes[i].engine.routes.on_link_rtt(&name, rtt);
             }
         }
         for s in w.graph.servers().collect::<Vec<_>>() {
@@ -204,9 +364,11 @@ impl World {
         w
     }
 
-    fn fresh_table(&self, i: usize) -> RouteTable {
+    fn fresh_engine(&self, i: usize) -> Engine {
         let neighbours = self.graph.adjacent[i].iter().map(|&(j, _)| self.graph.names[j].clone()).collect();
-        RouteTable::new(self.graph.names[i].clone(), neighbours, self.config.routing)
+        let routes = RouteTable::new(self.graph.names[i].clone(), neighbours, self.config.routing);
+        let offered = self.streams.get(&i).cloned();
+        Engine::new(routes, offered, self.config.engine, self.instant())
     }
 
     fn schedule(&mut self, after_us: u64, event: Event) {
@@ -264,8 +426,8 @@ impl World {
                     return;
                 }
                 node.seq += 1;
-                let name = self.graph.names[server].clone();
-                let out = node.table.originate(node.seq, unix_us, vec![format!("{name}-live")]);
+                let streams = self.streams.get(&server).cloned().into_iter().collect();
+                let out = node.engine.routes.originate(node.seq, unix_us, streams);
                 self.send(server, out);
                 self.schedule(self.config.probe_interval_us, Event::Originate { server, life });
             }
@@ -281,7 +443,7 @@ impl World {
                         }
                         let rtt = self.rtt(k);
                         let name = self.graph.names[other].clone();
-                        self.nodes[me].table.on_link_rtt(&name, rtt);
+                        self.nodes[me].engine.routes.on_link_rtt(&name, rtt);
                     }
                 }
                 self.schedule(self.config.heartbeat_us, Event::Heartbeats);
@@ -290,7 +452,7 @@ impl World {
                 if !self.usable(link) {
                     return;
                 }
-                let out = self.nodes[to].table.on_probe(&probe, now, unix_us);
+                let out = self.nodes[to].engine.routes.on_probe(&probe, now, unix_us);
                 self.send(to, out);
             }
             Event::Notice { node, life, about, up } => {
@@ -305,31 +467,35 @@ impl World {
                         return;
                     }
                     let rtt = self.rtt(k);
-                    let table = &mut self.nodes[node].table;
+                    let table = &mut self.nodes[node].engine.routes;
                     table.on_link_rtt(&name, rtt);
                     if table.is_down(&name) {
                         table.neighbour_up(&name);
                         self.notices += 1;
-                        let notices = self.nodes[node].table.announce_link(&name, true, self.notices);
+                        let notices = self.nodes[node].engine.routes.announce_link(&name, true, self.notices);
                         self.send_notices(node, notices);
+                        let effects = self.nodes[node].engine.neighbour_up(&name);
+                        self.carry_out(node, effects);
                     }
                 } else {
-                    self.nodes[node].table.neighbour_down(&name);
+                    self.nodes[node].engine.routes.neighbour_down(&name);
                     self.notices += 1;
-                    let notices = self.nodes[node].table.announce_link(&name, false, self.notices);
+                    let notices = self.nodes[node].engine.routes.announce_link(&name, false, self.notices);
                     self.send_notices(node, notices);
-                    let out = self.nodes[node].table.tell_changes(now);
+                    let out = self.nodes[node].engine.routes.tell_changes(now);
                     self.send(node, out);
+                    let effects = self.nodes[node].engine.neighbour_lost(&name, false, now);
+                    self.carry_out(node, effects);
                 }
             }
             Event::Tell { to, link, notice } => {
                 if !self.usable(link) {
                     return;
                 }
-                let notices = self.nodes[to].table.on_link_notice(&notice, now);
+                let notices = self.nodes[to].engine.routes.on_link_notice(&notice, now);
                 if !notices.is_empty() {
                     self.send_notices(to, notices);
-                    let out = self.nodes[to].table.tell_changes(now);
+                    let out = self.nodes[to].engine.routes.tell_changes(now);
                     self.send(to, out);
                 }
             }
@@ -340,13 +506,198 @@ impl World {
                 let name = self.graph.names[about].clone();
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].alive {
-                        self.nodes[i].table.node_failed(&name, now);
-                        let out = self.nodes[i].table.tell_changes(now);
+                        self.nodes[i].engine.routes.node_failed(&name, now);
+                        let out = self.nodes[i].engine.routes.tell_changes(now);
                         self.send(i, out);
                     }
                 }
+                // Its neighbours check it once more, then drop it for good.
+                for (i, _) in self.graph.adjacent[about].clone() {
+                    if self.nodes[i].alive {
+                        self.nodes[i].engine.routes.neighbour_down(&name);
+                        let effects = self.nodes[i].engine.neighbour_lost(&name, true, now);
+                        self.carry_out(i, effects);
+                    }
+                }
+            }
+            Event::Ask { to, from, life, link, id, stream, path } => {
+                if !self.usable(link) {
+                    return;
+                }
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.tickets.insert(ticket, Ticket::Ask { node: from, life, link, id });
+                let requester = Requester::Neighbour(self.graph.names[from].clone());
+                let effects = self.nodes[to].engine.request(&stream, requester, path, ticket, now);
+                self.carry_out(to, effects);
+            }
+            Event::Reply { node, life, link, id, result } => {
+                if !self.usable(link) || self.nodes[node].life != life {
+                    return;
+                }
+                let effects = self.nodes[node].engine.answered(id, result, now);
+                self.carry_out(node, effects);
+            }
+            Event::Watch { node, life, id, peer, until } => {
+                if !self.nodes[node].alive || self.nodes[node].life != life {
+                    return;
+                }
+                let reachable = self.graph.link_between(node, peer).is_some_and(|k| self.usable(k));
+                let nak = |why: &str| Err(Nak { reason: NakReason::Timeout, detail: why.to_string() });
+                let result = if !reachable {
+                    nak("the upstream does not answer pings")
+                } else if self.now >= until {
+                    nak("no answer in time")
+                } else {
+                    let limit = self.ping_limit_us(node, peer);
+                    self.schedule((2 * limit).min(until - self.now), Event::Watch { node, life, id, peer, until });
+                    return;
+                };
+                // Answered already: the engine knows the id no more.
+                let effects = self.nodes[node].engine.answered(id, result, now);
+                self.carry_out(node, effects);
+            }
+            Event::Leave { to, from, link, stream } => {
+                if self.usable(link) {
+                    let requester = Requester::Neighbour(self.graph.names[from].clone());
+                    let effects = self.nodes[to].engine.leave(&stream, requester);
+                    self.carry_out(to, effects);
+                }
+            }
+            Event::Reroot { to, from, link, desc } => {
+                if self.usable(link) {
+                    let from = self.graph.names[from].clone();
+                    let effects = self.nodes[to].engine.rerooted(&desc.stream, &from, &desc.server, &desc.route, now);
+                    self.carry_out(to, effects);
+                }
+            }
+            Event::Timer { node, life } => {
+                let n = &mut self.nodes[node];
+                if !n.alive || n.life != life || n.timer_at != Some(self.now) {
+                    return;
+                }
+                n.timer_at = None;
+                let effects = n.engine.tick(now, |_| None);
+                self.carry_out(node, effects);
+            }
+            Event::View { node, life } => {
+                let n = &self.nodes[node];
+                if !n.alive || n.life != life {
+                    return;
+                }
+                let Some(stream) = self.viewers.iter().find(|(p, _)| *p == node).map(|(_, s)| s.clone()) else {
+                    return;
+                };
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.tickets.insert(ticket, Ticket::Viewer { node, life });
+                let effects = self.nodes[node].engine.request(&stream, Requester::Local, Vec::new(), ticket, now);
+                self.carry_out(node, effects);
             }
         }
+    }
+
+    /// How long onode waits for a ping of `peer` from `node`: three link
+    /// round trips, at least 100 ms.
+    fn ping_limit_us(&self, node: usize, peer: usize) -> u64 {
+        let k = self.graph.link_between(node, peer).expect("neighbours");
+        (6 * self.graph.links[k].delay_us).max(100_000)
+    }
+
+    /// Carries out what node `i`'s engine asked for: messages go over the
+    /// links (a stream request and its answer, prunes, reroot notices),
+    /// a server's own source starts at once, viewers are answered; then
+    /// its next timer is set.
+    fn carry_out(&mut self, i: usize, effects: Vec<Effect>) {
+        let mut queue = std::collections::VecDeque::from(effects);
+        while let Some(e) = queue.pop_front() {
+            match e {
+                Effect::Ask { id, to, stream, path, timeout } => {
+                    let life = self.nodes[i].life;
+                    let until = self.now + timeout.as_micros() as u64;
+                    let Some(j) = self.index.get(&to).copied() else { continue };
+                    if let Some((j, link, delay)) = self.carry_tree(i, j) {
+                        self.schedule(delay, Event::Ask { to: j, from: i, life, link, id, stream, path });
+                    }
+                    let first = JOIN_WATCH_US.min(until - self.now);
+                    self.schedule(first, Event::Watch { node: i, life, id, peer: j, until });
+                }
+                Effect::Answer { ticket, result } => self.answer(ticket, result),
+                Effect::Refresh { tickets, desc, .. } => {
+                    for t in tickets {
+                        self.answer(t, Ok(desc.clone()));
+                    }
+                }
+                Effect::Leave { to, stream } => {
+                    if let Some((j, link, delay)) = self.index.get(&to).copied().and_then(|j| self.carry_tree(i, j)) {
+                        self.schedule(delay, Event::Leave { to: j, from: i, link, stream });
+                    }
+                }
+                Effect::Reroot { to, desc } => {
+                    if let Some((j, link, delay)) = self.index.get(&to).copied().and_then(|j| self.carry_tree(i, j)) {
+                        self.schedule(delay, Event::Reroot { to: j, from: i, link, desc });
+                    }
+                }
+                Effect::StartLocal { stream } => {
+                    let desc = StreamDesc {
+                        stream: stream.clone(),
+                        server: self.graph.names[i].clone(),
+                        ssrcs: vec![1, 2],
+                        depth: 0,
+                        route: Vec::new(),
+                    };
+                    queue.extend(self.nodes[i].engine.local_started(&stream, Ok(desc)));
+                }
+                Effect::Repaired { .. } => self.repairs += 1,
+                Effect::Note(n) if self.config.notes && n.level > overlay_core::engine::Level::Debug => {
+                    let line = format!("{}: {}: {}", self.graph.names[i], n.stream, n.what);
+                    self.note(line);
+                }
+                Effect::StopLocal { .. }
+                | Effect::Ping { .. }
+                | Effect::RepairStarted { .. }
+                | Effect::Republish
+                | Effect::Note(_) => {}
+            }
+        }
+        if let Some(at) = self.nodes[i].engine.poll_timeout() {
+            let at_us = (at.saturating_duration_since(self.base).as_micros() as u64).max(self.now);
+            if self.nodes[i].timer_at.is_none_or(|t| at_us < t) {
+                self.nodes[i].timer_at = Some(at_us);
+                let life = self.nodes[i].life;
+                self.schedule(at_us - self.now, Event::Timer { node: i, life });
+            }
+        }
+    }
+
+    /// A stream request's answer goes to whoever waits for it.
+    fn answer(&mut self, ticket: u64, result: Result<StreamDesc, Nak>) {
+        match self.tickets.remove(&ticket) {
+            Some(Ticket::Ask { node, life, link, id }) => {
+                let l = self.graph.links[link];
+                let me = if l.a == node { l.b } else { l.a };
+                if let Some((_, link, delay)) = self.carry_tree(me, node) {
+                    self.schedule(delay, Event::Reply { node, life, link, id, result });
+                }
+            }
+            Some(Ticket::Viewer { node, life }) if result.is_err() => {
+                self.schedule(VIEW_AGAIN_US, Event::View { node, life });
+            }
+            Some(Ticket::Viewer { .. }) | None => {}
+        }
+    }
+
+    /// A tree message from `from` to its neighbour `to`, counted: the
+    /// link and its delay, unless the link is down. (They ride on gRPC:
+    /// TCP retransmits what the link loses.)
+    fn carry_tree(&mut self, from: usize, to: usize) -> Option<(usize, usize, u64)> {
+        let k = self.graph.link_between(from, to)?;
+        self.tree_messages += 1;
+        if !self.usable(k) {
+            return None;
+        }
+        let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
+        Some((to, k, self.graph.links[k].delay_us + jitter))
     }
 
     fn send(&mut self, from: usize, out: Vec<(String, Probe)>) {
@@ -382,6 +733,16 @@ impl World {
 
     fn note(&mut self, what: String) {
         self.trace.push(format!("{:>9.3} s  {what}", self.now as f64 / 1e6));
+    }
+
+    /// Node `i`'s engine, for scenarios that set a state up by hand.
+    pub fn engine_mut(&mut self, i: usize) -> &mut Engine {
+        &mut self.nodes[i].engine
+    }
+
+    /// The virtual clock as the engines see it.
+    pub fn clock(&self) -> Instant {
+        self.instant()
     }
 
     pub fn is_alive(&self, i: usize) -> bool {
@@ -434,17 +795,21 @@ impl World {
     /// next heartbeat, and it finds its dead neighbours as anyone would.
     pub fn restart(&mut self, i: usize) {
         self.note(format!("restart {}", self.graph.names[i]));
-        let table = self.fresh_table(i);
+        let engine = self.fresh_engine(i);
         let life = self.nodes[i].life + 1;
         // onode starts its probe sequence at its wall clock, so a restarted
         // server's probes are newer than any of its earlier life.
         let seq = self.unix_us();
-        self.nodes[i] = SimNode { table, alive: true, life, seq };
+        self.nodes[i] = SimNode { engine, alive: true, life, seq, timer_at: None };
+        // Its viewer comes back to it.
+        if self.viewers.iter().any(|(p, _)| *p == i) {
+            self.schedule(VIEW_AGAIN_US, Event::View { node: i, life });
+        }
         for (j, k) in self.graph.adjacent[i].clone() {
             if self.usable(k) {
                 let rtt = self.rtt(k);
                 let name = self.graph.names[j].clone();
-                self.nodes[i].table.on_link_rtt(&name, rtt);
+                self.nodes[i].engine.routes.on_link_rtt(&name, rtt);
                 let (after, life_j) = (self.rng.random_range(0..self.config.heartbeat_us), self.nodes[j].life);
                 self.schedule(after, Event::Notice { node: j, life: life_j, about: i, up: true });
             } else {
@@ -468,6 +833,193 @@ impl World {
         self.graph.links[k].delay_us = delay_us;
     }
 
+    /// Gives a share of the POPs (`config.watching`) a viewer, each of
+    /// one stream, who asks for it now.
+    pub fn start_viewers(&mut self) {
+        let mut channels: Vec<String> = self.streams.values().cloned().collect();
+        channels.sort_unstable();
+        channels.dedup();
+        for i in 0..self.graph.names.len() {
+            if self.graph.roles[i] != Role::Pop || self.rng.random::<f64>() >= self.config.watching {
+                continue;
+            }
+            let stream = channels[self.rng.random_range(0..channels.len())].clone();
+            self.viewers.push((i, stream));
+            let life = self.nodes[i].life;
+            self.schedule(0, Event::View { node: i, life });
+        }
+    }
+
+    /// Walks from `x` up the tree of `stream`: each node's upstream must
+    /// be alive, over a live link, and send to it.
+    fn walk(&self, x: usize, stream: &str) -> Walk {
+        let (mut at, mut delay) = (x, 0u64);
+        let mut seen = vec![x];
+        loop {
+            let Some(b) = self.nodes[at].engine.trees.branch(stream) else { return Walk::Unfed };
+            let up = match &b.source {
+                Source::Local => {
+                    let offers = self.streams.get(&at).is_some_and(|s| s == stream);
+                    return if offers && self.nodes[at].alive {
+                        Walk::Fed(delay)
+                    } else {
+                        Walk::Broken(TreeViolation::BadRoot {
+                            stream: stream.to_string(),
+                            node: self.graph.names[x].clone(),
+                            root: self.graph.names[at].clone(),
+                        })
+                    };
+                }
+                Source::Neighbour(up) => self.index[up],
+            };
+            let Some(k) = self.graph.link_between(at, up).filter(|&k| self.usable(k)) else { return Walk::Unfed };
+            let sends = self.nodes[up]
+                .engine
+                .trees
+                .branch(stream)
+                .is_some_and(|ub| ub.downstream.contains(&self.graph.names[at]));
+            if !sends {
+                return Walk::Unfed;
+            }
+            if seen.contains(&up) {
+                seen.push(up);
+                let nodes = seen.iter().map(|&n| self.graph.names[n].clone()).collect();
+                return Walk::Broken(TreeViolation::Loop { stream: stream.to_string(), nodes });
+            }
+            delay += self.graph.links[k].delay_us;
+            seen.push(up);
+            at = up;
+        }
+    }
+
+    /// Every tree now: no loop, no link carrying a stream both ways, every
+    /// tree rooted at a live server offering its stream, and which
+    /// viewers' POPs are fed.
+    pub fn judge_trees(&self) -> TreeJudgement {
+        let mut j = TreeJudgement::default();
+        let n = self.graph.names.len();
+        let mut streams: Vec<&String> = self.streams.values().collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut seen_loops = BTreeSet::new();
+        for stream in streams {
+            for x in (0..n).filter(|&x| self.nodes[x].alive) {
+                let Some(b) = self.nodes[x].engine.trees.branch(stream) else { continue };
+                for d in &b.downstream {
+                    let y = self.index[d];
+                    let Some(k) = self.graph.link_between(x, y) else { continue };
+                    if !self.usable(k) {
+                        continue;
+                    }
+                    let yb = self.nodes[y].engine.trees.branch(stream);
+                    if yb.is_some_and(|yb| yb.downstream.contains(&self.graph.names[x])) {
+                        if x < y {
+                            j.broken.push(TreeViolation::BothWays {
+                                stream: stream.clone(),
+                                a: self.graph.names[x].clone(),
+                                b: d.clone(),
+                            });
+                        }
+                    } else if yb.is_none_or(|yb| yb.source != Source::Neighbour(self.graph.names[x].clone())) {
+                        j.strays += 1;
+                    }
+                }
+                if let Walk::Broken(v) = self.walk(x, stream) {
+                    let key = match &v {
+                        TreeViolation::Loop { nodes, .. } => {
+                            let mut k: Vec<String> = nodes.clone();
+                            k.sort_unstable();
+                            k.dedup();
+                            format!("{stream} {k:?}")
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    if seen_loops.insert(key) {
+                        j.broken.push(v);
+                    }
+                }
+            }
+        }
+        // Which viewers' POPs must be fed: those some live server offering
+        // their stream reaches.
+        let mut best: HashMap<&str, Vec<Option<u64>>> = HashMap::new();
+        for (pop, stream) in &self.viewers {
+            if !self.nodes[*pop].alive {
+                continue;
+            }
+            let dist = best.entry(stream.as_str()).or_insert_with(|| {
+                let mut d = vec![None; n];
+                for (&s, offered) in &self.streams {
+                    if offered != stream || !self.nodes[s].alive {
+                        continue;
+                    }
+                    for (i, x) in self.graph.shortest(s, |k| self.usable(k)).into_iter().enumerate() {
+                        if let Some(x) = x {
+                            d[i] = Some(d[i].map_or(x, |y: u64| y.min(x)));
+                        }
+                    }
+                }
+                d
+            });
+            let Some(best_us) = dist[*pop] else { continue };
+            match self.walk(*pop, stream) {
+                Walk::Fed(delay) => {
+                    j.fed += 1;
+                    let p = if best_us == 0 { 1.0 } else { delay as f64 / best_us as f64 };
+                    j.penalty_sum += p;
+                    j.penalty_max = j.penalty_max.max(p);
+                }
+                _ => j.unfed.push((self.graph.names[*pop].clone(), stream.clone())),
+            }
+        }
+        j
+    }
+
+    /// Runs after a fault until the routes pass the oracle (as
+    /// [`World::converge`]) and every viewer's POP a server can reach is
+    /// fed, judging the trees every `step_us`: how long the trees took,
+    /// and any tree broken on the way (a loop, a link both ways, a bad
+    /// root), first seen.
+    pub fn converge_all(&mut self, limit: u32, tolerated: usize, step_us: u64) -> Convergence {
+        let start = self.now;
+        let mut c = Convergence { routes: Err(Vec::new()), fed_after_us: None, unfed: Vec::new(), broken: Vec::new() };
+        let mut affected = false;
+        let steps = self.config.probe_interval_us.div_ceil(step_us);
+        for k in 1..=limit {
+            let interval_end = self.now + self.config.probe_interval_us;
+            for _ in 0..steps {
+                self.run_until((self.now + step_us).min(interval_end));
+                let t = self.judge_trees();
+                if c.broken.is_empty() && !t.broken.is_empty() {
+                    c.broken = t.broken.clone();
+                    let shown: Vec<String> = t.broken.iter().take(3).map(|v| format!("{v:?}")).collect();
+                    self.note(format!("trees broken: {}", shown.join("; ")));
+                }
+                if t.unfed.is_empty() {
+                    if c.fed_after_us.is_none() {
+                        c.fed_after_us = Some(if affected { self.now - start } else { 0 });
+                    }
+                } else {
+                    affected = true;
+                    c.fed_after_us = None;
+                }
+                c.unfed = t.unfed;
+            }
+            if c.routes.is_err() {
+                let j = self.judge();
+                if j.violations.len() <= tolerated {
+                    c.routes = Ok(k);
+                } else {
+                    c.routes = Err(j.violations);
+                }
+            }
+            if c.routes.is_ok() && c.fed_after_us.is_some() {
+                break;
+            }
+        }
+        c
+    }
+
     /// Every node's routes against the oracle, now.
     pub fn judge(&self) -> Judgement {
         let mut j = Judgement::default();
@@ -487,7 +1039,7 @@ impl World {
                     if i == s || !self.nodes[i].alive {
                         return None;
                     }
-                    self.nodes[i].table.best_next_hop(server, now, &[]).map(|r| self.index[&r.via])
+                    self.nodes[i].engine.routes.best_next_hop(server, now, &[]).map(|r| self.index[&r.via])
                 })
                 .collect();
             // A chain broken at one node is reported once, for that node.
@@ -513,7 +1065,11 @@ impl World {
                         Some(h) if !path.contains(&h) => Some(h),
                         Some(_) => {
                             let exclude: Vec<&str> = path.iter().map(|&x| self.graph.names[x].as_str()).collect();
-                            self.nodes[at].table.best_next_hop(server, now, &exclude).map(|r| self.index[&r.via])
+                            self.nodes[at]
+                                .engine
+                                .routes
+                                .best_next_hop(server, now, &exclude)
+                                .map(|r| self.index[&r.via])
                         }
                         None => None,
                     };
