@@ -323,4 +323,5 @@ fn metrics_and_the_map_agree_with_the_overlay() {
 
     assert!(problems.is_empty(), "{}\n(logs in {})", problems.join("\n"), st.dir().display());
     drop(guard);
+    remove_lab_folder(&st.prefix);
 }

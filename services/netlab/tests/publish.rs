@@ -357,4 +357,5 @@ fn encoders_publish_over_rtsp_and_srt_and_viewers_ride_out_their_restarts() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
     down_and_check_clean(guard);
+    remove_lab_folder(&st.prefix);
 }

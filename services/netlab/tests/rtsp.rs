@@ -241,4 +241,5 @@ fn players_watch_every_pop_over_rtsp_and_keep_decoding_through_a_relay_crash() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
     down_and_check_clean(guard);
+    remove_lab_folder(&st.prefix);
 }

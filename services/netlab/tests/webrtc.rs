@@ -189,4 +189,5 @@ fn browsers_watch_over_webrtc_and_keep_decoding_through_a_relay_crash() {
     let _ = std::fs::remove_dir_all(&media);
     assert!(problems.is_empty(), "{}\n(logs and screenshots in {})", problems.join("\n\n"), logs.display());
     down_and_check_clean(guard);
+    remove_lab_folder(&st.prefix);
 }
