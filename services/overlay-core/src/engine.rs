@@ -62,6 +62,14 @@ impl Default for EngineConfig {
     }
 }
 
+/// A downstream whose heartbeat answers say, this long (and at least
+/// three heartbeats), that it does not carry a stream it is fed here no
+/// longer wants it (it restarted, or its prune was lost): its branch is
+/// pruned. A downstream just attached is judged from then on.
+pub const STRAY_AFTER: Duration = Duration::from_secs(1);
+/// How often the downstreams are checked against their answers.
+const AUDIT: Duration = Duration::from_millis(500);
+
 /// What the node must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -185,6 +193,10 @@ pub struct Engine {
     graces: BTreeMap<String, Instant>,
     /// Prunes sent to neighbours that were down, by neighbour.
     unsent_leaves: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Downstreams whose answers say they do not carry a stream they are
+    /// fed here, since when: (stream, neighbour).
+    not_carrying: BTreeMap<(String, String), Instant>,
+    next_audit: Instant,
     next_move: Instant,
     next_silence: Instant,
 }
@@ -213,6 +225,8 @@ impl Engine {
             held: Vec::new(),
             graces: BTreeMap::new(),
             unsent_leaves: BTreeMap::new(),
+            not_carrying: BTreeMap::new(),
+            next_audit: now + AUDIT,
             next_move: now + Self::move_period(&config),
             next_silence: now,
         }
@@ -293,6 +307,10 @@ impl Engine {
 
     fn decide(&mut self, held: Held, now: Instant, out: &mut Vec<Effect>) {
         let stream = held.stream.clone();
+        if let Requester::Neighbour(r) = &held.requester {
+            // Its answers are judged from its (new) attachment on.
+            self.not_carrying.remove(&(stream.clone(), r.clone()));
+        }
         // This node asked the requester for the same stream (a repair or a
         // move) and waits for its answer: accepting would let each take
         // the stream from the other.
@@ -809,6 +827,9 @@ impl Engine {
         if self.config.settle.is_some() {
             at(self.next_move);
         }
+        if self.trees.active().next().is_some() {
+            at(self.next_audit);
+        }
         if self.silence.is_some() {
             at(self.next_silence);
         }
@@ -854,6 +875,10 @@ impl Engine {
                 self.prune_downstream(&n, &mut out);
             }
         }
+        if self.next_audit <= now {
+            self.next_audit = now + AUDIT;
+            self.audit_downstreams(now, &mut out);
+        }
         if self.config.settle.is_some() && self.next_move <= now {
             self.next_move = now + Self::move_period(&self.config);
             for m in self.moves.due(&self.trees, &self.routes, now) {
@@ -881,6 +906,38 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Prunes the downstreams that have said for [`STRAY_AFTER`] that they
+    /// do not carry the stream this node sends them.
+    fn audit_downstreams(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stray = Vec::new();
+        for b in self.trees.active() {
+            for d in &b.downstream {
+                if self.routes.carries(d, &b.desc.stream) != Some(false) || self.routes.is_down(d) {
+                    continue;
+                }
+                let key = (b.desc.stream.clone(), d.clone());
+                let since = *self.not_carrying.entry(key.clone()).or_insert(now);
+                if now.saturating_duration_since(since) >= STRAY_AFTER.max(self.config.retry * 3) {
+                    stray.push(key.clone());
+                }
+                seen.insert(key);
+            }
+        }
+        self.not_carrying.retain(|k, _| seen.contains(k));
+        for (stream, d) in stray {
+            self.not_carrying.remove(&(stream.clone(), d.clone()));
+            Self::note(
+                out,
+                Level::Warn,
+                &stream,
+                format!("downstream {d} no longer carries the stream (restarted, or its prune was lost): pruned"),
+            );
+            let prune = self.trees.leave(&stream, &Requester::Neighbour(d));
+            self.prune(&stream, prune, out);
+        }
     }
 
     /// Forgets the moves' settle times of branches no longer carried.
@@ -1067,8 +1124,9 @@ mod tests {
         e.routes.neighbour_down("o4");
         let out = e.neighbour_lost("o4", false, now);
         assert!(!out.iter().any(|x| matches!(x, Effect::Leave { .. })), "not yet: {out:?}");
-        let at = e.poll_timeout().unwrap();
-        assert_eq!(at, now + e.config().downstream_grace);
+        let at = now + e.config().downstream_grace;
+        let before = e.tick(at - Duration::from_millis(1), |_| None);
+        assert!(!before.iter().any(|x| matches!(x, Effect::Leave { .. })), "not before: {before:?}");
         let out = e.tick(at, |_| None);
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
         assert!(has(&out, &Effect::Reroot { to: "o4".into(), desc: gave_up("test") }));
@@ -1195,5 +1253,23 @@ mod tests {
             assert!(!has(&answer, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{answer:?}");
         }
         assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()));
+    }
+
+    #[test]
+    fn a_downstream_that_says_it_no_longer_carries_the_stream_is_pruned() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        // o4 answers heartbeats carrying test: kept.
+        e.routes.set_carrying("o4", ["test".to_string()]);
+        let t = now + Duration::from_secs(2);
+        assert!(e.tick(t, |_| None).iter().all(|x| !matches!(x, Effect::Leave { .. })));
+        // o4 restarted: its answers carry nothing. A moment is not enough
+        // (it may be joining); a second is.
+        e.routes.set_carrying("o4", []);
+        let out = e.tick(t + Duration::from_millis(600), |_| None);
+        assert!(out.iter().all(|x| !matches!(x, Effect::Leave { .. })), "{out:?}");
+        let out = e.tick(t + Duration::from_millis(1700), |_| None);
+        assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
+        assert!(e.trees.branch("test").is_none());
     }
 }

@@ -528,6 +528,12 @@ impl RouteTable {
         self.carrying.insert(neighbour.to_string(), streams.into_iter().collect());
     }
 
+    /// Whether `neighbour`'s last heartbeat answer said it carries
+    /// `stream` (None: no answer since it came up).
+    pub fn carries(&self, neighbour: &str, stream: &str) -> Option<bool> {
+        self.carrying.get(neighbour).map(|s| s.contains(stream))
+    }
+
     /// `neighbour` pruned its branch of `stream` here: it is taken as not
     /// carrying the stream until its next heartbeat answer says otherwise.
     /// (Otherwise a join just after the prune could be sent to it on its
