@@ -102,9 +102,15 @@ pub struct Report {
     /// Tree messages (requests, answers, prunes, reroots) per node per
     /// probe interval at rest.
     pub tree_messages_per_node_interval: f64,
-    /// Tree delay to each fed POP over the best, after the last fault.
+    /// Tree delay to each fed POP over the shortest path from its root,
+    /// after the last fault; and over that from the nearest server.
     pub tree_penalty_mean: f64,
     pub tree_penalty_max: f64,
+    pub tree_nearest_mean: f64,
+    /// The same right after the last fault, before the trees' moves.
+    pub tree_penalty_before_moves: f64,
+    /// Viewers' POPs unfed at the end.
+    pub unfed_late: usize,
     /// Branches sent to a neighbour fed by another, after the last fault.
     pub strays: usize,
     pub trace: Vec<String>,
@@ -130,6 +136,9 @@ impl Report {
             }
         }
         out.extend(self.broken.iter().cloned());
+        if self.unfed_late > 0 {
+            out.push(format!("{} viewers' POPs unfed after the moves", self.unfed_late));
+        }
         out
     }
 }
@@ -290,10 +299,30 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
         // and every viewer's POP a server reaches fed.
         let c = w.converge_all(LIMIT, rest_typical, STEP_US);
         results.push((kind, c.routes.clone().map_err(|v| shown(&v))));
-        repairs.push((kind, trees_outcome(c, &mut broken, &format!("fault {}", f + 1))));
+        let outcome = trees_outcome(c, &mut broken, &format!("fault {}", f + 1));
+        if let Ok(us) = &outcome {
+            if *us > 0 {
+                w.remark(format!("fault {}: viewers' POPs all fed again after {} ms", f + 1, us / 1000));
+            }
+        }
+        repairs.push((kind, outcome));
     }
     let j = w.judge();
+    let t_before = w.judge_trees();
+    // Trees move to clearly better upstreams once they have been still
+    // for the settle time: a while after the last fault, judge them again.
+    if let Some(settle) = config.engine.settle {
+        w.run_until(w.now + settle.as_micros() as u64 + 5_000_000);
+    }
     let t = w.judge_trees();
+    if !t.stray_examples.is_empty() {
+        w.remark(format!(
+            "at the end, {} branches sent to a neighbour fed by another, e.g. {:?}",
+            t.strays, t.stray_examples
+        ));
+    }
+    let broken_late = t.broken.iter().take(3).map(|v| format!("after the moves: broken tree: {v:?}"));
+    broken.extend(broken_late);
     Report {
         seed,
         nodes: n,
@@ -314,6 +343,9 @@ pub fn run(shape: Shape, config: Config, seed: u64, faults: usize) -> Report {
         tree_messages_per_node_interval,
         tree_penalty_mean: if t.fed == 0 { 1.0 } else { t.penalty_sum / t.fed as f64 },
         tree_penalty_max: t.penalty_max,
+        tree_penalty_before_moves: if t_before.fed == 0 { 1.0 } else { t_before.penalty_sum / t_before.fed as f64 },
+        unfed_late: t.unfed.len(),
+        tree_nearest_mean: if t.fed == 0 { 1.0 } else { t.nearest_sum / t.fed as f64 },
         strays: t.strays,
         trace: w.trace,
     }

@@ -243,21 +243,34 @@ pub struct TreeJudgement {
     /// Viewers' POPs (and their streams) that a live server offering the
     /// stream could reach, but that no tree feeds now.
     pub unfed: Vec<(String, String)>,
+    /// Where the walk from the first unfed POPs stopped, and why.
+    pub unfed_why: Vec<String>,
     pub fed: usize,
     /// Branches sent to a neighbour that takes the stream from another
     /// (a prune on its way): copies the link carries for nothing.
     pub strays: usize,
-    /// Tree delay from the root to each fed POP over the best delay from
-    /// any live server offering the stream: summed and at most.
+    /// The first few of them: stream, sender, receiver.
+    pub stray_examples: Vec<(String, String, String)>,
+    /// Tree delay from the root to each fed POP over the shortest path
+    /// from that root (the relative delay penalty): summed and at most.
     pub penalty_sum: f64,
     pub penalty_max: f64,
+    /// Tree delay to each fed POP over the shortest path from the nearest
+    /// live server offering the stream (the tree may be rooted at
+    /// another: a POP joins the tree where its request first meets it).
+    pub nearest_sum: f64,
 }
 
 /// How a walk up a tree from one node ended.
 enum Walk {
-    /// At a live server offering the stream, after this much link delay.
-    Fed(u64),
-    Unfed,
+    /// At `root`, a live server offering the stream, after `delay` µs of
+    /// links.
+    Fed {
+        delay: u64,
+        root: usize,
+    },
+    /// The walk stopped here: the node, and why.
+    Unfed(String),
     Broken(TreeViolation),
 }
 
@@ -282,6 +295,7 @@ pub struct Convergence {
     /// were not at the end (those are `unfed`).
     pub fed_after_us: Option<u64>,
     pub unfed: Vec<(String, String)>,
+    pub unfed_why: Vec<String>,
     /// Trees broken on the way, as first seen.
     pub broken: Vec<TreeViolation>,
 }
@@ -443,7 +457,11 @@ impl World {
                         }
                         let rtt = self.rtt(k);
                         let name = self.graph.names[other].clone();
-                        self.nodes[me].engine.routes.on_link_rtt(&name, rtt);
+                        // The answer says which streams the other carries.
+                        let carrying = self.nodes[other].engine.trees.carrying();
+                        let routes = &mut self.nodes[me].engine.routes;
+                        routes.on_link_rtt(&name, rtt);
+                        routes.set_carrying(&name, carrying);
                     }
                 }
                 self.schedule(self.config.heartbeat_us, Event::Heartbeats);
@@ -735,6 +753,11 @@ impl World {
         self.trace.push(format!("{:>9.3} s  {what}", self.now as f64 / 1e6));
     }
 
+    /// Adds a line to the trace.
+    pub fn remark(&mut self, what: String) {
+        self.note(what);
+    }
+
     /// Node `i`'s engine, for scenarios that set a state up by hand.
     pub fn engine_mut(&mut self, i: usize) -> &mut Engine {
         &mut self.nodes[i].engine
@@ -856,12 +879,16 @@ impl World {
         let (mut at, mut delay) = (x, 0u64);
         let mut seen = vec![x];
         loop {
-            let Some(b) = self.nodes[at].engine.trees.branch(stream) else { return Walk::Unfed };
+            let name = &self.graph.names[at];
+            let Some(b) = self.nodes[at].engine.trees.branch(stream) else {
+                let joining = self.nodes[at].engine.trees.joining().into_iter().any(|(s, _)| s == stream);
+                return Walk::Unfed(format!("{name} has no branch{}", if joining { " (joining)" } else { "" }));
+            };
             let up = match &b.source {
                 Source::Local => {
                     let offers = self.streams.get(&at).is_some_and(|s| s == stream);
                     return if offers && self.nodes[at].alive {
-                        Walk::Fed(delay)
+                        Walk::Fed { delay, root: at }
                     } else {
                         Walk::Broken(TreeViolation::BadRoot {
                             stream: stream.to_string(),
@@ -872,14 +899,23 @@ impl World {
                 }
                 Source::Neighbour(up) => self.index[up],
             };
-            let Some(k) = self.graph.link_between(at, up).filter(|&k| self.usable(k)) else { return Walk::Unfed };
+            let state = if b.orphaned {
+                ", orphaned"
+            } else if b.repairing {
+                ", repairing"
+            } else {
+                ""
+            };
+            let Some(k) = self.graph.link_between(at, up).filter(|&k| self.usable(k)) else {
+                return Walk::Unfed(format!("{name}'s upstream {} is dead or cut off{state}", self.graph.names[up]));
+            };
             let sends = self.nodes[up]
                 .engine
                 .trees
                 .branch(stream)
                 .is_some_and(|ub| ub.downstream.contains(&self.graph.names[at]));
             if !sends {
-                return Walk::Unfed;
+                return Walk::Unfed(format!("{name}'s upstream {} does not send to it{state}", self.graph.names[up]));
             }
             if seen.contains(&up) {
                 seen.push(up);
@@ -922,6 +958,9 @@ impl World {
                         }
                     } else if yb.is_none_or(|yb| yb.source != Source::Neighbour(self.graph.names[x].clone())) {
                         j.strays += 1;
+                        if j.stray_examples.len() < 3 {
+                            j.stray_examples.push((stream.clone(), self.graph.names[x].clone(), d.clone()));
+                        }
                     }
                 }
                 if let Walk::Broken(v) = self.walk(x, stream) {
@@ -942,34 +981,37 @@ impl World {
         }
         // Which viewers' POPs must be fed: those some live server offering
         // their stream reaches.
-        let mut best: HashMap<&str, Vec<Option<u64>>> = HashMap::new();
+        let mut from: HashMap<usize, Vec<Option<u64>>> = HashMap::new();
         for (pop, stream) in &self.viewers {
             if !self.nodes[*pop].alive {
                 continue;
             }
-            let dist = best.entry(stream.as_str()).or_insert_with(|| {
-                let mut d = vec![None; n];
-                for (&s, offered) in &self.streams {
-                    if offered != stream || !self.nodes[s].alive {
-                        continue;
-                    }
-                    for (i, x) in self.graph.shortest(s, |k| self.usable(k)).into_iter().enumerate() {
-                        if let Some(x) = x {
-                            d[i] = Some(d[i].map_or(x, |y: u64| y.min(x)));
-                        }
-                    }
+            let mut nearest: Option<u64> = None;
+            for (&s, offered) in &self.streams {
+                if offered != stream || !self.nodes[s].alive {
+                    continue;
                 }
-                d
-            });
-            let Some(best_us) = dist[*pop] else { continue };
+                let d = from.entry(s).or_insert_with(|| self.graph.shortest(s, |k| self.usable(k)));
+                if let Some(x) = d[*pop] {
+                    nearest = Some(nearest.map_or(x, |y| y.min(x)));
+                }
+            }
+            let Some(nearest_us) = nearest else { continue };
             match self.walk(*pop, stream) {
-                Walk::Fed(delay) => {
+                Walk::Fed { delay, root } => {
                     j.fed += 1;
-                    let p = if best_us == 0 { 1.0 } else { delay as f64 / best_us as f64 };
+                    let ratio = |best: u64| if best == 0 { 1.0 } else { delay as f64 / best as f64 };
+                    let root_us = from.get(&root).and_then(|d| d[*pop]).unwrap_or(delay);
+                    let p = ratio(root_us);
                     j.penalty_sum += p;
                     j.penalty_max = j.penalty_max.max(p);
+                    j.nearest_sum += ratio(nearest_us);
                 }
-                _ => j.unfed.push((self.graph.names[*pop].clone(), stream.clone())),
+                Walk::Unfed(why) => {
+                    j.unfed.push((self.graph.names[*pop].clone(), stream.clone()));
+                    j.unfed_why.push(why);
+                }
+                Walk::Broken(_) => j.unfed.push((self.graph.names[*pop].clone(), stream.clone())),
             }
         }
         j
@@ -982,7 +1024,13 @@ impl World {
     /// root), first seen.
     pub fn converge_all(&mut self, limit: u32, tolerated: usize, step_us: u64) -> Convergence {
         let start = self.now;
-        let mut c = Convergence { routes: Err(Vec::new()), fed_after_us: None, unfed: Vec::new(), broken: Vec::new() };
+        let mut c = Convergence {
+            routes: Err(Vec::new()),
+            fed_after_us: None,
+            unfed: Vec::new(),
+            unfed_why: Vec::new(),
+            broken: Vec::new(),
+        };
         let mut affected = false;
         let steps = self.config.probe_interval_us.div_ceil(step_us);
         for k in 1..=limit {
@@ -1004,6 +1052,12 @@ impl World {
                     c.fed_after_us = None;
                 }
                 c.unfed = t.unfed;
+                c.unfed_why = t.unfed_why;
+            }
+            if k > 4 && !c.unfed.is_empty() && self.config.notes {
+                let shown: Vec<String> =
+                    c.unfed.iter().zip(&c.unfed_why).take(4).map(|((p, s), why)| format!("{p} ({s}): {why}")).collect();
+                self.note(format!("interval {k}: {} viewers' POPs unfed, e.g. {}", c.unfed.len(), shown.join(", ")));
             }
             if c.routes.is_err() {
                 let j = self.judge();
