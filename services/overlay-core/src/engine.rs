@@ -154,6 +154,11 @@ struct JoinRun {
 #[derive(Debug, Clone)]
 struct RepairRun {
     repair: Repair,
+    /// Upstreams that gave up on the branch (or closed a loop): in the
+    /// first round, an answer whose route to the root runs through one of
+    /// them is stale (its sender has not heard yet), and taking it could
+    /// close a loop with a sibling branch repairing at the same moment.
+    stale: Vec<String>,
     started: Instant,
     /// Asking (the id), or waiting until a time.
     asking: Option<u64>,
@@ -613,8 +618,13 @@ impl Engine {
                     &mut out,
                     Level::Warn,
                     stream,
-                    format!("the route from upstream {from} runs through this node (a loop): repairing the tree"),
+                    format!(
+                        "the route from upstream {from} runs through this node (a loop): left it, repairing the tree"
+                    ),
                 );
+                // Break the loop at once: the repair takes a while, and
+                // meanwhile the loop would hold its nodes.
+                out.push(Effect::Leave { to: from.to_string(), stream: stream.to_string() });
                 self.start_repair(stream, vec![from.to_string()], now, &mut out);
             }
             return out;
@@ -630,6 +640,7 @@ impl Engine {
 
     fn start_repair(&mut self, stream: &str, avoid: Vec<String>, now: Instant, out: &mut Vec<Effect>) {
         if let Some(run) = self.repairs.get_mut(stream) {
+            run.stale.extend(avoid);
             // One repair per branch: one that waits goes on at once.
             if run.asking.is_none() {
                 run.resume_at = Some(now);
@@ -638,7 +649,13 @@ impl Engine {
             return;
         }
         out.push(Effect::RepairStarted { stream: stream.to_string() });
-        let run = RepairRun { repair: Repair::new(stream, avoid), started: now, asking: None, resume_at: Some(now) };
+        let run = RepairRun {
+            repair: Repair::new(stream, avoid.clone()),
+            stale: avoid,
+            started: now,
+            asking: None,
+            resume_at: Some(now),
+        };
         self.repairs.insert(stream.to_string(), run);
         self.step_repair(stream, now, out);
     }
@@ -656,6 +673,9 @@ impl Engine {
             }
             Step::Wait { orphan } => {
                 run.resume_at = Some(now + self.config.retry);
+                // Like the neighbour avoided, an upstream that gave up may
+                // have found its way by the next round.
+                run.stale.clear();
                 Self::note(out, Level::Debug, stream, "no repair target left this round".into());
                 if orphan {
                     self.orphan(stream, out);
@@ -711,6 +731,18 @@ impl Engine {
             self.send_leave(to, stream, out);
             return;
         }
+        let result = match result {
+            Ok(desc) if desc.route.iter().any(|n| run.stale.contains(n)) => {
+                // Refused like a loop; the sender is left.
+                self.send_leave(to.clone(), stream.clone(), out);
+                Err(Nak {
+                    reason: NakReason::Loop,
+                    detail: format!("{to}'s way to the root runs through an upstream that gave up: {:?}", desc.route),
+                })
+            }
+            other => other,
+        };
+        let run = self.repairs.get_mut(&stream).expect("checked");
         match result {
             Ok(desc) => {
                 let server = desc.server.clone();
@@ -1271,5 +1303,20 @@ mod tests {
         let out = e.tick(t + Duration::from_millis(1700), |_| None);
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
         assert!(e.trees.branch("test").is_none());
+    }
+
+    #[test]
+    fn after_an_upstream_gives_up_an_answer_routed_through_it_is_refused() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        // o2 gives up; o9's answer still runs through o2 (o9 is fed by a
+        // sibling branch under o2 and has not heard yet).
+        let out = e.rerooted("test", "o2", "", &[], now);
+        let (id, to, _) = asks(&out)[0];
+        assert_eq!(to, "o9");
+        let out = e.answered(id, Ok(desc(&["s1", "o2", "o7", "o9"])), now);
+        assert!(has(&out, &Effect::Leave { to: "o9".into(), stream: "test".into() }), "{out:?}");
+        assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()), "not taken");
+        assert!(e.trees.branch("test").unwrap().repairing);
     }
 }
