@@ -181,7 +181,6 @@ struct Held {
 /// One node's tree protocol.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    me: String,
     config: EngineConfig,
     pub routes: RouteTable,
     pub trees: Trees,
@@ -214,10 +213,8 @@ impl Engine {
         config: EngineConfig,
         now: Instant,
     ) -> Engine {
-        let me = routes.me().to_string();
         Engine {
-            trees: Trees::new(me.clone(), offered),
-            me,
+            trees: Trees::new(routes.me(), offered),
             routes,
             moves: Moves::new(config.settle.unwrap_or(Duration::MAX)),
             silence: config.silence.map(Silence::new),
@@ -235,10 +232,6 @@ impl Engine {
             next_move: now + Self::move_period(&config),
             next_silence: now,
         }
-    }
-
-    pub fn me(&self) -> &str {
-        &self.me
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -272,6 +265,17 @@ impl Engine {
     /// Whether a stream request for `stream` this node sent is unanswered.
     pub fn asking(&self, stream: &str) -> bool {
         self.asks.values().any(|a| a.stream == stream)
+    }
+
+    /// Whether this node's unanswered requests include one to `to` for
+    /// `stream`.
+    fn asking_to(&self, stream: &str, to: &str) -> bool {
+        self.asks.values().any(|a| a.stream == stream && a.to == to)
+    }
+
+    /// Whether `neighbour` feeds this node's branch of `stream`.
+    fn fed_by(&self, stream: &str, neighbour: &str) -> bool {
+        self.trees.branch(stream).is_some_and(|b| matches!(&b.source, Source::Neighbour(up) if up == neighbour))
     }
 
     /// Streams whose branches are being repaired (a repair under way).
@@ -315,15 +319,13 @@ impl Engine {
         if let Requester::Neighbour(r) = &held.requester {
             // Its answers are judged from its (new) attachment on.
             self.not_carrying.remove(&(stream.clone(), r.clone()));
-        }
-        // This node asked the requester for the same stream (a repair or a
-        // move) and waits for its answer: accepting would let each take
-        // the stream from the other.
-        if let Requester::Neighbour(r) = &held.requester {
-            if self.asks.values().any(|a| a.stream == stream && &a.to == r) {
+            // This node asked the requester for the same stream (a repair
+            // or a move) and waits for its answer: accepting would let
+            // each take the stream from the other.
+            if self.asking_to(&stream, r) {
                 let nak = Nak {
                     reason: NakReason::Loop,
-                    detail: format!("node {}: stream {stream:?}: this node is asking {r} for it", self.me),
+                    detail: format!("node {}: stream {stream:?}: this node is asking {r} for it", self.routes.me()),
                 };
                 Self::note(out, Level::Info, &stream, format!("stream request of {r} crossed this node's own"));
                 out.push(Effect::Answer { ticket: held.ticket, result: Err(nak) });
@@ -528,7 +530,7 @@ impl Engine {
     fn send_leave(&mut self, to: String, stream: String, out: &mut Vec<Effect>) {
         // An answer undone (stale, or the branch healed meanwhile) may come
         // from the branch's own upstream: that prune would cut its feed.
-        if self.trees.branch(&stream).is_some_and(|b| b.source == Source::Neighbour(to.clone())) {
+        if self.fed_by(&stream, &to) {
             return;
         }
         if self.routes.is_down(&to) {
@@ -544,10 +546,7 @@ impl Engine {
         let mut out = Vec::new();
         self.graces.remove(neighbour);
         for stream in self.unsent_leaves.remove(neighbour).unwrap_or_default() {
-            let fed_by_it =
-                self.trees.branch(&stream).is_some_and(|b| b.source == Source::Neighbour(neighbour.to_string()));
-            let asked = self.asks.values().any(|a| a.stream == stream && a.to == neighbour);
-            if !fed_by_it && !asked {
+            if !self.fed_by(&stream, neighbour) && !self.asking_to(&stream, neighbour) {
                 Self::note(&mut out, Level::Debug, &stream, format!("prune sent again to {neighbour}, back up"));
                 out.push(Effect::Leave { to: neighbour.to_string(), stream });
             }
@@ -610,7 +609,7 @@ impl Engine {
             }
             return out;
         }
-        if route.iter().any(|n| n == &self.me) {
+        if route.iter().any(|n| n == self.routes.me()) {
             // The upstream's way to the root passes through this node:
             // moves or repairs made at the same moment closed a loop.
             if self.trees.upstream_abandoned(stream, from) {
@@ -749,11 +748,6 @@ impl Engine {
                 match self.trees.repaired(&to, desc) {
                     Some((downstream, old)) => {
                         let run = self.repairs.remove(&stream).expect("checked");
-                        self.moves.changed(&stream, now);
-                        out.push(Effect::Republish);
-                        if let Some(old) = old {
-                            self.send_leave(old, stream.clone(), out);
-                        }
                         let took = now.saturating_duration_since(run.started);
                         Self::note(
                             out,
@@ -762,10 +756,7 @@ impl Engine {
                             format!("tree repaired through {to} from {server} in {} ms", took.as_millis()),
                         );
                         out.push(Effect::Repaired { stream: stream.clone(), upstream: to.clone(), server, took });
-                        let desc = self.trees.branch(&stream).map(|b| b.desc.clone()).expect("just repaired");
-                        for d in downstream {
-                            out.push(Effect::Reroot { to: d, desc: desc.clone() });
-                        }
+                        let desc = self.new_upstream(&stream, downstream, old, now, out);
                         out.push(Effect::Refresh { from: to, stream, tickets: Vec::new(), desc });
                     }
                     None => {
@@ -824,8 +815,6 @@ impl Engine {
             self.send_leave(m.to, m.stream, out);
             return;
         };
-        self.moves.changed(&m.stream, now);
-        out.push(Effect::Republish);
         Self::note(
             out,
             Level::Info,
@@ -837,13 +826,30 @@ impl Engine {
                 now.saturating_duration_since(started).as_millis()
             ),
         );
+        self.new_upstream(&m.stream, downstream, old, now, out);
+    }
+
+    /// The branch of `stream` has just taken a new upstream (a repair or
+    /// a move): its settle time starts again, the old upstream is left and
+    /// the downstreams are told the new route. Its description.
+    fn new_upstream(
+        &mut self,
+        stream: &str,
+        downstream: Vec<String>,
+        old: Option<String>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) -> StreamDesc {
+        self.moves.changed(stream, now);
+        out.push(Effect::Republish);
         if let Some(old) = old {
-            self.send_leave(old, m.stream.clone(), out);
+            self.send_leave(old, stream.to_string(), out);
         }
-        let desc = self.trees.branch(&m.stream).map(|b| b.desc.clone()).expect("just moved");
+        let desc = self.trees.branch(stream).map(|b| b.desc.clone()).expect("just took an upstream");
         for d in downstream {
             out.push(Effect::Reroot { to: d, desc: desc.clone() });
         }
+        desc
     }
 
     // ---- time ----
@@ -914,7 +920,7 @@ impl Engine {
         if self.config.settle.is_some() && self.next_move <= now {
             self.next_move = now + Self::move_period(&self.config);
             for m in self.moves.due(&self.trees, &self.routes, now) {
-                let path = vec![self.me.clone()];
+                let path = vec![self.routes.me().to_string()];
                 let (stream, to) = (m.stream.clone(), m.to.clone());
                 self.ask(&mut out, &stream, &to, path, self.config.join_timeout, Purpose::Move(m, now));
             }

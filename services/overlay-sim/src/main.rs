@@ -204,18 +204,7 @@ fn main() -> ExitCode {
         reports.iter().map(|r| r.penalty_max).fold(0.0, f64::max)
     );
     println!("  convergence after a fault (routes failing back to the typical number at rest), in probe intervals:");
-    println!("    {:<24} {:>5} {:>7} {:>5} {:>5}", "fault", "count", "median", "p95", "max");
-    for (kind, mut v) in by_kind(&reports) {
-        v.sort_unstable();
-        println!(
-            "    {:<24} {:>5} {:>7} {:>5} {:>5}",
-            kind.label(),
-            v.len(),
-            quantile(&v, 0.5),
-            quantile(&v, 0.95),
-            v.last().copied().unwrap_or(0)
-        );
-    }
+    print_by_kind(by_kind(&reports));
     let mean = |f: fn(&Report) -> f64| reports.iter().map(f).sum::<f64>() / reports.len().max(1) as f64;
     println!(
         "  trees: delay to each viewer's POP over the shortest path from the tree's root {:.4} right after the last fault, \
@@ -228,8 +217,23 @@ fn main() -> ExitCode {
         reports.iter().map(|r| r.strays).sum::<usize>()
     );
     println!("  tree repair after a fault (until every viewer's POP a server reaches is fed), in ms, faults that cut a feed:");
+    print_by_kind(repairs_by_kind(&reports));
+    let failed: usize = reports.iter().map(|r| r.failures().len()).sum();
+    if failed > 0 {
+        println!(
+            "{failed} problems: runs that did not converge within {} probe intervals, or broken trees (PROBLEM lines above)",
+            overlay_sim::LIMIT
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// One line per fault kind: how many, and the median, 95th percentile and
+/// most of the figures.
+fn print_by_kind(figures: std::collections::BTreeMap<overlay_sim::FaultKind, Vec<u32>>) {
     println!("    {:<24} {:>5} {:>7} {:>5} {:>5}", "fault", "count", "median", "p95", "max");
-    for (kind, mut v) in repairs_by_kind(&reports) {
+    for (kind, mut v) in figures {
         v.sort_unstable();
         println!(
             "    {:<24} {:>5} {:>7} {:>5} {:>5}",
@@ -240,13 +244,4 @@ fn main() -> ExitCode {
             v.last().copied().unwrap_or(0)
         );
     }
-    let failed: usize = reports.iter().map(|r| r.failures().len()).sum();
-    if failed > 0 {
-        println!(
-            "{failed} problems: runs that did not converge within {} probe intervals, or broken trees (PROBLEM lines above)",
-            overlay_sim::LIMIT
-        );
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
 }

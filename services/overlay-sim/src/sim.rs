@@ -401,8 +401,7 @@ impl World {
 
     /// A measured round trip of link `k`: twice its delay plus queueing.
     fn rtt(&mut self, k: usize) -> u64 {
-        let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
-        2 * self.graph.links[k].delay_us + jitter
+        2 * self.graph.links[k].delay_us + self.jitter()
     }
 
     fn usable(&self, k: usize) -> bool {
@@ -634,7 +633,7 @@ impl World {
                     let life = self.nodes[i].life;
                     let until = self.now + timeout.as_micros() as u64;
                     let Some(j) = self.index.get(&to).copied() else { continue };
-                    if let Some((j, link, delay)) = self.carry_tree(i, j) {
+                    if let Some((link, delay)) = self.carry(i, j, false) {
                         self.schedule(delay, Event::Ask { to: j, from: i, life, link, id, stream, path });
                     }
                     let first = JOIN_WATCH_US.min(until - self.now);
@@ -647,12 +646,14 @@ impl World {
                     }
                 }
                 Effect::Leave { to, stream } => {
-                    if let Some((j, link, delay)) = self.index.get(&to).copied().and_then(|j| self.carry_tree(i, j)) {
+                    let Some(j) = self.index.get(&to).copied() else { continue };
+                    if let Some((link, delay)) = self.carry(i, j, false) {
                         self.schedule(delay, Event::Leave { to: j, from: i, link, stream });
                     }
                 }
                 Effect::Reroot { to, desc } => {
-                    if let Some((j, link, delay)) = self.index.get(&to).copied().and_then(|j| self.carry_tree(i, j)) {
+                    let Some(j) = self.index.get(&to).copied() else { continue };
+                    if let Some((link, delay)) = self.carry(i, j, false) {
                         self.schedule(delay, Event::Reroot { to: j, from: i, link, desc });
                     }
                 }
@@ -694,7 +695,7 @@ impl World {
             Some(Ticket::Ask { node, life, link, id }) => {
                 let l = self.graph.links[link];
                 let me = if l.a == node { l.b } else { l.a };
-                if let Some((_, link, delay)) = self.carry_tree(me, node) {
+                if let Some((link, delay)) = self.carry(me, node, false) {
                     self.schedule(delay, Event::Reply { node, life, link, id, result });
                 }
             }
@@ -708,20 +709,11 @@ impl World {
     /// A tree message from `from` to its neighbour `to`, counted: the
     /// link and its delay, unless the link is down. (They ride on gRPC:
     /// TCP retransmits what the link loses.)
-    fn carry_tree(&mut self, from: usize, to: usize) -> Option<(usize, usize, u64)> {
-        let k = self.graph.link_between(from, to)?;
-        self.tree_messages += 1;
-        if !self.usable(k) {
-            return None;
-        }
-        let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
-        Some((to, k, self.graph.links[k].delay_us + jitter))
-    }
-
     fn send(&mut self, from: usize, out: Vec<(String, Probe)>) {
         for (to, mut probe) in out {
             probe.sender = self.graph.names[from].clone();
-            if let Some((to, link, delay)) = self.carry(from, &to) {
+            let Some(to) = self.index.get(&to).copied() else { continue };
+            if let Some((link, delay)) = self.carry(from, to, true) {
                 self.schedule(delay, Event::Deliver { to, link, probe });
             }
         }
@@ -729,24 +721,37 @@ impl World {
 
     fn send_notices(&mut self, from: usize, out: Vec<(String, LinkNotice)>) {
         for (to, notice) in out {
-            if let Some((to, link, delay)) = self.carry(from, &to) {
+            let Some(to) = self.index.get(&to).copied() else { continue };
+            if let Some((link, delay)) = self.carry(from, to, true) {
                 self.schedule(delay, Event::Tell { to, link, notice });
             }
         }
     }
 
-    /// One control message from `from` to its neighbour `to`, counted: the
-    /// receiver, the link and the delay, unless the link is down or loses
-    /// it.
-    fn carry(&mut self, from: usize, to: &str) -> Option<(usize, usize, u64)> {
-        let j = *self.index.get(to)?;
-        let k = self.graph.link_between(from, j)?;
-        self.probes_sent += 1;
-        if !self.usable(k) || (self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
+    /// One control message from `from` to its neighbour `to`, counted:
+    /// its link and delay, unless the link is down or (`lossy`: probes
+    /// and link notices, which ride on UDP) loses it. Tree messages ride
+    /// on gRPC in onode: TCP retransmits what the link loses.
+    fn carry(&mut self, from: usize, to: usize, lossy: bool) -> Option<(usize, u64)> {
+        let k = self.graph.link_between(from, to)?;
+        if lossy {
+            self.probes_sent += 1;
+        } else {
+            self.tree_messages += 1;
+        }
+        if !self.usable(k) || (lossy && self.config.loss > 0.0 && self.rng.random::<f64>() < self.config.loss) {
             return None;
         }
-        let jitter = if self.config.jitter_us == 0 { 0 } else { self.rng.random_range(0..self.config.jitter_us) };
-        Some((j, k, self.graph.links[k].delay_us + jitter))
+        Some((k, self.graph.links[k].delay_us + self.jitter()))
+    }
+
+    /// A random queueing delay for one message.
+    fn jitter(&mut self) -> u64 {
+        if self.config.jitter_us == 0 {
+            0
+        } else {
+            self.rng.random_range(0..self.config.jitter_us)
+        }
     }
 
     fn note(&mut self, what: String) {

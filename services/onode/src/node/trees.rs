@@ -66,11 +66,13 @@ impl Node {
                     self.tasks.spawn(
                         async move {
                             let result = me.request_upstream(&stream, &to, path, timeout).await;
-                            let result = result.map(|(desc, addr)| {
-                                me.lock().upstream_ports.insert(to.clone(), addr.port());
-                                desc
+                            me.drive(|st| {
+                                let result = result.map(|(desc, addr)| {
+                                    st.upstream_ports.insert(to.clone(), addr.port());
+                                    desc
+                                });
+                                st.engine.answered(id, result, Instant::now())
                             });
-                            me.drive(|st| st.engine.answered(id, result, Instant::now()));
                         }
                         .instrument(span),
                     );
@@ -157,14 +159,7 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        {
-            let mut st = self.lock();
-            for t in tickets {
-                if let Some(tx) = st.waiters.remove(&t) {
-                    let _ = tx.send(Ok(desc.clone()));
-                }
-            }
-        }
+        self.drive(|_| tickets.into_iter().map(|ticket| Effect::Answer { ticket, result: Ok(desc.clone()) }).collect());
         if !done {
             refresh.await;
         }
