@@ -152,17 +152,23 @@ impl Graph {
     /// Lowest summed delay from `source` to every node over the links for
     /// which `usable` holds (None: unreachable).
     pub fn shortest(&self, source: usize, usable: impl Fn(usize) -> bool) -> Vec<Option<u64>> {
+        self.shortest_with_hops(source, usable).into_iter().map(|b| b.map(|(d, _)| d)).collect()
+    }
+
+    /// [`Graph::shortest`], with the hops of each lowest-delay path (the
+    /// fewest among equal delays).
+    pub fn shortest_with_hops(&self, source: usize, usable: impl Fn(usize) -> bool) -> Vec<Option<(u64, u32)>> {
         let mut best = vec![None; self.names.len()];
         let mut heap = BinaryHeap::new();
-        heap.push(Reverse((0u64, source)));
-        while let Some(Reverse((d, i))) = heap.pop() {
+        heap.push(Reverse((0u64, 0u32, source)));
+        while let Some(Reverse((d, h, i))) = heap.pop() {
             if best[i].is_some() {
                 continue;
             }
-            best[i] = Some(d);
+            best[i] = Some((d, h));
             for &(j, k) in &self.adjacent[i] {
                 if best[j].is_none() && usable(k) {
-                    heap.push(Reverse((d + self.links[k].delay_us, j)));
+                    heap.push(Reverse((d + self.links[k].delay_us, h + 1, j)));
                 }
             }
         }

@@ -1090,8 +1090,8 @@ impl World {
                 continue;
             }
             let server = &self.graph.names[s];
-            let best: Vec<Option<u64>> =
-                if self.nodes[s].alive { self.graph.shortest(s, |k| self.usable(k)) } else { vec![None; n] };
+            let best: Vec<Option<(u64, u32)>> =
+                if self.nodes[s].alive { self.graph.shortest_with_hops(s, |k| self.usable(k)) } else { vec![None; n] };
             // Every live node's next hop toward s, asked once.
             let next: Vec<Option<usize>> = (0..n)
                 .map(|i| {
@@ -1105,7 +1105,7 @@ impl World {
             let mut broken = std::collections::HashSet::new();
             for i in (0..n).filter(|&i| i != s && self.nodes[i].alive) {
                 let node = &self.graph.names[i];
-                let Some(best_us) = best[i] else {
+                let Some((best_us, best_hops)) = best[i] else {
                     if next[i].is_some() {
                         j.violations.push(Violation::Phantom { node: node.clone(), server: server.clone() });
                     }
@@ -1163,11 +1163,14 @@ impl World {
                     continue;
                 }
                 // The selection rule may take up to the tie band more for
-                // fewer hops; measured delays carry up to half the jitter
-                // per link on top.
-                let band = ((best_us as f64 * cfg.tie_ratio) as u64).max(cfg.tie_floor_us);
-                let noise = self.config.jitter_us / 2 * hops as u64;
-                if delay_us > best_us + band + noise {
+                // fewer hops, over measured delays. A link's measurement
+                // (half its lowest recent round trip) carries up to half
+                // the jitter on top of its real delay, on the best path as
+                // on the one taken: a long best path can look as long as a
+                // shorter one that is really slower.
+                let noise = self.config.jitter_us / 2 * hops.max(best_hops as usize) as u64;
+                let band = (((best_us + noise) as f64 * cfg.tie_ratio) as u64).max(cfg.tie_floor_us);
+                if delay_us > best_us + noise + band {
                     j.violations.push(Violation::Longer {
                         node: node.clone(),
                         server: server.clone(),
