@@ -33,6 +33,9 @@ pub struct Choice {
     pub via: String,
     pub delay_ms: f64,
     pub hops: u32,
+    /// The lowest delay known through `via` (the way it tells may be
+    /// longer: fewer hops won there).
+    pub floor_ms: f64,
 }
 
 /// The overlay with the link delays its nodes measure.
@@ -205,7 +208,7 @@ impl OverlayDelays {
             }
             let link = self.link(x, n);
             if n == server {
-                cands.push(Choice { via: n.clone(), delay_ms: link, hops: 1 });
+                cands.push(Choice { via: n.clone(), delay_ms: link, hops: 1, floor_ms: link });
                 continue;
             }
             // n forwards only its first copy, and not back along its path.
@@ -216,11 +219,17 @@ impl OverlayDelays {
             let sub = self.best(rule, server, n, path, fastest, check);
             path.pop();
             if let Some(c) = sub {
-                cands.push(Choice { via: n.clone(), delay_ms: link + c.delay_ms, hops: c.hops + 1 });
+                cands.push(Choice {
+                    via: n.clone(),
+                    delay_ms: link + c.delay_ms,
+                    hops: c.hops + 1,
+                    floor_ms: link + c.floor_ms,
+                });
             }
         }
         check(x, server, &cands);
-        pick(&cands, rule)
+        let lowest = cands.iter().map(|c| c.floor_ms).fold(f64::INFINITY, f64::min);
+        pick(&cands, rule).map(|c| Choice { floor_ms: lowest, ..c })
     }
 }
 
@@ -234,7 +243,12 @@ fn order(a: &Choice, b: &Choice) -> std::cmp::Ordering {
 pub fn pick(cands: &[Choice], rule: &RoutingConfig) -> Option<Choice> {
     let routes: Vec<routing::Route> = cands
         .iter()
-        .map(|c| routing::Route { via: c.via.clone(), delay_us: (c.delay_ms * 1000.0).round() as u64, hops: c.hops })
+        .map(|c| routing::Route {
+            via: c.via.clone(),
+            delay_us: (c.delay_ms * 1000.0).round() as u64,
+            hops: c.hops,
+            floor_us: (c.floor_ms * 1000.0).round() as u64,
+        })
         .collect();
     let chosen = routing::pick(&routes, rule)?;
     routes.iter().position(|r| *r == chosen).map(|i| cands[i].clone())
@@ -279,7 +293,7 @@ mod tests {
 
     #[test]
     fn the_rule_picks_lowest_delay_and_breaks_near_ties_by_hops() {
-        let c = |via: &str, delay_ms: f64, hops: u32| Choice { via: via.into(), delay_ms, hops };
+        let c = |via: &str, delay_ms: f64, hops: u32| Choice { via: via.into(), delay_ms, hops, floor_ms: delay_ms };
         let r = RoutingConfig::default();
         assert_eq!(pick(&[c("a", 10.0, 3), c("b", 20.0, 1)], &r).unwrap().via, "a");
         assert_eq!(pick(&[c("a", 10.0, 3), c("b", 10.9, 2)], &r).unwrap().via, "b");

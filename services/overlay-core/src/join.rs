@@ -102,6 +102,7 @@ mod tests {
                 hops: visited.len() as u32,
                 visited: visited.iter().map(|s| s.to_string()).collect(),
                 path_delay_us: 1_000,
+                best_delay_us: 1_000,
                 streams: vec!["test".into()],
                 sender: via.into(),
                 withdrawn: false,

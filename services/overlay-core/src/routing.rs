@@ -26,7 +26,12 @@
 //! the stale time, should that notice be lost).
 //!
 //! The best next hop toward a server has the lowest delay; when delays are
-//! within 10% of each other, fewer hops wins. Routes of the two newest
+//! within 10% of each other, fewer hops wins. The 10% is counted from the
+//! lowest delay known through any neighbour, which every copy carries
+//! beside the delay of the way it tells (a way that won on hops may be up
+//! to 10% longer than its sender's lowest): counted from the ways told, the
+//! bands would add up hop by hop, and a route 20 hops long could end up a
+//! fifth longer than the best. Routes of the two newest
 //! rounds are preferred over older ones. A stream request never goes to a
 //! neighbour whose way runs through a node already on the request's path.
 
@@ -48,6 +53,11 @@ pub struct Probe {
     pub visited: Vec<String>,
     /// Summed one-way link delay from the server to the sender of this copy.
     pub path_delay_us: u64,
+    /// The lowest delay the sender knows to the server over ways that
+    /// avoid the receiver: the way told may be up to the tie band longer
+    /// (fewer hops won), and the receiver's tie band is measured from the
+    /// true lowest, so that the band never compounds hop by hop.
+    pub best_delay_us: u64,
     /// Streams the server offers.
     pub streams: Vec<String>,
     /// The neighbour that sent this copy.
@@ -174,6 +184,9 @@ impl Default for RoutingConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteEntry {
     pub delay_us: u64,
+    /// The lowest delay known to the server through this neighbour (its
+    /// own lowest plus the link): at most `delay_us`.
+    pub floor_us: u64,
     pub hops: u32,
     pub seq: u64,
     pub received: Instant,
@@ -189,6 +202,14 @@ pub struct Route {
     pub via: String,
     pub delay_us: u64,
     pub hops: u32,
+    /// The lowest delay known through `via` (its way told may be longer).
+    pub floor_us: u64,
+}
+
+impl Route {
+    fn from_entry(via: &str, e: &RouteEntry) -> Route {
+        Route { via: via.to_string(), delay_us: e.delay_us, hops: e.hops, floor_us: e.floor_us }
+    }
 }
 
 /// Where a stream request should go, with what the choice is based on.
@@ -226,6 +247,8 @@ struct Sent {
     /// The round it was told in.
     seq: u64,
     delay_us: u64,
+    /// The lowest delay told with it.
+    floor_us: u64,
     hops: u32,
     /// The route's path, or None: a withdrawal (no way that avoids it).
     path: Option<Vec<String>>,
@@ -308,6 +331,7 @@ impl RouteTable {
                     hops: 1,
                     visited: vec![self.me.clone()],
                     path_delay_us: 0,
+                    best_delay_us: 0,
                     streams: streams.clone(),
                     sender: self.me.clone(),
                     withdrawn: false,
@@ -341,7 +365,9 @@ impl RouteTable {
         if !probe.withdrawn && self.dead.iter().any(|d| d.cut.crossed_by(&probe.visited)) {
             return Vec::new();
         }
-        let delay_us = probe.path_delay_us + self.link_delay_us(&probe.sender).unwrap_or(0);
+        let link_us = self.link_delay_us(&probe.sender).unwrap_or(0);
+        let delay_us = probe.path_delay_us + link_us;
+        let floor_us = probe.best_delay_us.min(probe.path_delay_us) + link_us;
         // A copy of a round already seen is no fresher than that round's
         // first copy here: an update, or a copy that comes after its route
         // was dropped, must not keep a way to a server cut off alive past
@@ -359,6 +385,7 @@ impl RouteTable {
         } else {
             let entry = RouteEntry {
                 delay_us,
+                floor_us,
                 hops: probe.hops,
                 seq: probe.seq,
                 received,
@@ -429,6 +456,8 @@ impl RouteTable {
         for n in live {
             let refresh = new_round && !known.contains(&n);
             let best = self.advertised(server, round, &n, now);
+            let floor_us = best.as_ref().map_or(0, |(_, floor)| *floor);
+            let best = best.map(|(entry, _)| entry);
             let key = (server.to_string(), n.clone());
             let prev = self.sent.get(&key);
             let updates = match prev {
@@ -442,9 +471,10 @@ impl RouteTable {
                 // runs makes requests loop); good news a few times a round,
                 // the next round carries the rest.
                 (Some(p), Some(b)) => {
-                    changes(&self.config, p, b)
+                    changes(&self.config, p, b, floor_us)
                         && (updates < self.config.updates_per_round
-                            || !improves(&self.config, (b.delay_us, b.hops), (p.delay_us, p.hops)))
+                            || !improves(&self.config, (b.delay_us, b.hops), (p.delay_us, p.hops))
+                            || floor_us > p.floor_us)
                 }
                 (Some(p), None) => p.path.is_some(),
                 (None, None) => false,
@@ -456,6 +486,7 @@ impl RouteTable {
             let told = Sent {
                 seq: round,
                 delay_us: best.as_ref().map_or(0, |b| b.delay_us),
+                floor_us,
                 hops: best.as_ref().map_or(0, |b| b.hops),
                 path: best.map(|b| b.path),
                 updates: counted,
@@ -470,6 +501,7 @@ impl RouteTable {
                 hops: if told.path.is_some() { told.hops + 1 } else { 0 },
                 visited,
                 path_delay_us: told.delay_us,
+                best_delay_us: told.floor_us,
                 streams: streams.to_vec(),
                 sender: self.me.clone(),
                 withdrawn: told.path.is_none(),
@@ -487,25 +519,29 @@ impl RouteTable {
     }
 
     /// The route this node advertises to `to` in round `seq`: the best of
-    /// the round's copies that did not come through `to`.
-    fn advertised(&self, server: &str, seq: u64, to: &str, now: Instant) -> Option<RouteEntry> {
+    /// the round's copies that did not come through `to`, and the lowest
+    /// delay among them.
+    fn advertised(&self, server: &str, seq: u64, to: &str, now: Instant) -> Option<(RouteEntry, u64)> {
         let candidates: Vec<Route> = self
             .fresh(server, now)
             .filter(|(_, e)| e.seq >= seq.saturating_sub(self.config.rounds_kept) && !e.path.iter().any(|p| p == to))
-            .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
+            .map(|(via, e)| Route::from_entry(via, e))
             .collect();
         let mut route = pick(&candidates, &self.config)?;
+        let floor_us = candidates.iter().map(|c| c.floor_us).min().unwrap_or(route.floor_us);
         // Keep telling the way told before while the new pick is no clear
-        // gain: near-equal routes would otherwise swap with every
-        // measurement, and every swap is an update.
+        // gain and the old one is still within the tie band of the lowest:
+        // near-equal routes would otherwise swap with every measurement,
+        // and every swap is an update.
         let before = self.sent.get(&(server.to_string(), to.to_string())).and_then(|s| s.path.as_ref()?.last());
         if let Some(kept) = before.and_then(|v| candidates.iter().find(|c| &c.via == v)) {
             let key = |r: &Route| (r.delay_us, r.hops);
-            if !improves(&self.config, key(&route), key(kept)) {
+            let eligible = kept.delay_us <= floor_us + tie_band(&self.config, floor_us);
+            if eligible && !improves(&self.config, key(&route), key(kept)) {
                 route = kept.clone();
             }
         }
-        self.entries.get(server)?.get(&route.via).cloned()
+        Some((self.entries.get(server)?.get(&route.via).cloned()?, floor_us))
     }
 
     /// Records one measured round trip to a neighbour.
@@ -677,7 +713,7 @@ impl RouteTable {
                         && !e.path.iter().any(|p| not_through.contains(&p.as_str()))
                         && (!recent_only || e.seq >= oldest)
                 })
-                .map(|(via, e)| Route { via: via.clone(), delay_us: e.delay_us, hops: e.hops })
+                .map(|(via, e)| Route::from_entry(via, e))
                 .collect()
         };
         pick(&candidates(true), &self.config).or_else(|| pick(&candidates(false), &self.config))
@@ -685,11 +721,7 @@ impl RouteTable {
 
     /// The route toward `server` through `via`, while fresh.
     pub fn route_via(&self, server: &str, via: &str, now: Instant) -> Option<Route> {
-        self.fresh(server, now).find(|(v, _)| v.as_str() == via).map(|(v, e)| Route {
-            via: v.clone(),
-            delay_us: e.delay_us,
-            hops: e.hops,
-        })
+        self.fresh(server, now).find(|(v, _)| v.as_str() == via).map(|(v, e)| Route::from_entry(v, e))
     }
 
     /// Whether moving from `current` to `candidate` is worth it by the
@@ -773,36 +805,53 @@ fn improves(config: &RoutingConfig, new: (u64, u32), old: (u64, u32)) -> bool {
 /// be believed to run where it does not, or requests loop), another hop
 /// count, or a delay beyond the tie band (smaller drifts are measurement
 /// noise, and the next round carries them anyway).
-fn changes(config: &RoutingConfig, sent: &Sent, now: &RouteEntry) -> bool {
+fn changes(config: &RoutingConfig, sent: &Sent, now: &RouteEntry, floor_us: u64) -> bool {
     let band = tie_band(config, sent.delay_us.min(now.delay_us));
-    sent.path.as_ref() != Some(&now.path) || sent.hops != now.hops || sent.delay_us.abs_diff(now.delay_us) > band
+    let floor_band = tie_band(config, sent.floor_us.min(floor_us));
+    sent.path.as_ref() != Some(&now.path)
+        || sent.hops != now.hops
+        || sent.delay_us.abs_diff(now.delay_us) > band
+        || sent.floor_us.abs_diff(floor_us) > floor_band
 }
 
-fn upstream_key(o: &Upstream) -> (u64, u32, &str) {
+/// What the selection rule reads of a candidate.
+struct Key<'a> {
+    delay_us: u64,
+    /// The lowest delay known through it (≤ `delay_us`).
+    floor_us: u64,
+    hops: u32,
+    via: &'a str,
+}
+
+fn upstream_key(o: &Upstream) -> Key<'_> {
     match o {
-        Upstream::Carrier { via, delay_us } => (*delay_us, 1, via.as_str()),
-        Upstream::Server { route, .. } => (route.delay_us, route.hops, route.via.as_str()),
+        Upstream::Carrier { via, delay_us } => Key { delay_us: *delay_us, floor_us: *delay_us, hops: 1, via },
+        Upstream::Server { route, .. } => route_key(route),
     }
 }
 
-fn route_key(r: &Route) -> (u64, u32, &str) {
-    (r.delay_us, r.hops, r.via.as_str())
+fn route_key(r: &Route) -> Key<'_> {
+    Key { delay_us: r.delay_us, floor_us: r.floor_us.min(r.delay_us), hops: r.hops, via: &r.via }
 }
 
-/// The rule of [`pick`] over any candidates, given (delay, hops, name) of
-/// each; returns the index of the chosen one.
-fn choose<T>(
-    candidates: &[T],
-    key: impl for<'a> Fn(&'a T) -> (u64, u32, &'a str),
-    config: &RoutingConfig,
-) -> Option<usize> {
-    let min = candidates.iter().map(|c| key(c).0).min()?;
-    let tolerance = tie_band(config, min);
-    (0..candidates.len()).filter(|&i| key(&candidates[i]).0 <= min + tolerance).min_by(|&a, &b| {
-        let (da, ha, na) = key(&candidates[a]);
-        let (db, hb, nb) = key(&candidates[b]);
-        (ha, da, na).cmp(&(hb, db, nb))
-    })
+/// The rule of [`pick`] over any candidates; returns the index of the
+/// chosen one. The tie band is measured from the lowest delay known
+/// through any candidate (a neighbour's own lowest plus the link), not
+/// from the lowest way told: a neighbour's way told is its own pick, up to
+/// its band above its lowest, and a band over bands would compound hop by
+/// hop. Should no way told fall within the band (a lowest already gone
+/// stale elsewhere), the band is measured from the lowest way told.
+fn choose<T>(candidates: &[T], key: impl for<'a> Fn(&'a T) -> Key<'a>, config: &RoutingConfig) -> Option<usize> {
+    let keys: Vec<Key> = candidates.iter().map(&key).collect();
+    let floor = keys.iter().map(|k| k.floor_us).min()?;
+    let lowest_told = keys.iter().map(|k| k.delay_us).min()?;
+    let best_within = |low: u64| {
+        let limit = low + tie_band(config, low);
+        (0..keys.len())
+            .filter(|&i| keys[i].delay_us <= limit)
+            .min_by_key(|&i| (keys[i].hops, keys[i].delay_us, keys[i].via))
+    };
+    best_within(floor).or_else(|| best_within(lowest_told))
 }
 
 #[cfg(test)]
@@ -810,7 +859,7 @@ mod tests {
     use super::*;
 
     fn route(via: &str, delay_us: u64, hops: u32) -> Route {
-        Route { via: via.into(), delay_us, hops }
+        Route { via: via.into(), delay_us, hops, floor_us: delay_us }
     }
 
     fn cfg() -> RoutingConfig {
@@ -845,6 +894,39 @@ mod tests {
     }
 
     #[test]
+    fn the_tie_band_is_measured_from_the_lowest_known_not_the_lowest_told() {
+        // b told a way of 10.9 ms (fewer hops won at b) but knows one of
+        // 10 ms: a's 11.5 ms is 15% over the true lowest, no tie.
+        let a = route("a", 11_500, 2);
+        let b = Route { floor_us: 10_000, ..route("b", 10_900, 5) };
+        assert_eq!(pick(&[a.clone(), b.clone()], &cfg()).unwrap().via, "b");
+        // Without b's lowest the band would run from 10.9 ms, and a would
+        // win on hops: the band would compound hop by hop.
+        let b_told_only = route("b", 10_900, 5);
+        assert_eq!(pick(&[a, b_told_only], &cfg()).unwrap().via, "a");
+    }
+
+    #[test]
+    fn a_node_tells_its_lowest_with_the_way_it_chose() {
+        let now = Instant::now();
+        let mut t = table("o3", &["o1", "o2", "o9"]);
+        t.on_link_rtt("o1", 2_000);
+        t.on_link_rtt("o2", 2_000);
+        // By o1: 10 ms, 6 hops; by o2: 10.5 ms, 3 hops. o3 takes o2's
+        // (within the band, fewer hops) and tells o9 so, with 10 ms + link
+        // as its lowest.
+        t.on_probe(&probe("s1", 1, "o1", &["s1", "a", "b", "c", "d", "o1"], 6, 9_000), now, 0);
+        let out = t.on_probe(&probe("s1", 1, "o2", &["s1", "e", "o2"], 3, 9_500), now, 0);
+        let told: Vec<&Probe> = out.iter().filter(|(n, _)| n == "o9").map(|(_, p)| p).collect();
+        let last = t.on_probe(&probe("s1", 1, "o2", &["s1", "e", "o2"], 3, 9_500), now, 0);
+        assert!(last.is_empty(), "nothing new to tell: {last:?}");
+        let p = told.last().expect("o9 hears o3's way");
+        assert_eq!(p.visited.last().map(String::as_str), Some("o3"));
+        assert_eq!(p.visited[p.visited.len() - 2], "o2", "the way chosen: fewer hops");
+        assert_eq!((p.path_delay_us, p.best_delay_us), (10_500, 10_000));
+    }
+
+    #[test]
     fn tie_floor_absorbs_measurement_noise() {
         let c = RoutingConfig { tie_floor_us: 500, ..RoutingConfig::default() };
         let r = pick(&[route("a", 400, 3), route("b", 100, 4)], &c).unwrap();
@@ -859,6 +941,7 @@ mod tests {
             hops,
             visited: visited.iter().map(|s| s.to_string()).collect(),
             path_delay_us: delay,
+            best_delay_us: delay,
             streams: vec!["test".into()],
             sender: sender.into(),
             withdrawn: false,

@@ -16,6 +16,7 @@ pub(crate) fn probe(server: &str, seq: u64, sender: &str, visited: &[&str], dela
         hops: visited.len() as u32,
         visited: visited.iter().map(|s| s.to_string()).collect(),
         path_delay_us: delay_us,
+        best_delay_us: delay_us,
         streams: vec!["test".into()],
         sender: sender.into(),
         withdrawn: false,
