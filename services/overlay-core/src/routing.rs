@@ -19,8 +19,9 @@
 //! - near-equal ways do not swap: the way told stays until another is a
 //!   clear gain.
 //!
-//! A node that finds a link dead floods a link-down notice, and every node
-//! forgets the routes through the link at once; the bootstrapper's notice
+//! A node that finds a link dead floods a link-down notice (each copy sent
+//! twice, [`NOTICE_REPEAT`] apart), and every node forgets the routes
+//! through the link at once; the bootstrapper's notice
 //! of a failed node does the same for routes through the node. Copies that
 //! crossed a dead link are ignored until a notice says it is back (or for
 //! the stale time, should that notice be lost).
@@ -144,6 +145,14 @@ pub struct RouteCounters {
 
 /// Link notices remembered to pass each on once, and cuts remembered.
 const NOTICES_KEPT: usize = 4096;
+
+/// Link notices ride on UDP, as probes do, and every node passes each on
+/// once: a lost copy to a node with one live link left would keep that
+/// node's routes through the dead link (and its neighbours', from it) alive
+/// until they go stale, several probe intervals. So the driver sends every
+/// copy a second time after this pause; the copy that comes second is
+/// recognised and ignored.
+pub const NOTICE_REPEAT: Duration = Duration::from_millis(50);
 
 /// Knobs of route selection.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use overlay_core::engine::{Effect, Engine, EngineConfig};
 use overlay_core::liveness::MISS_LIMIT;
-use overlay_core::routing::{LinkNotice, Probe, RouteTable, RoutingConfig};
+use overlay_core::routing::{LinkNotice, Probe, RouteTable, RoutingConfig, NOTICE_REPEAT};
 use overlay_core::tree::{Nak, NakReason, Requester, Source, StreamDesc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -220,7 +220,8 @@ pub enum Violation {
     /// selection rule's tie band.
     Longer { node: String, server: String, delay_us: u64, best_us: u64 },
     /// A route to a server that is dead or cut off.
-    Phantom { node: String, server: String },
+    /// (`path`: the way the route was told, server first.)
+    Phantom { node: String, server: String, path: Vec<String> },
 }
 
 /// What is wrong with the trees at one instant.
@@ -719,11 +720,16 @@ impl World {
         }
     }
 
+    /// Link notices, each copy sent twice (as onode does, see
+    /// [`NOTICE_REPEAT`]), each time with its own chance of loss.
     fn send_notices(&mut self, from: usize, out: Vec<(String, LinkNotice)>) {
+        let repeat = NOTICE_REPEAT.as_micros() as u64;
         for (to, notice) in out {
             let Some(to) = self.index.get(&to).copied() else { continue };
-            if let Some((link, delay)) = self.carry(from, to, true) {
-                self.schedule(delay, Event::Tell { to, link, notice });
+            for after in [0, repeat] {
+                if let Some((link, delay)) = self.carry(from, to, true) {
+                    self.schedule(after + delay, Event::Tell { to, link, notice: notice.clone() });
+                }
             }
         }
     }
@@ -1069,6 +1075,14 @@ impl World {
                 if j.violations.len() <= tolerated {
                     c.routes = Ok(k);
                 } else {
+                    if self.config.explain_after.is_some_and(|after| k > after) {
+                        let shown: Vec<String> = j.violations.iter().take(3).map(|v| format!("{v:?}")).collect();
+                        self.note(format!(
+                            "interval {k}: {} routes fail, e.g. {}",
+                            j.violations.len(),
+                            shown.join("; ")
+                        ));
+                    }
                     c.routes = Err(j.violations);
                 }
             }
@@ -1107,7 +1121,15 @@ impl World {
                 let node = &self.graph.names[i];
                 let Some((best_us, best_hops)) = best[i] else {
                     if next[i].is_some() {
-                        j.violations.push(Violation::Phantom { node: node.clone(), server: server.clone() });
+                        let r = &self.nodes[i].engine.routes;
+                        let via = next[i].map(|h| self.graph.names[h].clone()).unwrap_or_default();
+                        let path = r
+                            .entries(now)
+                            .remove(server)
+                            .and_then(|e| e.into_iter().find(|(v, _)| *v == via))
+                            .map(|(_, e)| e.path)
+                            .unwrap_or_default();
+                        j.violations.push(Violation::Phantom { node: node.clone(), server: server.clone(), path });
                     }
                     continue;
                 };

@@ -3,6 +3,7 @@
 //! at once.
 
 use super::*;
+use overlay_core::routing::NOTICE_REPEAT;
 
 impl Node {
     /// Sends the periodic heartbeat to every neighbour and, on the same
@@ -144,10 +145,29 @@ impl Node {
         }
     }
 
-    pub(super) fn send_link_notices(&self, out: Vec<(String, overlay_core::routing::LinkNotice)>) {
-        for (to, notice) in out {
-            self.links.send_link_notice(&to, convert::link_notice_to_wire(notice));
+    /// Sends link notices, and each copy again [`NOTICE_REPEAT`] later:
+    /// they ride on UDP, and one lost copy could leave a node with routes
+    /// through a dead link until they go stale.
+    pub(super) fn send_link_notices(self: &Arc<Self>, out: Vec<(String, overlay_core::routing::LinkNotice)>) {
+        if out.is_empty() {
+            return;
         }
+        let wire: Vec<(String, pb::LinkNotice)> =
+            out.into_iter().map(|(to, notice)| (to, convert::link_notice_to_wire(notice))).collect();
+        for (to, notice) in &wire {
+            self.links.send_link_notice(to, notice.clone());
+        }
+        let me = Arc::clone(self);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = me.cancel.cancelled() => {}
+                _ = tokio::time::sleep(NOTICE_REPEAT) => {
+                    for (to, notice) in wire {
+                        me.links.send_link_notice(&to, notice);
+                    }
+                }
+            }
+        });
     }
 
     /// A link notice from a neighbour: passed on once; routes through a
