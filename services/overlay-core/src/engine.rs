@@ -340,7 +340,12 @@ impl Engine {
                 out.push(Effect::Answer { ticket: held.ticket, result: Ok(desc) });
             }
             JoinDecision::Nak(nak) => {
+                // A branch looking for its own way to the root refuses at
+                // once: held, the request would use up the requester's
+                // join time on one neighbour while other ways may be open.
+                let looking = self.trees.branch(&stream).is_some_and(|b| b.repairing || b.orphaned);
                 let until = match nak.reason {
+                    _ if looking => now,
                     NakReason::NoRoute => held.until_no_route,
                     NakReason::UnknownStream => held.until_unknown,
                     _ => now,
@@ -1141,6 +1146,24 @@ mod tests {
         assert!(e.repairing().next().is_none());
         // o4 keeps its place: only a certain loss prunes at once.
         assert!(e.trees.branch("test").unwrap().downstream.contains("o4"));
+    }
+
+    #[test]
+    fn a_branch_looking_for_its_own_way_refuses_a_request_at_once() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        e.routes.neighbour_down("o2");
+        e.routes.neighbour_down("o9");
+        let out = e.neighbour_lost("o2", false, now);
+        assert!(has(&out, &Effect::RepairStarted { stream: "test".into() }), "{out:?}");
+        // A new neighbour asks: no hold (it would spend the asker's join
+        // time on a branch that has no way either), a refusal now.
+        let later = now + Duration::from_millis(10);
+        let out = e.request("test", Requester::Neighbour("o5".into()), vec!["o5".into()], 9, later);
+        let refused = out
+            .iter()
+            .any(|x| matches!(x, Effect::Answer { ticket: 9, result: Err(nak) } if nak.reason == NakReason::NoRoute));
+        assert!(refused, "{out:?}");
     }
 
     #[test]
