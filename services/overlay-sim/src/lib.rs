@@ -14,11 +14,12 @@
 //! Every node runs overlay-core's [`Engine`](overlay_core::engine::Engine),
 //! the same object onode runs: with the routes come the stream trees. A
 //! share of the POPs have a viewer, each watching one of the streams
-//! (every stream is offered by two servers). The trees are judged every
-//! 50 ms of virtual time: no loop, no link carrying a stream both ways,
-//! every tree rooted at a live server offering its stream; and after a
-//! fault, how long until every viewer's POP that a server can still reach
-//! is fed again. A broken tree, or a POP left unfed, fails the seed.
+//! (every stream is offered by two servers). After every event that can
+//! change a node's trees, that node's trees are checked: no loop, no link
+//! carrying a stream both ways, every tree rooted at a live server offering
+//! its stream. Every 50 ms of virtual time all trees are judged again, and
+//! after a fault, how long until every viewer's POP that a server can still
+//! reach is fed again. A broken tree, or a POP left unfed, fails the seed.
 
 pub mod graph;
 pub mod sim;

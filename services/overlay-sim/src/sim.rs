@@ -329,6 +329,9 @@ pub struct World {
     pub tree_messages: u64,
     /// Repairs completed, since the start.
     pub repairs: u64,
+    /// Trees found broken by the checks after each event, not yet taken by
+    /// [`World::converge_all`].
+    broken_seen: Vec<TreeViolation>,
 }
 
 impl World {
@@ -354,6 +357,7 @@ impl World {
             next_ticket: 1,
             tree_messages: 0,
             repairs: 0,
+            broken_seen: Vec::new(),
         };
         let servers: Vec<usize> = w.graph.servers().collect();
         let channels = servers.len().div_ceil(2).max(1);
@@ -425,9 +429,65 @@ impl World {
             }
             let Reverse(s) = self.queue.pop().expect("peeked");
             self.now = s.at;
+            let touched = self.tree_nodes(&s.event);
             self.handle(s.event);
+            for i in touched {
+                self.check_trees_at(i);
+            }
         }
         self.now = until;
+    }
+
+    /// Trees found broken by the checks after each event, since
+    /// [`World::converge_all`] last took them.
+    pub fn broken_seen(&self) -> &[TreeViolation] {
+        &self.broken_seen
+    }
+
+    /// The nodes whose trees an event may change.
+    fn tree_nodes(&self, event: &Event) -> Vec<usize> {
+        match event {
+            Event::Notice { node, .. }
+            | Event::Reply { node, .. }
+            | Event::Watch { node, .. }
+            | Event::Timer { node, .. }
+            | Event::View { node, .. } => vec![*node],
+            Event::Ask { to, .. } | Event::Leave { to, .. } | Event::Reroot { to, .. } => vec![*to],
+            Event::Failed { about } => self.graph.adjacent[*about].iter().map(|&(j, _)| j).collect(),
+            Event::Originate { .. } | Event::Heartbeats | Event::Deliver { .. } | Event::Tell { .. } => Vec::new(),
+        }
+    }
+
+    /// The invariants a change at node `i` could break, checked right
+    /// after the event: no link between `i` and a neighbour carries a
+    /// stream both ways, and the walk up from `i` meets no loop and ends at
+    /// no bad root. (A loop or a bad root is always made by a change at a
+    /// node on it, so checking each changed node catches every one, however
+    /// short-lived.)
+    pub fn check_trees_at(&mut self, i: usize) {
+        if !self.nodes[i].alive || self.broken_seen.len() >= 8 {
+            return;
+        }
+        let me = &self.graph.names[i];
+        let mut found = Vec::new();
+        for stream in self.nodes[i].engine.trees.carrying() {
+            let Some(b) = self.nodes[i].engine.trees.branch(&stream) else { continue };
+            for d in &b.downstream {
+                let y = self.index[d];
+                let live = self.graph.link_between(i, y).is_some_and(|k| self.usable(k));
+                let back = self.nodes[y].engine.trees.branch(&stream).is_some_and(|yb| yb.downstream.contains(me));
+                if live && back {
+                    found.push(TreeViolation::BothWays { stream: stream.clone(), a: me.clone(), b: d.clone() });
+                }
+            }
+            if let Walk::Broken(v) = self.walk(i, &stream) {
+                found.push(v);
+            }
+        }
+        for v in found {
+            self.note(format!("tree broken: {v:?}"));
+            self.broken_seen.push(v);
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -1049,9 +1109,11 @@ impl World {
             for _ in 0..steps {
                 self.run_until((self.now + step_us).min(interval_end));
                 let t = self.judge_trees();
-                if c.broken.is_empty() && !t.broken.is_empty() {
-                    c.broken = t.broken.clone();
-                    let shown: Vec<String> = t.broken.iter().take(3).map(|v| format!("{v:?}")).collect();
+                let mut broken = std::mem::take(&mut self.broken_seen);
+                broken.extend(t.broken.iter().cloned());
+                if c.broken.is_empty() && !broken.is_empty() {
+                    let shown: Vec<String> = broken.iter().take(3).map(|v| format!("{v:?}")).collect();
+                    c.broken = broken;
                     self.note(format!("trees broken: {}", shown.join("; ")));
                 }
                 if t.unfed.is_empty() {

@@ -185,6 +185,12 @@ fn the_tree_judge_catches_a_loop_and_a_link_used_both_ways() {
     let t = w.judge_trees();
     assert!(t.broken.iter().any(|v| matches!(v, TreeViolation::Loop { .. })), "{:?}", t.broken);
     assert!(t.broken.iter().any(|v| matches!(v, TreeViolation::BothWays { .. })), "{:?}", t.broken);
+    // The check run after every event at a node sees both from p alone.
+    assert!(w.broken_seen().is_empty());
+    w.check_trees_at(3);
+    let seen = w.broken_seen();
+    assert!(seen.iter().any(|v| matches!(v, TreeViolation::Loop { .. })), "{seen:?}");
+    assert!(seen.iter().any(|v| matches!(v, TreeViolation::BothWays { .. })), "{seen:?}");
 }
 
 /// s - o2 - o3 - p, with a longer way s - x - o3: the tree runs
