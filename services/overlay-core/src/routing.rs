@@ -798,7 +798,7 @@ pub fn pick(candidates: &[Route], config: &RoutingConfig) -> Option<Route> {
 }
 
 /// How far above `low_us` a delay still ties with it.
-fn tie_band(config: &RoutingConfig, low_us: u64) -> u64 {
+pub fn tie_band(config: &RoutingConfig, low_us: u64) -> u64 {
     ((low_us as f64 * config.tie_ratio) as u64).max(config.tie_floor_us)
 }
 

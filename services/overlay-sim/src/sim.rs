@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use overlay_core::engine::{Effect, Engine, EngineConfig};
 use overlay_core::liveness::MISS_LIMIT;
-use overlay_core::routing::{LinkNotice, Probe, RouteTable, RoutingConfig, NOTICE_REPEAT};
+use overlay_core::routing::{tie_band, LinkNotice, Probe, RouteTable, RoutingConfig, NOTICE_REPEAT};
 use overlay_core::tree::{Nak, NakReason, Requester, Source, StreamDesc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -458,6 +458,14 @@ impl World {
         }
     }
 
+    /// Whether `y`, which `x` sends `stream` to over a live link, sends it
+    /// back to `x`: the link carries it both ways.
+    fn sends_back(&self, x: usize, y: usize, stream: &str) -> bool {
+        let live = self.graph.link_between(x, y).is_some_and(|k| self.usable(k));
+        let x_name = &self.graph.names[x];
+        live && self.nodes[y].engine.trees.branch(stream).is_some_and(|yb| yb.downstream.contains(x_name))
+    }
+
     /// The invariants a change at node `i` could break, checked right
     /// after the event: no link between `i` and a neighbour carries a
     /// stream both ways, and the walk up from `i` meets no loop and ends at
@@ -473,10 +481,7 @@ impl World {
         for stream in self.nodes[i].engine.trees.carrying() {
             let Some(b) = self.nodes[i].engine.trees.branch(&stream) else { continue };
             for d in &b.downstream {
-                let y = self.index[d];
-                let live = self.graph.link_between(i, y).is_some_and(|k| self.usable(k));
-                let back = self.nodes[y].engine.trees.branch(&stream).is_some_and(|yb| yb.downstream.contains(me));
-                if live && back {
+                if self.sends_back(i, self.index[d], &stream) {
                     found.push(TreeViolation::BothWays { stream: stream.clone(), a: me.clone(), b: d.clone() });
                 }
             }
@@ -1014,12 +1019,11 @@ impl World {
                 let Some(b) = self.nodes[x].engine.trees.branch(stream) else { continue };
                 for d in &b.downstream {
                     let y = self.index[d];
-                    let Some(k) = self.graph.link_between(x, y) else { continue };
-                    if !self.usable(k) {
+                    if !self.graph.link_between(x, y).is_some_and(|k| self.usable(k)) {
                         continue;
                     }
                     let yb = self.nodes[y].engine.trees.branch(stream);
-                    if yb.is_some_and(|yb| yb.downstream.contains(&self.graph.names[x])) {
+                    if self.sends_back(x, y, stream) {
                         if x < y {
                             j.broken.push(TreeViolation::BothWays {
                                 stream: stream.clone(),
@@ -1137,14 +1141,7 @@ impl World {
                 if j.violations.len() <= tolerated {
                     c.routes = Ok(k);
                 } else {
-                    if self.config.explain_after.is_some_and(|after| k > after) {
-                        let shown: Vec<String> = j.violations.iter().take(3).map(|v| format!("{v:?}")).collect();
-                        self.note(format!(
-                            "interval {k}: {} routes fail, e.g. {}",
-                            j.violations.len(),
-                            shown.join("; ")
-                        ));
-                    }
+                    self.explain(k, &j.violations);
                     c.routes = Err(j.violations);
                 }
             }
@@ -1253,7 +1250,7 @@ impl World {
                 // on the one taken: a long best path can look as long as a
                 // shorter one that is really slower.
                 let noise = self.config.jitter_us / 2 * hops.max(best_hops as usize) as u64;
-                let band = (((best_us + noise) as f64 * cfg.tie_ratio) as u64).max(cfg.tie_floor_us);
+                let band = tie_band(&cfg, best_us + noise);
                 if delay_us > best_us + noise + band {
                     j.violations.push(Violation::Longer {
                         node: node.clone(),
@@ -1271,6 +1268,15 @@ impl World {
         j
     }
 
+    /// Traces the routes still failing `k` intervals after a fault, once
+    /// past [`Config::explain_after`].
+    fn explain(&mut self, k: u32, violations: &[Violation]) {
+        if self.config.explain_after.is_some_and(|after| k > after) {
+            let shown: Vec<String> = violations.iter().take(3).map(|v| format!("{v:?}")).collect();
+            self.note(format!("interval {k}: {} routes fail, e.g. {}", violations.len(), shown.join("; ")));
+        }
+    }
+
     /// Runs probe interval by probe interval until at most `tolerated`
     /// routes fail the oracle (0: all pass; at scale, with loss and
     /// jitter, a few always fail for a moment at rest), for at most
@@ -1284,10 +1290,7 @@ impl World {
             if j.violations.len() <= tolerated {
                 return Ok(k);
             }
-            if self.config.explain_after.is_some_and(|after| k > after) {
-                let shown: Vec<String> = j.violations.iter().take(3).map(|v| format!("{v:?}")).collect();
-                self.note(format!("interval {k}: {} routes fail, e.g. {}", j.violations.len(), shown.join("; ")));
-            }
+            self.explain(k, &j.violations);
             last = j.violations;
         }
         Err(last)
