@@ -430,6 +430,12 @@ async fn rtsp_connection(publishing: Arc<Publishing>, mut stream: TcpStream, pee
             r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
         };
         match read {
+            // Bytes left unparsed at the close are a message cut short
+            // (an interleaved frame longer than what came, say): garbage.
+            Ok(Ok(0)) if !buf.is_empty() => {
+                p.publishing.counters.garbage.fetch_add(1, Ordering::Relaxed);
+                break format!("the peer closed the connection {} bytes into an unfinished message", buf.len());
+            }
             Ok(Ok(0)) => break "the publisher closed the connection".into(),
             Ok(Err(e)) => break format!("reading: {e}"),
             Ok(Ok(_)) => {}
