@@ -311,6 +311,16 @@ fn seed_lab_established_tree_follows_a_slower_link() {
         start.elapsed().as_secs_f64()
     );
     assert_ne!(before, after, "the tree should have moved");
+    // o7 knows its delay along the tree (what moves compare): each link as
+    // its lower end measures it, passed down with the reroot notices.
+    let links = OverlayDelays::of(&lab2).expect("overlay delays");
+    let want_ms: f64 = after.windows(2).map(|w| links.link_ms[&(w[0].clone(), w[1].clone())]).sum();
+    let told = branch(&lab2, &prefix, &bins, "o7").and_then(|b| b["tree_delay_ms"].as_f64());
+    println!("o7's delay along the tree: {told:?} ms; the lab's links sum to {want_ms:.1} ms");
+    assert!(
+        told.is_some_and(|ms| (want_ms * 0.9 - 1.0..=want_ms * 1.3 + 5.0).contains(&ms)),
+        "o7's delay along the tree {after:?} is {told:?} ms; its links sum to {want_ms:.1} ms"
+    );
     let status = child.wait().expect("client");
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&run.stats).expect("client stats")).expect("stats JSON");

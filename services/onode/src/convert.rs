@@ -50,6 +50,7 @@ pub fn desc_to_wire(d: &StreamDesc, data_port: u16) -> pb::StreamInfo {
         depth: d.depth,
         data_port: u32::from(data_port),
         route: d.route.clone(),
+        delay_us: d.delay_us,
     }
 }
 
@@ -60,6 +61,7 @@ pub fn desc_from_wire(i: &pb::StreamInfo) -> StreamDesc {
         ssrcs: i.ssrcs.clone(),
         depth: i.depth,
         route: i.route.clone(),
+        delay_us: i.delay_us,
     }
 }
 

@@ -171,7 +171,7 @@ impl pb::overlay_server::Overlay for OverlayService {
         let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
         check_reroot(&req)?;
-        self.0.rerooted(&req.stream, &sender, &req.server, &req.route);
+        self.0.rerooted(&req.stream, &sender, &req.server, &req.route, req.delay_us);
         Ok(Response::new(pb::RerootReply {}))
     }
 
@@ -388,6 +388,7 @@ mod tests {
             sender: "o8".into(),
             server: server.into(),
             route: route.iter().map(|n| n.to_string()).collect(),
+            delay_us: 0,
         }
     }
 

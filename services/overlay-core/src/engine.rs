@@ -126,7 +126,14 @@ pub struct Note {
 
 /// The reroot notice that says "I found no way to the root" (empty route).
 pub fn gave_up(stream: &str) -> StreamDesc {
-    StreamDesc { stream: stream.to_string(), server: String::new(), ssrcs: Vec::new(), depth: 0, route: Vec::new() }
+    StreamDesc {
+        stream: stream.to_string(),
+        server: String::new(),
+        ssrcs: Vec::new(),
+        depth: 0,
+        route: Vec::new(),
+        delay_us: 0,
+    }
 }
 
 /// What a stream request this node sent is for.
@@ -380,6 +387,9 @@ impl Engine {
     pub fn answered(&mut self, id: u64, result: Result<StreamDesc, Nak>, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         let Some(asked) = self.asks.remove(&id) else { return out };
+        // The answer's tree delay is the upstream's: add the link to it.
+        let link_us = self.routes.link_delay_us(&asked.to).unwrap_or(0);
+        let result = result.map(|desc| StreamDesc { delay_us: desc.delay_us.saturating_add(link_us), ..desc });
         match asked.purpose {
             Purpose::Join => self.join_answered(asked, result, now, &mut out),
             Purpose::Repair => self.repair_answered(id, asked, result, now, &mut out),
@@ -604,8 +614,17 @@ impl Engine {
     }
 
     /// The upstream of `stream` told this node the root's route changed
-    /// (`route`), or that it gave up (empty route).
-    pub fn rerooted(&mut self, stream: &str, from: &str, server: &str, route: &[String], now: Instant) -> Vec<Effect> {
+    /// (`route`, and the upstream's delay along the tree), or that it gave
+    /// up (empty route).
+    pub fn rerooted(
+        &mut self,
+        stream: &str,
+        from: &str,
+        server: &str,
+        route: &[String],
+        delay_us: u64,
+        now: Instant,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         if route.is_empty() {
             if self.trees.upstream_abandoned(stream, from) {
@@ -633,7 +652,8 @@ impl Engine {
             }
             return out;
         }
-        let downstream = self.trees.rerooted(stream, from, server, route);
+        let delay_us = delay_us.saturating_add(self.routes.link_delay_us(from).unwrap_or(0));
+        let downstream = self.trees.rerooted(stream, from, server, route, delay_us);
         if let Some(desc) = self.trees.branch(stream).map(|b| b.desc.clone()) {
             for d in downstream {
                 out.push(Effect::Reroot { to: d, desc: desc.clone() });
@@ -803,9 +823,24 @@ impl Engine {
                 return;
             }
         };
-        let taken = match moves::accept(&self.trees, &m, &desc.server) {
+        let taken = match moves::accept(&self.trees, &self.routes, &m, &desc, now) {
             Verdict::Take => self.trees.repaired(&m.to, desc),
             Verdict::Stale => None,
+            Verdict::NoGain { tree_us, offered_us } => {
+                self.moves.no_gain(&m.stream, &m.to, now);
+                Self::note(
+                    out,
+                    Level::Info,
+                    &m.stream,
+                    format!(
+                        "move to {} not made: its tree would take {:.1} ms, against {:.1} ms now",
+                        m.to,
+                        offered_us as f64 / 1000.0,
+                        tree_us as f64 / 1000.0
+                    ),
+                );
+                None
+            }
             Verdict::OtherRoot { root } => {
                 Self::note(
                     out,
@@ -1016,6 +1051,7 @@ mod tests {
             ssrcs: vec![1, 2],
             depth: (route.len() as u32).saturating_sub(1),
             route: route.iter().map(|s| s.to_string()).collect(),
+            delay_us: 0,
         }
     }
 
@@ -1204,7 +1240,7 @@ mod tests {
     fn the_last_leave_prunes_upstream_and_an_upstream_that_gives_up_starts_a_repair() {
         let now = Instant::now();
         let mut e = carrying(now);
-        let out = e.rerooted("test", "o2", "", &[], now);
+        let out = e.rerooted("test", "o2", "", &[], 0, now);
         assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"], "o2 avoided: {out:?}");
         let out = e.leave("test", Requester::Neighbour("o4".into()));
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
@@ -1232,6 +1268,22 @@ mod tests {
     }
 
     #[test]
+    fn the_delay_along_the_tree_counts_each_link_as_its_lower_end_measures_it() {
+        let now = Instant::now();
+        let mut e = o3(now);
+        e.routes.on_link_rtt("o2", 4_000);
+        let out = e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 7, now);
+        let (id, _, _) = asks(&out)[0];
+        e.answered(id, Ok(StreamDesc { delay_us: 9_000, ..desc(&["s1", "o2"]) }), now);
+        assert_eq!(e.trees.branch("test").unwrap().desc.delay_us, 11_000, "o2's 9 ms and half the round trip to it");
+        // o2 moved: its downstreams hear its new delay, plus their link.
+        let route: Vec<String> = ["s1", "o1", "o2"].iter().map(|s| s.to_string()).collect();
+        let out = e.rerooted("test", "o2", "s1", &route, 30_000, now);
+        let mine = StreamDesc { delay_us: 32_000, ..desc(&["s1", "o1", "o2", "o3"]) };
+        assert_eq!(out, [Effect::Reroot { to: "o4".into(), desc: mine }]);
+    }
+
+    #[test]
     fn two_nodes_asking_each_other_refuse_each_other() {
         let now = Instant::now();
         let mut e = carrying(now);
@@ -1253,12 +1305,12 @@ mod tests {
     fn a_repair_answer_after_the_upstream_found_its_way_again_is_undone() {
         let now = Instant::now();
         let mut e = carrying(now);
-        let out = e.rerooted("test", "o2", "", &[], now);
+        let out = e.rerooted("test", "o2", "", &[], 0, now);
         let (id, to, _) = asks(&out)[0];
         assert_eq!(to, "o9");
         // o2 is fed again and says so before o9 answers.
         let route: Vec<String> = ["s1", "o1", "o2"].iter().map(|s| s.to_string()).collect();
-        e.rerooted("test", "o2", "s1", &route, now);
+        e.rerooted("test", "o2", "s1", &route, 0, now);
         let out = e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
         assert_eq!(out, [Effect::Leave { to: "o9".into(), stream: "test".into() }]);
         assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()), "still fed by o2");
@@ -1270,7 +1322,7 @@ mod tests {
         // The upstream's new route passes through this node: repair.
         let mut e = carrying(now);
         let route: Vec<String> = ["s1", "o4", "o3", "o2"].iter().map(|s| s.to_string()).collect();
-        let out = e.rerooted("test", "o2", "s1", &route, now);
+        let out = e.rerooted("test", "o2", "s1", &route, 0, now);
         assert_eq!(asks(&out).iter().map(|a| a.1).collect::<Vec<_>>(), ["o9"], "{out:?}");
         // An answer whose route runs through o4, this branch's downstream,
         // is not taken.
@@ -1301,14 +1353,14 @@ mod tests {
         let now = Instant::now();
         let mut e = carrying(now);
         // o2 gave up, came back at once; o3 asked o2 itself (o9 refused).
-        let out = e.rerooted("test", "o2", "", &[], now);
+        let out = e.rerooted("test", "o2", "", &[], 0, now);
         let (id, _, _) = asks(&out)[0];
         let out = e.answered(id, Err(Nak { reason: NakReason::NoRoute, detail: "no".into() }), now);
         let later = e.poll_timeout().unwrap_or(now);
         let out = if asks(&out).is_empty() { e.tick(later, |_| None) } else { out };
         let route: Vec<String> = ["s1", "o1", "o2"].iter().map(|s| s.to_string()).collect();
         // o2's reroot (it is fed again) comes before its answer.
-        e.rerooted("test", "o2", "s1", &route, later);
+        e.rerooted("test", "o2", "s1", &route, 0, later);
         for (id, to, _) in asks(&out) {
             let answer = e.answered(id, Ok(desc(&["s1", "o1", to])), later);
             assert!(!has(&answer, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{answer:?}");
@@ -1340,7 +1392,7 @@ mod tests {
         let mut e = carrying(now);
         // o2 gives up; o9's answer still runs through o2 (o9 is fed by a
         // sibling branch under o2 and has not heard yet).
-        let out = e.rerooted("test", "o2", "", &[], now);
+        let out = e.rerooted("test", "o2", "", &[], 0, now);
         let (id, to, _) = asks(&out)[0];
         assert_eq!(to, "o9");
         let out = e.answered(id, Ok(desc(&["s1", "o2", "o7", "o9"])), now);

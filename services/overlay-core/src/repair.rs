@@ -208,6 +208,7 @@ mod tests {
             ssrcs: vec![1, 2],
             depth: 1,
             route: vec!["s1".into(), "o9".into()],
+            delay_us: 0,
         };
         assert!(trees.repaired(&to, desc).is_some());
         assert_eq!(r.next(&trees, &routes, now), Step::Done);

@@ -746,6 +746,13 @@ impl RouteTable {
         current.delay_us.abs_diff(candidate.delay_us) <= band && candidate.hops < current.hops
     }
 
+    /// Whether `new` (delay, hops) is a clear gain over `old` by the
+    /// selection rule: lower by more than the tie band, or fewer hops
+    /// within it.
+    pub fn improves_on(&self, new: (u64, u32), old: (u64, u32)) -> bool {
+        improves(&self.config, new, old)
+    }
+
     /// Whether any known server offers `stream`.
     pub fn offered(&self, stream: &str) -> bool {
         self.offers.values().any(|s| s.contains(stream))

@@ -34,6 +34,7 @@ pub(crate) fn carrying(routes: &RouteTable, up: &str, down: &str, now: Instant) 
         ssrcs: vec![1, 2],
         depth: 1,
         route: vec!["s1".into(), up.into()],
+        delay_us: 0,
     };
     trees.joined(Source::Neighbour(up.into()), desc);
     assert_eq!(trees.branch("test").map(|b| &b.source), Some(&Source::Neighbour(up.into())), "fed by {up}");

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;
 
-use crate::routing::{NoUpstream, RouteTable};
+use crate::routing::{NoUpstream, Route, RouteTable};
 
 /// Who asked for a stream.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,6 +44,11 @@ pub struct StreamDesc {
     pub depth: u32,
     /// Nodes from the root server to this node, both included.
     pub route: Vec<String>,
+    /// Summed one-way link delay along the tree from the root server to
+    /// this node (µs), each link as its lower end measures it: what tree
+    /// moves compare, since a branch's tree may run longer than its
+    /// upstream's best route.
+    pub delay_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,9 +423,17 @@ impl Trees {
         Some((b.downstream.iter().cloned().collect(), old))
     }
 
-    /// The upstream's route to the root changed (it was repaired); returns
-    /// the downstreams to pass it on to. Ignored unless from the upstream.
-    pub fn rerooted(&mut self, stream: &str, from: &str, server: &str, upstream_route: &[String]) -> Vec<String> {
+    /// The upstream's route to the root changed (it was repaired or
+    /// moved); `delay_us` is this node's tree delay through it. Returns the
+    /// downstreams to pass it on to. Ignored unless from the upstream.
+    pub fn rerooted(
+        &mut self,
+        stream: &str,
+        from: &str,
+        server: &str,
+        upstream_route: &[String],
+        delay_us: u64,
+    ) -> Vec<String> {
         let me = self.me.clone();
         let Some(State::Active(b)) = self.streams.get_mut(stream) else { return Vec::new() };
         if !matches!(&b.source, Source::Neighbour(up) if up == from) || upstream_route.contains(&me) {
@@ -430,6 +443,7 @@ impl Trees {
         b.desc.route.push(me);
         b.desc.depth = upstream_route.len() as u32;
         b.desc.server = server.to_string();
+        b.desc.delay_us = delay_us;
         // The upstream has a way to the root again.
         b.repairing = false;
         b.orphaned = false;
@@ -494,6 +508,13 @@ impl Trees {
                 subtree.push(self.me.as_str());
                 let best = routes.best_next_hop_avoiding(server, now, &[up.as_str()], &subtree)?;
                 match routes.route_via(server, up, now) {
+                    // Judged against the branch's delay along its tree: the
+                    // upstream's own branch need not follow its best route,
+                    // so the tree may run longer than the route through it.
+                    Some(current) if b.desc.delay_us > current.delay_us => {
+                        let along_tree = Route { delay_us: b.desc.delay_us, hops: b.desc.depth, ..current };
+                        routes.clearly_better(&best, &along_tree)
+                    }
                     Some(current) => routes.clearly_better(&best, &current),
                     // The upstream no longer offers a way to the server:
                     // its best one now runs back through this node (split
@@ -578,7 +599,7 @@ mod tests {
     fn desc(server: &str, depth: u32) -> StreamDesc {
         let mut route = vec![server.to_string()];
         route.extend((1..=depth).map(|i| format!("r{i}")));
-        StreamDesc { stream: "test".into(), server: server.into(), ssrcs: vec![1, 2], depth, route }
+        StreamDesc { stream: "test".into(), server: server.into(), ssrcs: vec![1, 2], depth, route, delay_us: 0 }
     }
 
     fn n(s: &str) -> Requester {
@@ -934,8 +955,8 @@ mod tests {
         t.request("test", n("o5"), &["o5".into()], 1, &r, now);
         t.joined(Source::Neighbour("o3".into()), desc("s1", 2));
         let route = vec!["s2".to_string(), "o8".to_string(), "o9".to_string(), "o3".to_string()];
-        assert!(t.rerooted("test", "o5", "s2", &route).is_empty(), "only the upstream may say so");
-        assert_eq!(t.rerooted("test", "o3", "s2", &route), ["o5"]);
+        assert!(t.rerooted("test", "o5", "s2", &route, 0).is_empty(), "only the upstream may say so");
+        assert_eq!(t.rerooted("test", "o3", "s2", &route, 0), ["o5"]);
         let b = t.branch("test").unwrap();
         assert_eq!(b.desc.route.last().unwrap(), "o4");
         assert_eq!((b.desc.depth, b.desc.server.as_str()), (4, "s2"));
@@ -987,7 +1008,7 @@ mod tests {
         assert!(t.upstream_abandoned("test", "o4"));
         assert!(t.repair_target("test", &r, now, &["o4".to_string()]).is_err());
         let route = vec!["s1".to_string(), "o2".to_string(), "o3".to_string(), "o4".to_string()];
-        t.rerooted("test", "o4", "s1", &route);
+        t.rerooted("test", "o4", "s1", &route, 0);
         assert!(!t.branch("test").unwrap().repairing);
     }
 }

@@ -650,7 +650,14 @@ impl World {
             Event::Reroot { to, from, link, desc } => {
                 if self.usable(link) {
                     let from = self.graph.names[from].clone();
-                    let effects = self.nodes[to].engine.rerooted(&desc.stream, &from, &desc.server, &desc.route, now);
+                    let effects = self.nodes[to].engine.rerooted(
+                        &desc.stream,
+                        &from,
+                        &desc.server,
+                        &desc.route,
+                        desc.delay_us,
+                        now,
+                    );
                     self.carry_out(to, effects);
                 }
             }
@@ -730,6 +737,7 @@ impl World {
                         ssrcs: vec![1, 2],
                         depth: 0,
                         route: Vec::new(),
+                        delay_us: 0,
                     };
                     queue.extend(self.nodes[i].engine.local_started(&stream, Ok(desc)));
                 }

@@ -175,6 +175,7 @@ fn the_tree_judge_catches_a_loop_and_a_link_used_both_ways() {
         depth: 1,
         // (a route that names neither, as a stale one may)
         route: vec!["s".into()],
+        delay_us: 0,
     };
     let p = w.engine_mut(3);
     p.trees.leave("ch0", &Requester::Local);

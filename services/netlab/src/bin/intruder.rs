@@ -139,6 +139,7 @@ async fn attacks(cli: &Cli) -> anyhow::Result<Vec<Attempt>> {
             sender: cli.downstream.clone(),
             route: Vec::new(),
             server: String::new(),
+            delay_us: 0,
         }))
         .await;
     out.push(outcome("Reroot (give-up) as a neighbour", r));

@@ -200,6 +200,7 @@ impl Node {
                     "stream": b.desc.stream,
                     "server": b.desc.server,
                     "depth": b.desc.depth,
+                    "tree_delay_ms": b.desc.delay_us as f64 / 1000.0,
                     "ssrcs": b.desc.ssrcs,
                     "upstream": match &b.source { Source::Local => None, Source::Neighbour(n) => Some(n.clone()) },
                     "downstream": b.downstream,

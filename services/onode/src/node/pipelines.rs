@@ -30,6 +30,7 @@ impl Node {
                         ssrcs: media::stream_ssrcs(stream).to_vec(),
                         depth: 0,
                         route: Vec::new(),
+                        delay_us: 0,
                     })
                 }
                 Err(e) => Err(Nak {

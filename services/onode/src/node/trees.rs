@@ -165,10 +165,10 @@ impl Node {
         }
     }
 
-    /// The upstream's route to the root changed, or it gave up (an empty
-    /// route).
-    pub fn rerooted(self: &Arc<Self>, stream: &str, from: &str, server: &str, route: &[String]) {
-        self.drive(|st| st.engine.rerooted(stream, from, server, route, Instant::now()));
+    /// The upstream's route to the root changed (with the upstream's delay
+    /// along the tree), or it gave up (an empty route).
+    pub fn rerooted(self: &Arc<Self>, stream: &str, from: &str, server: &str, route: &[String], delay_us: u64) {
+        self.drive(|st| st.engine.rerooted(stream, from, server, route, delay_us, Instant::now()));
     }
 
     /// Streams this node carries, for heartbeat answers.
@@ -256,6 +256,7 @@ impl Node {
             sender: self.id.name.clone(),
             route: desc.route,
             server: desc.server,
+            delay_us: desc.delay_us,
         };
         match tokio::time::timeout(Duration::from_secs(2), client.reroot(request)).await {
             Ok(Ok(_)) => {}
