@@ -1282,6 +1282,37 @@ impl World {
         if self.config.explain_after.is_some_and(|after| k > after) {
             let shown: Vec<String> = violations.iter().take(3).map(|v| format!("{v:?}")).collect();
             self.note(format!("interval {k}: {} routes fail, e.g. {}", violations.len(), shown.join("; ")));
+            // What the first failing node holds toward that server: every
+            // way its neighbours told it, and how old each is.
+            let first = violations.first().and_then(|v| match v {
+                Violation::Longer { node, server, .. } | Violation::Loop { node, server, .. } => {
+                    Some((node.clone(), server.clone()))
+                }
+                _ => None,
+            });
+            if let Some((node, server)) = first {
+                let now = self.instant();
+                let engine = &self.nodes[self.index[&node]].engine;
+                let ways: Vec<String> = engine
+                    .routes
+                    .entries(now)
+                    .remove(&server)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(via, e)| {
+                        format!(
+                            "via {via}: {:.1} ms (floor {:.1}), {} hops, round {}, {} ms old",
+                            e.delay_us as f64 / 1000.0,
+                            e.floor_us as f64 / 1000.0,
+                            e.hops,
+                            e.seq,
+                            now.saturating_duration_since(e.received).as_millis()
+                        )
+                    })
+                    .collect();
+                let best = engine.routes.best_next_hop(&server, now, &[]).map(|r| r.via);
+                self.note(format!("  {node} toward {server}: picks {best:?} of [{}]", ways.join("; ")));
+            }
         }
     }
 
