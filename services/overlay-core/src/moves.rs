@@ -7,8 +7,12 @@
 //!
 //! A move is chosen by the routes, but what it buys is the new upstream's
 //! delay along its tree, which its answer tells: an upstream whose own
-//! branch runs longer than its best route may offer no gain. Such a move
-//! is undone, and the same move is not tried again for a few settle times.
+//! branch runs longer than its best route may offer no gain. A move that
+//! would not lower the branch's delay is undone, and the same move is not
+//! tried again for a few settle times. (Choosing moves by the tree's delay
+//! instead of the routes was tried: at 1,000 nodes it sent branches after
+//! upstreams whose trees were as long as their own, and the worst POP
+//! ended twice as far from its root.)
 //! Time is passed in.
 
 use std::collections::BTreeMap;
@@ -96,7 +100,7 @@ pub enum Verdict {
     /// restart the viewers' RTP timing.
     OtherRoot { root: String },
     /// Through the new upstream the branch's delay along the tree would be
-    /// `offered_us`, no clear gain over its `tree_us` now: leave it.
+    /// `offered_us`, no lower than its `tree_us` now: leave it.
     NoGain { tree_us: u64, offered_us: u64 },
 }
 
@@ -117,7 +121,10 @@ pub fn accept(trees: &Trees, routes: &RouteTable, m: &Move, offered: &StreamDesc
         current = (r.delay_us, r.hops);
     }
     let (tree_us, offered_us) = (current.0, offered.delay_us);
-    if !routes.improves_on((offered_us, offered.depth + 1), current) {
+    // Any gain is taken, not only a clear one: the move puts the branch on
+    // its best route, and when the new upstream's own tree moves closer,
+    // the branch gains with it.
+    if offered_us >= tree_us && !routes.improves_on((offered_us, offered.depth + 1), current) {
         return Verdict::NoGain { tree_us, offered_us };
     }
     Verdict::Take
@@ -206,34 +213,17 @@ mod tests {
     }
 
     #[test]
-    fn a_tree_longer_than_its_route_is_moved_from() {
-        let now = Instant::now();
-        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
-        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
-        for (via, delay_us) in [("o2", 20_000), ("o9", 19_000)] {
-            routes.on_probe(&probe("s1", 1, via, &["s1", via], delay_us), now, 0);
-        }
-        let mut trees = carrying(&routes, "o2", "o4", now);
-        assert!(trees.better_upstreams(&routes, now).is_empty(), "the routes through o2 and o9 are a tie");
-        // o2's own branch runs a long way round: 60 ms along the tree.
-        let route: Vec<String> = ["s1", "o7", "o2"].iter().map(|s| s.to_string()).collect();
-        trees.rerooted("test", "o2", "s1", &route, 60_000);
-        assert_eq!(trees.better_upstreams(&routes, now), [("test".to_string(), "o9".to_string())]);
-        let m = Move { stream: "test".into(), from: "o2".into(), to: "o9".into() };
-        assert_eq!(accept(&trees, &routes, &m, &offer("s1", 19_500), now), Verdict::Take);
-    }
-
-    #[test]
     fn a_move_that_offers_no_gain_is_left_and_not_tried_again_for_a_while() {
         let now = Instant::now();
         let (trees, mut routes) = slow_branch(now);
         let m = Move { stream: "test".into(), from: "o2".into(), to: "o9".into() };
-        // o9's route is 10 ms, but its branch runs 85 ms: no gain over the
-        // 90 ms through o2.
+        // o9's route is 10 ms, but its branch runs 92 ms: no gain over the
+        // 90 ms through o2. At 85 ms it would be a gain, if a small one.
         assert_eq!(
-            accept(&trees, &routes, &m, &offer("s1", 85_000), now),
-            Verdict::NoGain { tree_us: 90_000, offered_us: 85_000 }
+            accept(&trees, &routes, &m, &offer("s1", 92_000), now),
+            Verdict::NoGain { tree_us: 90_000, offered_us: 92_000 }
         );
+        assert_eq!(accept(&trees, &routes, &m, &offer("s1", 85_000), now), Verdict::Take);
         let mut moves = Moves::new(SETTLE);
         moves.changed("test", now);
         moves.no_gain("test", "o9", now);

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;
 
-use crate::routing::{NoUpstream, Route, RouteTable};
+use crate::routing::{NoUpstream, RouteTable};
 
 /// Who asked for a stream.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -508,13 +508,6 @@ impl Trees {
                 subtree.push(self.me.as_str());
                 let best = routes.best_next_hop_avoiding(server, now, &[up.as_str()], &subtree)?;
                 match routes.route_via(server, up, now) {
-                    // Judged against the branch's delay along its tree: the
-                    // upstream's own branch need not follow its best route,
-                    // so the tree may run longer than the route through it.
-                    Some(current) if b.desc.delay_us > current.delay_us => {
-                        let along_tree = Route { delay_us: b.desc.delay_us, hops: b.desc.depth, ..current };
-                        routes.clearly_better(&best, &along_tree)
-                    }
                     Some(current) => routes.clearly_better(&best, &current),
                     // The upstream no longer offers a way to the server:
                     // its best one now runs back through this node (split
