@@ -4,6 +4,7 @@
 //! every change of the routes (each move is a join, a leave and a burst of
 //! reroot notices). [`Moves`] keeps when each branch last changed and says
 //! which moves are due; [`accept`] judges a move's answer when it comes.
+//! Time is passed in.
 //!
 //! A move is chosen by the routes, but what it buys is the new upstream's
 //! delay along its tree, which its answer tells: an upstream whose own
@@ -13,7 +14,6 @@
 //! instead of the routes was tried: at 1,000 nodes it sent branches after
 //! upstreams whose trees were as long as their own, and the worst POP
 //! ended twice as far from its root.)
-//! Time is passed in.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
