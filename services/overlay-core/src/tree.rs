@@ -45,9 +45,9 @@ pub struct StreamDesc {
     /// Nodes from the root server to this node, both included.
     pub route: Vec<String>,
     /// Summed one-way link delay along the tree from the root server to
-    /// this node (µs), each link as its lower end measures it: what tree
-    /// moves compare, since a branch's tree may run longer than its
-    /// upstream's best route.
+    /// this node (µs), each link as its lower end measures it. A move is
+    /// kept only if it lowers it, since a branch's tree may run longer
+    /// than its upstream's best route.
     pub delay_us: u64,
 }
 
