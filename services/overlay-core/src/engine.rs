@@ -387,9 +387,8 @@ impl Engine {
     pub fn answered(&mut self, id: u64, result: Result<StreamDesc, Nak>, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         let Some(asked) = self.asks.remove(&id) else { return out };
-        // The answer's tree delay is the upstream's: add the link to it.
-        let link_us = self.routes.link_delay_us(&asked.to).unwrap_or(0);
-        let result = result.map(|desc| StreamDesc { delay_us: desc.delay_us.saturating_add(link_us), ..desc });
+        // The answer's tree delay is the upstream's.
+        let result = result.map(|desc| StreamDesc { delay_us: self.delay_through(&asked.to, desc.delay_us), ..desc });
         match asked.purpose {
             Purpose::Join => self.join_answered(asked, result, now, &mut out),
             Purpose::Repair => self.repair_answered(id, asked, result, now, &mut out),
@@ -652,7 +651,7 @@ impl Engine {
             }
             return out;
         }
-        let delay_us = delay_us.saturating_add(self.routes.link_delay_us(from).unwrap_or(0));
+        let delay_us = self.delay_through(from, delay_us);
         let downstream = self.trees.rerooted(stream, from, server, route, delay_us);
         if let Some(desc) = self.trees.branch(stream).map(|b| b.desc.clone()) {
             for d in downstream {
@@ -660,6 +659,12 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// This node's delay along a tree through `upstream`, whose own is
+    /// `upstream_us`: its link added, as this node measures it.
+    fn delay_through(&self, upstream: &str, upstream_us: u64) -> u64 {
+        upstream_us.saturating_add(self.routes.link_delay_us(upstream).unwrap_or(0))
     }
 
     fn start_repair(&mut self, stream: &str, avoid: Vec<String>, now: Instant, out: &mut Vec<Effect>) {
