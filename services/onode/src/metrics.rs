@@ -157,6 +157,12 @@ impl Collector for Figures {
             "Nodes the bootstrapper reported failed (their neighbours flood no link notice when this comes first).",
             rc.failures_heard,
         )?;
+        counter(
+            &mut e,
+            "overlay_route_copies_unmeasured",
+            "Route messages not learnt: they came over a link whose delay was not measured yet.",
+            rc.unmeasured,
+        )?;
         gauges(
             &mut e,
             "overlay_stream_info",
@@ -524,6 +530,7 @@ mod tests {
                 notices_started: 1,
                 notices_heard: 4,
                 failures_heard: 2,
+                unmeasured: 6,
             },
             streams: vec![StreamFigures {
                 stream: "test".into(),
@@ -567,6 +574,7 @@ mod tests {
             "overlay_route_messages_sent_total{kind=\"withdrawal\"} 1",
             "overlay_link_notices_total{event=\"heard\"} 4",
             "overlay_node_failures_heard_total 2",
+            "overlay_route_copies_unmeasured_total 6",
             "overlay_stream_info{stream=\"test\",server=\"s1\",upstream=\"o4\",tree_role=\"leaf\"} 1",
             "overlay_stream_received_bytes_total{stream=\"test\"} 120000",
             "overlay_stream_sent_packets_total{stream=\"test\",to=\"viewers\"} 300",

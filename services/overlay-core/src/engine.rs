@@ -1042,8 +1042,7 @@ mod tests {
     /// o3 between o2 (toward s1, 2 hops) and o4, with a slower way to s1
     /// through o9; its routes learnt at `now`.
     fn o3(now: Instant) -> Engine {
-        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
-        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let mut routes = crate::testing::table("o3", &["o2", "o4", "o9"]);
         routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), now, 0);
         routes.on_probe(&probe("s1", 1, "o9", &["s1", "o8", "o9"], 40_000), now, 0);
         Engine::new(routes, [], config(), now)
@@ -1123,8 +1122,7 @@ mod tests {
     #[test]
     fn a_crossed_join_is_asked_again_after_the_pause() {
         let now = Instant::now();
-        let neighbours = ["o2", "o4"].iter().map(|s| s.to_string()).collect();
-        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let mut routes = crate::testing::table("o3", &["o2", "o4"]);
         routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), now, 0);
         let mut e = Engine::new(routes, [], config(), now);
         e.request("test", Requester::Local, vec![], 1, now);
@@ -1139,8 +1137,7 @@ mod tests {
     #[test]
     fn a_request_that_finds_no_way_at_start_waits_for_the_routes() {
         let now = Instant::now();
-        let neighbours = ["o2", "o4"].iter().map(|s| s.to_string()).collect();
-        let routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let routes = crate::testing::table("o3", &["o2", "o4"]);
         let mut e = Engine::new(routes, [], config(), now);
         assert!(e.request("test", Requester::Local, vec![], 1, now).is_empty(), "held, not refused");
         let retry = e.poll_timeout().expect("a retry");
@@ -1275,8 +1272,12 @@ mod tests {
     #[test]
     fn the_delay_along_the_tree_counts_each_link_as_its_lower_end_measures_it() {
         let now = Instant::now();
-        let mut e = o3(now);
-        e.routes.on_link_rtt("o2", 4_000);
+        let mut routes = RouteTable::new("o3", ["o2", "o4", "o9"].map(String::from).to_vec(), RoutingConfig::default());
+        routes.on_link_rtt("o2", 4_000);
+        routes.on_link_rtt("o9", 0);
+        routes.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 10_000), now, 0);
+        routes.on_probe(&probe("s1", 1, "o9", &["s1", "o8", "o9"], 40_000), now, 0);
+        let mut e = Engine::new(routes, [], config(), now);
         let out = e.request("test", Requester::Neighbour("o4".into()), vec!["o4".into()], 7, now);
         let (id, _, _) = asks(&out)[0];
         e.answered(id, Ok(StreamDesc { delay_us: 9_000, ..desc(&["s1", "o2"]) }), now);

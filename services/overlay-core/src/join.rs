@@ -84,7 +84,7 @@ impl Join {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{Probe, RoutingConfig};
+    use crate::routing::Probe;
     use crate::tree::{JoinDecision, Requester};
 
     const TIMEOUT: Duration = Duration::from_secs(3);
@@ -92,8 +92,7 @@ mod tests {
     /// o4 has heard of s1 through o3 (2 hops) and o8 (3 hops); o5 asks it
     /// for `test`, so it joins through o3 first.
     fn joining(now: Instant) -> (Trees, RouteTable, Join) {
-        let mut routes =
-            RouteTable::new("o4", ["o3", "o5", "o8"].iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+        let mut routes = crate::testing::table("o4", &["o3", "o5", "o8"]);
         for (via, visited) in [("o3", vec!["s1", "o3"]), ("o8", vec!["s1", "x", "o8"])] {
             let p = Probe {
                 server: "s1".into(),

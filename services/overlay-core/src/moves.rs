@@ -133,7 +133,6 @@ pub fn accept(trees: &Trees, routes: &RouteTable, m: &Move, offered: &StreamDesc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::RoutingConfig;
     use crate::testing::{carrying, probe};
 
     const SETTLE: Duration = Duration::from_secs(30);
@@ -147,8 +146,7 @@ mod tests {
 
     /// o3 fed by o2 (a slow way to s1) while o9 offers a fast one.
     fn slow_branch(now: Instant) -> (Trees, RouteTable) {
-        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
-        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let mut routes = crate::testing::table("o3", &["o2", "o4", "o9"]);
         round(&mut routes, 1, now);
         let trees = carrying(&routes, "o2", "o4", now);
         (trees, routes)

@@ -113,15 +113,13 @@ impl Repair {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::RoutingConfig;
     use crate::testing::{carrying, probe};
     use crate::tree::StreamDesc;
 
     /// o3 fed by o2 from s1, feeding o4; `ways` are (neighbour, path from
     /// the server) it has heard a probe from. o2 then goes down.
     fn lost_upstream(ways: &[(&str, &[&str])], now: Instant) -> (Trees, RouteTable) {
-        let neighbours = ["o2", "o4", "o9"].iter().map(|s| s.to_string()).collect();
-        let mut routes = RouteTable::new("o3", neighbours, RoutingConfig::default());
+        let mut routes = crate::testing::table("o3", &["o2", "o4", "o9"]);
         for (via, path) in ways {
             routes.on_probe(&probe("s1", 1, via, path, 0), now, 0);
         }

@@ -141,6 +141,9 @@ pub struct RouteCounters {
     /// link notice for it when this report comes before they miss its
     /// heartbeats: the report has told every node already.
     pub failures_heard: u64,
+    /// Copies not learnt: they came over a link whose delay was not
+    /// measured yet.
+    pub unmeasured: u64,
 }
 
 /// Link notices remembered to pass each on once, and cuts remembered.
@@ -374,7 +377,18 @@ impl RouteTable {
         if !probe.withdrawn && self.dead.iter().any(|d| d.cut.crossed_by(&probe.visited)) {
             return Vec::new();
         }
-        let link_us = self.link_delay_us(&probe.sender).unwrap_or(0);
+        // A way over a link not measured yet (it just came back, or the
+        // node just started) has no known delay: taken as 0, it would look
+        // shorter than any real way, and spread so. The next round, after
+        // the first heartbeat answer, brings it again.
+        let link_us = match self.link_delay_us(&probe.sender) {
+            Some(us) => us,
+            None if probe.withdrawn => 0,
+            None => {
+                self.counters.unmeasured += 1;
+                return Vec::new();
+            }
+        };
         let delay_us = probe.path_delay_us + link_us;
         let floor_us = probe.best_delay_us.min(probe.path_delay_us) + link_us;
         // A copy of a round already seen is no fresher than that round's
@@ -788,6 +802,19 @@ impl RouteTable {
         }
     }
 
+    /// What this node last told `to` of its way to `server`: the round, the
+    /// delay (None: a withdrawal) and the updates sent in that round. For
+    /// tracing.
+    pub fn told(&self, server: &str, to: &str) -> Option<(u64, Option<u64>, u32)> {
+        let s = self.sent.get(&(server.to_string(), to.to_string()))?;
+        Some((s.seq, s.path.as_ref().map(|_| s.delay_us), s.updates))
+    }
+
+    /// The newest round seen from `server`.
+    pub fn newest_round(&self, server: &str) -> Option<u64> {
+        self.last_seq.get(server).copied()
+    }
+
     /// Every fresh entry, for inspection: server → via → entry.
     pub fn entries(&self, now: Instant) -> BTreeMap<String, Vec<(String, RouteEntry)>> {
         self.entries
@@ -925,7 +952,7 @@ mod tests {
     #[test]
     fn a_node_tells_its_lowest_with_the_way_it_chose() {
         let now = Instant::now();
-        let mut t = table("o3", &["o1", "o2", "o9"]);
+        let mut t = RouteTable::new("o3", vec!["o1".into(), "o2".into(), "o9".into()], cfg());
         t.on_link_rtt("o1", 2_000);
         t.on_link_rtt("o2", 2_000);
         // By o1: 10 ms, 6 hops; by o2: 10.5 ms, 3 hops. o3 takes o2's
@@ -965,7 +992,11 @@ mod tests {
     }
 
     fn table(me: &str, neighbours: &[&str]) -> RouteTable {
-        RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), cfg())
+        let mut t = RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), cfg());
+        for n in neighbours {
+            t.on_link_rtt(n, 0);
+        }
+        t
     }
 
     #[test]
@@ -987,9 +1018,27 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_over_a_link_not_measured_yet_is_not_learnt() {
+        let now = Instant::now();
+        let mut t = RouteTable::new("o3", vec!["o2".into(), "o9".into()], cfg());
+        t.on_link_rtt("o9", 2_000);
+        // The o2 link just came back: its delay is unknown, and 0 would make
+        // this the lowest way by far.
+        assert!(t.on_probe(&probe("s1", 1, "o2", &["s1", "o2"], 2, 3_000), now, 0).is_empty());
+        assert!(t.route_via("s1", "o2", now).is_none());
+        assert_eq!(t.counters().unmeasured, 1);
+        t.on_probe(&probe("s1", 1, "o9", &["s1", "o9"], 2, 9_000), now, 0);
+        assert_eq!(t.best_next_hop("s1", now, &[]).unwrap(), route("o9", 10_000, 2));
+        // Measured, its next copy is learnt with the link counted.
+        t.on_link_rtt("o2", 20_000);
+        t.on_probe(&probe("s1", 2, "o2", &["s1", "o2"], 2, 3_000), now, 0);
+        assert_eq!(t.route_via("s1", "o2", now).map(|r| r.delay_us), Some(13_000));
+    }
+
+    #[test]
     fn delay_accumulates_measured_links_not_clocks() {
         let now = Instant::now();
-        let mut t = table("o3", &["o2", "o9"]);
+        let mut t = RouteTable::new("o3", vec!["o2".into(), "o9".into()], cfg());
         t.on_link_rtt("o2", 10_000);
         t.on_link_rtt("o2", 8_000);
         t.on_link_rtt("o9", 2_000);
@@ -1225,6 +1274,7 @@ mod tests {
             vec!["o4".into()],
             RoutingConfig { tie_floor_us: 20_000, ..RoutingConfig::default() },
         );
+        t.on_link_rtt("o4", 0);
         // s1 is slightly faster but within the tie band; s2 has fewer hops.
         t.on_probe(&probe("s1", 1, "o4", &["s1", "o2", "o3", "o4"], 4, 1_000), now, 0);
         t.on_probe(&probe("s2", 1, "o4", &["s2", "o8", "o4"], 3, 3_000), now, 0);

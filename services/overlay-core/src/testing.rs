@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::routing::{Probe, RouteTable};
+use crate::routing::{Probe, RouteTable, RoutingConfig};
 use crate::tree::{Requester, Source, StreamDesc, Trees};
 
 /// A copy of round `seq` of `server`'s probe for stream `test`, sent by
@@ -39,4 +39,14 @@ pub(crate) fn carrying(routes: &RouteTable, up: &str, down: &str, now: Instant) 
     trees.joined(Source::Neighbour(up.into()), desc);
     assert_eq!(trees.branch("test").map(|b| &b.source), Some(&Source::Neighbour(up.into())), "fed by {up}");
     trees
+}
+
+/// `me`'s route table with these neighbours, every link measured with a
+/// round trip of 0 (a copy over an unmeasured link is not learnt).
+pub(crate) fn table(me: &str, neighbours: &[&str]) -> RouteTable {
+    let mut routes = RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+    for n in neighbours {
+        routes.on_link_rtt(n, 0);
+    }
+    routes
 }

@@ -570,7 +570,7 @@ mod tests {
     use crate::routing::{Probe, RoutingConfig};
 
     fn routes(me: &str, neighbours: &[&str]) -> RouteTable {
-        RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), RoutingConfig::default())
+        crate::testing::table(me, neighbours)
     }
 
     fn heard(t: &mut RouteTable, server: &str, via: &str, hops: u32, now: Instant) {
@@ -755,6 +755,7 @@ mod tests {
         let now = Instant::now();
         let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
         let mut r = RouteTable::new("o3", ["o2", "o9", "o4", "o7"].map(String::from).to_vec(), cfg);
+        ["o2", "o9", "o4", "o7"].iter().for_each(|n| r.on_link_rtt(n, 0));
         heard_at(&mut r, "s1", "o2", 2, 13_500, 1, now);
         heard_at(&mut r, "s1", "o9", 3, 13_000, 1, now);
         let mut t = Trees::new("o3", []);
@@ -800,6 +801,7 @@ mod tests {
         let now = Instant::now();
         let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
         let mut r = RouteTable::new("o3", ["o2", "o9", "o7"].map(String::from).to_vec(), cfg);
+        ["o2", "o9", "o7"].iter().for_each(|n| r.on_link_rtt(n, 0));
         heard_along(&mut r, &["s1", "o2"], 5_000, 1, now);
         let mut t = Trees::new("o3", []);
         t.request("test", n("o7"), &["o7".into()], 1, &r, now);

@@ -54,7 +54,7 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     jitter_us: u64,
     /// Prefer routes at most this many rounds behind their server's newest
-    /// probe (onode: no preference).
+    /// probe (onode: 1, older ones only when no newer one is left).
     #[arg(long)]
     rounds_kept: Option<u64>,
     /// Updates a node may send each neighbour per round after the round's

@@ -1312,8 +1312,71 @@ impl World {
                     .collect();
                 let best = engine.routes.best_next_hop(&server, now, &[]).map(|r| r.via);
                 self.note(format!("  {node} toward {server}: picks {best:?} of [{}]", ways.join("; ")));
+                self.explain_path(&node, &server);
+                self.explain_way(&node, &server);
             }
         }
+    }
+
+    /// The path of the way `node` picks toward `server`, each link with its
+    /// real delay and the delay its lower end measures.
+    fn explain_way(&mut self, node: &str, server: &str) {
+        let now = self.instant();
+        let routes = &self.nodes[self.index[node]].engine.routes;
+        let Some(r) = routes.best_next_hop(server, now, &[]) else { return };
+        let Some((_, e)) = routes.entries(now).remove(server).and_then(|e| e.into_iter().find(|(v, _)| *v == r.via))
+        else {
+            return;
+        };
+        let mut path = e.path.clone();
+        path.push(node.to_string());
+        let links: Vec<String> = path
+            .windows(2)
+            .map(|w| {
+                let (a, b) = (self.index[&w[0]], self.index[&w[1]]);
+                let real = self.graph.link_between(a, b).map(|k| (self.graph.links[k].delay_us, self.usable(k)));
+                let measured = self.nodes[b].engine.routes.link_delay_us(&w[0]);
+                format!("{}-{} {real:?}/{measured:?}", w[0], w[1])
+            })
+            .collect();
+        self.note(format!("  its way: {}", links.join(" ")));
+    }
+
+    /// Along the oracle's shortest path from `server` to `node`: what each
+    /// node on it picks and how far that is from its own best, so that the
+    /// trace shows where good news stopped travelling.
+    fn explain_path(&mut self, node: &str, server: &str) {
+        let (s, mut at) = (self.index[server], self.index[node]);
+        let best = self.graph.shortest_with_hops(s, |k| self.usable(k));
+        let now = self.instant();
+        let mut hops = Vec::new();
+        while at != s {
+            let Some((d, _)) = best[at] else { break };
+            let picked = self.nodes[at].engine.routes.best_next_hop(server, now, &[]);
+            let shown = match &picked {
+                Some(r) => format!("{:.1} via {}", r.delay_us as f64 / 1000.0, r.via),
+                None => "none".to_string(),
+            };
+            // The neighbour before it on the shortest path.
+            let prev = self.graph.adjacent[at].iter().find(|&&(j, k)| {
+                self.usable(k) && best[j].is_some_and(|(dj, _)| dj + self.graph.links[k].delay_us == d)
+            });
+            let Some(&(j, _)) = prev else { break };
+            let (name, prev) = (&self.graph.names[at], &self.graph.names[j]);
+            let routes = &self.nodes[at].engine.routes;
+            let heard = routes.entries(now).remove(server).and_then(|e| e.into_iter().find(|(v, _)| v == prev));
+            let heard = heard.map_or("nothing".to_string(), |(_, e)| {
+                format!("{:.1} of round {}", e.delay_us as f64 / 1000.0, e.seq % 1000)
+            });
+            let newest = routes.newest_round(server).map_or(0, |q| q % 1000);
+            let told = self.nodes[j].engine.routes.told(server, name);
+            hops.push(format!(
+                "{name} best {:.1} (newest round {newest}) picks {shown}, hears {heard} from {prev}, which told {told:?}",
+                d as f64 / 1000.0,
+            ));
+            at = j;
+        }
+        self.note(format!("  shortest path back to {server}: {}", hops.join("; ")));
     }
 
     /// Runs probe interval by probe interval until at most `tolerated`
