@@ -289,7 +289,7 @@ impl Node {
         };
         let routes = RouteTable::new(id.name.clone(), names, config);
         let state = State {
-            engine: Engine::new(routes, offered, engine_config, Instant::now()),
+            engine: Engine::new(routes, offered, engine_config, Instant::now()).numbering_notices_from(net::unix_us()),
             sessions: Sessions::new(settings.session_limits),
             waiters: HashMap::new(),
             data_ports: HashMap::new(),

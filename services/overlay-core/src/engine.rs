@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::join::{Join, JoinStep};
 use crate::moves::{self, Move, Moves, Verdict};
 use crate::repair::{Repair, Step};
-use crate::routing::RouteTable;
+use crate::routing::{LinkNotice, Probe, RouteTable};
 use crate::silence::Silence;
 use crate::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
 
@@ -104,6 +104,12 @@ pub enum Effect {
     Repaired { stream: String, upstream: String, server: String, took: Duration },
     /// The trees changed: the forwarding table is built again.
     Republish,
+    /// Send this STATUS probe copy (a refresh, an update or a withdrawal)
+    /// to neighbour `to`.
+    Probe { to: String, probe: Probe },
+    /// Send this link notice to neighbour `to`, and the same copy again
+    /// [`crate::routing::NOTICE_REPEAT`] later (it rides on UDP).
+    Notice { to: String, notice: LinkNotice },
     /// What happened, for the log.
     Note(Note),
 }
@@ -210,6 +216,9 @@ pub struct Engine {
     next_audit: Instant,
     next_move: Instant,
     next_silence: Instant,
+    /// The id of this node's next link notice: unique per notice, also
+    /// across restarts (see [`Engine::numbering_notices_from`]).
+    next_notice: u64,
 }
 
 impl Engine {
@@ -238,7 +247,17 @@ impl Engine {
             next_audit: now + AUDIT,
             next_move: now + Self::move_period(&config),
             next_silence: now,
+            next_notice: 1,
         }
+    }
+
+    /// Numbers this node's link notices from `first` on. Other nodes
+    /// remember the notices they passed on by id, so a restarted node
+    /// must not start where its last life did: onode starts from its wall
+    /// clock in µs.
+    pub fn numbering_notices_from(mut self, first: u64) -> Engine {
+        self.next_notice = first;
+        self
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -553,10 +572,98 @@ impl Engine {
         out.push(Effect::Leave { to, stream });
     }
 
+    // ---- routes and links ----
+
+    fn send_probes(out: &mut Vec<Effect>, probes: Vec<(String, Probe)>) {
+        out.extend(probes.into_iter().map(|(to, probe)| Effect::Probe { to, probe }));
+    }
+
+    fn send_notices(out: &mut Vec<Effect>, notices: Vec<(String, LinkNotice)>) {
+        out.extend(notices.into_iter().map(|(to, notice)| Effect::Notice { to, notice }));
+    }
+
+    /// This server's probe round `seq`, offering `streams`.
+    pub fn originate(&mut self, seq: u64, send_time_unix_us: u64, streams: Vec<String>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        Self::send_probes(&mut out, self.routes.originate(seq, send_time_unix_us, streams));
+        out
+    }
+
+    /// A STATUS probe copy from a neighbour (see
+    /// [`RouteTable::on_probe`]).
+    pub fn on_probe(&mut self, probe: &Probe, now: Instant, now_unix_us: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        Self::send_probes(&mut out, self.routes.on_probe(probe, now, now_unix_us));
+        out
+    }
+
+    /// A link notice from a neighbour: a new one is passed on, and the
+    /// neighbours hear what the routes it killed change.
+    pub fn on_link_notice(&mut self, notice: &LinkNotice, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let notices = self.routes.on_link_notice(notice, now);
+        if notices.is_empty() {
+            return out;
+        }
+        let (a, b) = (&notice.a, &notice.b);
+        let what = if notice.up {
+            format!("link notice: {a}-{b} is back")
+        } else {
+            format!("link notice: {a}-{b} is dead, routes through it withdrawn")
+        };
+        Self::note(&mut out, Level::Info, "", what);
+        Self::send_notices(&mut out, notices);
+        Self::send_probes(&mut out, self.routes.tell_changes(now));
+        out
+    }
+
+    /// `neighbour` answered a heartbeat after `rtt_us` and says it carries
+    /// `carrying`. One that was down is back: the overlay hears so (a
+    /// link notice), and the prunes sent while it was down go again.
+    pub fn heartbeat_answered(
+        &mut self,
+        neighbour: &str,
+        rtt_us: u64,
+        carrying: impl IntoIterator<Item = String>,
+    ) -> Vec<Effect> {
+        self.routes.on_link_rtt(neighbour, rtt_us);
+        self.routes.set_carrying(neighbour, carrying);
+        if !self.routes.is_down(neighbour) {
+            return Vec::new();
+        }
+        self.routes.neighbour_up(neighbour);
+        let mut out = Vec::new();
+        Self::note(&mut out, Level::Info, "", format!("neighbour {neighbour} answers again"));
+        let id = self.notice_id();
+        Self::send_notices(&mut out, self.routes.announce_link(neighbour, true, id));
+        out.extend(self.neighbour_up(neighbour));
+        out
+    }
+
+    fn notice_id(&mut self) -> u64 {
+        let id = self.next_notice;
+        self.next_notice += 1;
+        id
+    }
+
+    /// The bootstrapper's report that `node` failed, believed (a
+    /// neighbour's driver asks it once more first: see onode): routes
+    /// through it die here, the neighbours hear what that changes, and a
+    /// neighbour's branches are repaired and pruned at once.
+    pub fn node_failed(&mut self, node: &str, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.routes.node_failed(node, now);
+        Self::send_probes(&mut out, self.routes.tell_changes(now));
+        if self.routes.neighbours().iter().any(|n| n == node) {
+            out.extend(self.neighbour_lost(node, true, now));
+        }
+        out
+    }
+
     /// `neighbour` answers again (the route table knows already): the
     /// prunes sent while it was down go again, for the streams it does not
     /// feed here now and is not being asked to.
-    pub fn neighbour_up(&mut self, neighbour: &str) -> Vec<Effect> {
+    fn neighbour_up(&mut self, neighbour: &str) -> Vec<Effect> {
         let mut out = Vec::new();
         self.graces.remove(neighbour);
         for stream in self.unsent_leaves.remove(neighbour).unwrap_or_default() {
@@ -581,14 +688,21 @@ impl Engine {
 
     // ---- losses and repairs ----
 
-    /// `neighbour` (or the link to it) is lost: the branches it fed are
-    /// repaired at once. The branches it was fed are pruned at once when
-    /// the loss is `certain` (the bootstrapper says it failed); after
-    /// missed heartbeats, which a lossy link also causes, only if it is
-    /// still down after the grace. The route table is the caller's to
-    /// update first.
+    /// `neighbour` (or the link to it) is lost: routes through it die at
+    /// once, everywhere (a link notice, unless the bootstrapper's report
+    /// of its failure came first and told every node already), and the
+    /// branches it fed are repaired at once. The branches it was fed are
+    /// pruned at once when the loss is `certain` (the bootstrapper says
+    /// it failed); after missed heartbeats, which a lossy link also
+    /// causes, only if it is still down after the grace.
     pub fn neighbour_lost(&mut self, neighbour: &str, certain: bool, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        if !self.routes.is_down(neighbour) {
+            self.routes.neighbour_down(neighbour);
+            let id = self.notice_id();
+            Self::send_notices(&mut out, self.routes.announce_link(neighbour, false, id));
+        }
+        Self::send_probes(&mut out, self.routes.tell_changes(now));
         for stream in self.trees.upstream_lost(neighbour) {
             Self::note(&mut out, Level::Warn, &stream, format!("upstream {neighbour} lost: repairing the tree"));
             self.start_repair(&stream, Vec::new(), now, &mut out);
@@ -1231,9 +1345,8 @@ mod tests {
         assert!(has(&out, &Effect::Reroot { to: "o4".into(), desc: gave_up("test") }));
         // One that came back in time keeps its branch.
         let mut e = carrying(now);
-        e.routes.neighbour_down("o4");
         e.neighbour_lost("o4", false, now);
-        e.routes.neighbour_up("o4");
+        e.heartbeat_answered("o4", 2_000, ["test".to_string()]);
         assert!(e.tick(now + e.config().downstream_grace, |_| None).is_empty());
         assert!(e.trees.branch("test").is_some());
     }
@@ -1344,14 +1457,19 @@ mod tests {
         let mut e = carrying(now);
         // o2's link dies; the repair goes through o9; the prune to o2 is
         // lost with the link.
-        e.routes.neighbour_down("o2");
         let out = e.neighbour_lost("o2", false, now);
+        // The overlay hears the link died.
+        let notices: Vec<&LinkNotice> = out
+            .iter()
+            .filter_map(|x| if let Effect::Notice { notice, .. } = x { Some(notice) } else { None })
+            .collect();
+        assert!(!notices.is_empty() && notices.iter().all(|n| n.a == "o3" && n.b == "o2" && !n.up), "{out:?}");
         let (id, _, _) = asks(&out)[0];
         e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
-        e.routes.neighbour_up("o2");
-        let out = e.neighbour_up("o2");
+        let out = e.heartbeat_answered("o2", 2_000, []);
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
-        assert!(e.neighbour_up("o2").is_empty(), "once");
+        assert!(out.iter().any(|x| matches!(x, Effect::Notice { notice, .. } if notice.up)), "it is back: {out:?}");
+        assert!(e.heartbeat_answered("o2", 2_000, []).is_empty(), "once");
     }
 
     #[test]

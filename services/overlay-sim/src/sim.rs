@@ -315,8 +315,6 @@ pub struct World {
     rng: StdRng,
     /// Probe copies sent, since the start.
     pub probes_sent: u64,
-    /// Link-down notices announced so far (their ids).
-    notices: u64,
     /// What was done to the overlay and when, for replay.
     pub trace: Vec<String>,
     /// Each server's stream (servers share them: two per stream).
@@ -349,7 +347,6 @@ impl World {
             index,
             rng: StdRng::seed_from_u64(seed ^ 0x005e_ed0f_517e),
             probes_sent: 0,
-            notices: 0,
             trace: Vec::new(),
             streams: HashMap::new(),
             viewers: Vec::new(),
@@ -387,7 +384,9 @@ impl World {
         let neighbours = self.graph.adjacent[i].iter().map(|&(j, _)| self.graph.names[j].clone()).collect();
         let routes = RouteTable::new(self.graph.names[i].clone(), neighbours, self.config.routing);
         let offered = self.streams.get(&i).cloned();
-        Engine::new(routes, offered, self.config.engine, self.instant())
+        // As onode: link notices numbered from the wall clock, so that a
+        // restarted node's are not taken for its last life's.
+        Engine::new(routes, offered, self.config.engine, self.instant()).numbering_notices_from(self.unix_us())
     }
 
     fn schedule(&mut self, after_us: u64, event: Event) {
@@ -506,8 +505,8 @@ impl World {
                 }
                 node.seq += 1;
                 let streams = self.streams.get(&server).cloned().into_iter().collect();
-                let out = node.engine.routes.originate(node.seq, unix_us, streams);
-                self.send(server, out);
+                let effects = node.engine.originate(node.seq, unix_us, streams);
+                self.carry_out(server, effects);
                 self.schedule(self.config.probe_interval_us, Event::Originate { server, life });
             }
             Event::Heartbeats => {
@@ -535,8 +534,8 @@ impl World {
                 if !self.usable(link) {
                     return;
                 }
-                let out = self.nodes[to].engine.routes.on_probe(&probe, now, unix_us);
-                self.send(to, out);
+                let effects = self.nodes[to].engine.on_probe(&probe, now, unix_us);
+                self.carry_out(to, effects);
             }
             Event::Notice { node, life, about, up } => {
                 let n = &self.nodes[node];
@@ -550,23 +549,10 @@ impl World {
                         return;
                     }
                     let rtt = self.rtt(k);
-                    let table = &mut self.nodes[node].engine.routes;
-                    table.on_link_rtt(&name, rtt);
-                    if table.is_down(&name) {
-                        table.neighbour_up(&name);
-                        self.notices += 1;
-                        let notices = self.nodes[node].engine.routes.announce_link(&name, true, self.notices);
-                        self.send_notices(node, notices);
-                        let effects = self.nodes[node].engine.neighbour_up(&name);
-                        self.carry_out(node, effects);
-                    }
+                    let carrying = self.nodes[about].engine.trees.carrying();
+                    let effects = self.nodes[node].engine.heartbeat_answered(&name, rtt, carrying);
+                    self.carry_out(node, effects);
                 } else {
-                    self.nodes[node].engine.routes.neighbour_down(&name);
-                    self.notices += 1;
-                    let notices = self.nodes[node].engine.routes.announce_link(&name, false, self.notices);
-                    self.send_notices(node, notices);
-                    let out = self.nodes[node].engine.routes.tell_changes(now);
-                    self.send(node, out);
                     let effects = self.nodes[node].engine.neighbour_lost(&name, false, now);
                     self.carry_out(node, effects);
                 }
@@ -575,30 +561,20 @@ impl World {
                 if !self.usable(link) {
                     return;
                 }
-                let notices = self.nodes[to].engine.routes.on_link_notice(&notice, now);
-                if !notices.is_empty() {
-                    self.send_notices(to, notices);
-                    let out = self.nodes[to].engine.routes.tell_changes(now);
-                    self.send(to, out);
-                }
+                let effects = self.nodes[to].engine.on_link_notice(&notice, now);
+                self.carry_out(to, effects);
             }
             Event::Failed { about } => {
                 if self.nodes[about].alive {
                     return;
                 }
                 let name = self.graph.names[about].clone();
+                // Every node believes it (its neighbours would check it once
+                // more, and find it silent), and its neighbours drop it for
+                // good.
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].alive {
-                        self.nodes[i].engine.routes.node_failed(&name, now);
-                        let out = self.nodes[i].engine.routes.tell_changes(now);
-                        self.send(i, out);
-                    }
-                }
-                // Its neighbours check it once more, then drop it for good.
-                for (i, _) in self.graph.adjacent[about].clone() {
-                    if self.nodes[i].alive {
-                        self.nodes[i].engine.routes.neighbour_down(&name);
-                        let effects = self.nodes[i].engine.neighbour_lost(&name, true, now);
+                        let effects = self.nodes[i].engine.node_failed(&name, now);
                         self.carry_out(i, effects);
                     }
                 }
@@ -742,6 +718,8 @@ impl World {
                     queue.extend(self.nodes[i].engine.local_started(&stream, Ok(desc)));
                 }
                 Effect::Repaired { .. } => self.repairs += 1,
+                Effect::Probe { to, probe } => self.send(i, vec![(to, probe)]),
+                Effect::Notice { to, notice } => self.send_notices(i, vec![(to, notice)]),
                 Effect::Note(n) if self.config.notes && n.level > overlay_core::engine::Level::Debug => {
                     let line = format!("{}: {}: {}", self.graph.names[i], n.stream, n.what);
                     self.note(line);

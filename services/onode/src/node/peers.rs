@@ -50,23 +50,16 @@ impl Node {
 
     /// A neighbour answered a heartbeat after `rtt`.
     pub(super) fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
-        let mut notices = Vec::new();
         let mut connect = false;
         self.drive(|st| {
-            st.engine.routes.on_link_rtt(neighbour, rtt.as_micros() as u64);
-            st.engine.routes.set_carrying(neighbour, carrying);
             connect = st.connected.insert(neighbour.to_string());
-            if !st.engine.routes.is_down(neighbour) {
-                return Vec::new();
+            let back = st.engine.routes.is_down(neighbour);
+            let effects = st.engine.heartbeat_answered(neighbour, rtt.as_micros() as u64, carrying);
+            if back {
+                self.changes.send_modify(|v| *v += 1);
             }
-            st.engine.routes.neighbour_up(neighbour);
-            info!(node = %self.id.name, %neighbour, "neighbour answers again");
-            self.changes.send_modify(|v| *v += 1);
-            notices = st.engine.routes.announce_link(neighbour, true, net::unix_us());
-            // Prunes it missed while down go again.
-            st.engine.neighbour_up(neighbour)
+            effects
         });
-        self.send_link_notices(notices);
         if connect {
             let me = self.clone();
             let neighbour = neighbour.to_string();
@@ -100,28 +93,15 @@ impl Node {
         self.neighbour_lost(&up, false);
     }
 
-    /// A neighbour (or the link to it) is gone: routes through it die at
-    /// once, everywhere (a link notice), and the engine repairs the
-    /// branches it fed. The branches it was fed by us are pruned at once
-    /// only when the loss is certain (the bootstrapper's notice); after
-    /// missed heartbeats, which a lossy link also causes, only if it is
-    /// still silent a few seconds later.
+    /// A neighbour (or the link to it) is gone: the engine tells the
+    /// overlay and repairs the branches it fed (see
+    /// [`overlay_core::engine::Engine::neighbour_lost`]).
     pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str, certain: bool) {
-        let mut notices = Vec::new();
-        let mut probes = Vec::new();
         self.drive(|st| {
-            let news = !st.engine.routes.is_down(neighbour);
-            st.engine.routes.neighbour_down(neighbour);
-            if news {
-                notices = st.engine.routes.announce_link(neighbour, false, net::unix_us());
-            }
-            probes = st.engine.routes.tell_changes(Instant::now());
             st.connected.remove(neighbour);
             self.links.mark_lost(neighbour);
             st.engine.neighbour_lost(neighbour, certain, Instant::now())
         });
-        self.send_link_notices(notices);
-        self.send_probes(probes);
     }
 
     pub(super) async fn probe_loop(self: Arc<Self>) {
@@ -130,18 +110,10 @@ impl Node {
         let mut tick = self.ticker(self.id.probe_interval);
         while tick.next().await {
             seq += 1;
-            let out = {
-                let st = &mut *self.lock();
+            self.drive(|st| {
                 let streams = files.iter().chain(st.published.iter()).cloned().collect();
-                st.engine.routes.originate(seq, net::unix_us(), streams)
-            };
-            self.send_probes(out);
-        }
-    }
-
-    pub(super) fn send_probes(&self, out: Vec<(String, overlay_core::routing::Probe)>) {
-        for (to, probe) in out {
-            self.links.send_probe(&to, convert::probe_to_wire(probe));
+                st.engine.originate(seq, net::unix_us(), streams)
+            });
         }
     }
 
@@ -174,29 +146,13 @@ impl Node {
     /// dead link are withdrawn.
     pub fn on_link_notice(self: &Arc<Self>, from: String, notice: pb::LinkNotice) {
         let notice = convert::link_notice_from_wire(notice, from);
-        let (notices, probes) = {
-            let mut st = self.lock();
-            let notices = st.engine.routes.on_link_notice(&notice, Instant::now());
-            let probes = if notices.is_empty() { Vec::new() } else { st.engine.routes.tell_changes(Instant::now()) };
-            (notices, probes)
-        };
-        if !notices.is_empty() {
-            let (a, b) = (&notice.a, &notice.b);
-            if notice.up {
-                info!(node = %self.id.name, %a, %b, "link notice: the link is back");
-            } else {
-                info!(node = %self.id.name, %a, %b, "link notice: the link is dead, routes through it withdrawn");
-            }
-        }
-        self.send_link_notices(notices);
-        self.send_probes(probes);
+        self.drive(|st| st.engine.on_link_notice(&notice, Instant::now()));
     }
 
     /// A STATUS probe from a neighbour.
     pub fn on_probe(self: &Arc<Self>, probe: pb::Probe) {
         let probe = convert::probe_from_wire(probe);
-        let out = self.lock().engine.routes.on_probe(&probe, Instant::now(), net::unix_us());
-        self.send_probes(out);
+        self.drive(|st| st.engine.on_probe(&probe, Instant::now(), net::unix_us()));
     }
 
     /// The bootstrapper says `node` failed. It may only have lost its way
@@ -204,7 +160,7 @@ impl Node {
     /// and one that answers is believed over the notice.
     pub fn node_failed(self: &Arc<Self>, node: &str) {
         if self.neighbour(node).is_none() {
-            self.forget_failed(node);
+            self.drive(|st| st.engine.node_failed(node, Instant::now()));
             return;
         }
         let me = self.clone();
@@ -215,19 +171,11 @@ impl Node {
                 warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
                 return;
             }
-            me.forget_failed(&node);
-            me.neighbour_lost(&node, true);
+            me.drive(|st| {
+                st.connected.remove(&node);
+                me.links.mark_lost(&node);
+                st.engine.node_failed(&node, Instant::now())
+            });
         });
-    }
-
-    /// Routes through a failed node die here, and the neighbours hear what
-    /// that changes.
-    pub(super) fn forget_failed(&self, node: &str) {
-        let probes = {
-            let mut st = self.lock();
-            st.engine.routes.node_failed(node, Instant::now());
-            st.engine.routes.tell_changes(Instant::now())
-        };
-        self.send_probes(probes);
     }
 }

@@ -58,8 +58,11 @@ impl Node {
 
     /// Carries out the effects that send or wait.
     fn carry_out(self: &Arc<Self>, effects: Vec<Effect>) {
+        let mut notices = Vec::new();
         for e in effects {
             match e {
+                Effect::Probe { to, probe } => self.links.send_probe(&to, convert::probe_to_wire(probe)),
+                Effect::Notice { to, notice } => notices.push((to, notice)),
                 Effect::Ask { id, to, stream, path, timeout } => {
                     let me = self.clone();
                     let span = tracing::Span::current();
@@ -103,6 +106,12 @@ impl Node {
                     let me = self.clone();
                     self.tasks.spawn(async move { me.measure_repair(stream, last_packet_ms).await });
                 }
+                // A note about the node's links names no stream.
+                Effect::Note(n) if n.stream.is_empty() => match n.level {
+                    Level::Warn => warn!(node = %self.id.name, "{}", n.what),
+                    Level::Info => info!(node = %self.id.name, "{}", n.what),
+                    Level::Debug => debug!(node = %self.id.name, "{}", n.what),
+                },
                 Effect::Note(n) => match n.level {
                     Level::Warn => warn!(node = %self.id.name, stream = %n.stream, "{}", n.what),
                     Level::Info => info!(node = %self.id.name, stream = %n.stream, "{}", n.what),
@@ -113,6 +122,7 @@ impl Node {
                 }
             }
         }
+        self.send_link_notices(notices);
     }
 
     /// The engine's timers: retries of requests waiting for routes, repair
