@@ -1,9 +1,9 @@
 //! Datagrams between neighbours: heartbeats, their answers and STATUS
 //! probes, as `LinkDatagram` protobuf messages over one UDP socket bound to
-//! the control port number. This module encodes, decodes, checks where a
-//! datagram comes from, and keeps the heartbeat bookkeeping
-//! ([`overlay_core::liveness`]) with the waiters of one-off checks; the
-//! node's loops decide what to do with what arrives.
+//! the control port number. This module encodes, decodes and checks where
+//! a datagram comes from; the engine numbers the beats and judges the
+//! answers ([`overlay_core::liveness`]), and the node's loops hand it what
+//! arrives.
 //!
 //! Sends never wait: a datagram the kernel cannot take at once is dropped
 //! and counted, as a lost packet would be.
@@ -18,15 +18,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use overlay_core::liveness::{Answer, BeatKind, Expired, Liveness};
 use overlay_proto as pb;
 use prost::Message;
 use ring::hmac;
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::node::Neighbour;
@@ -115,8 +111,8 @@ fn open<'a>(key: &hmac::Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
 pub enum Incoming {
     /// A heartbeat to answer (to `reply_to`, where it came from).
     Heartbeat { seq: u64, reply_to: SocketAddr },
-    /// The answer to one of our beats.
-    Answer { from: String, answer: Answer, carrying: Vec<String> },
+    /// The answer to beat `seq` (the engine judges whether it was ours).
+    Answer { from: String, seq: u64, carrying: Vec<String> },
     /// A STATUS probe.
     Probe(pb::Probe),
     /// A link notice, from the neighbour named.
@@ -139,7 +135,7 @@ pub struct LinkCounters {
     pub send_drops: AtomicU64,
 }
 
-/// The node's datagram socket and heartbeat state; see the module doc.
+/// The node's datagram socket; see the module doc.
 pub struct Links {
     me: String,
     socket: UdpSocket,
@@ -147,8 +143,6 @@ pub struct Links {
     by_ip: HashMap<IpAddr, String>,
     /// Keys of the links that have one, by neighbour.
     keys: HashMap<String, hmac::Key>,
-    liveness: Mutex<Liveness>,
-    checks: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
     pub counters: LinkCounters,
 }
 
@@ -162,30 +156,7 @@ impl Links {
         let peers = neighbours.iter().map(|n| (n.name.clone(), SocketAddr::new(n.address, port))).collect();
         let by_ip = neighbours.iter().map(|n| (n.address, n.name.clone())).collect();
         let keys = neighbours.iter().filter_map(|n| n.link_key.as_ref().map(|k| (n.name.clone(), k.hmac()))).collect();
-        let first_seq = crate::net::unix_us();
-        Ok(Links {
-            me: me.to_string(),
-            socket,
-            peers,
-            by_ip,
-            keys,
-            liveness: Mutex::new(Liveness::new(first_seq)),
-            checks: Mutex::new(HashMap::new()),
-            counters: LinkCounters::default(),
-        })
-    }
-
-    fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
-        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Periodic beats sent to `neighbour` and missed by it, since start.
-    pub fn beat_totals(&self, neighbour: &str) -> overlay_core::liveness::BeatTotals {
-        self.liveness().totals(neighbour)
-    }
-
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<bool>>> {
-        self.checks.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(Links { me: me.to_string(), socket, peers, by_ip, keys, counters: LinkCounters::default() })
     }
 
     fn send(&self, to: SocketAddr, body: pb::link_datagram::Body) {
@@ -205,30 +176,11 @@ impl Links {
         }
     }
 
-    /// Sends the periodic heartbeat to every neighbour; each is missed if
-    /// not answered within `timeout`.
-    pub fn beat_all(&self, now: Instant, timeout: Duration) {
-        for (name, addr) in &self.peers {
-            let seq = self.liveness().send(name, BeatKind::Periodic, now, timeout);
-            if let Some(seq) = seq {
-                self.send(*addr, pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq }));
-            }
+    /// Sends heartbeat `seq` to `neighbour`.
+    pub fn send_beat(&self, neighbour: &str, seq: u64) {
+        if let Some(addr) = self.peers.get(neighbour) {
+            self.send(*addr, pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq }));
         }
-    }
-
-    /// Asks `neighbour` once whether it is there: true if it answers within
-    /// `timeout`.
-    pub async fn check(&self, neighbour: &str, timeout: Duration) -> bool {
-        let Some(addr) = self.peers.get(neighbour).copied() else { return false };
-        let (tx, rx) = oneshot::channel();
-        let Some(seq) = self.liveness().send(neighbour, BeatKind::Check, Instant::now(), timeout) else {
-            return false;
-        };
-        self.waiters().insert(seq, tx);
-        self.send(addr, pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq }));
-        let answered = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)));
-        self.waiters().remove(&seq);
-        answered
     }
 
     /// Answers a heartbeat.
@@ -248,20 +200,6 @@ impl Links {
         if let Some(addr) = self.peers.get(neighbour) {
             self.send(*addr, pb::link_datagram::Body::LinkNotice(notice));
         }
-    }
-
-    /// Ends the beats whose time is up at `now` and returns the neighbours
-    /// that just missed too many in a row. (A check's asker has its own
-    /// timeout; its expired beat is only forgotten here.)
-    pub fn expire(&self, now: Instant) -> Vec<String> {
-        let Expired { lost, .. } = self.liveness().expire(now);
-        lost
-    }
-
-    /// The neighbour was declared lost another way; see
-    /// [`Liveness::mark_lost`].
-    pub fn mark_lost(&self, neighbour: &str) {
-        self.liveness().mark_lost(neighbour);
     }
 
     /// Waits for the next datagram that is a neighbour's and makes sense.
@@ -307,17 +245,7 @@ impl Links {
         match datagram.body? {
             pb::link_datagram::Body::Heartbeat(h) => Some(Incoming::Heartbeat { seq: h.seq, reply_to: from }),
             pb::link_datagram::Body::HeartbeatReply(r) => {
-                let answer = self.liveness().on_reply(&from_name, r.seq, Instant::now());
-                let Some(answer) = answer else {
-                    self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                };
-                if answer.kind == BeatKind::Check {
-                    if let Some(tx) = self.waiters().remove(&answer.seq) {
-                        let _ = tx.send(true);
-                    }
-                }
-                Some(Incoming::Answer { from: from_name, answer, carrying: r.carrying })
+                Some(Incoming::Answer { from: from_name, seq: r.seq, carrying: r.carrying })
             }
             pb::link_datagram::Body::Probe(mut p) => {
                 // The probe's sender is who sent the datagram, whatever it says.
@@ -347,6 +275,7 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn heartbeat(sender: &str, seq: u64) -> Vec<u8> {
         let body = pb::link_datagram::Body::Heartbeat(pb::Heartbeat { seq });
@@ -427,18 +356,18 @@ mod tests {
         // Sends never wait: let the runtime learn the new sockets are writable.
         b.socket.writable().await.unwrap();
         a.socket.writable().await.unwrap();
-        b.beat_all(Instant::now(), Duration::from_secs(5));
+        b.send_beat("a", 17);
         let mut buf = Vec::new();
         let got = tokio::time::timeout(Duration::from_secs(10), a.recv(&mut buf)).await.unwrap().unwrap();
         let Incoming::Heartbeat { seq, reply_to } = got else { panic!("{got:?}") };
-        assert!(seq > 2, "the real beat (seq {seq}) is the first taken");
+        assert_eq!(seq, 17, "the real beat is the first taken");
         assert_eq!(reply_to.port(), port);
         assert_eq!(a.counters.unauthenticated.load(Ordering::Relaxed), 2);
         // The answer is sealed too, and b takes it as the answer to its beat.
         a.answer(reply_to, seq, vec!["test".into()]);
         let got = tokio::time::timeout(Duration::from_secs(10), b.recv(&mut buf)).await.unwrap().unwrap();
-        let Incoming::Answer { from, carrying, .. } = got else { panic!("{got:?}") };
-        assert_eq!((from.as_str(), carrying), ("a", vec!["test".to_string()]));
+        let Incoming::Answer { from, seq, carrying } = got else { panic!("{got:?}") };
+        assert_eq!((from.as_str(), seq, carrying), ("a", 17, vec!["test".to_string()]));
 
         // Without keys (a plain control plane) the same unsealed datagram is taken.
         let c =

@@ -156,6 +156,9 @@ struct State {
     published: std::collections::BTreeSet<String>,
     /// Neighbours whose control connection is open (or being opened).
     connected: std::collections::HashSet<String>,
+    /// One-off checks of a neighbour under way (see [`Node::check`]), by
+    /// the beat's number.
+    checks: HashMap<u64, oneshot::Sender<bool>>,
     /// Per stream: the upstream it is heard from, and when it last was.
     heard: HashMap<String, (Source, Heard)>,
     /// Per stream and track: the one RTP line RTSP players see, whatever
@@ -286,10 +289,11 @@ impl Node {
             downstream_grace: DOWNSTREAM_GRACE,
             silence: settings.silence,
             settle: settings.settle,
+            heartbeat: Some(settings.heartbeat),
         };
         let routes = RouteTable::new(id.name.clone(), names, config);
         let state = State {
-            engine: Engine::new(routes, offered, engine_config, Instant::now()).numbering_notices_from(net::unix_us()),
+            engine: Engine::new(routes, offered, engine_config, Instant::now()).numbering_from(net::unix_us()),
             sessions: Sessions::new(settings.session_limits),
             waiters: HashMap::new(),
             data_ports: HashMap::new(),
@@ -298,6 +302,7 @@ impl Node {
             pipelines: HashMap::new(),
             published: Default::default(),
             connected: Default::default(),
+            checks: HashMap::new(),
             heard: HashMap::new(),
             lines: HashMap::new(),
             tallies: HashMap::new(),
@@ -342,8 +347,6 @@ impl Node {
             .spawn(move || relay.run(&stop))
             .expect("spawn the relay thread");
         *lock_unpoisoned(&self.relay_thread) = Some(thread);
-        let me = self.clone();
-        self.tasks.spawn(async move { me.heartbeat_loop().await });
         let me = self.clone();
         self.tasks.spawn(async move { me.datagram_loop().await });
         let me = self.clone();

@@ -8,9 +8,17 @@
 //! it over gRPC and UDP, overlay-sim runs a thousand of them on a virtual
 //! clock.
 //!
-//! The route table is a field: the STATUS probes, heartbeats and link
-//! notices go to it directly (it is a state machine of its own, see
-//! [`crate::routing`]).
+//! The route table is a field (a state machine of its own, see
+//! [`crate::routing`]); the engine hands it the STATUS probes, link
+//! notices and heartbeat answers, and returns the copies it passes on as
+//! effects.
+//!
+//! The engine watches its neighbours ([`crate::liveness`]): it numbers a
+//! heartbeat to each every [`EngineConfig::heartbeat`] and asks a single
+//! one "are you there?" when a stream goes quiet or the bootstrapper
+//! reports a neighbour failed ([`Effect::Beat`]). The driver sends the
+//! datagrams and hands the answers to [`Engine::heartbeat_answered`]; a
+//! neighbour that misses [`MISS_LIMIT`] beats in a row is lost.
 //!
 //! Every stream request this node sends is an [`Effect::Ask`] with an id;
 //! its outcome comes back through [`Engine::answered`] with that id, and
@@ -22,6 +30,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::join::{Join, JoinStep};
+use crate::liveness::{BeatKind, BeatTotals, Liveness, MISS_LIMIT};
 use crate::moves::{self, Move, Moves, Verdict};
 use crate::repair::{Repair, Step};
 use crate::routing::{LinkNotice, Probe, RouteTable};
@@ -46,6 +55,10 @@ pub struct EngineConfig {
     /// A branch keeps its upstream this long before it may move to a
     /// better one (None: trees never move).
     pub settle: Option<Duration>,
+    /// Every neighbour gets a heartbeat this often (None: the driver
+    /// watches the neighbours itself, and reports through
+    /// [`Engine::neighbour_lost`] and [`Engine::link_measured`]).
+    pub heartbeat: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +71,7 @@ impl Default for EngineConfig {
             downstream_grace: Duration::from_secs(3),
             silence: Some(Duration::from_millis(150)),
             settle: Some(Duration::from_secs(30)),
+            heartbeat: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -93,9 +107,12 @@ pub enum Effect {
     StartLocal { stream: String },
     /// Stop this server's own source of `stream` (nobody watches).
     StopLocal { stream: String },
-    /// Ping `to`, waiting at most `timeout`; no answer: the neighbour is
-    /// lost ([`Engine::neighbour_lost`]).
-    Ping { to: String, timeout: Duration },
+    /// Send heartbeat `seq` to neighbour `to`; its answer goes to
+    /// [`Engine::heartbeat_answered`].
+    Beat { to: String, seq: u64 },
+    /// The driver's check `seq` (see [`Engine::check`]) is over: the
+    /// neighbour answered in time, or not.
+    Checked { seq: u64, answered: bool },
     /// A branch's repair starts: the last packet before it is the start of
     /// the media gap.
     RepairStarted { stream: String },
@@ -217,8 +234,23 @@ pub struct Engine {
     next_move: Instant,
     next_silence: Instant,
     /// The id of this node's next link notice: unique per notice, also
-    /// across restarts (see [`Engine::numbering_notices_from`]).
+    /// across restarts (see [`Engine::numbering_from`]).
     next_notice: u64,
+    liveness: Liveness,
+    /// One-off heartbeats out, by number: to whom, and what for.
+    checks: BTreeMap<u64, (String, Check)>,
+    next_beat: Instant,
+}
+
+/// Why a single neighbour was asked whether it is there.
+#[derive(Debug, Clone)]
+enum Check {
+    /// A stream it feeds went quiet.
+    Quiet,
+    /// The bootstrapper reports it failed.
+    Failed,
+    /// The driver asked ([`Engine::check`]).
+    Driver,
 }
 
 impl Engine {
@@ -248,15 +280,20 @@ impl Engine {
             next_move: now + Self::move_period(&config),
             next_silence: now,
             next_notice: 1,
+            liveness: Liveness::new(1),
+            checks: BTreeMap::new(),
+            next_beat: now,
         }
     }
 
-    /// Numbers this node's link notices from `first` on. Other nodes
-    /// remember the notices they passed on by id, so a restarted node
-    /// must not start where its last life did: onode starts from its wall
-    /// clock in µs.
-    pub fn numbering_notices_from(mut self, first: u64) -> Engine {
+    /// Numbers this node's link notices and heartbeats from `first` on.
+    /// Other nodes remember the notices they passed on by id, and a late
+    /// answer to a beat of a node's last life must not count in this one,
+    /// so a restarted node must not start where its last life did: onode
+    /// starts from its wall clock in µs.
+    pub fn numbering_from(mut self, first: u64) -> Engine {
         self.next_notice = first;
+        self.liveness = Liveness::new(first);
         self
     }
 
@@ -617,10 +654,47 @@ impl Engine {
         out
     }
 
-    /// `neighbour` answered a heartbeat after `rtt_us` and says it carries
-    /// `carrying`. One that was down is back: the overlay hears so (a
-    /// link notice), and the prunes sent while it was down go again.
+    /// `neighbour` answered heartbeat `seq` and says it carries
+    /// `carrying`; `None` if that beat is not one of ours still out (late,
+    /// duplicated, or forged): the driver counts it and drops it. The
+    /// answer ends the neighbour's run of missed beats and measures the
+    /// link; one that was down is back ([`Engine::link_measured`]).
     pub fn heartbeat_answered(
+        &mut self,
+        neighbour: &str,
+        seq: u64,
+        carrying: impl IntoIterator<Item = String>,
+        now: Instant,
+    ) -> Option<Vec<Effect>> {
+        let answer = self.liveness.on_reply(neighbour, seq, now)?;
+        let mut out = Vec::new();
+        if answer.kind == BeatKind::Check {
+            match self.checks.remove(&seq).map(|(_, why)| why) {
+                Some(Check::Quiet) => Self::note(
+                    &mut out,
+                    Level::Debug,
+                    "",
+                    format!("a stream went quiet but its upstream {neighbour} answers"),
+                ),
+                Some(Check::Failed) => Self::note(
+                    &mut out,
+                    Level::Warn,
+                    "",
+                    format!("the bootstrapper reports {neighbour} failed but it answers: kept"),
+                ),
+                Some(Check::Driver) => out.push(Effect::Checked { seq, answered: true }),
+                None => {}
+            }
+        }
+        out.extend(self.link_measured(neighbour, answer.rtt.as_micros() as u64, carrying));
+        Some(out)
+    }
+
+    /// `neighbour` answered after `rtt_us` (the driver's own heartbeat, or
+    /// this engine's) and says it carries `carrying`. One that was down is
+    /// back: the overlay hears so (a link notice), and the prunes sent
+    /// while it was down go again.
+    pub fn link_measured(
         &mut self,
         neighbour: &str,
         rtt_us: u64,
@@ -640,17 +714,93 @@ impl Engine {
         out
     }
 
+    /// Asks `neighbour` once whether it is there, for the driver (a stream
+    /// request that waits long): the beat to send, numbered `seq`, and
+    /// later [`Effect::Checked`] with that number. `None` if too many
+    /// beats are out already (count it unanswered).
+    pub fn check(&mut self, neighbour: &str, timeout: Duration, now: Instant) -> Option<(u64, Effect)> {
+        let seq = self.liveness.send(neighbour, BeatKind::Check, now, timeout)?;
+        self.checks.insert(seq, (neighbour.to_string(), Check::Driver));
+        Some((seq, Effect::Beat { to: neighbour.to_string(), seq }))
+    }
+
+    /// Asks `neighbour` once whether it is there, for this engine.
+    fn ask_once(&mut self, neighbour: &str, why: Check, timeout: Duration, now: Instant, out: &mut Vec<Effect>) {
+        if let Some(seq) = self.liveness.send(neighbour, BeatKind::Check, now, timeout) {
+            self.checks.insert(seq, (neighbour.to_string(), why));
+            out.push(Effect::Beat { to: neighbour.to_string(), seq });
+        }
+    }
+
+    /// How long a heartbeat may take to be answered: two beats, and at
+    /// least 250 ms (a slow link's round trip).
+    fn beat_limit(&self) -> Duration {
+        (self.config.heartbeat.unwrap_or(self.config.retry) * 2).max(Duration::from_millis(250))
+    }
+
+    /// Periodic beats sent to `neighbour` and missed by it, since start.
+    pub fn beat_totals(&self, neighbour: &str) -> BeatTotals {
+        self.liveness.totals(neighbour)
+    }
+
+    /// The beats whose time is up: a neighbour that missed [`MISS_LIMIT`]
+    /// in a row is lost; an unanswered check does what it was for.
+    fn expire_beats(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let expired = self.liveness.expire(now);
+        for seq in expired.checks {
+            let Some((to, why)) = self.checks.remove(&seq) else { continue };
+            match why {
+                Check::Driver => out.push(Effect::Checked { seq, answered: false }),
+                Check::Quiet if !self.routes.is_down(&to) => {
+                    Self::note(
+                        out,
+                        Level::Warn,
+                        "",
+                        format!("a stream went silent and its upstream does not answer: {to} declared lost"),
+                    );
+                    out.extend(self.neighbour_lost(&to, false, now));
+                }
+                Check::Quiet => {}
+                Check::Failed => out.extend(self.believe_failed(&to, now)),
+            }
+        }
+        for n in expired.lost {
+            if !self.routes.is_down(&n) {
+                Self::note(
+                    out,
+                    Level::Warn,
+                    "",
+                    format!("neighbour {n} missed {MISS_LIMIT} heartbeats: declared lost"),
+                );
+                out.extend(self.neighbour_lost(&n, false, now));
+            }
+        }
+    }
+
     fn notice_id(&mut self) -> u64 {
         let id = self.next_notice;
         self.next_notice += 1;
         id
     }
 
-    /// The bootstrapper's report that `node` failed, believed (a
-    /// neighbour's driver asks it once more first: see onode): routes
-    /// through it die here, the neighbours hear what that changes, and a
-    /// neighbour's branches are repaired and pruned at once.
+    /// The bootstrapper's report that `node` failed. A neighbour that
+    /// still looks alive may only have lost its way to the bootstrapper (a
+    /// partition): it is asked once more, and if it answers it is believed
+    /// over the report. Otherwise routes through the node die here, the
+    /// neighbours hear what that changes, and a neighbour's branches are
+    /// repaired and pruned at once.
     pub fn node_failed(&mut self, node: &str, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.routes.neighbours().iter().any(|n| n == node) && !self.routes.is_down(node) {
+            self.ask_once(node, Check::Failed, self.beat_limit(), now, &mut out);
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        self.believe_failed(node, now)
+    }
+
+    fn believe_failed(&mut self, node: &str, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         self.routes.node_failed(node, now);
         Self::send_probes(&mut out, self.routes.tell_changes(now));
@@ -697,6 +847,8 @@ impl Engine {
     /// causes, only if it is still down after the grace.
     pub fn neighbour_lost(&mut self, neighbour: &str, certain: bool, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        // Should it answer a beat still out, it is not counted lost twice.
+        self.liveness.mark_lost(neighbour);
         if !self.routes.is_down(neighbour) {
             self.routes.neighbour_down(neighbour);
             let id = self.notice_id();
@@ -1030,6 +1182,12 @@ impl Engine {
         if self.silence.is_some() {
             at(self.next_silence);
         }
+        if let Some(t) = self.liveness.next_deadline() {
+            at(t);
+        }
+        if self.config.heartbeat.is_some() {
+            at(self.next_beat);
+        }
         next
     }
 
@@ -1037,6 +1195,18 @@ impl Engine {
     /// received has been quiet (None: nothing received yet).
     pub fn tick(&mut self, now: Instant, silent_ms: impl Fn(&str) -> Option<u64>) -> Vec<Effect> {
         let mut out = Vec::new();
+        // Losses first: the repairs below must not pick a neighbour that
+        // has just missed its third beat.
+        self.expire_beats(now, &mut out);
+        if let Some(every) = self.config.heartbeat.filter(|_| self.next_beat <= now) {
+            self.next_beat = now + every;
+            let limit = self.beat_limit();
+            for n in self.routes.neighbours().to_vec() {
+                if let Some(seq) = self.liveness.send(&n, BeatKind::Periodic, now, limit) {
+                    out.push(Effect::Beat { to: n, seq });
+                }
+            }
+        }
         // Requests waiting for routes.
         let (due, wait): (Vec<Held>, Vec<Held>) =
             std::mem::take(&mut self.held).into_iter().partition(|h| h.retry_at <= now);
@@ -1098,7 +1268,7 @@ impl Engine {
                     self.start_repair(&stream, Vec::new(), now, &mut out);
                 }
                 for (to, timeout) in watch.ping {
-                    out.push(Effect::Ping { to, timeout });
+                    self.ask_once(&to, Check::Quiet, timeout, now, &mut out);
                 }
             }
         }
@@ -1150,7 +1320,7 @@ mod tests {
     use crate::testing::probe;
 
     fn config() -> EngineConfig {
-        EngineConfig { silence: None, settle: None, ..EngineConfig::default() }
+        EngineConfig { silence: None, settle: None, heartbeat: None, ..EngineConfig::default() }
     }
 
     /// o3 between o2 (toward s1, 2 hops) and o4, with a slower way to s1
@@ -1346,7 +1516,7 @@ mod tests {
         // One that came back in time keeps its branch.
         let mut e = carrying(now);
         e.neighbour_lost("o4", false, now);
-        e.heartbeat_answered("o4", 2_000, ["test".to_string()]);
+        e.link_measured("o4", 2_000, ["test".to_string()]);
         assert!(e.tick(now + e.config().downstream_grace, |_| None).is_empty());
         assert!(e.trees.branch("test").is_some());
     }
@@ -1466,10 +1636,10 @@ mod tests {
         assert!(!notices.is_empty() && notices.iter().all(|n| n.a == "o3" && n.b == "o2" && !n.up), "{out:?}");
         let (id, _, _) = asks(&out)[0];
         e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
-        let out = e.heartbeat_answered("o2", 2_000, []);
+        let out = e.link_measured("o2", 2_000, []);
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
         assert!(out.iter().any(|x| matches!(x, Effect::Notice { notice, .. } if notice.up)), "it is back: {out:?}");
-        assert!(e.heartbeat_answered("o2", 2_000, []).is_empty(), "once");
+        assert!(e.link_measured("o2", 2_000, []).is_empty(), "once");
     }
 
     #[test]
@@ -1523,5 +1693,95 @@ mod tests {
         assert!(has(&out, &Effect::Leave { to: "o9".into(), stream: "test".into() }), "{out:?}");
         assert_eq!(e.trees.branch("test").unwrap().source, Source::Neighbour("o2".into()), "not taken");
         assert!(e.trees.branch("test").unwrap().repairing);
+    }
+
+    fn beats(out: &[Effect]) -> Vec<(String, u64)> {
+        out.iter()
+            .filter_map(|x| if let Effect::Beat { to, seq } = x { Some((to.clone(), *seq)) } else { None })
+            .collect()
+    }
+
+    fn link_notices(out: &[Effect]) -> Vec<&LinkNotice> {
+        out.iter().filter_map(|x| if let Effect::Notice { notice, .. } = x { Some(notice) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_neighbour_that_misses_three_beats_in_a_row_is_lost_and_comes_back_when_it_answers() {
+        let now = Instant::now();
+        let routes = crate::testing::table("o3", &["o2", "o4"]);
+        let cfg = EngineConfig { heartbeat: Some(Duration::from_millis(100)), ..config() };
+        let mut e = Engine::new(routes, [], cfg, now).numbering_from(500);
+        let mut lost_at = None;
+        let mut t = now;
+        // o4 answers every beat after 4 ms, o2 none.
+        while t < now + Duration::from_secs(1) {
+            let out = e.tick(t, |_| None);
+            if link_notices(&out).iter().any(|n| n.b == "o2" && !n.up) {
+                lost_at.get_or_insert(t);
+            }
+            for (to, seq) in beats(&out) {
+                if to == "o4" {
+                    let answered = e.heartbeat_answered("o4", seq, ["test".to_string()], t + Duration::from_millis(4));
+                    assert!(answered.is_some_and(|x| x.is_empty()), "o4 is up: nothing to do");
+                }
+            }
+            t = e.poll_timeout().expect("beats go on");
+        }
+        let lost_at = lost_at.expect("o2 declared lost, and the overlay told");
+        // Beats at 0, 100 and 200 ms, each given 250 ms.
+        assert_eq!(lost_at.duration_since(now), Duration::from_millis(450));
+        assert!(e.routes.is_down("o2") && !e.routes.is_down("o4"));
+        assert_eq!(e.routes.link_delay_us("o4"), Some(2_000), "half the round trip, as the answers measured it");
+        assert_eq!(e.routes.carries("o4", "test"), Some(true));
+        let totals = e.beat_totals("o2");
+        assert!(totals.missed >= 7 && totals.missed < totals.sent, "{totals:?}");
+        // An answer to no beat of ours is refused; one to a beat still out
+        // brings o2 back.
+        assert!(e.heartbeat_answered("o2", 7, [], t).is_none());
+        let out = e.tick(t, |_| None);
+        let (_, seq) = beats(&out).into_iter().find(|(to, _)| to == "o2").expect("o2 is still beaten");
+        let back = e.heartbeat_answered("o2", seq, [], t + Duration::from_millis(10)).expect("ours");
+        assert!(link_notices(&back).iter().any(|n| n.b == "o2" && n.up), "{back:?}");
+        assert!(!e.routes.is_down("o2"));
+    }
+
+    #[test]
+    fn a_neighbour_reported_failed_is_asked_once_more_and_believed_only_if_silent() {
+        let now = Instant::now();
+        let mut e = o3(now);
+        // It answers: kept, its routes too.
+        let out = e.node_failed("o2", now);
+        let [(to, seq)] = &beats(&out)[..] else { panic!("one check: {out:?}") };
+        let (to, seq) = (to.clone(), *seq);
+        assert_eq!((to.as_str(), out.len()), ("o2", 1), "nothing else before the answer");
+        let out = e.heartbeat_answered("o2", seq, [], now + Duration::from_millis(20)).unwrap();
+        assert!(out.iter().any(|x| matches!(x, Effect::Note(n) if n.what.contains("kept"))), "{out:?}");
+        assert_eq!(e.routes.best_next_hop("s1", now, &[]).map(|r| r.via), Some("o2".to_string()));
+        // Silent: believed once the check's time is up.
+        let out = e.node_failed("o2", now);
+        assert_eq!(beats(&out).len(), 1);
+        let late = e.poll_timeout().unwrap();
+        assert!(late > now && late <= now + Duration::from_millis(250));
+        e.tick(late, |_| None);
+        assert!(e.routes.is_down("o2"));
+        assert_eq!(e.routes.best_next_hop("s1", late, &[]).map(|r| r.via), Some("o9".to_string()));
+        // A node that is no neighbour is believed at once.
+        assert!(beats(&e.node_failed("o8", late)).is_empty());
+        assert_eq!(e.routes.best_next_hop("s1", late, &[]), None, "o9's way ran through o8");
+    }
+
+    #[test]
+    fn a_driver_check_ends_answered_or_not() {
+        let now = Instant::now();
+        let mut e = o3(now);
+        let limit = Duration::from_millis(100);
+        let (seq, beat) = e.check("o9", limit, now).unwrap();
+        assert_eq!(beat, Effect::Beat { to: "o9".into(), seq });
+        let out = e.heartbeat_answered("o9", seq, [], now + Duration::from_millis(5)).unwrap();
+        assert!(has(&out, &Effect::Checked { seq, answered: true }), "{out:?}");
+        let (seq, _) = e.check("o9", limit, now).unwrap();
+        let out = e.tick(now + limit, |_| None);
+        assert!(has(&out, &Effect::Checked { seq, answered: false }), "{out:?}");
+        assert!(!e.routes.is_down("o9"), "one unanswered check loses nobody");
     }
 }

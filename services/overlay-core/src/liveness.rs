@@ -54,7 +54,7 @@ pub struct Expired {
 }
 
 /// Heartbeat bookkeeping of one node; see the module doc.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Liveness {
     next_seq: u64,
     outstanding: BTreeMap<u64, Beat>,

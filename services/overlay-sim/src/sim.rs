@@ -66,7 +66,10 @@ impl Default for Config {
             notices: true,
             explain_after: None,
             routing: RoutingConfig { stale_after: Duration::from_millis(1700), ..RoutingConfig::default() },
-            engine: EngineConfig { silence: None, ..EngineConfig::default() },
+            // The periodic heartbeats are modelled, not sent: a node sees
+            // a neighbour gone MISS_LIMIT beats after it went silent, and
+            // back at its next beat. One-off checks are sent.
+            engine: EngineConfig { silence: None, heartbeat: None, ..EngineConfig::default() },
             watching: 0.5,
             notes: false,
         }
@@ -144,6 +147,14 @@ enum Event {
         from: usize,
         link: usize,
         desc: StreamDesc,
+    },
+    /// The answer to `node`'s heartbeat `seq` from `from` arrives.
+    BeatAnswer {
+        node: usize,
+        life: u64,
+        from: usize,
+        link: usize,
+        seq: u64,
     },
     /// `node`'s engine has a timer due.
     Timer {
@@ -386,7 +397,7 @@ impl World {
         let offered = self.streams.get(&i).cloned();
         // As onode: link notices numbered from the wall clock, so that a
         // restarted node's are not taken for its last life's.
-        Engine::new(routes, offered, self.config.engine, self.instant()).numbering_notices_from(self.unix_us())
+        Engine::new(routes, offered, self.config.engine, self.instant()).numbering_from(self.unix_us())
     }
 
     fn schedule(&mut self, after_us: u64, event: Event) {
@@ -447,6 +458,7 @@ impl World {
     fn tree_nodes(&self, event: &Event) -> Vec<usize> {
         match event {
             Event::Notice { node, .. }
+            | Event::BeatAnswer { node, .. }
             | Event::Reply { node, .. }
             | Event::Watch { node, .. }
             | Event::Timer { node, .. }
@@ -550,7 +562,7 @@ impl World {
                     }
                     let rtt = self.rtt(k);
                     let carrying = self.nodes[about].engine.trees.carrying();
-                    let effects = self.nodes[node].engine.heartbeat_answered(&name, rtt, carrying);
+                    let effects = self.nodes[node].engine.link_measured(&name, rtt, carrying);
                     self.carry_out(node, effects);
                 } else {
                     let effects = self.nodes[node].engine.neighbour_lost(&name, false, now);
@@ -637,6 +649,16 @@ impl World {
                     self.carry_out(to, effects);
                 }
             }
+            Event::BeatAnswer { node, life, from, link, seq } => {
+                let n = &self.nodes[node];
+                if !n.alive || n.life != life || !self.usable(link) {
+                    return;
+                }
+                let carrying = self.nodes[from].engine.trees.carrying();
+                let name = self.graph.names[from].clone();
+                let effects = self.nodes[node].engine.heartbeat_answered(&name, seq, carrying, now).unwrap_or_default();
+                self.carry_out(node, effects);
+            }
             Event::Timer { node, life } => {
                 let n = &mut self.nodes[node];
                 if !n.alive || n.life != life || n.timer_at != Some(self.now) {
@@ -719,13 +741,24 @@ impl World {
                 }
                 Effect::Repaired { .. } => self.repairs += 1,
                 Effect::Probe { to, probe } => self.send(i, vec![(to, probe)]),
+                Effect::Beat { to, seq } => {
+                    // The beat there and its answer back, each with the
+                    // link's chance of loss; a dead node answers nothing.
+                    let Some(j) = self.index.get(&to).copied() else { continue };
+                    let Some(link) = self.graph.link_between(i, j) else { continue };
+                    let lost = |w: &mut Self| w.config.loss > 0.0 && w.rng.random::<f64>() < w.config.loss;
+                    if self.usable(link) && !lost(self) && !lost(self) {
+                        let (rtt, life) = (self.rtt(link), self.nodes[i].life);
+                        self.schedule(rtt, Event::BeatAnswer { node: i, life, from: j, link, seq });
+                    }
+                }
                 Effect::Notice { to, notice } => self.send_notices(i, vec![(to, notice)]),
                 Effect::Note(n) if self.config.notes && n.level > overlay_core::engine::Level::Debug => {
                     let line = format!("{}: {}: {}", self.graph.names[i], n.stream, n.what);
                     self.note(line);
                 }
                 Effect::StopLocal { .. }
-                | Effect::Ping { .. }
+                | Effect::Checked { .. }
                 | Effect::RepairStarted { .. }
                 | Effect::Republish
                 | Effect::Note(_) => {}

@@ -74,7 +74,7 @@ impl Node {
             .neighbours
             .iter()
             .map(|n| {
-                let beats = self.links.beat_totals(&n.name);
+                let beats = st.engine.beat_totals(&n.name);
                 NeighbourFigures {
                     neighbour: n.name.clone(),
                     up: !st.engine.routes.is_down(&n.name),

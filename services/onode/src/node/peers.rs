@@ -1,31 +1,11 @@
-//! The node's neighbours: heartbeats and the datagrams they carry (probes,
-//! link notices), losses and failures, and quiet streams' upstreams checked
-//! at once.
+//! The node's neighbours: the datagrams they send (heartbeats, answers,
+//! probes, link notices) handed to the engine, which judges the answers
+//! and declares losses, and the bootstrapper's failure reports.
 
 use super::*;
 use overlay_core::routing::NOTICE_REPEAT;
 
 impl Node {
-    /// Sends the periodic heartbeat to every neighbour and, on the same
-    /// tick, ends the beats whose time is up: a neighbour that missed three
-    /// in a row is lost. (One tick for both keeps a node at rest to a few
-    /// wake-ups a second.)
-    pub(super) async fn heartbeat_loop(self: Arc<Self>) {
-        let limit = (self.settings.heartbeat * 2).max(Duration::from_millis(250));
-        let mut tick = self.ticker(self.settings.heartbeat);
-        while tick.next().await {
-            let now = Instant::now();
-            for neighbour in self.links.expire(now) {
-                if self.lock().engine.routes.is_down(&neighbour) {
-                    continue;
-                }
-                warn!(node = %self.id.name, %neighbour, "neighbour missed 3 heartbeats: declared lost");
-                self.neighbour_lost(&neighbour, false);
-            }
-            self.links.beat_all(now, limit);
-        }
-    }
-
     /// Takes in the neighbours' datagrams: answers heartbeats, learns link
     /// delays and carried streams from the answers, floods probes on.
     pub(super) async fn datagram_loop(self: Arc<Self>) {
@@ -37,7 +17,7 @@ impl Node {
             };
             match incoming {
                 Ok(Incoming::Heartbeat { seq, reply_to }) => self.links.answer(reply_to, seq, self.carrying()),
-                Ok(Incoming::Answer { from, answer, carrying }) => self.on_answer(&from, answer.rtt, carrying),
+                Ok(Incoming::Answer { from, seq, carrying }) => self.on_answer(&from, seq, carrying),
                 Ok(Incoming::Probe(probe)) => self.on_probe(probe),
                 Ok(Incoming::LinkNotice { from, notice }) => self.on_link_notice(from, notice),
                 Err(e) => {
@@ -48,13 +28,18 @@ impl Node {
         }
     }
 
-    /// A neighbour answered a heartbeat after `rtt`.
-    pub(super) fn on_answer(self: &Arc<Self>, neighbour: &str, rtt: Duration, carrying: Vec<String>) {
+    /// A neighbour answered heartbeat `seq`.
+    pub(super) fn on_answer(self: &Arc<Self>, neighbour: &str, seq: u64, carrying: Vec<String>) {
         let mut connect = false;
         self.drive(|st| {
-            connect = st.connected.insert(neighbour.to_string());
             let back = st.engine.routes.is_down(neighbour);
-            let effects = st.engine.heartbeat_answered(neighbour, rtt.as_micros() as u64, carrying);
+            let Some(effects) = st.engine.heartbeat_answered(neighbour, seq, carrying, Instant::now()) else {
+                self.links.counters.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Vec::new();
+            };
+            // First answer, or back after a loss: open the control
+            // connection now, so that a stream request does not wait.
+            connect = st.connected.insert(neighbour.to_string()) || back;
             if back {
                 self.changes.send_modify(|v| *v += 1);
             }
@@ -76,32 +61,6 @@ impl Node {
             debug!(node = %self.id.name, %neighbour, "control connection not open yet: {}", e.message());
             self.lock().connected.remove(&neighbour);
         }
-    }
-
-    pub(super) async fn check_silent_upstream(self: Arc<Self>, up: String, limit: Duration) {
-        if self.links.check(&up, limit).await {
-            debug!(node = %self.id.name, upstream = %up, "a stream went quiet but its upstream answers");
-            return;
-        }
-        if self.lock().engine.routes.is_down(&up) {
-            return;
-        }
-        warn!(
-            node = %self.id.name, upstream = %up, timeout_ms = limit.as_millis() as u64,
-            "a stream went silent and its upstream does not answer: declared lost"
-        );
-        self.neighbour_lost(&up, false);
-    }
-
-    /// A neighbour (or the link to it) is gone: the engine tells the
-    /// overlay and repairs the branches it fed (see
-    /// [`overlay_core::engine::Engine::neighbour_lost`]).
-    pub fn neighbour_lost(self: &Arc<Self>, neighbour: &str, certain: bool) {
-        self.drive(|st| {
-            st.connected.remove(neighbour);
-            self.links.mark_lost(neighbour);
-            st.engine.neighbour_lost(neighbour, certain, Instant::now())
-        });
     }
 
     pub(super) async fn probe_loop(self: Arc<Self>) {
@@ -155,27 +114,10 @@ impl Node {
         self.drive(|st| st.engine.on_probe(&probe, Instant::now(), net::unix_us()));
     }
 
-    /// The bootstrapper says `node` failed. It may only have lost its way
-    /// to the bootstrapper (a partition): a neighbour is asked once more,
-    /// and one that answers is believed over the notice.
+    /// The bootstrapper says `node` failed; the engine asks a neighbour
+    /// once more before it believes it (see
+    /// [`overlay_core::engine::Engine::node_failed`]).
     pub fn node_failed(self: &Arc<Self>, node: &str) {
-        if self.neighbour(node).is_none() {
-            self.drive(|st| st.engine.node_failed(node, Instant::now()));
-            return;
-        }
-        let me = self.clone();
-        let node = node.to_string();
-        self.tasks.spawn(async move {
-            let limit = (me.settings.heartbeat * 2).max(Duration::from_millis(250));
-            if me.links.check(&node, limit).await {
-                warn!(node = %me.id.name, failed = %node, "bootstrapper reports it failed but it answers: kept");
-                return;
-            }
-            me.drive(|st| {
-                st.connected.remove(&node);
-                me.links.mark_lost(&node);
-                st.engine.node_failed(&node, Instant::now())
-            });
-        });
+        self.drive(|st| st.engine.node_failed(node, Instant::now()));
     }
 }

@@ -35,6 +35,11 @@ impl Node {
                         let _ = tx.send(result);
                     }
                 }
+                Effect::Checked { seq, answered } => {
+                    if let Some(tx) = st.checks.remove(&seq) {
+                        let _ = tx.send(answered);
+                    }
+                }
                 Effect::RepairStarted { stream } => {
                     let last = st.heard.get(&stream).and_then(|(_, h)| h.silent_ms());
                     st.repair_from.insert(stream, last.map(|ms| relay::clock_ms().saturating_sub(ms)));
@@ -93,10 +98,7 @@ impl Node {
                     self.tasks.spawn(async move { me.send_reroot(to, desc).await });
                 }
                 Effect::StartLocal { stream } => self.serve_local(&stream),
-                Effect::Ping { to, timeout } => {
-                    let me = self.clone();
-                    self.tasks.spawn(async move { me.check_silent_upstream(to, timeout).await });
-                }
+                Effect::Beat { to, seq } => self.links.send_beat(&to, seq),
                 Effect::Repaired { stream, upstream, server, took } => {
                     info!(
                         node = %self.id.name, %stream, %upstream, %server,
@@ -117,12 +119,36 @@ impl Node {
                     Level::Info => info!(node = %self.id.name, stream = %n.stream, "{}", n.what),
                     Level::Debug => debug!(node = %self.id.name, stream = %n.stream, "{}", n.what),
                 },
-                Effect::Republish | Effect::Answer { .. } | Effect::RepairStarted { .. } | Effect::StopLocal { .. } => {
+                Effect::Republish
+                | Effect::Answer { .. }
+                | Effect::Checked { .. }
+                | Effect::RepairStarted { .. }
+                | Effect::StopLocal { .. } => {
                     unreachable!("applied under the lock")
                 }
             }
         }
         self.send_link_notices(notices);
+    }
+
+    /// Asks `neighbour` once whether it is there: true if it answers
+    /// within `timeout` (the engine sends the beat and judges the answer).
+    pub(super) async fn check(self: &Arc<Self>, neighbour: &str, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let mut tx = Some(tx);
+        self.drive(|st| match st.engine.check(neighbour, timeout, Instant::now()) {
+            Some((seq, beat)) => {
+                st.checks.insert(seq, tx.take().expect("once"));
+                vec![beat]
+            }
+            None => Vec::new(),
+        });
+        if tx.is_some() {
+            return false;
+        }
+        // The engine ends the check at its timeout; the margin covers a
+        // late wake-up of its timer.
+        matches!(tokio::time::timeout(timeout + Duration::from_millis(500), rx).await, Ok(Ok(true)))
     }
 
     /// The engine's timers: retries of requests waiting for routes, repair
@@ -283,7 +309,7 @@ impl Node {
     }
 
     pub(super) async fn request_upstream(
-        &self,
+        self: &Arc<Self>,
         stream: &str,
         to: &str,
         path: Vec<String>,
@@ -319,7 +345,7 @@ impl Node {
             let limit = silence::ping_limit(&self.lock().engine.routes, to) * 2;
             tokio::select! {
                 r = &mut answer => break r,
-                alive = self.links.check(to, limit) => unanswered = if alive { 0 } else { unanswered + 1 },
+                alive = self.check(to, limit) => unanswered = if alive { 0 } else { unanswered + 1 },
             }
             if unanswered == 2 {
                 return Err(nak(
