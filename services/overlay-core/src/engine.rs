@@ -668,23 +668,22 @@ impl Engine {
     ) -> Option<Vec<Effect>> {
         let answer = self.liveness.on_reply(neighbour, seq, now)?;
         let mut out = Vec::new();
-        if answer.kind == BeatKind::Check {
-            match self.checks.remove(&seq).map(|(_, why)| why) {
-                Some(Check::Quiet) => Self::note(
-                    &mut out,
-                    Level::Debug,
-                    "",
-                    format!("a stream went quiet but its upstream {neighbour} answers"),
-                ),
-                Some(Check::Failed) => Self::note(
-                    &mut out,
-                    Level::Warn,
-                    "",
-                    format!("the bootstrapper reports {neighbour} failed but it answers: kept"),
-                ),
-                Some(Check::Driver) => out.push(Effect::Checked { seq, answered: true }),
-                None => {}
-            }
+        // A periodic beat has no entry here.
+        match self.checks.remove(&seq).map(|(_, why)| why) {
+            Some(Check::Quiet) => Self::note(
+                &mut out,
+                Level::Debug,
+                "",
+                format!("a stream went quiet but its upstream {neighbour} answers"),
+            ),
+            Some(Check::Failed) => Self::note(
+                &mut out,
+                Level::Warn,
+                "",
+                format!("the bootstrapper reports {neighbour} failed but it answers: kept"),
+            ),
+            Some(Check::Driver) => out.push(Effect::Checked { seq, answered: true }),
+            None => {}
         }
         out.extend(self.link_measured(neighbour, answer.rtt.as_micros() as u64, carrying));
         Some(out)
@@ -719,17 +718,15 @@ impl Engine {
     /// later [`Effect::Checked`] with that number. `None` if too many
     /// beats are out already (count it unanswered).
     pub fn check(&mut self, neighbour: &str, timeout: Duration, now: Instant) -> Option<(u64, Effect)> {
-        let seq = self.liveness.send(neighbour, BeatKind::Check, now, timeout)?;
-        self.checks.insert(seq, (neighbour.to_string(), Check::Driver));
-        Some((seq, Effect::Beat { to: neighbour.to_string(), seq }))
+        self.ask_once(neighbour, Check::Driver, timeout, now)
     }
 
-    /// Asks `neighbour` once whether it is there, for this engine.
-    fn ask_once(&mut self, neighbour: &str, why: Check, timeout: Duration, now: Instant, out: &mut Vec<Effect>) {
-        if let Some(seq) = self.liveness.send(neighbour, BeatKind::Check, now, timeout) {
-            self.checks.insert(seq, (neighbour.to_string(), why));
-            out.push(Effect::Beat { to: neighbour.to_string(), seq });
-        }
+    /// Asks `neighbour` once whether it is there, for `why`: the beat's
+    /// number and the beat to send.
+    fn ask_once(&mut self, neighbour: &str, why: Check, timeout: Duration, now: Instant) -> Option<(u64, Effect)> {
+        let seq = self.liveness.send(neighbour, BeatKind::Check, now, timeout)?;
+        self.checks.insert(seq, (neighbour.to_string(), why));
+        Some((seq, Effect::Beat { to: neighbour.to_string(), seq }))
     }
 
     /// How long a heartbeat may take to be answered: two beats, and at
@@ -790,11 +787,9 @@ impl Engine {
     /// neighbours hear what that changes, and a neighbour's branches are
     /// repaired and pruned at once.
     pub fn node_failed(&mut self, node: &str, now: Instant) -> Vec<Effect> {
-        let mut out = Vec::new();
         if self.routes.neighbours().iter().any(|n| n == node) && !self.routes.is_down(node) {
-            self.ask_once(node, Check::Failed, self.beat_limit(), now, &mut out);
-            if !out.is_empty() {
-                return out;
+            if let Some((_, beat)) = self.ask_once(node, Check::Failed, self.beat_limit(), now) {
+                return vec![beat];
             }
         }
         self.believe_failed(node, now)
@@ -1268,7 +1263,7 @@ impl Engine {
                     self.start_repair(&stream, Vec::new(), now, &mut out);
                 }
                 for (to, timeout) in watch.ping {
-                    self.ask_once(&to, Check::Quiet, timeout, now, &mut out);
+                    out.extend(self.ask_once(&to, Check::Quiet, timeout, now).map(|(_, beat)| beat));
                 }
             }
         }
@@ -1629,10 +1624,7 @@ mod tests {
         // lost with the link.
         let out = e.neighbour_lost("o2", false, now);
         // The overlay hears the link died.
-        let notices: Vec<&LinkNotice> = out
-            .iter()
-            .filter_map(|x| if let Effect::Notice { notice, .. } = x { Some(notice) } else { None })
-            .collect();
+        let notices = link_notices(&out);
         assert!(!notices.is_empty() && notices.iter().all(|n| n.a == "o3" && n.b == "o2" && !n.up), "{out:?}");
         let (id, _, _) = asks(&out)[0];
         e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);

@@ -992,11 +992,7 @@ mod tests {
     }
 
     fn table(me: &str, neighbours: &[&str]) -> RouteTable {
-        let mut t = RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), cfg());
-        for n in neighbours {
-            t.on_link_rtt(n, 0);
-        }
-        t
+        crate::testing::table_with(me, neighbours, cfg())
     }
 
     #[test]
@@ -1269,12 +1265,11 @@ mod tests {
     #[test]
     fn the_nearer_server_by_the_hop_rule_roots_the_tree() {
         let now = Instant::now();
-        let mut t = RouteTable::new(
+        let mut t = crate::testing::table_with(
             "o5",
-            vec!["o4".into()],
+            &["o4"],
             RoutingConfig { tie_floor_us: 20_000, ..RoutingConfig::default() },
         );
-        t.on_link_rtt("o4", 0);
         // s1 is slightly faster but within the tie band; s2 has fewer hops.
         t.on_probe(&probe("s1", 1, "o4", &["s1", "o2", "o3", "o4"], 4, 1_000), now, 0);
         t.on_probe(&probe("s2", 1, "o4", &["s2", "o8", "o4"], 3, 3_000), now, 0);

@@ -44,7 +44,12 @@ pub(crate) fn carrying(routes: &RouteTable, up: &str, down: &str, now: Instant) 
 /// `me`'s route table with these neighbours, every link measured with a
 /// round trip of 0 (a copy over an unmeasured link is not learnt).
 pub(crate) fn table(me: &str, neighbours: &[&str]) -> RouteTable {
-    let mut routes = RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), RoutingConfig::default());
+    table_with(me, neighbours, RoutingConfig::default())
+}
+
+/// [`table`] with its own route selection knobs.
+pub(crate) fn table_with(me: &str, neighbours: &[&str], config: RoutingConfig) -> RouteTable {
+    let mut routes = RouteTable::new(me, neighbours.iter().map(|s| s.to_string()).collect(), config);
     for n in neighbours {
         routes.on_link_rtt(n, 0);
     }

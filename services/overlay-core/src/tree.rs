@@ -754,8 +754,7 @@ mod tests {
     fn an_established_branch_moves_only_for_a_clear_win_to_the_same_server() {
         let now = Instant::now();
         let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
-        let mut r = RouteTable::new("o3", ["o2", "o9", "o4", "o7"].map(String::from).to_vec(), cfg);
-        ["o2", "o9", "o4", "o7"].iter().for_each(|n| r.on_link_rtt(n, 0));
+        let mut r = crate::testing::table_with("o3", &["o2", "o9", "o4", "o7"], cfg);
         heard_at(&mut r, "s1", "o2", 2, 13_500, 1, now);
         heard_at(&mut r, "s1", "o9", 3, 13_000, 1, now);
         let mut t = Trees::new("o3", []);
@@ -800,8 +799,7 @@ mod tests {
     fn a_move_may_go_on_through_the_upstream_but_never_through_the_subtree() {
         let now = Instant::now();
         let cfg = RoutingConfig { tie_floor_us: 0, ..RoutingConfig::default() };
-        let mut r = RouteTable::new("o3", ["o2", "o9", "o7"].map(String::from).to_vec(), cfg);
-        ["o2", "o9", "o7"].iter().for_each(|n| r.on_link_rtt(n, 0));
+        let mut r = crate::testing::table_with("o3", &["o2", "o9", "o7"], cfg);
         heard_along(&mut r, &["s1", "o2"], 5_000, 1, now);
         let mut t = Trees::new("o3", []);
         t.request("test", n("o7"), &["o7".into()], 1, &r, now);
