@@ -276,6 +276,13 @@ fn sigterm_stops_it_cleanly() {
     let Some((_one, mut tb)) = bed("delay_ms=50", "") else { return };
     tb.pin_neighbours().unwrap();
     send(&tb, 100, 100, Duration::from_micros(100));
+    // The emulator reads the packets a moment after the sender wrote them; a
+    // stop that lands first would rightly count fewer. Wait until it has them
+    // all (a generous bound), so that the final file is what is judged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tb.stats().unwrap().a2b.packets < 100 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = tb.stop().expect("stops");
     assert!(status.success(), "{status}: {}", tb.log_text());
     assert!(!tb.control.exists(), "control socket left behind");
