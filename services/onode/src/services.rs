@@ -54,9 +54,13 @@ fn check_path(what: &str, path: &[String]) -> Result<(), Status> {
 }
 
 /// Checks a reroot notice's fields. An empty route says "I found no way to
-/// the root" and names no server.
+/// the root" (or, with `repairing`, "I am looking for one") and names no
+/// server.
 fn check_reroot(req: &pb::RerootRequest) -> Result<(), Status> {
     check_name("stream", &req.stream)?;
+    if req.repairing && !(req.route.is_empty() && req.server.is_empty()) {
+        return Err(Status::invalid_argument("a repairing notice carries no route and no server"));
+    }
     if !req.route.is_empty() || !req.server.is_empty() {
         check_name("server", &req.server)?;
     }
@@ -171,7 +175,11 @@ impl pb::overlay_server::Overlay for OverlayService {
         let sender = neighbour(&self.0, &request, &request.get_ref().sender)?;
         let req = request.into_inner();
         check_reroot(&req)?;
-        self.0.rerooted(&req.stream, &sender, &req.server, &req.route, req.delay_us);
+        if req.repairing {
+            self.0.upstream_repairing(&req.stream, &sender);
+        } else {
+            self.0.rerooted(&req.stream, &sender, &req.server, &req.route, req.delay_us);
+        }
         Ok(Response::new(pb::RerootReply {}))
     }
 
@@ -389,6 +397,7 @@ mod tests {
             server: server.into(),
             route: route.iter().map(|n| n.to_string()).collect(),
             delay_us: 0,
+            repairing: false,
         }
     }
 
@@ -396,6 +405,13 @@ mod tests {
     fn a_give_up_notice_names_no_server_and_is_taken() {
         assert!(check_reroot(&reroot("", &[])).is_ok());
         assert!(check_reroot(&reroot("s1", &["o2", "s1"])).is_ok());
+    }
+
+    #[test]
+    fn a_repairing_notice_carries_no_route() {
+        assert!(check_reroot(&pb::RerootRequest { repairing: true, ..reroot("", &[]) }).is_ok());
+        let err = check_reroot(&pb::RerootRequest { repairing: true, ..reroot("s1", &["s1", "o2"]) }).unwrap_err();
+        assert!(err.message().contains("repairing"), "{}", err.message());
     }
 
     #[test]

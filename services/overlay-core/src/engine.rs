@@ -84,6 +84,10 @@ pub const STRAY_AFTER: Duration = Duration::from_secs(1);
 /// How often the downstreams are checked against their answers.
 const AUDIT: Duration = Duration::from_millis(500);
 
+/// How often a repair that lasts tells its subtree again (see
+/// [`crate::tree::UPSTREAM_REPAIR_HOLD`]).
+const REPAIRING_RETOLD: Duration = Duration::from_secs(1);
+
 /// What the node must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -102,6 +106,10 @@ pub enum Effect {
     /// Tell downstream `to` the stream's new route to the root; an empty
     /// route says this node found no way to the root (see [`gave_up`]).
     Reroot { to: String, desc: StreamDesc },
+    /// Tell downstream `to` that this branch of `stream` lost its way to
+    /// the root and is looking for another (or passes that on from its own
+    /// upstream); the driver hands it to [`Engine::upstream_repairing`].
+    Repairing { to: String, stream: String },
     /// Start this server's own source of `stream`; report with
     /// [`Engine::local_started`].
     StartLocal { stream: String },
@@ -190,6 +198,9 @@ struct RepairRun {
     /// close a loop with a sibling branch repairing at the same moment.
     stale: Vec<String>,
     started: Instant,
+    /// When the downstreams were last told the branch repairs: told again
+    /// while it lasts, so that their hold does not run out first.
+    told: Instant,
     /// Asking (the id), or waiting until a time.
     asking: Option<u64>,
     resume_at: Option<Instant>,
@@ -403,10 +414,13 @@ impl Engine {
                 out.push(Effect::Answer { ticket: held.ticket, result: Ok(desc) });
             }
             JoinDecision::Nak(nak) => {
-                // A branch looking for its own way to the root refuses at
-                // once: held, the request would use up the requester's
-                // join time on one neighbour while other ways may be open.
-                let looking = self.trees.branch(&stream).is_some_and(|b| b.repairing || b.orphaned);
+                // A branch looking for its own way to the root (or below
+                // one that is) refuses at once: held, the request would use
+                // up the requester's join time on one neighbour while other
+                // ways may be open.
+                let looking = self.trees.branch(&stream).is_some_and(|b| {
+                    b.repairing || b.orphaned || b.upstream_repairing.is_some_and(|until| now < until)
+                });
                 let until = match nak.reason {
                     _ if looking => now,
                     NakReason::NoRoute => held.until_no_route,
@@ -890,6 +904,10 @@ impl Engine {
             if self.trees.upstream_abandoned(stream, from) {
                 Self::note(&mut out, Level::Warn, stream, format!("upstream {from} gave up: repairing the tree"));
                 self.start_repair(stream, vec![from.to_string()], now, &mut out);
+            } else if let Some(run) = self.repairs.get_mut(stream) {
+                // Not the upstream yet: the notice overtook its answer to
+                // this node's repair, which names a way it no longer has.
+                run.stale.push(from.to_string());
             }
             return out;
         }
@@ -922,6 +940,17 @@ impl Engine {
         out
     }
 
+    /// The upstream `from` of `stream` says it, or a node above it, is
+    /// looking for a new way to the root: the branch feeds no new neighbour
+    /// until the new route comes down, and its downstreams hear the same.
+    pub fn upstream_repairing(&mut self, stream: &str, from: &str, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let Some(downstream) = self.trees.upstream_repairing(stream, from, now) else { return out };
+        Self::note(&mut out, Level::Debug, stream, format!("upstream {from} repairs: no new neighbour fed meanwhile"));
+        out.extend(downstream.into_iter().map(|to| Effect::Repairing { to, stream: stream.to_string() }));
+        out
+    }
+
     /// This node's delay along a tree through `upstream`, whose own is
     /// `upstream_us`: its link added, as this node measures it.
     fn delay_through(&self, upstream: &str, upstream_us: u64) -> u64 {
@@ -939,15 +968,27 @@ impl Engine {
             return;
         }
         out.push(Effect::RepairStarted { stream: stream.to_string() });
+        self.tell_repairing(stream, out);
         let run = RepairRun {
             repair: Repair::new(stream, avoid.clone()),
             stale: avoid,
             started: now,
+            told: now,
             asking: None,
             resume_at: Some(now),
         };
         self.repairs.insert(stream.to_string(), run);
         self.step_repair(stream, now, out);
+    }
+
+    /// The subtree stops feeding new neighbours until the new route comes
+    /// down: one of them may be where this repair finds its way.
+    fn tell_repairing(&self, stream: &str, out: &mut Vec<Effect>) {
+        if let Some(b) = self.trees.branch(stream) {
+            for d in &b.downstream {
+                out.push(Effect::Repairing { to: d.clone(), stream: stream.to_string() });
+            }
+        }
     }
 
     /// Takes the repair of `stream` as far as it goes now.
@@ -1167,6 +1208,7 @@ impl Engine {
         self.held.iter().for_each(|h| at(h.retry_at));
         self.joins.values().filter_map(|j| j.resume_at).for_each(&mut at);
         self.repairs.values().filter(|r| r.asking.is_none()).filter_map(|r| r.resume_at).for_each(&mut at);
+        self.repairs.values().for_each(|r| at(r.told + REPAIRING_RETOLD));
         self.graces.values().copied().for_each(&mut at);
         if self.config.settle.is_some() {
             at(self.next_move);
@@ -1218,6 +1260,13 @@ impl Engine {
             let (to, timeout) = run.join.ask(now);
             let (to, path) = (to.to_string(), run.join.path().to_vec());
             self.ask(&mut out, &stream, &to, path, timeout, Purpose::Join);
+        }
+        // Long repairs tell their subtree again before its hold runs out.
+        let retell: Vec<String> =
+            self.repairs.iter().filter(|(_, r)| r.told + REPAIRING_RETOLD <= now).map(|(s, _)| s.clone()).collect();
+        for stream in retell {
+            self.repairs.get_mut(&stream).expect("listed").told = now;
+            self.tell_repairing(&stream, &mut out);
         }
         // Repairs after their wait.
         let waiting: Vec<String> = self
@@ -1670,6 +1719,60 @@ mod tests {
         let out = e.tick(t + Duration::from_millis(1700), |_| None);
         assert!(has(&out, &Effect::Leave { to: "o2".into(), stream: "test".into() }), "{out:?}");
         assert!(e.trees.branch("test").is_none());
+    }
+
+    #[test]
+    fn a_repair_tells_the_subtree_which_feeds_no_new_neighbour_until_the_new_route() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        let out = e.neighbour_lost("o2", false, now);
+        assert!(has(&out, &Effect::Repairing { to: "o4".into(), stream: "test".into() }), "{out:?}");
+        // Still repairing a second later (o9 has not answered): told again,
+        // so that o4's hold does not run out first.
+        assert!(e.poll_timeout().is_some_and(|t| t <= now + REPAIRING_RETOLD));
+        let out = e.tick(now + REPAIRING_RETOLD, |_| None);
+        assert!(has(&out, &Effect::Repairing { to: "o4".into(), stream: "test".into() }), "{out:?}");
+        // o4's side: its upstream o3 says so; o4 passes it on to its own
+        // downstream, once.
+        let mut routes = crate::testing::table("o4", &["o3", "o5", "o6"]);
+        routes.on_probe(&probe("s1", 1, "o3", &["s1", "o2", "o3"], 10_000), now, 0);
+        let mut o4 = Engine::new(routes, [], config(), now);
+        let out = o4.request("test", Requester::Neighbour("o5".into()), vec!["o5".into()], 1, now);
+        let (id, _, _) = asks(&out)[0];
+        o4.answered(id, Ok(desc(&["s1", "o2", "o3"])), now);
+        let out = o4.upstream_repairing("test", "o3", now);
+        assert!(has(&out, &Effect::Repairing { to: "o5".into(), stream: "test".into() }), "{out:?}");
+        assert!(o4.upstream_repairing("test", "o3", now).is_empty(), "once");
+        // A neighbour asking now is refused at once, as a way that may
+        // loop: it tries its next way without a pause.
+        let out = o4.request("test", Requester::Neighbour("o6".into()), vec!["o6".into()], 2, now);
+        assert!(
+            out.iter()
+                .any(|x| matches!(x, Effect::Answer { ticket: 2, result: Err(Nak { reason: NakReason::Loop, .. }) })),
+            "{out:?}"
+        );
+        // The new route comes down: o6 is fed with it.
+        let route: Vec<String> = ["s1", "o1", "o3"].iter().map(|s| s.to_string()).collect();
+        let later = now + Duration::from_millis(30);
+        o4.rerooted("test", "o3", "s1", &route, 0, later);
+        let out = o4.request("test", Requester::Neighbour("o6".into()), vec!["o6".into()], 3, later);
+        let fresh = desc(&["s1", "o1", "o3", "o4"]);
+        assert!(has(&out, &Effect::Answer { ticket: 3, result: Ok(fresh) }), "{out:?}");
+    }
+
+    #[test]
+    fn a_give_up_that_overtakes_the_answer_to_a_repair_undoes_it() {
+        let now = Instant::now();
+        let mut e = carrying(now);
+        let out = e.neighbour_lost("o2", false, now);
+        let (id, to, _) = asks(&out)[0];
+        assert_eq!(to, "o9");
+        // o9 attached this node, then lost its own way and gave up; the
+        // give-up comes first.
+        assert!(e.rerooted("test", "o9", "", &[], 0, now).iter().all(|x| !matches!(x, Effect::Ask { .. })));
+        let out = e.answered(id, Ok(desc(&["s1", "o8", "o9"])), now);
+        assert!(has(&out, &Effect::Leave { to: "o9".into(), stream: "test".into() }), "{out:?}");
+        assert!(e.trees.branch("test").unwrap().repairing, "still looking");
     }
 
     #[test]

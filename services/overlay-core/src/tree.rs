@@ -10,9 +10,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::routing::{NoUpstream, RouteTable};
+
+/// How long a branch told that its upstream repairs feeds no new neighbour,
+/// at most (see [`Trees::upstream_repairing`]): the reroot notice that ends
+/// the hold may overtake that news, or never come. A repair that lasts
+/// tells its subtree again every half of this.
+pub const UPSTREAM_REPAIR_HOLD: Duration = Duration::from_secs(2);
 
 /// Who asked for a stream.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,6 +129,11 @@ pub struct Branch {
     pub repairing: bool,
     /// The downstreams were told to look for another way (see `orphan`).
     pub orphaned: bool,
+    /// An upstream further up lost its way to the root and is looking for
+    /// another (see [`Trees::upstream_repairing`]): the route this branch
+    /// knows is stale, and may by now run through a neighbour asking. Set
+    /// until the new route comes down, or at most until this time.
+    pub upstream_repairing: Option<Instant>,
 }
 
 impl Branch {
@@ -215,6 +226,17 @@ impl Trees {
                             "this node is itself looking for a way to the root",
                         );
                     }
+                    // The same one step removed: the repair upstream may be
+                    // taking its way through the requester right now, and
+                    // this node's route would not show it. Refused as a
+                    // loop: the requester tries its next way at once.
+                    if branch.upstream_repairing.is_some_and(|until| now < until) {
+                        return self.nak(
+                            NakReason::Loop,
+                            stream,
+                            "an upstream of this node is looking for a way to the root",
+                        );
+                    }
                 }
                 branch.attach(&requester);
                 JoinDecision::Attached(branch.desc.clone())
@@ -271,6 +293,7 @@ impl Trees {
             local_viewers: 0,
             repairing: false,
             orphaned: false,
+            upstream_repairing: None,
         };
         for w in &waiters {
             branch.attach(&w.requester);
@@ -347,6 +370,7 @@ impl Trees {
             if let State::Active(b) = state {
                 if matches!(&b.source, Source::Neighbour(up) if up == neighbour) && !b.repairing {
                     b.repairing = true;
+                    b.upstream_repairing = None;
                     repair.push(stream.clone());
                 }
             }
@@ -420,6 +444,7 @@ impl Trees {
         b.desc = desc;
         b.repairing = false;
         b.orphaned = false;
+        b.upstream_repairing = None;
         Some((b.downstream.iter().cloned().collect(), old))
     }
 
@@ -447,6 +472,7 @@ impl Trees {
         // The upstream has a way to the root again.
         b.repairing = false;
         b.orphaned = false;
+        b.upstream_repairing = None;
         b.downstream.iter().cloned().collect()
     }
 
@@ -456,9 +482,33 @@ impl Trees {
         match self.streams.get_mut(stream) {
             Some(State::Active(b)) if matches!(&b.source, Source::Neighbour(up) if up == from) => {
                 b.repairing = true;
+                b.upstream_repairing = None;
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The upstream `from` says it (or a node above it) lost its way to the
+    /// root and is looking for another. Until a reroot notice brings the
+    /// new route, this branch feeds no new neighbour: it would answer with
+    /// a route that may already run through that neighbour. The hold ends
+    /// after [`UPSTREAM_REPAIR_HOLD`] unless told again, should the reroot
+    /// notice overtake this one or never come. Returns the downstreams to
+    /// pass the news on to: when it is new, or a repeat that renews a hold
+    /// half gone (a copy that went round a loop in a few milliseconds is
+    /// not passed on again). `None` unless `from` is the upstream and this
+    /// branch is not repairing itself.
+    pub fn upstream_repairing(&mut self, stream: &str, from: &str, now: Instant) -> Option<Vec<String>> {
+        match self.streams.get_mut(stream) {
+            Some(State::Active(b))
+                if matches!(&b.source, Source::Neighbour(up) if up == from) && !b.repairing && !b.orphaned =>
+            {
+                let fresh = b.upstream_repairing.is_some_and(|until| until > now + UPSTREAM_REPAIR_HOLD * 3 / 4);
+                b.upstream_repairing = Some(now + UPSTREAM_REPAIR_HOLD);
+                (!fresh).then(|| b.downstream.iter().cloned().collect())
+            }
+            _ => None,
         }
     }
 
@@ -860,6 +910,41 @@ mod tests {
         }
         // The POP's own viewers still wait with the branch.
         assert!(matches!(t.request("test", Requester::Local, &[], 3, &r, now), JoinDecision::Attached(_)));
+    }
+
+    #[test]
+    fn a_branch_whose_upstream_repairs_takes_no_new_neighbour_until_rerooted() {
+        // o2 is fed by o1, which lost its own way and says so. o9 asks o2:
+        // o1 may be repairing through o9 this very moment.
+        let now = Instant::now();
+        let mut r = routes("o2", &["o1", "o3", "o9"]);
+        heard(&mut r, "s1", "o1", 1, now);
+        let mut t = Trees::new("o2", []);
+        t.request("test", n("o3"), &["o3".into()], 1, &r, now);
+        t.joined(Source::Neighbour("o1".into()), desc("s1", 1));
+        assert_eq!(t.upstream_repairing("test", "o9", now), None, "only the upstream's word counts");
+        assert_eq!(t.upstream_repairing("test", "o1", now), Some(vec!["o3".to_string()]), "passed down");
+        assert_eq!(t.upstream_repairing("test", "o1", now), None, "a copy at once is not passed on");
+        let renewed = now + UPSTREAM_REPAIR_HOLD / 2;
+        assert_eq!(t.upstream_repairing("test", "o1", renewed), Some(vec!["o3".to_string()]), "a repeat renews");
+        let later = renewed + UPSTREAM_REPAIR_HOLD - Duration::from_millis(1);
+        match t.request("test", n("o9"), &["o9".into()], 6, &r, later) {
+            JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::Loop),
+            other => panic!("still held: {other:?}"),
+        }
+        match t.request("test", n("o9"), &["o9".into()], 2, &r, now) {
+            JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::Loop),
+            other => panic!("expected a NAK, got {other:?}"),
+        }
+        assert!(matches!(t.request("test", Requester::Local, &[], 3, &r, now), JoinDecision::Attached(_)));
+        // Should the news that ends it never come, the hold ends anyway.
+        let later = renewed + UPSTREAM_REPAIR_HOLD;
+        assert!(matches!(t.request("test", n("o9"), &["o9".into()], 5, &r, later), JoinDecision::Attached(_)));
+        t.leave("test", &n("o9"));
+        // o1 found its way: the new route comes down, o9 is taken.
+        let route: Vec<String> = ["s1", "o7", "o1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(t.rerooted("test", "o1", "s1", &route, 0), ["o3"]);
+        assert!(matches!(t.request("test", n("o9"), &["o9".into()], 4, &r, now), JoinDecision::Attached(_)));
     }
 
     #[test]

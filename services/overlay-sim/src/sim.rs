@@ -148,6 +148,13 @@ enum Event {
         link: usize,
         desc: StreamDesc,
     },
+    /// News from `from` that its branch of `stream` repairs reaches `to`.
+    Repairing {
+        to: usize,
+        from: usize,
+        link: usize,
+        stream: String,
+    },
     /// The answer to `node`'s heartbeat `seq` from `from` arrives.
     BeatAnswer {
         node: usize,
@@ -463,7 +470,10 @@ impl World {
             | Event::Watch { node, .. }
             | Event::Timer { node, .. }
             | Event::View { node, .. } => vec![*node],
-            Event::Ask { to, .. } | Event::Leave { to, .. } | Event::Reroot { to, .. } => vec![*to],
+            Event::Ask { to, .. }
+            | Event::Leave { to, .. }
+            | Event::Reroot { to, .. }
+            | Event::Repairing { to, .. } => vec![*to],
             Event::Failed { about } => self.graph.adjacent[*about].iter().map(|&(j, _)| j).collect(),
             Event::Originate { .. } | Event::Heartbeats | Event::Deliver { .. } | Event::Tell { .. } => Vec::new(),
         }
@@ -649,6 +659,13 @@ impl World {
                     self.carry_out(to, effects);
                 }
             }
+            Event::Repairing { to, from, link, stream } => {
+                if self.usable(link) {
+                    let from = self.graph.names[from].clone();
+                    let effects = self.nodes[to].engine.upstream_repairing(&stream, &from, now);
+                    self.carry_out(to, effects);
+                }
+            }
             Event::BeatAnswer { node, life, from, link, seq } => {
                 let n = &self.nodes[node];
                 if !n.alive || n.life != life || !self.usable(link) {
@@ -726,6 +743,12 @@ impl World {
                     let Some(j) = self.index.get(&to).copied() else { continue };
                     if let Some((link, delay)) = self.carry(i, j, false) {
                         self.schedule(delay, Event::Reroot { to: j, from: i, link, desc });
+                    }
+                }
+                Effect::Repairing { to, stream } => {
+                    let Some(j) = self.index.get(&to).copied() else { continue };
+                    if let Some((link, delay)) = self.carry(i, j, false) {
+                        self.schedule(delay, Event::Repairing { to: j, from: i, link, stream });
                     }
                 }
                 Effect::StartLocal { stream } => {

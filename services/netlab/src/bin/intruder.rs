@@ -140,6 +140,7 @@ async fn attacks(cli: &Cli) -> anyhow::Result<Vec<Attempt>> {
             route: Vec::new(),
             server: String::new(),
             delay_us: 0,
+            repairing: false,
         }))
         .await;
     out.push(outcome("Reroot (give-up) as a neighbour", r));

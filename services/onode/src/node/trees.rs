@@ -95,7 +95,12 @@ impl Node {
                 }
                 Effect::Reroot { to, desc } => {
                     let me = self.clone();
-                    self.tasks.spawn(async move { me.send_reroot(to, desc).await });
+                    self.tasks.spawn(async move { me.send_reroot(to, desc, false).await });
+                }
+                Effect::Repairing { to, stream } => {
+                    let me = self.clone();
+                    self.tasks
+                        .spawn(async move { me.send_reroot(to, overlay_core::engine::gave_up(&stream), true).await });
                 }
                 Effect::StartLocal { stream } => self.serve_local(&stream),
                 Effect::Beat { to, seq } => self.links.send_beat(&to, seq),
@@ -207,6 +212,12 @@ impl Node {
         self.drive(|st| st.engine.rerooted(stream, from, server, route, delay_us, Instant::now()));
     }
 
+    /// The upstream `from` of `stream` says it looks for a new way to the
+    /// root.
+    pub fn upstream_repairing(self: &Arc<Self>, stream: &str, from: &str) {
+        self.drive(|st| st.engine.upstream_repairing(stream, from, Instant::now()));
+    }
+
     /// Streams this node carries, for heartbeat answers.
     pub fn carrying(&self) -> Vec<String> {
         self.lock().engine.trees.carrying()
@@ -285,7 +296,9 @@ impl Node {
         }
     }
 
-    pub(super) async fn send_reroot(self: Arc<Self>, to: String, desc: StreamDesc) {
+    /// Sends downstream `to` the branch's new route (`desc`), or the news
+    /// that this branch gave up (an empty route) or is `repairing`.
+    pub(super) async fn send_reroot(self: Arc<Self>, to: String, desc: StreamDesc, repairing: bool) {
         let Some(mut client) = self.clients.get(&to).cloned() else { return };
         let request = pb::RerootRequest {
             stream: desc.stream,
@@ -293,6 +306,7 @@ impl Node {
             route: desc.route,
             server: desc.server,
             delay_us: desc.delay_us,
+            repairing,
         };
         match tokio::time::timeout(Duration::from_secs(2), client.reroot(request)).await {
             Ok(Ok(_)) => {}
