@@ -35,7 +35,7 @@ use crate::moves::{self, Move, Moves, Verdict};
 use crate::repair::{Repair, Step};
 use crate::routing::{LinkNotice, Probe, RouteTable};
 use crate::silence::Silence;
-use crate::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees};
+use crate::tree::{JoinDecision, Nak, NakReason, Prune, Requester, Source, StreamDesc, Trees, UPSTREAM_REPAIR_HOLD};
 
 /// The engine's timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +84,9 @@ pub const STRAY_AFTER: Duration = Duration::from_secs(1);
 /// How often the downstreams are checked against their answers.
 const AUDIT: Duration = Duration::from_millis(500);
 
-/// How often a repair that lasts tells its subtree again (see
-/// [`crate::tree::UPSTREAM_REPAIR_HOLD`]).
-const REPAIRING_RETOLD: Duration = Duration::from_secs(1);
+/// How often a repair that lasts tells its subtree again: every half of
+/// the hold it renews ([`UPSTREAM_REPAIR_HOLD`]).
+const REPAIRING_RETOLD: Duration = Duration::from_millis(UPSTREAM_REPAIR_HOLD.as_millis() as u64 / 2);
 
 /// What the node must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -418,9 +418,7 @@ impl Engine {
                 // one that is) refuses at once: held, the request would use
                 // up the requester's join time on one neighbour while other
                 // ways may be open.
-                let looking = self.trees.branch(&stream).is_some_and(|b| {
-                    b.repairing || b.orphaned || b.upstream_repairing.is_some_and(|until| now < until)
-                });
+                let looking = self.trees.branch(&stream).is_some_and(|b| b.looking(now));
                 let until = match nak.reason {
                     _ if looking => now,
                     NakReason::NoRoute => held.until_no_route,
@@ -905,8 +903,9 @@ impl Engine {
                 Self::note(&mut out, Level::Warn, stream, format!("upstream {from} gave up: repairing the tree"));
                 self.start_repair(stream, vec![from.to_string()], now, &mut out);
             } else if let Some(run) = self.repairs.get_mut(stream) {
-                // Not the upstream yet: the notice overtook its answer to
-                // this node's repair, which names a way it no longer has.
+                // Not (yet) the upstream: an answer of its to this node's
+                // repair, which the notice may have overtaken, names a way
+                // it no longer has.
                 run.stale.push(from.to_string());
             }
             return out;

@@ -137,6 +137,12 @@ pub struct Branch {
 }
 
 impl Branch {
+    /// Whether the branch feeds no new neighbour at `now`: it is looking
+    /// for a way to the root, or one of its upstreams is.
+    pub fn looking(&self, now: Instant) -> bool {
+        self.repairing || self.orphaned || self.upstream_repairing.is_some_and(|until| now < until)
+    }
+
     fn is_empty(&self) -> bool {
         self.downstream.is_empty() && self.local_viewers == 0
     }
@@ -230,7 +236,7 @@ impl Trees {
                     // taking its way through the requester right now, and
                     // this node's route would not show it. Refused as a
                     // loop: the requester tries its next way at once.
-                    if branch.upstream_repairing.is_some_and(|until| now < until) {
+                    if branch.looking(now) {
                         return self.nak(
                             NakReason::Loop,
                             stream,
@@ -925,26 +931,28 @@ mod tests {
         assert_eq!(t.upstream_repairing("test", "o9", now), None, "only the upstream's word counts");
         assert_eq!(t.upstream_repairing("test", "o1", now), Some(vec!["o3".to_string()]), "passed down");
         assert_eq!(t.upstream_repairing("test", "o1", now), None, "a copy at once is not passed on");
-        let renewed = now + UPSTREAM_REPAIR_HOLD / 2;
-        assert_eq!(t.upstream_repairing("test", "o1", renewed), Some(vec!["o3".to_string()]), "a repeat renews");
-        let later = renewed + UPSTREAM_REPAIR_HOLD - Duration::from_millis(1);
-        match t.request("test", n("o9"), &["o9".into()], 6, &r, later) {
-            JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::Loop),
-            other => panic!("still held: {other:?}"),
-        }
         match t.request("test", n("o9"), &["o9".into()], 2, &r, now) {
             JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::Loop),
             other => panic!("expected a NAK, got {other:?}"),
         }
         assert!(matches!(t.request("test", Requester::Local, &[], 3, &r, now), JoinDecision::Attached(_)));
+        // A repeat renews the hold.
+        let renewed = now + UPSTREAM_REPAIR_HOLD / 2;
+        assert_eq!(t.upstream_repairing("test", "o1", renewed), Some(vec!["o3".to_string()]), "a repeat renews");
+        let later = renewed + UPSTREAM_REPAIR_HOLD - Duration::from_millis(1);
+        match t.request("test", n("o9"), &["o9".into()], 4, &r, later) {
+            JoinDecision::Nak(nak) => assert_eq!(nak.reason, NakReason::Loop),
+            other => panic!("still held: {other:?}"),
+        }
         // Should the news that ends it never come, the hold ends anyway.
         let later = renewed + UPSTREAM_REPAIR_HOLD;
         assert!(matches!(t.request("test", n("o9"), &["o9".into()], 5, &r, later), JoinDecision::Attached(_)));
         t.leave("test", &n("o9"));
-        // o1 found its way: the new route comes down, o9 is taken.
+        // Held again; o1 finds its way: the new route comes down, o9 is taken.
+        assert!(t.upstream_repairing("test", "o1", later).is_some());
         let route: Vec<String> = ["s1", "o7", "o1"].iter().map(|s| s.to_string()).collect();
         assert_eq!(t.rerooted("test", "o1", "s1", &route, 0), ["o3"]);
-        assert!(matches!(t.request("test", n("o9"), &["o9".into()], 4, &r, now), JoinDecision::Attached(_)));
+        assert!(matches!(t.request("test", n("o9"), &["o9".into()], 6, &r, later), JoinDecision::Attached(_)));
     }
 
     #[test]
